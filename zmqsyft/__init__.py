@@ -1,0 +1,58 @@
+"""zmqsyft: PySyft-style pointers to torch tensors on real worker processes, over ZeroMQ.
+
+>>> import torch, zmqsyft as sy
+>>> hook = sy.TorchHook(torch)
+>>> bob = sy.VirtualWorker(hook, id="bob")          # a real worker process
+>>> x_ptr = torch.tensor([1, 2, 3, 4]).send(bob)
+>>> (x_ptr + x_ptr).get()
+tensor([2, 4, 6, 8])
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import Config, configure, get_config
+from .errors import (
+    CommunicationError,
+    LocationMismatch,
+    ObjectNotFound,
+    OpNotAllowed,
+    PointerError,
+    PointerReleased,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    SecurityError,
+    SerializationError,
+    SpawnError,
+    UntrustedPayload,
+    WorkerUnavailable,
+    ZmqSyftError,
+)
+from .hook import TorchHook
+from .launch import VirtualWorker, WorkerClient, connect, spawn_worker
+from .pointer import PointerTensor
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+
+def sync() -> None:
+    """Wait until every operation and delete this thread issued has taken effect everywhere.
+
+    Raises the first error of a pipelined operation that was not reported yet.
+    """
+    from .client import get_client
+
+    get_client().sync()
+
+
+__all__ = [
+    "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
+    "Config", "configure", "get_config", "sync",
+    "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
+    "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload",
+    "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
+]

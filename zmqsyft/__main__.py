@@ -1,0 +1,96 @@
+"""Command line: ``zmqsyft worker --id bob --bind tcp://127.0.0.1:5555``.
+
+The worker prints the endpoint it bound (``port 0`` picks a free one) and serves until it gets a
+``SHUTDOWN``, SIGTERM or Ctrl-C. Binding anything but loopback or ``ipc://`` exposes the worker
+to the network and needs ``--insecure`` until CURVE authentication is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+__all__ = ["main"]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from . import transport
+    from .config import from_environ
+    from .worker import Worker
+
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if not transport.is_loopback(args.bind) and not args.insecure:
+        print(f"zmqsyft worker: refusing to bind {args.bind} without authentication: it would let "
+              "anyone who can reach it run operations on this worker. Bind 127.0.0.1 or ipc://, "
+              "or pass --insecure on a network you trust.", file=sys.stderr)
+        return 2
+    cfg = from_environ()
+    if args.timeout is not None:
+        cfg = replace(cfg, timeout=args.timeout)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
+    try:
+        worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid)
+    except Exception as exc:  # noqa: BLE001 - report, do not trace
+        print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
+        return 1
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.ready_fd is not None:
+        with os.fdopen(args.ready_fd, "w") as ready:
+            ready.write(f"READY {worker.address} {os.getpid()}\n")
+    else:
+        print(f"zmqsyft worker '{args.id}' listening on {worker.address}", flush=True)
+    try:
+        worker.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zmqsyft`` command."""
+    parser = argparse.ArgumentParser(prog="zmqsyft", description="zmqsyft worker processes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run a worker process")
+    w.add_argument("--id", required=True, help="the worker's name, e.g. bob")
+    w.add_argument("--bind", default="tcp://127.0.0.1:0",
+                   help="endpoint to bind (default tcp://127.0.0.1:0: loopback, a free port)")
+    w.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without authentication")
+    w.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT or 10)")
+    w.add_argument("--log-level", default=os.environ.get("ZMQSYFT_LOG", "warning"),
+                   help="logging level (debug, info, warning)")
+    w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _worker(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

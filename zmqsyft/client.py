@@ -1,0 +1,415 @@
+"""The caller's side of the protocol: connections, request ids, deadlines, deletes.
+
+Sockets belong to one thread: each thread that talks to a worker gets its own DEALER to it (so a
+thread's requests to one worker stay in order), and a background *reaper* thread with sockets of
+its own flushes the deletes of dropped pointers on a short timer.
+
+Requests are **pipelined**: a request that needs no answer right away (an op whose result shape
+was inferred locally) is sent and the caller goes on; its acknowledgement is read later. The
+in-flight entry keeps the pointers it names alive until then, so a delete can never overtake the
+request that uses or creates the object. An error in such a request marks its result pointers as
+failed (using them raises it) and is raised at the next synchronisation point on that connection.
+
+Deletes are never sent from ``__del__``: a dropped pointer only appends ``(address, id)`` to a
+lock-free queue. The queue is flushed, batched per worker, before the next request any thread
+sends, by the reaper after ``gc_interval`` seconds, at every synchronisation point, and at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import transport
+from .codec import decode_message, encode_message
+from .config import Config, get_config
+from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
+from .messages import Message, Op
+from .remote_exc import decode_exception
+
+if TYPE_CHECKING:
+    from .launch import WorkerClient
+
+__all__ = ["Client", "Connection", "get_client"]
+
+log = logging.getLogger(__name__)
+_POLL_SLICE = 0.1  # seconds between liveness checks while waiting
+
+
+class _Pending:
+    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited")
+
+    def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
+                 awaited: bool) -> None:
+        self.awaited = awaited
+        self.keep = keep
+        self.results = results
+        self.what = what
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class Connection:
+    """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
+
+    def __init__(self, client: Client, worker: WorkerClient) -> None:
+        self.client = client
+        self.worker = worker
+        self.sock: zmq.Socket | None = None
+        self.inflight: dict[int, _Pending] = {}
+        self.deferred: list[BaseException] = []
+        self._next = 1
+
+    def _socket(self) -> zmq.Socket:
+        if self.sock is None:
+            self.worker._check_open()
+            self.sock = transport.make_dealer(self.client.ctx, self.worker.address, self.client.cfg)
+        return self.sock
+
+    def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
+             results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
+             awaited: bool = True) -> int:
+        """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
+
+        With ``awaited=False`` nobody waits for the reply: an error in it is kept and raised at the
+        next synchronisation point (``deferred``).
+        """
+        if flush_deletes and self.client._deletes:
+            self.client.flush_deletes(wait=False)
+        if len(self.inflight) >= self.client.cfg.max_inflight:
+            self._wait_below(self.client.cfg.max_inflight // 2)
+        sock = self._socket()
+        req_id = self._next
+        self._next += 1
+        frames = encode_message(op, req_id, body)
+        self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
+        try:
+            transport.send(sock, frames)
+        except zmq.ZMQError as exc:
+            self.inflight.pop(req_id, None)
+            raise self._fail(WorkerUnavailable(
+                f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
+        self.worker._dirty = True
+        return req_id
+
+    def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
+                results: tuple[Any, ...] = (), what: str = "", wait: bool = True) -> Message | None:
+        """Send a request and (if ``wait``) return its reply or raise its error."""
+        req_id = self.send(op, body, keep, results, what, awaited=wait)
+        if not wait:
+            return None
+        return self.wait(req_id)
+
+    def wait(self, req_id: int, timeout: float | None = None) -> Message:
+        """Wait for the reply to ``req_id``, handling other replies as they come."""
+        pending = self.inflight.get(req_id)
+        if pending is None:
+            raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
+        deadline = time.monotonic() + (self.client.cfg.timeout if timeout is None else timeout)
+        while not pending.done:
+            self._pump(deadline, pending.what)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every request in flight on this connection has been answered."""
+        deadline = time.monotonic() + (self.client.cfg.timeout if timeout is None else timeout)
+        while self.inflight:
+            what = next(iter(self.inflight.values())).what
+            self._pump(deadline, what)
+
+    def raise_deferred(self) -> None:
+        """Raise the first error of a pipelined request not reported yet."""
+        if self.deferred:
+            errors, self.deferred = self.deferred, []
+            exc = errors[0]
+            if len(errors) > 1:
+                exc.add_note(f"({len(errors) - 1} more pipelined operation(s) on worker "
+                             f"'{self.worker.id}' failed too)")
+            raise exc
+
+    def poll_replies(self) -> None:
+        """Handle the replies that have already arrived, without waiting."""
+        sock = self.sock
+        while sock is not None and self.inflight:
+            try:
+                frames = transport.recv(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_reply(frames)
+
+    def _wait_below(self, limit: int) -> None:
+        deadline = time.monotonic() + self.client.cfg.timeout
+        while len(self.inflight) > limit:
+            self._pump(deadline, "pipelined requests")
+
+    def _pump(self, deadline: float, what: str) -> None:
+        sock = self._socket()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._fail(RequestTimeout(
+                f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
+                f"{self.client.cfg.timeout:g}s; it may have died or be frozen (raise the deadline "
+                "with zmqsyft.configure(timeout=...) for long operations)"))
+        if sock.poll(min(remaining, _POLL_SLICE) * 1000):
+            self._on_reply(transport.recv(sock))
+            self.poll_replies()
+            return
+        dead = self.worker._exit_status()
+        if dead is not None:
+            raise self._fail(WorkerUnavailable(
+                f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        try:
+            msg = decode_message(frames)
+        except ZmqSyftError as exc:
+            log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
+            return
+        pending = self.inflight.pop(msg.req_id, None)
+        if pending is None:
+            return  # a late reply to a request we gave up on
+        pending.done = True
+        pending.keep = ()
+        if msg.op is Op.ERROR:
+            pending.error = decode_exception(msg.body.get("error"))
+            for ptr in pending.results:
+                ptr._mark_failed(pending.error)
+            if not pending.awaited:
+                self.deferred.append(pending.error)
+        else:
+            pending.reply = msg
+        pending.results = ()
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        """After a transport failure: drop in-flight state, close the socket, discard late replies."""
+        for pending in self.inflight.values():
+            pending.done = True
+            pending.error = exc
+            for ptr in pending.results:
+                ptr._mark_failed(exc)
+        self.inflight.clear()
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+        return exc
+
+    def close(self) -> None:
+        self._fail(WorkerUnavailable(f"connection to worker '{self.worker.id}' was closed"))
+
+
+class Client:
+    """The process-wide caller: worker handles, per-thread connections, the delete queue."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.cfg = config or get_config()
+        self.ctx = transport.context()
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._workers: dict[int, WorkerClient] = {}
+        self._deletes: collections.deque[tuple[str, int]] = collections.deque()
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._gc_wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._reaper_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._flushing = threading.local()
+        atexit.register(self._at_exit)
+
+    # ------------------------------------------------------------- workers
+    def register(self, worker: WorkerClient) -> WorkerClient:
+        with self._lock:
+            self._workers[id(worker)] = worker
+        return worker
+
+    def find(self, address: str) -> WorkerClient | None:
+        """The open handle whose worker is bound at ``address``, if any."""
+        with self._lock:
+            for w in self._workers.values():
+                if not w.closed and (w._ready_address or w.address_hint) == address:
+                    return w
+        return None
+
+    def worker_at(self, address: str, name: str) -> WorkerClient:
+        """The handle for the worker at ``address`` (a connected one is made if unknown)."""
+        with self._lock:
+            worker = self.find(address)
+            if worker is None:
+                from .launch import WorkerClient
+
+                worker = self.register(WorkerClient._connected(self, address, name))
+            return worker
+
+    def forget(self, worker: WorkerClient) -> None:
+        with self._lock:
+            self._workers.pop(id(worker), None)
+
+    def workers(self) -> list[WorkerClient]:
+        with self._lock:
+            return [w for w in self._workers.values() if not w.closed]
+
+    def conn(self, worker: WorkerClient) -> Connection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(worker)
+        if conn is None:
+            conn = conns[worker] = Connection(self, worker)
+        return conn
+
+    def _thread_conns(self) -> list[Connection]:
+        return list(getattr(self._local, "conns", {}).values())
+
+    def drop_connections(self, worker: WorkerClient) -> None:
+        """Close this thread's connection to a worker that is being closed."""
+        conn = getattr(self._local, "conns", {}).pop(worker, None)
+        if conn is not None:
+            conn.close()
+
+    # ------------------------------------------------------------ deletes
+    def track(self, ptr: Any, address: str, obj_id: int) -> weakref.finalize:
+        """Free ``obj_id`` at ``address`` when ``ptr`` is garbage collected."""
+        key = id(ptr)
+        fin = weakref.finalize(ptr, self._release, address, obj_id, key)
+        fin.atexit = False  # _at_exit runs the live ones itself, before the flush
+        self._finalizers[key] = fin
+        return fin
+
+    def untrack(self, fin: weakref.finalize | None) -> None:
+        if fin is not None and fin.alive:
+            info = fin.detach()
+            if info is not None:
+                self._finalizers.pop(info[2][2], None)
+
+    def _release(self, address: str, obj_id: int, key: int) -> None:
+        # runs inside garbage collection: append only, no locks, no I/O
+        self._finalizers.pop(key, None)
+        self._deletes.append((address, obj_id))
+        self._ensure_reaper()
+        self._gc_wakeup.set()
+
+    def flush_deletes(self, wait: bool, timeout: float | None = None) -> None:
+        """Send every queued delete, one DEL per worker, on this thread's connections."""
+        if getattr(self._flushing, "on", False):
+            return
+        batches: dict[str, list[int]] = collections.defaultdict(list)
+        while True:
+            try:
+                address, obj_id = self._deletes.popleft()
+            except IndexError:
+                break
+            batches[address].append(obj_id)
+        if not batches:
+            return
+        self._flushing.on = True
+        try:
+            sent = []
+            for address, ids in batches.items():
+                worker = self.find(address)
+                if worker is None:
+                    continue
+                conn = self.conn(worker)
+                try:
+                    sent.append((conn, conn.send(Op.DEL, {"ids": ids}, what="delete",
+                                                 flush_deletes=False)))
+                except ZmqSyftError as exc:
+                    log.info("could not free %d objects on %s: %s", len(ids), worker.id, exc)
+            if wait:
+                for conn, req_id in sent:
+                    try:
+                        conn.wait(req_id, timeout)
+                    except ZmqSyftError as exc:
+                        log.info("freeing objects on %s failed: %s", conn.worker.id, exc)
+        finally:
+            self._flushing.on = False
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None and not self._stopping.is_set():
+            self._reaper = threading.Thread(target=self._reap, name="zmqsyft-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        while not self._stopping.is_set():
+            self._gc_wakeup.wait()
+            self._gc_wakeup.clear()
+            # give the caller's own next message the chance to carry the deletes
+            if self._stopping.wait(self.cfg.gc_interval):
+                return
+            with self._reaper_lock:
+                try:
+                    self.flush_deletes(wait=True)
+                    for conn in self._thread_conns():
+                        conn.deferred.clear()
+                except Exception:  # noqa: BLE001 - the reaper must survive anything
+                    log.exception("zmqsyft reaper failed to flush deletes")
+
+    # -------------------------------------------------------------- sync
+    def sync(self) -> None:
+        """A synchronisation point: everything this thread issued before has taken effect.
+
+        Waits for every pipelined request of this thread, sends all queued deletes, then asks
+        every worker to flush what it relayed on (recursively along pointer chains). Raises the
+        first error of a pipelined operation that was not reported yet.
+        """
+        conns = self._thread_conns()
+        for conn in conns:
+            if conn.sock is not None:
+                conn.drain()
+        self.flush_deletes(wait=True)
+        with self._reaper_lock:
+            pass  # a delete batch the reaper has in flight is acknowledged
+        sent = []
+        for worker in self.workers():
+            if worker._dirty and worker._ready_address is not None:
+                worker._dirty = False
+                conn = self.conn(worker)
+                sent.append((conn, conn.send(Op.FLUSH, {}, what="flush", flush_deletes=False)))
+        for conn, req_id in sent:
+            conn.wait(req_id)
+        for conn in conns:
+            conn.raise_deferred()
+
+    def _at_exit(self) -> None:
+        self._stopping.set()
+        self._gc_wakeup.set()
+        try:
+            for fin in list(self._finalizers.values()):
+                fin()
+            for conn in self._thread_conns():
+                if conn.sock is not None:
+                    try:
+                        conn.drain(timeout=min(self.cfg.timeout, 5.0))
+                    except ZmqSyftError:
+                        pass
+            self.flush_deletes(wait=True, timeout=min(self.cfg.timeout, 5.0))
+        except Exception:  # noqa: BLE001 - never fail interpreter exit
+            log.debug("zmqsyft exit flush failed", exc_info=True)
+        for worker in list(self._workers.values()):
+            try:
+                worker._close_at_exit()
+            except Exception:  # noqa: BLE001
+                log.debug("closing %s at exit failed", worker, exc_info=True)
+
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """The process-wide :class:`Client` (created on first use)."""
+    global _client
+    if _client is None:
+        with _client_lock:
+            if _client is None:
+                _client = Client()
+    return _client

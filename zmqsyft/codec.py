@@ -1,0 +1,334 @@
+"""Values and messages ↔ ZeroMQ frames. No sockets here.
+
+A message is ``[header, buf0, buf1, ...]``. The header is msgpack; Python types that msgpack does
+not carry travel as msgpack extension types (table below). A tensor travels as an ``Ext.TENSOR``
+entry in the header (buffer index, dtype, shape) and its raw bytes as its own frame, handed to
+ZeroMQ without a copy and rebuilt on arrival with ``torch.frombuffer`` over the received frame.
+
+=====  ============  ========================================================================
+code   name          payload (msgpack)
+=====  ============  ========================================================================
+1      TUPLE         list of values
+2      TENSOR        ``[buffer index, dtype name, shape, requires_grad]``
+3      REF           object id in the receiver's store (:class:`~zmqsyft.messages.ObjRef`)
+4      PTR           pointer descriptor list (:class:`~zmqsyft.messages.PointerDesc`)
+5      SLICE         ``[start, stop, step]``
+6      ELLIPSIS      nil
+7      DTYPE         dtype name, e.g. ``"float32"``
+8      SIZE          list of ints (``torch.Size``)
+9      DEVICE        device string
+10     COMPLEX       ``[real, imag]``
+11     SUMMARY       text (:class:`~zmqsyft.messages.Summary`)
+12     PICKLE        cloudpickle bytes: only decoded by a receiver that trusts the sender
+13     MEMFMT        memory format name
+=====  ============  ========================================================================
+
+Decoding never evaluates anything: dtype and memory-format names resolve through fixed tables,
+tensor sizes are checked against their frames, and an ``Ext.PICKLE`` is refused unless the
+decoder was built with ``trusted=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import torch
+
+from .errors import ProtocolError, SerializationError, UntrustedPayload
+from .messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
+
+__all__ = ["Ext", "Encoder", "Decoder", "encode_message", "decode_message", "DTYPES", "dtype_name"]
+
+
+class Ext(IntEnum):
+    """msgpack extension codes of the zmqsyft value codec."""
+
+    TUPLE = 1
+    TENSOR = 2
+    REF = 3
+    PTR = 4
+    SLICE = 5
+    ELLIPSIS = 6
+    DTYPE = 7
+    SIZE = 8
+    DEVICE = 9
+    COMPLEX = 10
+    SUMMARY = 11
+    PICKLE = 12
+    MEMFMT = 13
+
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.float16, torch.bfloat16, torch.float32, torch.float64,
+        torch.complex64, torch.complex128,
+    )
+}
+_DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+_MEMFMTS = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+    "preserve_format": torch.preserve_format,
+}
+_MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
+_ALIGN = 16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a dtype; raises ``SerializationError`` for dtypes the wire does not carry."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise SerializationError(
+            f"tensors of dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}"
+        ) from None
+
+
+def tensor_buffer(t: torch.Tensor) -> Any:
+    """A zero-copy buffer over a tensor's bytes (copying only if it is not contiguous)."""
+    if t.layout is not torch.strided or t.is_quantized:
+        raise SerializationError(f"only dense (strided) tensors can be sent, not {t.layout}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """Rebuild a tensor over a received frame without copying (unless it is misaligned)."""
+    if any((not isinstance(s, int)) or s < 0 for s in shape):
+        raise ProtocolError(f"invalid tensor shape {list(shape)!r}")
+    view = memoryview(buf)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if view.nbytes != expected:
+        raise ProtocolError(
+            f"tensor frame holds {view.nbytes} bytes, but shape {list(shape)} of {dtype} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    with warnings.catch_warnings():
+        # frames are exclusively ours once received; pyzmq only exposes them read-only
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(view, dtype=torch.uint8)
+    if raw.data_ptr() % _ALIGN:
+        raw = raw.clone()
+    return raw.view(dtype).reshape(tuple(shape))
+
+
+class Encoder:
+    """Encodes one message's values; collects tensor buffers to send as their own frames.
+
+    Parameters
+    ----------
+    allow_pickle : bool
+        If true, values of other types are cloudpickled (``Ext.PICKLE``); only for peers that
+        trust us. If false, they raise ``SerializationError``.
+    """
+
+    def __init__(self, allow_pickle: bool = False) -> None:
+        self.buffers: list[Any] = []
+        self.allow_pickle = allow_pickle
+
+    def pack(self, value: Any) -> bytes:
+        try:
+            return msgpack.packb(value, default=self._default, strict_types=True, use_bin_type=True)
+        except (SerializationError, ProtocolError):
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SerializationError(f"cannot encode value: {exc}") from exc
+
+    def _ext(self, code: Ext, payload: Any) -> msgpack.ExtType:
+        return msgpack.ExtType(int(code), self.pack(payload))
+
+    def _default(self, obj: Any) -> Any:
+        # exact builtin subclasses (IntEnum, str subclasses) degrade to their base type
+        if isinstance(obj, bool):
+            return bool(obj)
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
+                raise SerializationError(
+                    f"cannot send a {type(obj).__name__} as a tensor; pointers travel as pointers"
+                )
+            index = len(self.buffers)
+            self.buffers.append(tensor_buffer(obj))
+            return self._ext(Ext.TENSOR, [index, dtype_name(obj.dtype), list(obj.shape),
+                                          bool(obj.requires_grad)])
+        if isinstance(obj, torch.Size):
+            return self._ext(Ext.SIZE, list(obj))
+        if isinstance(obj, tuple):
+            return self._ext(Ext.TUPLE, list(obj))
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, ObjRef):
+            return self._ext(Ext.REF, obj.id)
+        if isinstance(obj, PointerDesc):
+            return self._ext(Ext.PTR, obj.as_list())
+        if isinstance(obj, slice):
+            return self._ext(Ext.SLICE, [obj.start, obj.stop, obj.step])
+        if obj is Ellipsis:
+            return self._ext(Ext.ELLIPSIS, None)
+        if isinstance(obj, torch.dtype):
+            return self._ext(Ext.DTYPE, dtype_name(obj))
+        if isinstance(obj, torch.device):
+            return self._ext(Ext.DEVICE, str(obj))
+        if isinstance(obj, complex):
+            return self._ext(Ext.COMPLEX, [obj.real, obj.imag])
+        if isinstance(obj, Summary):
+            return self._ext(Ext.SUMMARY, obj.text)
+        if isinstance(obj, torch.memory_format):
+            return self._ext(Ext.MEMFMT, _MEMFMT_NAMES[obj])
+        if self.allow_pickle:
+            import cloudpickle
+
+            return msgpack.ExtType(int(Ext.PICKLE), cloudpickle.dumps(obj))
+        raise SerializationError(
+            f"cannot send a value of type {type(obj).__module__}.{type(obj).__qualname__} without "
+            "pickle; tensors, numbers, strings, bytes, None, lists, tuples, dicts, slices, dtypes "
+            "and pointers travel as they are"
+        )
+
+
+class Decoder:
+    """Decodes one message's header, rebuilding tensors over the received frames.
+
+    Parameters
+    ----------
+    frames : sequence of buffers
+        The message's frames after the header.
+    trusted : bool
+        Whether ``Ext.PICKLE`` payloads may be unpickled (only for trusted senders).
+    """
+
+    def __init__(self, frames: Sequence[Any], trusted: bool = False) -> None:
+        self.frames = frames
+        self.trusted = trusted
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False,
+                               use_list=True)
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:  # noqa: C901 - a flat table
+        if code == Ext.PICKLE:
+            if not self.trusted:
+                raise UntrustedPayload(
+                    "this worker does not trust the sender, so it refuses pickled payloads; start "
+                    "the worker trusting the sender (spawned workers trust their parent)"
+                )
+            import cloudpickle
+
+            return cloudpickle.loads(data)
+        payload = self.unpack(data)
+        if code == Ext.TUPLE:
+            return tuple(payload)
+        if code == Ext.TENSOR:
+            index, dname, shape, requires_grad = payload
+            dtype = _lookup(DTYPES, dname, "dtype")
+            if not isinstance(index, int) or not 0 <= index < len(self.frames):
+                raise ProtocolError(f"tensor refers to frame {index!r}, message has {len(self.frames)}")
+            t = tensor_from_buffer(self.frames[index], dtype, shape)
+            if requires_grad:
+                t.requires_grad_(True)
+            return t
+        if code == Ext.REF:
+            return ObjRef(_int(payload))
+        if code == Ext.PTR:
+            loc, addr, idl, pid, shape, dname, rg, owned = payload
+            _lookup(DTYPES, dname, "dtype")
+            return PointerDesc(str(loc), str(addr), _int(idl), _int(pid), tuple(map(_int, shape)),
+                               dname, bool(rg), bool(owned))
+        if code == Ext.SLICE:
+            return slice(*payload)
+        if code == Ext.ELLIPSIS:
+            return Ellipsis
+        if code == Ext.DTYPE:
+            return _lookup(DTYPES, payload, "dtype")
+        if code == Ext.SIZE:
+            return torch.Size(map(_int, payload))
+        if code == Ext.DEVICE:
+            return torch.device(str(payload))
+        if code == Ext.COMPLEX:
+            return complex(*payload)
+        if code == Ext.SUMMARY:
+            return Summary(str(payload))
+        if code == Ext.MEMFMT:
+            return _lookup(_MEMFMTS, payload, "memory format")
+        raise ProtocolError(f"unknown extension type {code}")
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _lookup(table: dict[str, Any], name: Any, what: str) -> Any:
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"unknown {what} {name!r}") from None
+
+
+def encode_message(op: Op, req_id: int, body: dict[str, Any], allow_pickle: bool = False) -> list[Any]:
+    """Encode a message as ``[header, *tensor buffers]`` ready for ``send_multipart(copy=False)``."""
+    enc = Encoder(allow_pickle=allow_pickle)
+    header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
+    return [header, *enc.buffers]
+
+
+def decode_message(frames: Sequence[Any], trusted: bool = False) -> Message:
+    """Decode ``[header, *buffers]`` into a :class:`Message`.
+
+    Raises
+    ------
+    ProtocolError
+        If anything about the message is malformed (never any other exception type).
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    dec = Decoder(frames[1:], trusted=trusted)
+    try:
+        header = dec.unpack(bytes(memoryview(frames[0])))
+    except (ProtocolError, UntrustedPayload):
+        raise
+    except Exception as exc:  # malformed input of any kind
+        raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(header, list) or len(header) != 4:
+        raise ProtocolError("header is not [version, op, request_id, body]")
+    version, op, req_id, body = header
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} received, this side speaks {PROTOCOL_VERSION}; "
+            "install the same zmqsyft version on both sides"
+        )
+    if not isinstance(req_id, int) or isinstance(req_id, bool) or not isinstance(body, dict):
+        raise ProtocolError("malformed header fields")
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ProtocolError(f"unknown op {op!r}") from None
+    return Message(op, req_id, body)

@@ -1,0 +1,133 @@
+"""One typed, frozen configuration object with documented defaults.
+
+Values come from the defaults below, then from ``ZMQSYFT_<NAME>`` environment variables (an
+unknown ``ZMQSYFT_`` variable is an error, so that typos do not pass silently), then from
+:func:`configure`. The config is passed explicitly to the layers that need it;
+:func:`get_config` returns the process-wide current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["Config", "get_config", "configure", "from_environ"]
+
+_ENV_PREFIX = "ZMQSYFT_"
+# environment variables with this prefix that are not config fields but are still legitimate
+_ENV_NOT_CONFIG = {"ZMQSYFT_LOG"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """zmqsyft settings.
+
+    Attributes
+    ----------
+    timeout : float
+        Seconds a caller waits for a worker's reply before raising ``WorkerUnavailable``
+        (``RequestTimeout``). Raise it for operations that legitimately run longer.
+    spawn_timeout : float
+        Seconds to wait for a spawned worker process to report ready.
+    pipeline : bool
+        When true (the default), operations on pointers whose result shape can be inferred
+        locally return at once and their errors surface at the next synchronisation point;
+        when false every operation waits for the worker's acknowledgement.
+    max_inflight : int
+        How many unacknowledged requests one connection may have before the caller waits.
+    gc_interval : float
+        Seconds after which queued deletes of dropped pointers are flushed if no other
+        message to that worker carried them first.
+    max_message_size : int
+        Largest message, in bytes, a worker accepts (``ZMQ_MAXMSGSIZE``); -1 for no limit.
+    heartbeat_ivl : float
+        Seconds between ZMTP heartbeats on every connection.
+    snapshot_max_elements : int
+        Tensors larger than this are summarised in ``worker._objects`` snapshots.
+    close_timeout : float
+        Seconds ``close()`` waits for a worker process to exit before killing it.
+    """
+
+    timeout: float = 10.0
+    spawn_timeout: float = 60.0
+    pipeline: bool = True
+    max_inflight: int = 10_000
+    gc_interval: float = 0.05
+    max_message_size: int = -1
+    heartbeat_ivl: float = 1.0
+    snapshot_max_elements: int = 1000
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"zmqsyft config: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_inflight < 1:
+            raise ValueError("zmqsyft config: max_inflight must be >= 1")
+
+
+_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _TYPES[str(field.type)]
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a boolean (use 1 or 0)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(
+            f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def from_environ(environ: dict[str, str] | None = None) -> Config:
+    """Build a config from the defaults and ``ZMQSYFT_*`` environment variables.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``ZMQSYFT_*`` variable or a value that does not parse.
+    """
+    env = os.environ if environ is None else environ
+    known = {f.name.upper(): f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(_ENV_PREFIX) or key in _ENV_NOT_CONFIG:
+            continue
+        name = key[len(_ENV_PREFIX):]
+        if name not in known:
+            raise ValueError(
+                f"unknown environment variable {key}; zmqsyft knows "
+                + ", ".join(_ENV_PREFIX + k for k in sorted(known))
+            )
+        values[known[name].name] = _parse(known[name], raw)
+    return Config(**values)
+
+
+_current: Config | None = None
+
+
+def get_config() -> Config:
+    """Return the process-wide current config (built from the environment on first use)."""
+    global _current
+    if _current is None:
+        _current = from_environ()
+    return _current
+
+
+def configure(**changes: Any) -> Config:
+    """Replace fields of the process-wide config, e.g. ``configure(timeout=30)``.
+
+    Returns the new config. Unknown names raise ``TypeError``.
+    """
+    global _current
+    _current = replace(get_config(), **changes)
+    return _current

@@ -1,0 +1,61 @@
+"""Runs allow-listed operations on a worker's local objects.
+
+The worker decides *where* an op runs (here, or relayed to the next hop of a pointer chain);
+this module only runs it here: resolve argument references through the store, call the op under
+the caller's grad mode, and hand back the result's tensors in the flattened order the caller
+allocated ids for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import allowlist
+from .errors import ProtocolError
+from .messages import ObjRef
+
+__all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs"]
+
+
+def refs_in(tree: Any) -> list[ObjRef]:
+    """All object references in an argument structure."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, ObjRef)]
+
+
+def substitute(tree: Any, fn: Callable[[ObjRef], Any]) -> Any:
+    """Replace every object reference in ``tree`` by ``fn(ref)``."""
+    return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, ObjRef) else leaf, tree)
+
+
+def run(name: str, args: Any, kwargs: Any, grad: bool) -> Any:
+    """Run the allow-listed op ``name`` on already-resolved arguments."""
+    func = allowlist.lookup(name)
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise ProtocolError("CALL args must be a list and kwargs a map")
+    if not all(isinstance(k, str) for k in kwargs):
+        raise ProtocolError("CALL kwargs keys must be strings")
+    with torch.set_grad_enabled(bool(grad)):
+        return func(*args, **kwargs)
+
+
+def result_tensors(result: Any) -> list[torch.Tensor]:
+    """The tensors of a result, in the flattened order both sides agree on."""
+    return [leaf for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+
+
+def check_outputs(name: str, tensors: list[torch.Tensor], out: list[Any]) -> None:
+    """Check that an op produced the tensors the caller allocated ids for."""
+    if len(tensors) != len(out):
+        raise RuntimeError(
+            f"{name} produced {len(tensors)} tensors where {len(out)} were expected"
+        )
+    for t, spec in zip(tensors, out):
+        shape = tuple(spec[1])
+        if tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"{name} produced a tensor of shape {tuple(t.shape)} where {shape} was inferred"
+            )

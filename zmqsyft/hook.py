@@ -1,0 +1,70 @@
+"""``TorchHook``: the only module that patches torch.
+
+It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy`` and
+``remote_get``. On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
+tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
+``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
+with their remote meaning (:class:`~zmqsyft.pointer.PointerTensor`).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .client import get_client
+from .messages import Op
+from .pointer import PointerTensor, _check_worker
+from .store import new_id
+
+__all__ = ["TorchHook", "send_tensor"]
+
+_lock = threading.Lock()
+_installed = False
+
+
+def send_tensor(tensor: torch.Tensor, worker: Any, *more: Any) -> PointerTensor:
+    """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
+    _check_worker(worker, more, "send")
+    obj_id = new_id()
+    get_client().conn(worker).request(Op.PUT, {"id": obj_id, "obj": tensor},
+                                      what=f".send() to '{worker.id}'")
+    return PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
+
+
+def _get_local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _copy_local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+class TorchHook:
+    """Install zmqsyft's tensor methods into torch (idempotent).
+
+    Parameters
+    ----------
+    torch_module : module
+        The ``torch`` module, as in PySyft: ``hook = sy.TorchHook(torch)``.
+    """
+
+    def __init__(self, torch_module: ModuleType = torch) -> None:
+        global _installed
+        if torch_module is not torch:
+            raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
+        self.torch = torch_module
+        with _lock:
+            if not _installed:
+                torch.Tensor.send = send_tensor  # type: ignore[attr-defined]
+                torch.Tensor.move = send_tensor  # type: ignore[attr-defined]
+                torch.Tensor.get = _get_local  # type: ignore[attr-defined]
+                torch.Tensor.remote_get = _get_local  # type: ignore[attr-defined]
+                torch.Tensor.copy = _copy_local  # type: ignore[attr-defined]
+                _installed = True
+
+    def __repr__(self) -> str:
+        return "<zmqsyft.TorchHook>"

@@ -1,0 +1,161 @@
+"""Protocol constants and message shapes. No I/O here.
+
+Wire format (protocol version 1)
+================================
+
+Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
+one extra leading routing-id frame; apart from that both directions look the same::
+
+    frame 0        header: msgpack array  [version, op, request_id, body]
+    frame 1..n     raw tensor bytes, one frame per tensor, referenced from the body by index
+
+=============  =====================================================================
+field          meaning
+=============  =====================================================================
+version        ``PROTOCOL_VERSION``; a peer speaking another version gets an error
+op             an :class:`Op`; replies use ``Op.REPLY`` or ``Op.ERROR``
+request_id     chosen by the sender, unique per connection; a reply carries the id of
+               its request. ``0`` is reserved for messages that want no reply.
+body           a msgpack map whose values may hold zmqsyft extension types
+               (tuples, slices, dtypes, tensors, object refs, pointer descriptors;
+               see :mod:`zmqsyft.codec`). No pickle, ever, unless the receiving worker
+               trusts the sender (``Ext.PICKLE``).
+=============  =====================================================================
+
+Request bodies (keys, by op):
+
+=================  ===================================================================
+op                 body
+=================  ===================================================================
+HELLO              ``peer`` (the sender's id) → reply ``id``, ``pid``, ``version``
+PUT                ``id``, ``obj`` (a value: tensor, pointer descriptor, ...)
+GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive)
+CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` (ids for the
+                   tensor results in flattened order, or ``None`` to get descriptors back),
+                   ``inplace`` → reply ``result`` when ``out`` is ``None``
+DEL                ``ids``: free these objects (cascading along owned pointers)
+MOVE               ``id``, ``dest`` (worker id, address) → reply ``collapsed`` or nothing
+REMOTE_GET         ``id``: the object is a pointer; fetch what it points to and store it
+                   here in its place
+OBJECTS            → reply ``objects``: id → value snapshot (large tensors summarised)
+FLUSH              → reply once every request this worker relayed before has been handled
+                   downstream (recursively): the synchronisation point behind ``_objects``
+PING               → reply ``id``
+STATS              → reply counters
+SHUTDOWN           → reply, then the worker exits
+=================  ===================================================================
+
+An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.remote_exc`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name"]
+
+PROTOCOL_VERSION = 1
+NO_REPLY = 0
+
+
+class Op(IntEnum):
+    """Message kinds on the wire."""
+
+    REPLY = 0
+    ERROR = 1
+    HELLO = 2
+    PUT = 3
+    GET = 4
+    CALL = 5
+    DEL = 6
+    MOVE = 7
+    REMOTE_GET = 8
+    OBJECTS = 9
+    FLUSH = 10
+    PING = 11
+    STATS = 12
+    SHUTDOWN = 13
+
+
+def op_name(op: int) -> str:
+    """Readable name of an op code, also for codes this version does not know."""
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"<unknown op {op}>"
+
+
+class Message:
+    """A decoded message: op, request id and body (tensor frames already rebuilt into the body)."""
+
+    __slots__ = ("op", "req_id", "body")
+
+    def __init__(self, op: Op, req_id: int, body: dict) -> None:
+        self.op = op
+        self.req_id = req_id
+        self.body = body
+
+    def __repr__(self) -> str:
+        keys = ", ".join(sorted(map(str, self.body)))
+        return f"<Message {self.op.name} req={self.req_id} body=[{keys}]>"
+
+
+class ObjRef:
+    """A reference to an object in the *receiving* worker's store, by id."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: int) -> None:  # noqa: A002
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"ObjRef({self.id})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjRef) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(("ObjRef", self.id))
+
+
+class PointerDesc:
+    """Everything needed to rebuild a pointer on the receiving side.
+
+    ``location``/``address`` name the worker holding the object ``id_at_location``; ``ptr_id`` is
+    the pointer's own id (the key it is stored under when it is itself sent); ``owned`` says
+    whether the receiver becomes the owner that frees the object.
+    """
+
+    __slots__ = ("location", "address", "id_at_location", "ptr_id", "shape", "dtype",
+                 "requires_grad", "owned")
+
+    def __init__(self, location: str, address: str, id_at_location: int, ptr_id: int,
+                 shape: tuple[int, ...], dtype: str, requires_grad: bool, owned: bool) -> None:
+        self.location = location
+        self.address = address
+        self.id_at_location = id_at_location
+        self.ptr_id = ptr_id
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.requires_grad = requires_grad
+        self.owned = owned
+
+    def as_list(self) -> list:
+        return [self.location, self.address, self.id_at_location, self.ptr_id, list(self.shape),
+                self.dtype, self.requires_grad, self.owned]
+
+    def __repr__(self) -> str:
+        return (f"PointerDesc({self.location}:{self.id_at_location} @ {self.address}, "
+                f"ptr_id={self.ptr_id}, shape={self.shape}, dtype={self.dtype}, owned={self.owned})")
+
+
+class Summary:
+    """A stand-in for an object too large (or not meant) to travel whole; prints as its text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text

@@ -1,0 +1,230 @@
+"""Pointers: ``torch.Tensor`` wrapper subclasses that stand for a tensor on a worker.
+
+A :class:`PointerTensor` is a real ``torch.Tensor`` (on the ``meta`` device, with the remote
+tensor's shape and dtype and no storage), so ``isinstance(p, torch.Tensor)`` holds and torch
+routes every function, method and operator on it to ``__torch_function__``, which sends it to the
+worker (:mod:`zmqsyft.dispatch`). Its own attributes are plain: ``location`` (the worker handle),
+``id_at_location`` (the object's id there), ``id`` (the pointer's own id: the key it is stored
+under when the pointer itself is sent) and ``owner`` (``"me"``, or the worker holding it for the
+pointers in a ``_objects`` snapshot).
+
+Ownership: exactly one pointer owns each remote object and frees it when garbage collected (via
+the client's delete queue, never by I/O in a finaliser). ``.get()`` and ``.send()`` hand the
+ownership on; the pointer is then *released* and any further use raises ``PointerReleased``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .client import get_client
+from .codec import DTYPES, dtype_name
+from .errors import PointerError, PointerReleased
+from .messages import Op, PointerDesc
+from .store import new_id
+
+if TYPE_CHECKING:
+    from .launch import WorkerClient
+
+__all__ = ["PointerTensor", "pointer_from_desc"]
+
+
+class PointerTensor(torch.Tensor):
+    """A pointer to a tensor (or to another pointer) that lives on a worker.
+
+    Prints as ``(Wrapper)>[PointerTensor | me:<id> -> bob:<id_at_location>]``.
+    """
+
+    location: WorkerClient
+    id_at_location: int
+    owner: str
+
+    @staticmethod
+    def __new__(cls, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
+                requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
+                owner: str = "me", owned: bool = True) -> PointerTensor:
+        grad_ok = dtype.is_floating_point or dtype.is_complex
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tuple(shape), dtype=dtype, device="meta", requires_grad=bool(requires_grad and grad_ok))
+
+    def __init__(self, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
+                 requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
+                 owner: str = "me", owned: bool = True) -> None:
+        self.location = location
+        self.id_at_location = id_at_location
+        self.id = id if id is not None else new_id()
+        self.owner = owner
+        self._owned = bool(owned and owner == "me")
+        self._released: str | None = None
+        self._error: BaseException | None = None
+        self._creator: tuple[Any, int] | None = None
+        self._fin = get_client().track(self, location.address, id_at_location) if self._owned else None
+
+    # ------------------------------------------------------------ torch glue
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from .dispatch import torch_function
+
+        return torch_function(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise PointerError(
+            f"{func} reached torch's dispatcher with a zmqsyft pointer; it cannot run on pointers. "
+            "Fetch the data with .get() first, or report this as a bug")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (f"(Wrapper)>[PointerTensor | {self.owner}:{self.id} -> "
+                f"{self.location.id}:{self.id_at_location}]")
+
+    __str__ = __repr__
+
+    # --------------------------------------------------------------- state
+    @property
+    def owned(self) -> bool:
+        """Whether this pointer frees the remote object when it is dropped."""
+        return self._owned
+
+    def _meta(self) -> torch.Tensor:
+        t = torch.empty(self.shape, dtype=self.dtype, device="meta")
+        return t.requires_grad_(True) if self.requires_grad else t
+
+    def _desc(self, owned: bool) -> PointerDesc:
+        return PointerDesc(self.location.id, self.location.address, self.id_at_location, self.id,
+                           tuple(self.shape), dtype_name(self.dtype), self.requires_grad, owned)
+
+    def _mark_failed(self, exc: BaseException) -> None:
+        self._error = exc
+
+    def _check_usable(self, what: str) -> None:
+        if self.owner != "me":
+            raise PointerError(
+                f"{self!r} is a snapshot of a pointer held by worker '{self.owner}'; it is for "
+                f"display only and cannot be used for {what}")
+        if self._released is not None:
+            raise PointerReleased(
+                f"cannot use {self!r} for {what}: object {self.id_at_location} on worker "
+                f"'{self.location.id}' is no longer this pointer's, because {self._released}")
+        if self._error is not None:
+            raise PointerError(
+                f"cannot use {self!r} for {what}: the operation that was to create object "
+                f"{self.id_at_location} on worker '{self.location.id}' failed: "
+                f"{type(self._error).__name__}: {self._error}") from self._error
+        self.location._check_open()
+
+    def _release(self, reason: str) -> None:
+        get_client().untrack(self._fin)
+        self._fin = None
+        self._owned = False
+        self._released = reason
+
+    def _retarget(self, location: WorkerClient, id_at_location: int) -> None:
+        client = get_client()
+        client.untrack(self._fin)
+        self.location = location
+        self.id_at_location = id_at_location
+        self._fin = client.track(self, location.address, id_at_location) if self._owned else None
+
+    def _settle(self) -> None:
+        """Wait until the pipelined request that creates this object has been acknowledged."""
+        if self._creator is not None:
+            conn, req_id = self._creator
+            self._creator = None
+            if req_id in conn.inflight and conn in get_client()._thread_conns():
+                try:
+                    conn.wait(req_id)
+                except Exception:  # noqa: BLE001 - reported through _check_usable below
+                    pass
+        if self._error is not None:
+            self._check_usable("this")
+
+    # ------------------------------------------------------------- actions
+    def get(self) -> Any:
+        """Fetch the object and remove it from the worker (``get`` is destructive).
+
+        Returns the tensor, or, for a pointer to a pointer, the inner pointer together with the
+        ownership of what it points to.
+        """
+        self._check_usable(".get()")
+        conn = get_client().conn(self.location)
+        reply = conn.request(Op.GET, {"id": self.id_at_location}, keep=(self,),
+                             what=f".get() of object {self.id_at_location}")
+        self._release("it was fetched with .get()")
+        obj = reply.body.get("obj")
+        if isinstance(obj, PointerDesc):
+            return pointer_from_desc(obj)
+        return obj
+
+    def send(self, worker: WorkerClient, *more: WorkerClient) -> PointerTensor:
+        """Send *this pointer* to ``worker``: it stores it under this pointer's id.
+
+        The data stays where it is. The returned pointer (``me -> worker:<this id>``) now owns the
+        chain; this pointer is released.
+        """
+        _check_worker(worker, more, "send")
+        self._check_usable(".send()")
+        self._settle()
+        get_client().conn(worker).request(
+            Op.PUT, {"id": self.id, "obj": self._desc(self._owned)}, keep=(self,),
+            what=f".send() of a pointer to '{worker.id}'")
+        owned = self._owned
+        self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
+        return PointerTensor(worker, self.id, self.shape, self.dtype, self.requires_grad, owned=owned)
+
+    def move(self, worker: WorkerClient) -> PointerTensor:
+        """Move the object to ``worker``: its current worker pushes it there directly.
+
+        The source frees it once ``worker`` has confirmed; this pointer then points at ``worker``
+        (same id) and is returned. Moving to where it already is does nothing. If the object is a
+        pointer to ``worker`` itself, the chain collapses and this pointer points at the data.
+        """
+        _check_worker(worker, (), "move")
+        self._check_usable(".move()")
+        if worker is self.location or worker.address == self.location.address:
+            return self
+        if not self._owned:
+            raise PointerReleased(f"{self!r} does not own its object, so it cannot move it")
+        conn = get_client().conn(self.location)
+        reply = conn.request(Op.MOVE, {"id": self.id_at_location, "dest": worker.id,
+                                       "dest_address": worker.address},
+                             keep=(self,), what=f".move() to '{worker.id}'")
+        collapsed = reply.body.get("collapsed")
+        if isinstance(collapsed, PointerDesc):
+            self._retarget(get_client().worker_at(collapsed.address, collapsed.location),
+                           collapsed.id_at_location)
+        else:
+            self._retarget(worker, self.id_at_location)
+        return self
+
+    def remote_get(self) -> PointerTensor:
+        """For a pointer to a pointer: the middle worker fetches the data from the last hop and
+        keeps it in place of its pointer. Returns this pointer."""
+        self._check_usable(".remote_get()")
+        get_client().conn(self.location).request(
+            Op.REMOTE_GET, {"id": self.id_at_location}, keep=(self,), what=".remote_get()")
+        return self
+
+    def copy(self) -> PointerTensor:
+        """A new pointer to a copy of the object, made on the same worker."""
+        return self.clone()
+
+
+def _check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:
+    from .launch import WorkerClient
+
+    if more:
+        raise NotImplementedError(f"{what}() to several workers at once is not supported yet")
+    if not isinstance(worker, WorkerClient):
+        raise TypeError(
+            f"{what}() needs a worker handle (from sy.spawn_worker, sy.VirtualWorker or sy.connect), "
+            f"not {type(worker).__name__}")
+
+
+def pointer_from_desc(desc: PointerDesc, owner: str = "me") -> PointerTensor:
+    """Rebuild a pointer from a descriptor a worker sent (ownership as the descriptor says)."""
+    location = get_client().worker_at(desc.address, desc.location)
+    return PointerTensor(location, desc.id_at_location, desc.shape, DTYPES[desc.dtype],
+                         desc.requires_grad, id=desc.ptr_id, owner=owner,
+                         owned=desc.owned and owner == "me")

@@ -1,0 +1,107 @@
+"""A worker's object store: id → tensor, pointer record, or the error of a failed pipelined op."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import ObjectNotFound, ProtocolError
+from .messages import PointerDesc
+
+__all__ = ["Store", "PointerRecord", "ErrorMarker", "new_id"]
+
+
+def new_id() -> int:
+    """A fresh random object id (63 bits, never 0)."""
+    return secrets.randbits(63) or 1
+
+
+class PointerRecord:
+    """A pointer held by a worker: the object ``id_at_location`` on the worker at ``address``.
+
+    ``owned`` records whether this worker frees that object when the record is deleted.
+    """
+
+    __slots__ = ("location", "address", "id_at_location", "shape", "dtype", "requires_grad", "owned")
+
+    def __init__(self, location: str, address: str, id_at_location: int, shape: tuple[int, ...],
+                 dtype: str, requires_grad: bool, owned: bool) -> None:
+        self.location = location
+        self.address = address
+        self.id_at_location = id_at_location
+        self.shape = shape
+        self.dtype = dtype
+        self.requires_grad = requires_grad
+        self.owned = owned
+
+    @classmethod
+    def from_desc(cls, desc: PointerDesc) -> PointerRecord:
+        return cls(desc.location, desc.address, desc.id_at_location, desc.shape, desc.dtype,
+                   desc.requires_grad, desc.owned)
+
+    def desc(self, ptr_id: int, owned: bool) -> PointerDesc:
+        return PointerDesc(self.location, self.address, self.id_at_location, ptr_id, self.shape,
+                           self.dtype, self.requires_grad, owned)
+
+    def __repr__(self) -> str:
+        return f"PointerRecord(-> {self.location}:{self.id_at_location}, owned={self.owned})"
+
+
+class ErrorMarker:
+    """Stored in place of the result of a pipelined op that failed; using it re-raises the error."""
+
+    __slots__ = ("error", "op")
+
+    def __init__(self, error: dict[str, Any], op: str) -> None:
+        self.error = error
+        self.op = op
+
+
+class Store:
+    """The objects one worker holds, in insertion order."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._objects: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def __contains__(self, obj_id: object) -> bool:
+        return obj_id in self._objects
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        return iter(list(self._objects.items()))
+
+    def put(self, obj_id: int, obj: Any) -> None:
+        if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id <= 0:
+            raise ProtocolError(f"invalid object id {obj_id!r}")
+        if obj_id in self._objects:
+            raise ProtocolError(f"object id {obj_id} is already in use on worker '{self.worker_id}'")
+        self._objects[obj_id] = obj
+
+    def replace(self, obj_id: int, obj: Any) -> None:
+        self._objects[obj_id] = obj
+
+    def get(self, obj_id: Any) -> Any:
+        try:
+            return self._objects[obj_id]
+        except (KeyError, TypeError):
+            raise ObjectNotFound(self.missing(obj_id)) from None
+
+    def pop(self, obj_id: Any) -> Any:
+        try:
+            return self._objects.pop(obj_id)
+        except (KeyError, TypeError):
+            raise ObjectNotFound(self.missing(obj_id)) from None
+
+    def discard(self, obj_id: Any) -> Any:
+        try:
+            return self._objects.pop(obj_id, None)
+        except TypeError:
+            return None
+
+    def missing(self, obj_id: Any) -> str:
+        return (f"object {obj_id} does not exist on worker '{self.worker_id}': it was fetched with "
+                ".get(), moved, freed, or never sent there")

@@ -1,0 +1,108 @@
+"""ZeroMQ sockets and endpoints: the only module that sets socket options.
+
+A worker binds one ROUTER; every peer (the client included) reaches it with a DEALER. Every
+socket has ``LINGER=0`` (closing never blocks), unlimited high-water marks (flow control is the
+client's in-flight window, so ZeroMQ never drops or blocks on a reply) and ZMTP heartbeats. The
+ROUTER sets ``ROUTER_MANDATORY`` so that a reply to a peer that has gone raises instead of being
+dropped silently, and ``MAXMSGSIZE`` from the config.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+import uuid
+from typing import Any
+
+import zmq
+
+from .config import Config
+
+__all__ = ["context", "make_router", "make_dealer", "ipc_endpoint", "is_loopback", "send", "recv"]
+
+_IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+
+def context() -> zmq.Context:
+    """The process-wide ZeroMQ context."""
+    return zmq.Context.instance()
+
+
+def _common(sock: zmq.Socket, cfg: Config) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    ivl = max(1, int(cfg.heartbeat_ivl * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * 3)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, ivl * 3)
+
+
+def make_router(ctx: zmq.Context, bind: str, cfg: Config) -> tuple[zmq.Socket, str]:
+    """Bind a worker's ROUTER; return it with the endpoint it actually bound (port 0 resolved)."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _common(sock, cfg)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if cfg.max_message_size > 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+        if bind.startswith("tcp://") and bind.endswith(":0"):
+            port = sock.bind_to_random_port(bind[: -len(":0")])
+            endpoint = f"{bind[: -len(':0')]}:{port}"
+        else:
+            sock.bind(bind)
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock, endpoint
+
+
+def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> zmq.Socket:
+    """A DEALER connected to a peer's ROUTER, with a fresh random routing id."""
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, cfg)
+    sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+    sock.connect(address)
+    return sock
+
+
+def send(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Send a multipart message; tensor buffers go without a copy."""
+    sock.send_multipart(frames, copy=False)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """Receive a multipart message as frames (no copy of large payloads)."""
+    return sock.recv_multipart(flags, copy=False)
+
+
+def ipc_endpoint(name: str, directory: str | None = None) -> str:
+    """An ``ipc://`` endpoint in a private directory (created mode 0700 if not given)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:32] or "worker"
+    if directory is not None:
+        path = os.path.join(directory, f"{safe}.sock")
+        if len(path) <= _IPC_MAX:
+            return f"ipc://{path}"
+    directory = tempfile.mkdtemp(prefix="zmqsyft-")
+    path = os.path.join(directory, f"{safe}.sock")
+    if len(path) > _IPC_MAX:  # a very long TMPDIR
+        directory = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
+        path = os.path.join(directory, f"{safe}.sock")
+    return f"ipc://{path}"
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether binding ``endpoint`` exposes the worker only to this machine."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or a host name: treat as exposed

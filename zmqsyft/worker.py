@@ -1,0 +1,502 @@
+"""The worker process: one thread, one ROUTER, a DEALER per peer, an op → handler table.
+
+Nothing in a worker ever blocks on a peer. A request that needs another worker (an op on a
+pointer chain, ``move``, ``remote_get``, a cascading delete, ``FLUSH``) is sent on and its
+continuation is parked with a deadline; the loop keeps serving everyone else meanwhile, so pointer
+cycles between workers cannot deadlock. Ops with caller-chosen result ids are relayed and answered
+at once: the relay stores a pointer to the result the next hop will create.
+
+Every handler's failure becomes an ERROR reply; undecodable messages are dropped and counted. A
+worker never dies because of what a peer sent it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zmq
+
+from . import allowlist, executor, transport
+from .codec import decode_message, dtype_name, encode_message
+from .config import Config
+from .errors import LocationMismatch, ProtocolError, RequestTimeout
+from .messages import NO_REPLY, PROTOCOL_VERSION, Message, Op, PointerDesc, Summary
+from .remote_exc import decode_exception, encode_exception
+from .store import ErrorMarker, PointerRecord, Store, new_id
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[Message | None, BaseException | None], None]
+_MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
+
+
+class _Ctx:
+    """Who to answer: the ROUTER routing id and the request id."""
+
+    __slots__ = ("ident", "req_id")
+
+    def __init__(self, ident: bytes, req_id: int) -> None:
+        self.ident = ident
+        self.req_id = req_id
+
+
+class Worker:
+    """A worker: binds ``bind``, serves requests until ``SHUTDOWN`` or its parent dies.
+
+    Parameters
+    ----------
+    worker_id : str
+        The name this worker reports (``"bob"``).
+    bind : str
+        ZeroMQ endpoint to bind (``tcp://127.0.0.1:0`` picks a free port).
+    config : Config
+        Timeouts and socket limits.
+    parent_pid : int, optional
+        Exit when this process is no longer our parent.
+    """
+
+    def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None) -> None:
+        self.id = worker_id
+        self.cfg = config
+        self.ctx = transport.context()
+        self.router, self.address = transport.make_router(self.ctx, bind, config)
+        self.addresses = {self.address, bind}
+        self.store = Store(worker_id)
+        self.parent_pid = parent_pid
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self._peers: dict[str, zmq.Socket] = {}
+        self._peer_of_socket: dict[zmq.Socket, str] = {}
+        self._pending: dict[int, tuple[Callback, str, Op]] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._next_req = 1
+        self._dirty: set[str] = set()
+        self._running = False
+        self._counters: dict[str, int] = defaultdict(int)
+        self._per_peer: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._handlers: dict[Op, Callable[[_Ctx, dict[str, Any]], None]] = {
+            Op.HELLO: self._hello, Op.PUT: self._put, Op.GET: self._get, Op.CALL: self._call,
+            Op.DEL: self._del, Op.MOVE: self._move, Op.REMOTE_GET: self._remote_get,
+            Op.OBJECTS: self._objects, Op.FLUSH: self._flush, Op.PING: self._ping,
+            Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def serve_forever(self) -> None:
+        """Serve until shut down; always closes the sockets."""
+        self._running = True
+        next_parent_check = 0.0
+        try:
+            while self._running:
+                timeout = 500.0
+                if self._deadlines:
+                    timeout = max(0.0, min(timeout, (self._deadlines[0][0] - time.monotonic()) * 1000))
+                for sock, _ in self.poller.poll(timeout):
+                    if sock is self.router:
+                        self._drain(sock, self._on_request)
+                    else:
+                        self._drain(sock, self._on_peer_reply)
+                self._expire()
+                now = time.monotonic()
+                if self.parent_pid is not None and now >= next_parent_check:
+                    next_parent_check = now + 0.5
+                    if os.getppid() != self.parent_pid:
+                        log.warning("worker %s: parent %d is gone, exiting", self.id, self.parent_pid)
+                        break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._running = False
+        for sock in self._peers.values():
+            sock.close(linger=0)
+        self._peers.clear()
+        self.router.close(linger=0)
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None]) -> None:
+        for _ in range(_MAX_BATCH):
+            try:
+                frames = transport.recv(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(sock, frames)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, req_id = heapq.heappop(self._deadlines)
+            entry = self._pending.pop(req_id, None)
+            if entry is not None:
+                callback, address, op = entry
+                self._safe_callback(callback, None, RequestTimeout(
+                    f"worker '{self.id}' got no answer from the worker at {address} to {op.name} "
+                    f"within {self.cfg.timeout:g}s; it may have died or be frozen"))
+
+    # ------------------------------------------------------------- incoming
+    def _on_request(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        if len(frames) < 2:
+            self._counters["dropped_malformed"] += 1
+            return
+        ident = frames[0].bytes
+        peer = self._per_peer[ident.hex()]
+        peer["messages_in"] += 1
+        peer["bytes_in"] += sum(len(f) for f in frames[1:])
+        try:
+            msg = decode_message(frames[1:])
+        except Exception as exc:  # noqa: BLE001 - malformed input of any kind
+            self._counters["dropped_malformed"] += 1
+            req_id = _salvage_req_id(frames[1])
+            log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
+            if req_id:
+                self._reply_error(_Ctx(ident, req_id), exc)
+            return
+        ctx = _Ctx(ident, msg.req_id)
+        handler = self._handlers.get(msg.op)
+        try:
+            if handler is None:
+                raise ProtocolError(f"worker '{self.id}' does not accept {msg.op.name} messages")
+            handler(ctx, msg.body)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
+            self._reply_error(ctx, exc)
+
+    def _on_peer_reply(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            msg = decode_message(frames)
+        except Exception as exc:  # noqa: BLE001
+            self._counters["dropped_malformed"] += 1
+            log.warning("worker %s: undecodable reply from %s: %s", self.id,
+                        self._peer_of_socket.get(sock), exc)
+            return
+        entry = self._pending.pop(msg.req_id, None)
+        if entry is None:
+            self._counters["late_replies"] += 1
+            return
+        callback = entry[0]
+        if msg.op is Op.ERROR:
+            self._safe_callback(callback, None, decode_exception(msg.body.get("error")))
+        else:
+            self._safe_callback(callback, msg, None)
+
+    def _safe_callback(self, callback: Callback, msg: Message | None, exc: BaseException | None) -> None:
+        try:
+            callback(msg, exc)
+        except Exception:  # noqa: BLE001 - a continuation must not kill the loop
+            log.exception("worker %s: continuation failed", self.id)
+
+    # -------------------------------------------------------------- outgoing
+    def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
+        if ctx.req_id == NO_REPLY:
+            return
+        try:
+            frames = encode_message(Op.REPLY, ctx.req_id, body or {})
+        except Exception as exc:  # noqa: BLE001 - e.g. a result the wire cannot carry
+            self._reply_error(ctx, exc)
+            return
+        self._send_reply(ctx, frames)
+
+    def _reply_error(self, ctx: _Ctx, exc: BaseException) -> None:
+        log.debug("worker %s: request %d failed: %r", self.id, ctx.req_id, exc)
+        if ctx.req_id == NO_REPLY:
+            return
+        self._send_reply(ctx, encode_message(Op.ERROR, ctx.req_id, {"error": encode_exception(exc, self.id)}))
+
+    def _send_reply(self, ctx: _Ctx, frames: list[Any]) -> None:
+        try:
+            transport.send(self.router, [ctx.ident, *frames])
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
+            self._counters["unroutable_replies"] += 1
+            log.info("worker %s: cannot reply to %s: %s", self.id, ctx.ident.hex(), exc)
+            return
+        peer = self._per_peer[ctx.ident.hex()]
+        peer["messages_out"] += 1
+        peer["bytes_out"] += sum(len(memoryview(f)) if not isinstance(f, bytes) else len(f) for f in frames)
+
+    def _peer(self, address: str) -> zmq.Socket:
+        sock = self._peers.get(address)
+        if sock is None:
+            sock = transport.make_dealer(self.ctx, address, self.cfg)
+            self._peers[address] = sock
+            self._peer_of_socket[sock] = address
+            self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
+        """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered."""
+        req_id = self._next_req
+        self._next_req += 1
+        try:
+            frames = encode_message(op, req_id, body)
+            transport.send(self._peer(address), frames)
+        except Exception as exc:  # noqa: BLE001
+            self._safe_callback(callback, None, exc)
+            return
+        if op is not Op.FLUSH:
+            self._dirty.add(address)
+        self._pending[req_id] = (callback, address, op)
+        heapq.heappush(self._deadlines, (time.monotonic() + self.cfg.timeout, req_id))
+
+    # ------------------------------------------------------------- handlers
+    def _hello(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
+                          "address": self.address})
+
+    def _ping(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        self._reply(ctx, {"id": self.id})
+
+    def _shutdown(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        self._reply(ctx, {})
+        self._running = False
+
+    def _stats(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        self._reply(ctx, {"id": self.id, "objects": len(self.store),
+                          "counters": dict(self._counters),
+                          "peers": {k: dict(v) for k, v in self._per_peer.items()}})
+
+    def _put(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        obj = body.get("obj")
+        if isinstance(obj, PointerDesc):
+            obj = PointerRecord.from_desc(obj)
+        self.store.put(body.get("id"), obj)
+        self._reply(ctx)
+
+    def _get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        obj_id = body.get("id")
+        obj = self.store.pop(obj_id)
+        if isinstance(obj, ErrorMarker):
+            raise decode_exception(obj.error)
+        if isinstance(obj, PointerRecord):
+            obj = obj.desc(ptr_id=obj_id, owned=obj.owned)
+        self._reply(ctx, {"obj": obj})
+
+    def _resolve(self, obj_id: Any) -> Any:
+        """The object behind an id, following pointers that point back at this worker."""
+        obj = self.store.get(obj_id)
+        for _ in range(64):
+            if not (isinstance(obj, PointerRecord) and obj.address in self.addresses):
+                break
+            obj = self.store.get(obj.id_at_location)
+        if isinstance(obj, ErrorMarker):
+            raise decode_exception(obj.error)
+        return obj
+
+    def _call(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        name = body.get("fn")
+        allowlist.lookup(name)  # refuse before touching anything
+        args, kwargs = body.get("args", []), body.get("kwargs", {})
+        out, grad = body.get("out"), body.get("grad", True)
+        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
+        remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
+        if remote:
+            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote)
+            return
+        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+        try:
+            result = executor.run(name, args, kwargs, grad)
+            if out is not None:
+                tensors = executor.result_tensors(result)
+                executor.check_outputs(name, tensors, out)
+                for spec, t in zip(out, tensors):
+                    self.store.put(spec[0], t)
+        except Exception as exc:
+            self._poison(out, exc, name)
+            raise
+        if out is not None or allowlist.is_inplace(name):
+            self._reply(ctx)
+        else:
+            self._reply(ctx, {"result": self._describe(result)})
+
+    def _poison(self, out: list[Any] | None, exc: BaseException, name: str) -> None:
+        for spec in out or ():
+            try:
+                self.store.put(spec[0], ErrorMarker(encode_exception(exc, self.id), name))
+            except Exception:  # noqa: BLE001 - a bad id: nothing to poison
+                pass
+
+    def _describe(self, result: Any) -> Any:
+        """Store a result's tensors here; return the result with pointer descriptors in their place."""
+        def one(leaf: Any) -> Any:
+            if isinstance(leaf, torch.Tensor):
+                obj_id = new_id()
+                self.store.put(obj_id, leaf)
+                return PointerDesc(self.id, self.address, obj_id, obj_id, tuple(leaf.shape),
+                                   dtype_name(leaf.dtype), leaf.requires_grad, True)
+            return leaf
+        return executor.pytree.tree_map(one, result)
+
+    def _relay_call(self, ctx: _Ctx, name: str, args: Any, kwargs: Any, out: Any, grad: bool,
+                    resolved: dict[int, Any], remote: list[PointerRecord]) -> None:
+        addresses = {r.address for r in remote}
+        if len(addresses) > 1 or len(remote) < len(resolved):
+            places = sorted({f"'{r.location}'" for r in remote} | (
+                {f"'{self.id}'"} if len(remote) < len(resolved) else set()))
+            raise LocationMismatch(
+                f"{name}: the arguments live on different workers ({', '.join(places)}); "
+                "move them to one worker first")
+        target = remote[0]
+        args, kwargs = executor.substitute(
+            (args, kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
+        body: dict[str, Any] = {"fn": name, "args": args, "kwargs": kwargs, "grad": grad}
+        if out is not None:
+            next_out = [[new_id(), *spec[1:]] for spec in out]
+            for spec, nxt in zip(out, next_out):
+                self.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
+                                                      tuple(spec[1]), spec[2], bool(spec[3]), True))
+            body["out"] = next_out
+            self._request(target.address, Op.CALL, body, self._log_failure(name))
+            self._reply(ctx)
+            return
+        body["out"] = None
+
+        def done(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._reply_error(ctx, exc)
+            elif allowlist.is_inplace(name):
+                self._reply(ctx)
+            else:
+                self._reply(ctx, {"result": self._adopt(msg.body.get("result") if msg else None)})
+        self._request(target.address, Op.CALL, body, done)
+
+    def _adopt(self, result: Any) -> Any:
+        """Take ownership of a relayed result: store its pointers here, describe them as ours."""
+        def one(leaf: Any) -> Any:
+            if isinstance(leaf, PointerDesc):
+                key = new_id()
+                self.store.put(key, PointerRecord.from_desc(leaf))
+                return PointerDesc(self.id, self.address, key, key, leaf.shape, leaf.dtype,
+                                   leaf.requires_grad, True)
+            return leaf
+        return executor.pytree.tree_map(one, result)
+
+    def _log_failure(self, what: str) -> Callback:
+        def callback(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                log.info("worker %s: relayed %s failed downstream: %r", self.id, what, exc)
+        return callback
+
+    def _del(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        ids = body.get("ids")
+        if not isinstance(ids, list):
+            raise ProtocolError("DEL needs a list of ids")
+        cascade: dict[str, list[int]] = defaultdict(list)
+        for obj_id in ids:
+            self._free(obj_id, cascade, 0)
+        for address, targets in cascade.items():
+            self._request(address, Op.DEL, {"ids": targets}, self._log_failure("delete"))
+        self._reply(ctx)
+
+    def _free(self, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:
+        obj = self.store.discard(obj_id)
+        if isinstance(obj, PointerRecord) and obj.owned and depth < 64:
+            if obj.address in self.addresses:
+                self._free(obj.id_at_location, cascade, depth + 1)
+            else:
+                cascade[obj.address].append(obj.id_at_location)
+
+    def _move(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        obj_id, dest = body.get("id"), body.get("dest_address")
+        if not isinstance(dest, str):
+            raise ProtocolError("MOVE needs dest_address")
+        obj = self.store.get(obj_id)
+        if dest in self.addresses:
+            self._reply(ctx, {})
+            return
+        if isinstance(obj, ErrorMarker):
+            raise decode_exception(obj.error)
+        if isinstance(obj, PointerRecord):
+            if obj.address == dest:  # the chain collapses: dest already holds the data
+                self.store.pop(obj_id)
+                self._reply(ctx, {"collapsed": obj.desc(ptr_id=obj_id, owned=obj.owned)})
+                return
+            payload: Any = obj.desc(ptr_id=obj_id, owned=obj.owned)
+        else:
+            payload = obj
+
+        def done(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._reply_error(ctx, exc)
+                return
+            if self.store.discard(obj_id) is not obj and obj_id in self.store:
+                log.warning("worker %s: object %d changed during move", self.id, obj_id)
+            self._reply(ctx, {})
+        self._request(dest, Op.PUT, {"id": obj_id, "obj": payload}, done)
+
+    def _remote_get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        obj_id = body.get("id")
+        record = self.store.get(obj_id)
+        if not isinstance(record, PointerRecord):
+            self._reply(ctx)  # the data is here already
+            return
+        if record.address in self.addresses:
+            self.store.replace(obj_id, self.store.pop(record.id_at_location))
+            self._reply(ctx)
+            return
+
+        def done(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._reply_error(ctx, exc)
+                return
+            obj = msg.body.get("obj") if msg else None
+            if isinstance(obj, PointerDesc):
+                obj = PointerRecord.from_desc(obj)
+            self.store.replace(obj_id, obj)
+            self._reply(ctx)
+        self._request(record.address, Op.GET, {"id": record.id_at_location}, done)
+
+    def _objects(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        snapshot: dict[int, Any] = {}
+        limit = self.cfg.snapshot_max_elements
+        for key, obj in self.store.items():
+            if isinstance(obj, torch.Tensor):
+                snapshot[key] = obj.detach() if obj.numel() <= limit else Summary(
+                    f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, dtype={obj.dtype})")
+            elif isinstance(obj, PointerRecord):
+                snapshot[key] = obj.desc(ptr_id=key, owned=False)
+            elif isinstance(obj, ErrorMarker):
+                snapshot[key] = Summary(f"<failed {obj.op}: {obj.error.get('type')}: "
+                                        f"{obj.error.get('message')}>")
+            elif obj is None or isinstance(obj, (bool, int, float, str)):
+                snapshot[key] = obj
+            else:
+                snapshot[key] = Summary(f"<{type(obj).__module__}.{type(obj).__qualname__}>")
+        self._reply(ctx, {"objects": snapshot})
+
+    def _flush(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        dirty, self._dirty = self._dirty, set()
+        if not dirty:
+            self._reply(ctx)
+            return
+        state = {"left": len(dirty), "errors": []}
+
+        def done(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                state["errors"].append(exc)
+            state["left"] -= 1
+            if state["left"] == 0:
+                if state["errors"]:
+                    self._reply_error(ctx, state["errors"][0])
+                else:
+                    self._reply(ctx)
+        for address in dirty:
+            self._request(address, Op.FLUSH, {}, done)
+
+
+def _salvage_req_id(header: Any) -> int:
+    """Best effort: the request id of a message that failed to decode, to answer it."""
+    import msgpack
+
+    try:
+        raw = msgpack.unpackb(bytes(memoryview(header)), strict_map_key=False,
+                              ext_hook=lambda code, data: None)
+        req_id = raw[2]
+        return req_id if isinstance(req_id, int) and not isinstance(req_id, bool) and req_id > 0 else 0
+    except Exception:  # noqa: BLE001
+        return 0
