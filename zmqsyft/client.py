@@ -117,7 +117,11 @@ class Connection:
         while not pending.done:
             self._pump(deadline, pending.what)
         if pending.error is not None:
-            raise pending.error
+            error = pending.error
+            try:
+                raise error
+            finally:  # no exception -> traceback -> frame -> exception cycle keeping pointers alive
+                error = pending = None  # type: ignore[assignment]
         assert pending.reply is not None
         return pending.reply
 
@@ -185,7 +189,9 @@ class Connection:
             pending.error = decode_exception(msg.body.get("error"))
             for ptr in pending.results:
                 ptr._mark_failed(pending.error)
-            if not pending.awaited:
+            if not pending.awaited and not pending.results:
+                # an op with results reports through them (using one raises the error); one
+                # without (in-place) reports at the next synchronisation point
                 self.deferred.append(pending.error)
         else:
             pending.reply = msg

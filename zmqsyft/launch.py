@@ -9,10 +9,12 @@ parallel.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -45,6 +47,7 @@ class WorkerClient:
         self.address_hint = address_hint
         self._proc = proc
         self._ready_fd = ready_fd
+        self._ready_lock = threading.Lock()
         self._ready_address: str | None = None if ready_fd is not None else address_hint
         self._pid: int | None = proc.pid if proc is not None else None
         self._spawn_deadline = time.monotonic() + client.cfg.spawn_timeout
@@ -59,7 +62,9 @@ class WorkerClient:
     @property
     def address(self) -> str:
         if self._ready_address is None:
-            self._wait_ready()
+            with self._ready_lock:  # several threads may make the first use at once
+                if self._ready_address is None:
+                    self._wait_ready()
         assert self._ready_address is not None
         return self._ready_address
 
@@ -73,13 +78,14 @@ class WorkerClient:
         fd = self._ready_fd
         if fd is None:
             self._check_open()
-            return
+            raise SpawnError(f"worker '{self.id}' never reported ready")
         buf = b""
         try:
             while b"\n" not in buf:
                 remaining = self._spawn_deadline - time.monotonic()
                 if remaining <= 0:
                     self._kill()
+                    self.closed = True
                     raise SpawnError(
                         f"worker '{self.id}' did not report ready within "
                         f"{self._client.cfg.spawn_timeout:g}s; it was killed")
@@ -139,6 +145,7 @@ class WorkerClient:
         from .pointer import pointer_from_desc
         from .messages import PointerDesc
 
+        gc.collect()  # a pointer dropped into a reference cycle is dropped too, for the user
         self._client.sync()
         reply = self._request(Op.OBJECTS, what="_objects")
         out: dict[int, Any] = {}

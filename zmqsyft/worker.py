@@ -274,8 +274,28 @@ class Worker:
         if isinstance(obj, ErrorMarker):
             raise decode_exception(obj.error)
         if isinstance(obj, PointerRecord):
-            obj = obj.desc(ptr_id=obj_id, owned=obj.owned)
+            desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
+            self._settled(ctx, obj.address, lambda: self._reply(ctx, {"obj": desc}))
+            return
         self._reply(ctx, {"obj": obj})
+
+    def _settled(self, ctx: _Ctx, address: str, then: Callable[[], None]) -> None:
+        """Run ``then`` once everything relayed to ``address`` has been handled there.
+
+        Needed before a pointer to ``address`` leaves this worker: its new holder talks to
+        ``address`` directly and must not overtake what this worker relayed there before.
+        """
+        if address not in self._dirty:
+            then()
+            return
+        self._dirty.discard(address)
+
+        def done(msg: Message | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._reply_error(ctx, exc)
+            else:
+                then()
+        self._request(address, Op.FLUSH, {}, done)
 
     def _resolve(self, obj_id: Any) -> Any:
         """The object behind an id, following pointers that point back at this worker."""
@@ -414,18 +434,24 @@ class Worker:
         if isinstance(obj, PointerRecord):
             if obj.address == dest:  # the chain collapses: dest already holds the data
                 self.store.pop(obj_id)
-                self._reply(ctx, {"collapsed": obj.desc(ptr_id=obj_id, owned=obj.owned)})
+                desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
+                self._settled(ctx, obj.address, lambda: self._reply(ctx, {"collapsed": desc}))
                 return
             payload: Any = obj.desc(ptr_id=obj_id, owned=obj.owned)
-        else:
-            payload = obj
+            self._settled(ctx, obj.address, lambda: self._push(ctx, obj_id, obj, dest, payload))
+            return
+        self._push(ctx, obj_id, obj, dest, obj)
+
+    def _push(self, ctx: _Ctx, obj_id: int, obj: Any, dest: str, payload: Any) -> None:
+        """Store ``payload`` on ``dest`` under ``obj_id``; free it here once ``dest`` confirmed."""
 
         def done(msg: Message | None, exc: BaseException | None) -> None:
             if exc is not None:
                 self._reply_error(ctx, exc)
                 return
-            if self.store.discard(obj_id) is not obj and obj_id in self.store:
-                log.warning("worker %s: object %d changed during move", self.id, obj_id)
+            current = self.store.discard(obj_id)
+            if current is not None and current is not obj:  # the id was reused meanwhile: keep it
+                self.store.replace(obj_id, current)
             self._reply(ctx, {})
         self._request(dest, Op.PUT, {"id": obj_id, "obj": payload}, done)
 

@@ -1,0 +1,127 @@
+"""Garbage collection: dropped pointers free their remote objects, batched, never from __del__."""
+
+from __future__ import annotations
+
+import gc
+import textwrap
+import time
+
+import torch
+import zmq
+
+import zmqsyft as sy
+from zmqsyft.codec import decode_message, encode_message
+from zmqsyft.messages import Op
+
+from .conftest import run_script
+
+
+def test_del_pointer_frees_object(bob: sy.WorkerClient) -> None:
+    p = torch.tensor([1, 2, 3]).send(bob)
+    assert list(bob._objects) == [p.id_at_location]
+    del p
+    assert bob._objects == {}
+
+
+def test_del_chain_head_frees_every_hop(bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:
+    head = torch.tensor([1, 2, 3]).send(bob).send(alice)
+    y = head * 2  # results on both hops too
+    assert len(bob._objects) == 2 and len(alice._objects) == 2
+    del head
+    assert len(bob._objects) == 1 and len(alice._objects) == 1
+    del y
+    assert bob._objects == {} and alice._objects == {}
+
+
+def test_three_hop_chain_cascades(bob: sy.WorkerClient, alice: sy.WorkerClient,
+                                                   carol: sy.WorkerClient) -> None:
+    head = torch.arange(4).send(bob).send(alice).send(carol)
+    assert torch.equal((head + 1).get().get().get(), torch.arange(4) + 1)
+    del head
+    assert bob._objects == {} and alice._objects == {} and carol._objects == {}
+
+
+def test_thousand_pointers_in_a_loop(bob: sy.WorkerClient) -> None:
+    for i in range(1000):
+        p = torch.tensor([float(i)]).send(bob)
+        q = p * 2
+        if i % 200 == 199:
+            # deletes ride along with the next message: the store never piles up
+            assert bob.stats()["objects"] <= 4
+    assert q.get().item() == 1998.0
+    del p, q
+    assert bob._objects == {}
+
+
+def test_pipelined_results_dropped_unused(bob: sy.WorkerClient) -> None:
+    a = torch.ones(8).send(bob)
+    for _ in range(500):
+        a + a  # result dropped at once, maybe before the worker has even created it
+    assert list(bob._objects) == [a.id_at_location]
+
+
+def test_same_tensor_sent_twice_gives_two_objects(bob: sy.WorkerClient) -> None:
+    x = torch.tensor([1, 2, 3])
+    p1, p2 = x.send(bob), x.send(bob)
+    assert p1.id_at_location != p2.id_at_location
+    assert set(bob._objects) == {p1.id_at_location, p2.id_at_location}
+    assert torch.equal(p1.get(), x)
+    assert torch.equal(p2.get(), x)
+    assert bob._objects == {}
+
+
+def test_pointer_sent_back_to_its_own_worker(bob: sy.WorkerClient) -> None:
+    p = torch.tensor([1, 2, 3]).send(bob)
+    data_id, ptr_id = p.id_at_location, p.id
+    pp = p.send(bob)
+    objs = bob._objects
+    assert list(objs) == [data_id, ptr_id]
+    assert objs[ptr_id].location is bob and objs[ptr_id].id_at_location == data_id
+    assert torch.equal((pp + pp).get(), torch.tensor([2, 4, 6]))
+    inner = pp.get()
+    assert inner.location is bob and inner.id_at_location == data_id and inner.owned
+    assert list(bob._objects) == [data_id]
+    again = inner.send(bob)
+    del inner, again
+    assert bob._objects == {}
+
+
+def _raw_stats(address: str) -> int:
+    """Ask a worker how many objects it holds, on a socket of our own (no deletes ride along)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(encode_message(Op.STATS, 1, {}))
+        assert sock.poll(5000), "worker did not answer STATS"
+        return decode_message(sock.recv_multipart(copy=False)).body["objects"]
+    finally:
+        sock.close()
+
+
+def test_timer_flushes_deletes_without_further_messages(bob: sy.WorkerClient) -> None:
+    p = torch.tensor([1.0]).send(bob)
+    assert _raw_stats(bob.address) == 1
+    del p
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _raw_stats(bob.address) != 0:  # each probe waits for a reply; bounded by the deadline
+        assert time.monotonic() < deadline, "the delete was not flushed by the timer"
+
+
+def test_deletes_pending_at_exit_reach_the_worker(bob: sy.WorkerClient) -> None:
+    script = textwrap.dedent(f"""
+        import torch, zmqsyft as sy
+        hook = sy.TorchHook(torch)
+        bob = sy.connect({bob.address!r})
+        kept = [torch.ones(3).send(bob) for _ in range(5)]     # alive at exit
+        for i in range(50):
+            p = torch.tensor([float(i)]).send(bob)
+            q = p + 1                                          # pipelined, then dropped
+        del p, q
+        print("sent", flush=True)
+    """)
+    result = run_script("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert "sent" in result.stdout
+    assert bob._objects == {}
