@@ -80,7 +80,7 @@ def _pooled(pool: dict, name: str, transport_kind: str) -> Iterator[WorkerClient
     leaked: dict = {}
     try:
         if not worker.closed and worker._exit_status() is None:
-            leaked = worker._objects
+            leaked = worker._snapshot()
     except sy.ZmqSyftError:
         leaked = {"unreachable": True}
     if leaked:

@@ -22,7 +22,8 @@ from . import transport
 from .client import Client, get_client
 from .config import Config
 from .errors import SpawnError, WorkerUnavailable, ZmqSyftError
-from .messages import Op
+from .messages import Op, PointerDesc
+from .pointer import pointer_from_desc
 
 __all__ = ["WorkerClient", "spawn_worker", "VirtualWorker", "connect"]
 
@@ -142,10 +143,10 @@ class WorkerClient:
 
     def objects(self) -> dict[int, Any]:
         """Same as :attr:`_objects`."""
-        from .pointer import pointer_from_desc
-        from .messages import PointerDesc
-
         gc.collect()  # a pointer dropped into a reference cycle is dropped too, for the user
+        return self._snapshot()
+
+    def _snapshot(self) -> dict[int, Any]:
         self._client.sync()
         reply = self._request(Op.OBJECTS, what="_objects")
         out: dict[int, Any] = {}
