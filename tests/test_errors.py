@@ -105,3 +105,14 @@ def test_closed_worker(spawn) -> None:  # type: ignore[no-untyped-def]
         p.get()
     with pytest.raises(sy.WorkerUnavailable):
         torch.ones(1).send(bob)
+
+
+def test_errors_propagate_through_pipelined_results(bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:
+    x = torch.tensor([1, 2]).send(bob).send(alice)  # through a chain too
+    bad = x[torch.tensor([7])]
+    worse = (bad + 1) * 2
+    with pytest.raises(IndexError, match="out of bounds") as info:
+        worse.get().get()
+    assert info.value.worker_id == "bob"
+    del info
+    assert torch.equal(x.get().get(), torch.tensor([1, 2]))

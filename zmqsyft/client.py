@@ -354,8 +354,11 @@ class Client:
             with self._reaper_lock:
                 try:
                     self.flush_deletes(wait=True)
-                    for conn in self._thread_conns():
+                    conns = getattr(self._local, "conns", {})
+                    for worker, conn in list(conns.items()):
                         conn.deferred.clear()
+                        if worker.closed:  # do not keep sockets to closed workers
+                            conns.pop(worker).close()
                 except Exception:  # noqa: BLE001 - the reaper must survive anything
                     log.exception("zmqsyft reaper failed to flush deletes")
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[Message | None, BaseException | None], None]
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
+_RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
 
 
 class _Ctx:
@@ -218,7 +219,7 @@ class Worker:
             return
         peer = self._per_peer[ctx.ident.hex()]
         peer["messages_out"] += 1
-        peer["bytes_out"] += sum(len(memoryview(f)) if not isinstance(f, bytes) else len(f) for f in frames)
+        peer["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
 
     def _peer(self, address: str) -> zmq.Socket:
         sock = self._peers.get(address)
@@ -309,30 +310,37 @@ class Worker:
         return obj
 
     def _call(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        name = body.get("fn")
-        allowlist.lookup(name)  # refuse before touching anything
-        args, kwargs = body.get("args", []), body.get("kwargs", {})
-        out, grad = body.get("out"), body.get("grad", True)
-        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
-        remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
-        if remote:
-            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote)
-            return
-        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+        name, out = body.get("fn"), body.get("out")
         try:
-            result = executor.run(name, args, kwargs, grad)
-            if out is not None:
-                tensors = executor.result_tensors(result)
-                executor.check_outputs(name, tensors, out)
-                for spec, t in zip(out, tensors):
-                    self.store.put(spec[0], t)
+            result = self._run_call(ctx, name, body, out)
         except Exception as exc:
-            self._poison(out, exc, name)
+            # the caller may already hold pointers to the results: make their use raise this
+            self._poison(out, exc, str(name))
             raise
+        if result is _RELAYED:
+            return
         if out is not None or allowlist.is_inplace(name):
             self._reply(ctx)
         else:
             self._reply(ctx, {"result": self._describe(result)})
+
+    def _run_call(self, ctx: _Ctx, name: Any, body: dict[str, Any], out: Any) -> Any:
+        allowlist.lookup(name)  # refuse before touching anything
+        args, kwargs = body.get("args", []), body.get("kwargs", {})
+        grad = body.get("grad", True)
+        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
+        remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
+        if remote:
+            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote)
+            return _RELAYED
+        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+        result = executor.run(name, args, kwargs, grad)
+        if out is not None:
+            tensors = executor.result_tensors(result)
+            executor.check_outputs(name, tensors, out)
+            for spec, t in zip(out, tensors):
+                self.store.put(spec[0], t)
+        return result
 
     def _poison(self, out: list[Any] | None, exc: BaseException, name: str) -> None:
         for spec in out or ():
