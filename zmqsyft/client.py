@@ -64,14 +64,17 @@ class Connection:
         self.client = client
         self.worker = worker
         self.sock: zmq.Socket | None = None
+        self.watch: transport.PeerWatch | None = None
         self.inflight: dict[int, _Pending] = {}
         self.deferred: list[BaseException] = []
         self._next = 1
+        self._deadline_s = client.cfg.timeout
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
             self.worker._check_open()
             self.sock = transport.make_dealer(self.client.ctx, self.worker.address, self.client.cfg)
+            self.watch = transport.PeerWatch(self.sock, 3 * self.client.cfg.heartbeat_ivl)
         return self.sock
 
     def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
@@ -113,7 +116,8 @@ class Connection:
         pending = self.inflight.get(req_id)
         if pending is None:
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
-        deadline = time.monotonic() + (self.client.cfg.timeout if timeout is None else timeout)
+        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
+        deadline = time.monotonic() + self._deadline_s
         while not pending.done:
             self._pump(deadline, pending.what)
         if pending.error is not None:
@@ -127,7 +131,8 @@ class Connection:
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every request in flight on this connection has been answered."""
-        deadline = time.monotonic() + (self.client.cfg.timeout if timeout is None else timeout)
+        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
+        deadline = time.monotonic() + self._deadline_s
         while self.inflight:
             what = next(iter(self.inflight.values())).what
             self._pump(deadline, what)
@@ -153,7 +158,8 @@ class Connection:
             self._on_reply(frames)
 
     def _wait_below(self, limit: int) -> None:
-        deadline = time.monotonic() + self.client.cfg.timeout
+        self._deadline_s = self.client.cfg.timeout
+        deadline = time.monotonic() + self._deadline_s
         while len(self.inflight) > limit:
             self._pump(deadline, "pipelined requests")
 
@@ -163,13 +169,15 @@ class Connection:
         if remaining <= 0:
             raise self._fail(RequestTimeout(
                 f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
-                f"{self.client.cfg.timeout:g}s; it may have died or be frozen (raise the deadline "
-                "with zmqsyft.configure(timeout=...) for long operations)"))
+                f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
+                "raise it with zmqsyft.configure(timeout=...)"))
         if sock.poll(min(remaining, _POLL_SLICE) * 1000):
             self._on_reply(transport.recv(sock))
             self.poll_replies()
             return
         dead = self.worker._exit_status()
+        if dead is None and self.watch is not None:
+            dead = self.watch.down()
         if dead is not None:
             raise self._fail(WorkerUnavailable(
                 f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
@@ -206,6 +214,9 @@ class Connection:
                 ptr._mark_failed(exc)
         self.inflight.clear()
         if self.sock is not None:
+            if self.watch is not None:
+                self.watch.close(self.sock)
+                self.watch = None
             self.sock.close(linger=0)
             self.sock = None
         return exc
@@ -218,7 +229,7 @@ class Client:
     """The process-wide caller: worker handles, per-thread connections, the delete queue."""
 
     def __init__(self, config: Config | None = None) -> None:
-        self.cfg = config or get_config()
+        self._cfg = config
         self.ctx = transport.context()
         self._local = threading.local()
         self._lock = threading.RLock()
@@ -231,6 +242,11 @@ class Client:
         self._reaper: threading.Thread | None = None
         self._flushing = threading.local()
         atexit.register(self._at_exit)
+
+    @property
+    def cfg(self) -> Config:
+        """The config in force: the one given, else the process-wide one (``sy.configure``)."""
+        return self._cfg if self._cfg is not None else get_config()
 
     # ------------------------------------------------------------- workers
     def register(self, worker: WorkerClient) -> WorkerClient:

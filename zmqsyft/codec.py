@@ -42,7 +42,8 @@ import torch
 from .errors import ProtocolError, SerializationError, UntrustedPayload
 from .messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 
-__all__ = ["Ext", "Encoder", "Decoder", "encode_message", "decode_message", "DTYPES", "dtype_name"]
+__all__ = ["Ext", "Encoder", "Decoder", "encode_message", "decode_message", "DTYPES", "dtype_name",
+           "MAX_DEPTH"]
 
 
 class Ext(IntEnum):
@@ -80,6 +81,7 @@ _MEMFMTS = {
 }
 _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
 _ALIGN = 16
+MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -94,8 +96,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_buffer(t: torch.Tensor) -> Any:
     """A zero-copy buffer over a tensor's bytes (copying only if it is not contiguous)."""
-    if t.layout is not torch.strided or t.is_quantized:
-        raise SerializationError(f"only dense (strided) tensors can be sent, not {t.layout}")
+    if t.is_quantized or t.is_nested or t.layout is not torch.strided:
+        kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout)
+        raise SerializationError(f"only dense (strided) tensors can be sent, not {kind} ones")
+    if t.is_meta:
+        raise SerializationError("a tensor on the meta device has no data to send")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -227,17 +232,28 @@ class Decoder:
     def __init__(self, frames: Sequence[Any], trusted: bool = False) -> None:
         self.frames = frames
         self.trusted = trusted
+        self._depth = 0
 
     def unpack(self, data: bytes) -> Any:
         return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False,
                                use_list=True)
 
-    def _ext_hook(self, code: int, data: bytes) -> Any:  # noqa: C901 - a flat table
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        # every nesting level is a C-level msgpack call: bound it before the C stack overflows
+        if self._depth >= MAX_DEPTH:
+            raise ProtocolError(f"values nested deeper than {MAX_DEPTH} levels are refused")
+        self._depth += 1
+        try:
+            return self._ext(code, data)
+        finally:
+            self._depth -= 1
+
+    def _ext(self, code: int, data: bytes) -> Any:  # noqa: C901 - a flat table
         if code == Ext.PICKLE:
             if not self.trusted:
                 raise UntrustedPayload(
-                    "this worker does not trust the sender, so it refuses pickled payloads; start "
-                    "the worker trusting the sender (spawned workers trust their parent)"
+                    "a pickled payload was refused: this side does not trust its sender with "
+                    "pickle; tensors, numbers, strings, containers and pointers need no pickle"
                 )
             import cloudpickle
 

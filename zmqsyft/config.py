@@ -9,6 +9,7 @@ unknown ``ZMQSYFT_`` variable is an error, so that typos do not pass silently), 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -27,8 +28,9 @@ class Config:
     Attributes
     ----------
     timeout : float
-        Seconds a caller waits for a worker's reply before raising ``WorkerUnavailable``
-        (``RequestTimeout``). Raise it for operations that legitimately run longer.
+        Seconds a caller waits for any one reply before raising ``RequestTimeout`` (a
+        ``WorkerUnavailable``). A worker that dies or freezes is detected sooner, within about
+        three heartbeat intervals; raise this only for operations that legitimately run longer.
     spawn_timeout : float
         Seconds to wait for a spawned worker process to report ready.
     pipeline : bool
@@ -43,14 +45,15 @@ class Config:
     max_message_size : int
         Largest message, in bytes, a worker accepts (``ZMQ_MAXMSGSIZE``); -1 for no limit.
     heartbeat_ivl : float
-        Seconds between ZMTP heartbeats on every connection.
+        Seconds between ZMTP heartbeats on every connection; a peer silent for three intervals
+        is taken for dead or frozen.
     snapshot_max_elements : int
         Tensors larger than this are summarised in ``worker._objects`` snapshots.
     close_timeout : float
         Seconds ``close()`` waits for a worker process to exit before killing it.
     """
 
-    timeout: float = 10.0
+    timeout: float = 60.0
     spawn_timeout: float = 60.0
     pipeline: bool = True
     max_inflight: int = 10_000
@@ -62,8 +65,9 @@ class Config:
 
     def __post_init__(self) -> None:
         for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"zmqsyft config: {name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"zmqsyft config: {name} must be a finite number > 0, got {value!r}")
         if self.max_inflight < 1:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
 

@@ -108,12 +108,16 @@ class RemoteError(ZmqSyftError):
         The formatted traceback, as the worker saw it.
     worker_id : str
         The worker that raised it.
+    remote_message : str
+        The remote exception's own message.
     """
 
     def __init__(
-        self, message: str, remote_type: str = "", remote_traceback: str = "", worker_id: str = ""
+        self, message: str, remote_type: str = "", remote_traceback: str = "", worker_id: str = "",
+        remote_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
         self.worker_id = worker_id
+        self.remote_message = message if remote_message is None else remote_message

@@ -38,7 +38,7 @@ def _safe_types() -> dict[str, type[BaseException]]:
     for name in errors.__all__:
         cls = getattr(errors, name)
         table[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    for cls in (torch.OutOfMemoryError,):
+    for cls in (torch.OutOfMemoryError, torch.linalg.LinAlgError):
         table[f"{cls.__module__}.{cls.__qualname__}"] = cls
     table.pop("builtins.ExceptionGroup", None)
     return table
@@ -55,9 +55,16 @@ def encode_exception(exc: BaseException, worker_id: str) -> dict[str, Any]:
     if not tb_text:
         tb_text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
         origin = worker_id
+    type_name = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(exc, KeyError):
+        message = str(exc.args[0]) if exc.args else ""
+    else:
+        message = str(exc)
+    if isinstance(exc, errors.RemoteError) and exc.remote_type:  # relayed: keep the original
+        type_name, message = exc.remote_type, exc.remote_message
     return {
-        "type": f"{cls.__module__}.{cls.__qualname__}",
-        "message": str(exc) if not isinstance(exc, KeyError) else str(exc.args[0]) if exc.args else "",
+        "type": type_name,
+        "message": message,
         "traceback": tb_text,
         "worker": origin or worker_id,
         "via": worker_id,
@@ -85,9 +92,9 @@ def decode_exception(data: Any) -> BaseException:
         try:
             exc = cls(message)
         except Exception:
-            exc = errors.RemoteError(f"{type_name}: {message}", type_name, tb_text, worker)
+            exc = errors.RemoteError(f"{type_name}: {message}", type_name, tb_text, worker, message)
     else:
-        exc = errors.RemoteError(f"{type_name}: {message}", type_name, tb_text, worker)
+        exc = errors.RemoteError(f"{type_name}: {message}", type_name, tb_text, worker, message)
     exc.remote_traceback = tb_text  # type: ignore[attr-defined]
     exc.worker_id = worker  # type: ignore[attr-defined]
     exc.add_note(_note(worker, via, tb_text))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -19,7 +20,8 @@ import zmq
 
 from .config import Config
 
-__all__ = ["context", "make_router", "make_dealer", "ipc_endpoint", "is_loopback", "send", "recv"]
+__all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
+           "send", "recv"]
 
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
@@ -66,6 +68,48 @@ def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> zmq.Socket:
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
     sock.connect(address)
     return sock
+
+
+class PeerWatch:
+    """Tells, from a DEALER's monitor events, whether its peer is reachable.
+
+    A peer process that dies closes the connection at once (``down`` immediately); one that is
+    frozen stops answering the ZMTP heartbeats and the connection is dropped after the heartbeat
+    timeout; one that never accepts the connection (nothing listens there any more) is down once
+    ``grace`` seconds passed without a handshake. A busy peer still answers heartbeats (ZeroMQ's
+    I/O thread does, without the GIL), so it is not mistaken for a dead one.
+    """
+
+    def __init__(self, sock: zmq.Socket, grace: float) -> None:
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.grace = grace
+        self.up = False
+        self.ever_up = False
+        self.since = time.monotonic()
+
+    def down(self) -> str | None:
+        """Drain pending events; a reason if the peer is unreachable now, else ``None``."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.ever_up = self.ever_up or self.up
+            self.since = time.monotonic()
+        if self.up:
+            return None
+        if self.ever_up:
+            return "the connection to it was lost: it died, or stopped answering heartbeats"
+        if time.monotonic() - self.since > self.grace:
+            return f"no connection could be made to it within {self.grace:g}s"
+        return None
+
+    def close(self, sock: zmq.Socket) -> None:
+        sock.disable_monitor()
+        self.monitor.close(linger=0)
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:

@@ -26,7 +26,7 @@ import zmq
 from . import allowlist, executor, transport
 from .codec import decode_message, dtype_name, encode_message
 from .config import Config
-from .errors import LocationMismatch, ProtocolError, RequestTimeout
+from .errors import LocationMismatch, ProtocolError, RequestTimeout, WorkerUnavailable
 from .messages import NO_REPLY, PROTOCOL_VERSION, Message, Op, PointerDesc, Summary
 from .remote_exc import decode_exception, encode_exception
 from .store import ErrorMarker, PointerRecord, Store, new_id
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Callback = Callable[[Message | None, BaseException | None], None]
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 _RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
+MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
 
 
 class _Ctx:
@@ -77,6 +78,7 @@ class Worker:
         self.poller.register(self.router, zmq.POLLIN)
         self._peers: dict[str, zmq.Socket] = {}
         self._peer_of_socket: dict[zmq.Socket, str] = {}
+        self._watches: dict[str, transport.PeerWatch] = {}
         self._pending: dict[int, tuple[Callback, str, Op]] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._next_req = 1
@@ -98,15 +100,16 @@ class Worker:
         next_parent_check = 0.0
         try:
             while self._running:
-                timeout = 500.0
+                timeout = 500.0 if not self._pending else 100.0  # peers are checked per turn
                 if self._deadlines:
                     timeout = max(0.0, min(timeout, (self._deadlines[0][0] - time.monotonic()) * 1000))
                 for sock, _ in self.poller.poll(timeout):
                     if sock is self.router:
                         self._drain(sock, self._on_request)
-                    else:
+                    elif sock in self._peer_of_socket:
                         self._drain(sock, self._on_peer_reply)
                 self._expire()
+                self._check_peers()
                 now = time.monotonic()
                 if self.parent_pid is not None and now >= next_parent_check:
                     next_parent_check = now + 0.5
@@ -118,10 +121,36 @@ class Worker:
 
     def close(self) -> None:
         self._running = False
-        for sock in self._peers.values():
+        for address, sock in self._peers.items():
+            self._watches[address].close(sock)
             sock.close(linger=0)
         self._peers.clear()
+        self._watches.clear()
         self.router.close(linger=0)
+
+    def _check_peers(self) -> None:
+        """Fail the requests waiting on peers that are unreachable (dead, frozen, gone)."""
+        waiting = {address for _, address, _ in self._pending.values()}
+        for address in waiting:
+            reason = self._watches[address].down() if address in self._watches else None
+            if reason is not None:
+                self._peer_lost(address, reason)
+
+    def _peer_lost(self, address: str, reason: str) -> None:
+        """A peer worker is unreachable: fail what waits on it; the next request reconnects."""
+        failed = [rid for rid, (_, addr, _) in self._pending.items() if addr == address]
+        sock = self._peers.pop(address, None)
+        if sock is not None:
+            self.poller.unregister(sock)
+            self._peer_of_socket.pop(sock, None)
+            self._watches.pop(address).close(sock)
+            sock.close(linger=0)
+        self._dirty.discard(address)
+        for rid in failed:
+            callback, _, op = self._pending.pop(rid)
+            self._safe_callback(callback, None, WorkerUnavailable(
+                f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
+                f"{op.name} got no answer"))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None]) -> None:
         for _ in range(_MAX_BATCH):
@@ -228,6 +257,7 @@ class Worker:
             self._peers[address] = sock
             self._peer_of_socket[sock] = address
             self.poller.register(sock, zmq.POLLIN)
+            self._watches[address] = transport.PeerWatch(sock, 3 * self.cfg.heartbeat_ivl)
         return sock
 
     def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
@@ -328,10 +358,15 @@ class Worker:
         allowlist.lookup(name)  # refuse before touching anything
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         grad = body.get("grad", True)
+        if out is not None and not _valid_out(out):
+            raise ProtocolError("CALL 'out' must be a list of [id, shape, dtype, requires_grad]")
         resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
         remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
         if remote:
-            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote)
+            hops = body.get("hops", 0)
+            if not isinstance(hops, int) or isinstance(hops, bool):
+                raise ProtocolError("CALL 'hops' must be an integer")
+            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote, hops)
             return _RELAYED
         args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
         result = executor.run(name, args, kwargs, grad)
@@ -343,7 +378,9 @@ class Worker:
         return result
 
     def _poison(self, out: list[Any] | None, exc: BaseException, name: str) -> None:
-        for spec in out or ():
+        if not isinstance(out, list):
+            return
+        for spec in out:
             try:
                 self.store.put(spec[0], ErrorMarker(encode_exception(exc, self.id), name))
             except Exception:  # noqa: BLE001 - a bad id: nothing to poison
@@ -361,7 +398,7 @@ class Worker:
         return executor.pytree.tree_map(one, result)
 
     def _relay_call(self, ctx: _Ctx, name: str, args: Any, kwargs: Any, out: Any, grad: bool,
-                    resolved: dict[int, Any], remote: list[PointerRecord]) -> None:
+                    resolved: dict[int, Any], remote: list[PointerRecord], hops: int) -> None:
         addresses = {r.address for r in remote}
         if len(addresses) > 1 or len(remote) < len(resolved):
             places = sorted({f"'{r.location}'" for r in remote} | (
@@ -370,9 +407,14 @@ class Worker:
                 f"{name}: the arguments live on different workers ({', '.join(places)}); "
                 "move them to one worker first")
         target = remote[0]
+        if hops >= MAX_HOPS:
+            raise ProtocolError(
+                f"{name}: the pointer chain is longer than {MAX_HOPS} hops; it probably loops "
+                "back on itself")
         args, kwargs = executor.substitute(
             (args, kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
-        body: dict[str, Any] = {"fn": name, "args": args, "kwargs": kwargs, "grad": grad}
+        body: dict[str, Any] = {"fn": name, "args": args, "kwargs": kwargs, "grad": grad,
+                                "hops": hops + 1}
         if out is not None:
             next_out = [[new_id(), *spec[1:]] for spec in out]
             for spec, nxt in zip(out, next_out):
@@ -521,6 +563,14 @@ class Worker:
                     self._reply(ctx)
         for address in dirty:
             self._request(address, Op.FLUSH, {}, done)
+
+
+def _valid_out(out: Any) -> bool:
+    """Whether a CALL's ``out`` is a list of ``[id, shape, dtype name, requires_grad]``."""
+    return isinstance(out, list) and all(
+        isinstance(spec, list) and len(spec) == 4 and isinstance(spec[0], int)
+        and isinstance(spec[1], list) and all(isinstance(d, int) for d in spec[1])
+        and isinstance(spec[2], str) for spec in out)
 
 
 def _salvage_req_id(header: Any) -> int:

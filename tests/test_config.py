@@ -1,0 +1,213 @@
+"""Configuration: defaults, ``ZMQSYFT_*`` environment overrides, ``configure()``.
+
+Environments are passed as dicts to ``from_environ`` so the real one is never touched; tests that
+call ``configure()`` restore the process-wide config afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import zmqsyft as sy
+from zmqsyft import config as config_mod
+from zmqsyft.config import Config, configure, from_environ, get_config
+
+DEFAULTS = {
+    "timeout": 60.0,
+    "spawn_timeout": 60.0,
+    "pipeline": True,
+    "max_inflight": 10_000,
+    "gc_interval": 0.05,
+    "max_message_size": -1,
+    "heartbeat_ivl": 1.0,
+    "snapshot_max_elements": 1000,
+    "close_timeout": 5.0,
+}
+
+
+@pytest.fixture
+def restore_config() -> Iterator[None]:
+    saved = config_mod._current
+    try:
+        yield
+    finally:
+        config_mod._current = saved
+
+
+def test_defaults() -> None:
+    cfg = Config()
+    assert dataclasses.asdict(cfg) == DEFAULTS
+    assert {f.name for f in dataclasses.fields(Config)} == set(DEFAULTS)
+
+
+def test_defaults_match_the_readme_table() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented: dict[str, object] = {}
+    for field_name, raw in re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme, flags=re.M):
+        if field_name not in DEFAULTS:
+            continue
+        raw = raw.strip()
+        kind = type(DEFAULTS[field_name])
+        documented[field_name] = (raw == "true") if kind is bool else kind(raw)
+    assert documented == dataclasses.asdict(Config())
+
+
+def test_empty_environment_gives_defaults() -> None:
+    assert from_environ({}) == Config()
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    env = {"PATH": "/bin", "HOME": "/root", "ZMQSYFTX": "1", "XZMQSYFT_TIMEOUT": "abc",
+           "zmqsyft_timeout": "abc", "ZMQSYFT_LOG": "debug"}
+    assert from_environ(env) == Config()
+
+
+def test_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().timeout = 3.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("var, raw, field, value", [
+    ("ZMQSYFT_TIMEOUT", "2.5", "timeout", 2.5),
+    ("ZMQSYFT_TIMEOUT", "30", "timeout", 30.0),
+    ("ZMQSYFT_TIMEOUT", " 1e-3 ", "timeout", 0.001),
+    ("ZMQSYFT_SPAWN_TIMEOUT", "120", "spawn_timeout", 120.0),
+    ("ZMQSYFT_GC_INTERVAL", "0.5", "gc_interval", 0.5),
+    ("ZMQSYFT_HEARTBEAT_IVL", "3", "heartbeat_ivl", 3.0),
+    ("ZMQSYFT_CLOSE_TIMEOUT", "0.25", "close_timeout", 0.25),
+    ("ZMQSYFT_MAX_INFLIGHT", "7", "max_inflight", 7),
+    ("ZMQSYFT_MAX_INFLIGHT", " 12 ", "max_inflight", 12),
+    ("ZMQSYFT_MAX_MESSAGE_SIZE", "1048576", "max_message_size", 1_048_576),
+    ("ZMQSYFT_MAX_MESSAGE_SIZE", "-1", "max_message_size", -1),
+    ("ZMQSYFT_SNAPSHOT_MAX_ELEMENTS", "0", "snapshot_max_elements", 0),
+    ("ZMQSYFT_PIPELINE", "0", "pipeline", False),
+    ("ZMQSYFT_PIPELINE", "1", "pipeline", True),
+    ("ZMQSYFT_PIPELINE", "false", "pipeline", False),
+    ("ZMQSYFT_PIPELINE", "TRUE", "pipeline", True),
+    ("ZMQSYFT_PIPELINE", "no", "pipeline", False),
+    ("ZMQSYFT_PIPELINE", "Yes", "pipeline", True),
+    ("ZMQSYFT_PIPELINE", "off", "pipeline", False),
+    ("ZMQSYFT_PIPELINE", " on ", "pipeline", True),
+])
+def test_environment_overrides(var: str, raw: str, field: str, value: object) -> None:
+    cfg = from_environ({var: raw})
+    got = getattr(cfg, field)
+    assert got == value and type(got) is type(value)
+    others = {k: v for k, v in DEFAULTS.items() if k != field}
+    assert {k: getattr(cfg, k) for k in others} == others
+
+
+def test_several_overrides_at_once() -> None:
+    cfg = from_environ({"ZMQSYFT_TIMEOUT": "3", "ZMQSYFT_PIPELINE": "0", "ZMQSYFT_MAX_INFLIGHT": "5",
+                        "PATH": "/usr/bin"})
+    assert (cfg.timeout, cfg.pipeline, cfg.max_inflight) == (3.0, False, 5)
+
+
+@pytest.mark.parametrize("var", ["ZMQSYFT_FOO", "ZMQSYFT_TIMEOUTS", "ZMQSYFT_", "ZMQSYFT_timeout",
+                                 "ZMQSYFT_PIPE_LINE"])
+def test_unknown_variable_rejected(var: str) -> None:
+    with pytest.raises(ValueError) as info:
+        from_environ({var: "1"})
+    message = str(info.value)
+    assert var in message
+    assert "ZMQSYFT_TIMEOUT" in message  # it lists the known ones
+
+
+@pytest.mark.parametrize("var, raw", [
+    ("ZMQSYFT_TIMEOUT", "abc"),
+    ("ZMQSYFT_TIMEOUT", ""),
+    ("ZMQSYFT_TIMEOUT", "1,5"),
+    ("ZMQSYFT_TIMEOUT", "0"),
+    ("ZMQSYFT_TIMEOUT", "-1"),
+    ("ZMQSYFT_SPAWN_TIMEOUT", "0"),
+    ("ZMQSYFT_GC_INTERVAL", "-0.5"),
+    ("ZMQSYFT_HEARTBEAT_IVL", "0"),
+    ("ZMQSYFT_CLOSE_TIMEOUT", "-3"),
+    ("ZMQSYFT_MAX_INFLIGHT", "1.5"),
+    ("ZMQSYFT_MAX_INFLIGHT", "ten"),
+    ("ZMQSYFT_MAX_INFLIGHT", "0"),
+    ("ZMQSYFT_MAX_INFLIGHT", "-4"),
+    ("ZMQSYFT_MAX_MESSAGE_SIZE", "1e6"),
+    ("ZMQSYFT_SNAPSHOT_MAX_ELEMENTS", "many"),
+    ("ZMQSYFT_PIPELINE", "maybe"),
+    ("ZMQSYFT_PIPELINE", "2"),
+    ("ZMQSYFT_PIPELINE", ""),
+])
+def test_invalid_values_rejected(var: str, raw: str) -> None:
+    with pytest.raises(ValueError) as info:
+        from_environ({var: raw})
+    message = str(info.value)
+    field = var.removeprefix("ZMQSYFT_").lower()
+    assert var in message or field in message
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "-nan", "inf"])
+def test_nan_durations_rejected(raw: str) -> None:
+    # every wait has a deadline: an infinite timeout is refused too
+    with pytest.raises(ValueError):
+        from_environ({"ZMQSYFT_TIMEOUT": raw})
+
+
+def test_bad_value_message_names_variable_and_value() -> None:
+    with pytest.raises(ValueError, match=r"ZMQSYFT_PIPELINE='maybe'"):
+        from_environ({"ZMQSYFT_PIPELINE": "maybe"})
+    with pytest.raises(ValueError, match=r"ZMQSYFT_MAX_INFLIGHT='1\.5'.*int"):
+        from_environ({"ZMQSYFT_MAX_INFLIGHT": "1.5"})
+
+
+def test_from_environ_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZMQSYFT_TIMEOUT", "4.5")
+    assert from_environ().timeout == 4.5
+    monkeypatch.setenv("ZMQSYFT_BOGUS", "1")
+    with pytest.raises(ValueError, match="ZMQSYFT_BOGUS"):
+        from_environ()
+
+
+def test_get_config_is_cached(restore_config: None) -> None:
+    config_mod._current = None
+    first = get_config()
+    assert isinstance(first, Config) and get_config() is first
+    assert sy.get_config() is first
+
+
+def test_configure_replaces_fields(restore_config: None) -> None:
+    before = get_config()
+    new = configure(timeout=2.0, pipeline=False)
+    assert new.timeout == 2.0 and new.pipeline is False
+    assert get_config() is new and sy.get_config() is new
+    # the other fields are kept
+    assert dataclasses.replace(new, timeout=before.timeout, pipeline=before.pipeline) == before
+    again = sy.configure(max_inflight=3)
+    assert (again.timeout, again.pipeline, again.max_inflight) == (2.0, False, 3)
+
+
+def test_configure_rejects_unknown_names(restore_config: None) -> None:
+    before = get_config()
+    with pytest.raises(TypeError, match="bogus"):
+        configure(bogus=1)
+    with pytest.raises(TypeError):
+        configure(timeout=1.0, timout=2.0)
+    assert get_config() is before  # nothing changed
+
+
+@pytest.mark.parametrize("changes", [{"timeout": 0}, {"timeout": -1.0}, {"max_inflight": 0},
+                                     {"gc_interval": 0.0}, {"spawn_timeout": -5}])
+def test_configure_rejects_invalid_values(changes: dict[str, object], restore_config: None) -> None:
+    before = get_config()
+    with pytest.raises(ValueError):
+        configure(**changes)
+    assert get_config() is before
+
+
+def test_config_validation_in_constructor() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        Config(timeout=0)
+    with pytest.raises(ValueError, match="max_inflight"):
+        Config(max_inflight=0)
+    assert Config(timeout=0.001).timeout == 0.001

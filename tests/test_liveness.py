@@ -1,0 +1,39 @@
+"""A dead or frozen worker is reported as WorkerUnavailable within seconds, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import zmqsyft as sy
+
+
+def test_frozen_worker_is_detected_by_heartbeats(spawn) -> None:  # type: ignore[no-untyped-def]
+    dave = spawn("dave")
+    p = torch.ones(3).send(dave)
+    os.kill(dave.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(sy.WorkerUnavailable, match="dave"):
+            p.get()
+        elapsed = time.monotonic() - start
+        # three heartbeat intervals (1 s each by default), far below the 60 s request timeout
+        assert elapsed < 8, elapsed
+    finally:
+        os.kill(dave.pid, signal.SIGCONT)
+
+
+def test_killed_relay_target_fails_the_chain_fast(spawn) -> None:  # type: ignore[no-untyped-def]
+    bob, alice = spawn("bob"), spawn("alice")
+    p2p = torch.ones(2).send(bob).send(alice)
+    bob._proc.kill()
+    bob._proc.wait()
+    start = time.monotonic()
+    with pytest.raises(sy.WorkerUnavailable):
+        p2p.remote_get()  # alice asks dead bob
+    assert time.monotonic() - start < 8
+    assert alice.ping() < 1.0  # alice is fine and serving
