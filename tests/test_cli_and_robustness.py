@@ -7,7 +7,6 @@ deadlines, process exits are awaited with timeouts.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import re

@@ -24,7 +24,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmqsyft.codec import DTYPES, Ext, dtype_name, decode_message, encode_message
+from zmqsyft.codec import DTYPES, Ext, decode_message, dtype_name, encode_message
 from zmqsyft.errors import ProtocolError, SerializationError, UntrustedPayload
 from zmqsyft.messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 
@@ -64,7 +64,7 @@ def same(a: Any, b: Any) -> bool:
         return (a.dtype == b.dtype and a.shape == b.shape and a.requires_grad == b.requires_grad
                 and torch.equal(a.detach(), b.detach()))
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, float) and math.isnan(a):

@@ -7,7 +7,6 @@ call ``configure()`` restore the process-wide config afterwards.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path

@@ -209,7 +209,7 @@ def test_malformed_error_maps_do_not_crash(data: dict[Any, Any]) -> None:
     assert isinstance(got.worker_id, str)  # type: ignore[attr-defined]
     assert len(getattr(got, "__notes__", [])) == 1
     # and it is usable as an exception
-    with pytest.raises(Exception):
+    with pytest.raises(type(got)):
         raise got
 
 

@@ -104,12 +104,9 @@ class Connection:
         return req_id
 
     def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
-                results: tuple[Any, ...] = (), what: str = "", wait: bool = True) -> Message | None:
-        """Send a request and (if ``wait``) return its reply or raise its error."""
-        req_id = self.send(op, body, keep, results, what, awaited=wait)
-        if not wait:
-            return None
-        return self.wait(req_id)
+                results: tuple[Any, ...] = (), what: str = "") -> Message:
+        """Send a request and return its reply, or raise its error."""
+        return self.wait(self.send(op, body, keep, results, what))
 
     def wait(self, req_id: int, timeout: float | None = None) -> Message:
         """Wait for the reply to ``req_id``, handling other replies as they come."""
@@ -171,7 +168,7 @@ class Connection:
                 f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
                 f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
                 "raise it with zmqsyft.configure(timeout=...)"))
-        if sock.poll(min(remaining, _POLL_SLICE) * 1000):
+        if sock.poll(int(min(remaining, _POLL_SLICE) * 1000)):
             self._on_reply(transport.recv(sock))
             self.poll_replies()
             return

@@ -57,7 +57,7 @@ _SPECIAL: dict[Any, Any] = {
     torch.Tensor.__array__: _no_numpy,
     torch.Tensor.numpy: _no_numpy,
     torch.Tensor.device.__get__: lambda self: torch.device("cpu"),
-    torch.Tensor.is_meta.__get__: lambda self: False,
+    torch.Tensor.is_meta.__get__: lambda self: False,  # type: ignore[attr-defined]
 }
 
 

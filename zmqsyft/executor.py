@@ -53,7 +53,7 @@ def check_outputs(name: str, tensors: list[torch.Tensor], out: list[Any]) -> Non
         raise RuntimeError(
             f"{name} produced {len(tensors)} tensors where {len(out)} were expected"
         )
-    for t, spec in zip(tensors, out):
+    for t, spec in zip(tensors, out, strict=True):
         shape = tuple(spec[1])
         if tuple(t.shape) != shape:
             raise RuntimeError(

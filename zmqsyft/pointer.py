@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PointerTensor", "pointer_from_desc"]
 
+_META = torch.device("meta")
+
 
 class PointerTensor(torch.Tensor):
     """A pointer to a tensor (or to another pointer) that lives on a worker.
@@ -46,8 +48,8 @@ class PointerTensor(torch.Tensor):
                 requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
                 owner: str = "me", owned: bool = True) -> PointerTensor:
         grad_ok = dtype.is_floating_point or dtype.is_complex
-        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, tuple(shape), dtype=dtype, device="meta", requires_grad=bool(requires_grad and grad_ok))
+        return torch.Tensor._make_wrapper_subclass(
+            cls, tuple(shape), dtype=dtype, device=_META, requires_grad=bool(requires_grad and grad_ok))
 
     def __init__(self, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
                  requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
@@ -70,7 +72,8 @@ class PointerTensor(torch.Tensor):
         return torch_function(func, args, kwargs or {})
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
+                           kwargs: Any = None) -> Any:
         raise PointerError(
             f"{func} reached torch's dispatcher with a zmqsyft pointer; it cannot run on pointers. "
             "Fetch the data with .get() first, or report this as a bug")
@@ -208,7 +211,7 @@ class PointerTensor(torch.Tensor):
 
     def copy(self) -> PointerTensor:
         """A new pointer to a copy of the object, made on the same worker."""
-        return self.clone()
+        return self.clone()  # type: ignore[return-value]
 
 
 def _check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:

@@ -103,7 +103,7 @@ class Worker:
                 timeout = 500.0 if not self._pending else 100.0  # peers are checked per turn
                 if self._deadlines:
                     timeout = max(0.0, min(timeout, (self._deadlines[0][0] - time.monotonic()) * 1000))
-                for sock, _ in self.poller.poll(timeout):
+                for sock, _ in self.poller.poll(int(timeout)):
                     if sock is self.router:
                         self._drain(sock, self._on_request)
                     elif sock in self._peer_of_socket:
@@ -296,11 +296,11 @@ class Worker:
         obj = body.get("obj")
         if isinstance(obj, PointerDesc):
             obj = PointerRecord.from_desc(obj)
-        self.store.put(body.get("id"), obj)
+        self.store.put(_id(body), obj)
         self._reply(ctx)
 
     def _get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id = body.get("id")
+        obj_id = _id(body)
         obj = self.store.pop(obj_id)
         if isinstance(obj, ErrorMarker):
             raise decode_exception(obj.error)
@@ -349,7 +349,7 @@ class Worker:
             raise
         if result is _RELAYED:
             return
-        if out is not None or allowlist.is_inplace(name):
+        if out is not None or allowlist.is_inplace(str(name)):
             self._reply(ctx)
         else:
             self._reply(ctx, {"result": self._describe(result)})
@@ -373,7 +373,7 @@ class Worker:
         if out is not None:
             tensors = executor.result_tensors(result)
             executor.check_outputs(name, tensors, out)
-            for spec, t in zip(out, tensors):
+            for spec, t in zip(out, tensors, strict=True):
                 self.store.put(spec[0], t)
         return result
 
@@ -417,7 +417,7 @@ class Worker:
                                 "hops": hops + 1}
         if out is not None:
             next_out = [[new_id(), *spec[1:]] for spec in out]
-            for spec, nxt in zip(out, next_out):
+            for spec, nxt in zip(out, next_out, strict=True):
                 self.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
                                                       tuple(spec[1]), spec[2], bool(spec[3]), True))
             body["out"] = next_out
@@ -472,7 +472,7 @@ class Worker:
                 cascade[obj.address].append(obj.id_at_location)
 
     def _move(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id, dest = body.get("id"), body.get("dest_address")
+        obj_id, dest = _id(body), body.get("dest_address")
         if not isinstance(dest, str):
             raise ProtocolError("MOVE needs dest_address")
         obj = self.store.get(obj_id)
@@ -506,7 +506,7 @@ class Worker:
         self._request(dest, Op.PUT, {"id": obj_id, "obj": payload}, done)
 
     def _remote_get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id = body.get("id")
+        obj_id = _id(body)
         record = self.store.get(obj_id)
         if not isinstance(record, PointerRecord):
             self._reply(ctx)  # the data is here already
@@ -550,19 +550,28 @@ class Worker:
         if not dirty:
             self._reply(ctx)
             return
-        state = {"left": len(dirty), "errors": []}
+        left = [len(dirty)]
+        errors: list[BaseException] = []
 
         def done(msg: Message | None, exc: BaseException | None) -> None:
             if exc is not None:
-                state["errors"].append(exc)
-            state["left"] -= 1
-            if state["left"] == 0:
-                if state["errors"]:
-                    self._reply_error(ctx, state["errors"][0])
+                errors.append(exc)
+            left[0] -= 1
+            if left[0] == 0:
+                if errors:
+                    self._reply_error(ctx, errors[0])
                 else:
                     self._reply(ctx)
         for address in dirty:
             self._request(address, Op.FLUSH, {}, done)
+
+
+def _id(body: dict[str, Any], key: str = "id") -> int:
+    """A positive integer object id from a request body, or ``ProtocolError``."""
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ProtocolError(f"{key!r} must be a positive integer object id, not {value!r}")
+    return value
 
 
 def _valid_out(out: Any) -> bool:
