@@ -323,7 +323,7 @@ def test_garbage_is_answered_or_dropped_and_worker_survives(bob: WorkerClient, h
                 "id": 80, "obj": msgpack.ExtType(int(Ext.PICKLE), cloudpickle.dumps(
                     (os.mknod, (str(marker),))))}])], UntrustedPayload, True),
             (encode_message(Op.GET, 112, {"id": 999}), ObjectNotFound, False),
-            (encode_message(Op.GET, 113, {"id": "not an id"}), ObjectNotFound, False),
+            (encode_message(Op.GET, 113, {"id": "not an id"}), ProtocolError, False),
             (encode_message(Op.REPLY, 114, {}), ProtocolError, False),
             (encode_message(Op.DEL, 115, {"ids": 5}), ProtocolError, False),
             (encode_message(Op.PUT, 116, {"id": -1, "obj": 1}), ProtocolError, False),

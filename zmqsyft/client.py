@@ -21,205 +21,21 @@ import atexit
 import collections
 import logging
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from . import transport
-from .codec import decode_message, encode_message
 from .config import Config, get_config
-from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
-from .messages import Message, Op
-from .remote_exc import decode_exception
+from .connection import Connection
+from .errors import ZmqSyftError
+from .messages import Op
 
 if TYPE_CHECKING:
     from .launch import WorkerClient
 
-__all__ = ["Client", "Connection", "get_client"]
+__all__ = ["Client", "get_client"]
 
 log = logging.getLogger(__name__)
-_POLL_SLICE = 0.1  # seconds between liveness checks while waiting
-
-
-class _Pending:
-    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited")
-
-    def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
-                 awaited: bool) -> None:
-        self.awaited = awaited
-        self.keep = keep
-        self.results = results
-        self.what = what
-        self.reply: Message | None = None
-        self.error: BaseException | None = None
-        self.done = False
-
-
-class Connection:
-    """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
-
-    def __init__(self, client: Client, worker: WorkerClient) -> None:
-        self.client = client
-        self.worker = worker
-        self.sock: zmq.Socket | None = None
-        self.watch: transport.PeerWatch | None = None
-        self.inflight: dict[int, _Pending] = {}
-        self.deferred: list[BaseException] = []
-        self._next = 1
-        self._deadline_s = client.cfg.timeout
-
-    def _socket(self) -> zmq.Socket:
-        if self.sock is None:
-            self.worker._check_open()
-            self.sock = transport.make_dealer(self.client.ctx, self.worker.address, self.client.cfg)
-            self.watch = transport.PeerWatch(self.sock, 3 * self.client.cfg.heartbeat_ivl)
-        return self.sock
-
-    def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
-             results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
-             awaited: bool = True) -> int:
-        """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
-
-        With ``awaited=False`` nobody waits for the reply: an error in it is kept and raised at the
-        next synchronisation point (``deferred``).
-        """
-        if flush_deletes and self.client._deletes:
-            self.client.flush_deletes(wait=False)
-        if len(self.inflight) >= self.client.cfg.max_inflight:
-            self._wait_below(self.client.cfg.max_inflight // 2)
-        sock = self._socket()
-        req_id = self._next
-        self._next += 1
-        frames = encode_message(op, req_id, body)
-        self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
-        try:
-            transport.send(sock, frames)
-        except zmq.ZMQError as exc:
-            self.inflight.pop(req_id, None)
-            raise self._fail(WorkerUnavailable(
-                f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
-        self.worker._dirty = True
-        return req_id
-
-    def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
-                results: tuple[Any, ...] = (), what: str = "") -> Message:
-        """Send a request and return its reply, or raise its error."""
-        return self.wait(self.send(op, body, keep, results, what))
-
-    def wait(self, req_id: int, timeout: float | None = None) -> Message:
-        """Wait for the reply to ``req_id``, handling other replies as they come."""
-        pending = self.inflight.get(req_id)
-        if pending is None:
-            raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
-        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
-        deadline = time.monotonic() + self._deadline_s
-        while not pending.done:
-            self._pump(deadline, pending.what)
-        if pending.error is not None:
-            error = pending.error
-            try:
-                raise error
-            finally:  # no exception -> traceback -> frame -> exception cycle keeping pointers alive
-                error = pending = None  # type: ignore[assignment]
-        assert pending.reply is not None
-        return pending.reply
-
-    def drain(self, timeout: float | None = None) -> None:
-        """Wait until every request in flight on this connection has been answered."""
-        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
-        deadline = time.monotonic() + self._deadline_s
-        while self.inflight:
-            what = next(iter(self.inflight.values())).what
-            self._pump(deadline, what)
-
-    def raise_deferred(self) -> None:
-        """Raise the first error of a pipelined request not reported yet."""
-        if self.deferred:
-            errors, self.deferred = self.deferred, []
-            exc = errors[0]
-            if len(errors) > 1:
-                exc.add_note(f"({len(errors) - 1} more pipelined operation(s) on worker "
-                             f"'{self.worker.id}' failed too)")
-            raise exc
-
-    def poll_replies(self) -> None:
-        """Handle the replies that have already arrived, without waiting."""
-        sock = self.sock
-        while sock is not None and self.inflight:
-            try:
-                frames = transport.recv(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._on_reply(frames)
-
-    def _wait_below(self, limit: int) -> None:
-        self._deadline_s = self.client.cfg.timeout
-        deadline = time.monotonic() + self._deadline_s
-        while len(self.inflight) > limit:
-            self._pump(deadline, "pipelined requests")
-
-    def _pump(self, deadline: float, what: str) -> None:
-        sock = self._socket()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._fail(RequestTimeout(
-                f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
-                f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
-                "raise it with zmqsyft.configure(timeout=...)"))
-        if sock.poll(int(min(remaining, _POLL_SLICE) * 1000)):
-            self._on_reply(transport.recv(sock))
-            self.poll_replies()
-            return
-        dead = self.worker._exit_status()
-        if dead is None and self.watch is not None:
-            dead = self.watch.down()
-        if dead is not None:
-            raise self._fail(WorkerUnavailable(
-                f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
-
-    def _on_reply(self, frames: list[Any]) -> None:
-        try:
-            msg = decode_message(frames)
-        except ZmqSyftError as exc:
-            log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
-            return
-        pending = self.inflight.pop(msg.req_id, None)
-        if pending is None:
-            return  # a late reply to a request we gave up on
-        pending.done = True
-        pending.keep = ()
-        if msg.op is Op.ERROR:
-            pending.error = decode_exception(msg.body.get("error"))
-            for ptr in pending.results:
-                ptr._mark_failed(pending.error)
-            if not pending.awaited and not pending.results:
-                # an op with results reports through them (using one raises the error); one
-                # without (in-place) reports at the next synchronisation point
-                self.deferred.append(pending.error)
-        else:
-            pending.reply = msg
-        pending.results = ()
-
-    def _fail(self, exc: BaseException) -> BaseException:
-        """After a transport failure: drop in-flight state, close the socket, discard late replies."""
-        for pending in self.inflight.values():
-            pending.done = True
-            pending.error = exc
-            for ptr in pending.results:
-                ptr._mark_failed(exc)
-        self.inflight.clear()
-        if self.sock is not None:
-            if self.watch is not None:
-                self.watch.close(self.sock)
-                self.watch = None
-            self.sock.close(linger=0)
-            self.sock = None
-        return exc
-
-    def close(self) -> None:
-        self._fail(WorkerUnavailable(f"connection to worker '{self.worker.id}' was closed"))
 
 
 class Client:

@@ -61,13 +61,17 @@ def make_router(ctx: zmq.Context, bind: str, cfg: Config) -> tuple[zmq.Socket, s
     return sock, endpoint
 
 
-def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> zmq.Socket:
-    """A DEALER connected to a peer's ROUTER, with a fresh random routing id."""
+def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> tuple[zmq.Socket, PeerWatch]:
+    """A DEALER connected to a peer's ROUTER (fresh random routing id), and its liveness watch.
+
+    The watch is attached before connecting, so that no connection event can be missed.
+    """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, cfg)
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+    watch = PeerWatch(sock, 3 * cfg.heartbeat_ivl)
     sock.connect(address)
-    return sock
+    return sock, watch
 
 
 class PeerWatch:

@@ -20,16 +20,16 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import zmq
 
-from . import allowlist, executor, transport
-from .codec import decode_message, dtype_name, encode_message
+from . import transport
+from .codec import decode_message, encode_message
 from .config import Config
-from .errors import LocationMismatch, ProtocolError, RequestTimeout, WorkerUnavailable
-from .messages import NO_REPLY, PROTOCOL_VERSION, Message, Op, PointerDesc, Summary
+from .errors import ProtocolError, RequestTimeout, WorkerUnavailable
+from .handlers import Handlers
+from .messages import NO_REPLY, Message, Op
 from .remote_exc import decode_exception, encode_exception
-from .store import ErrorMarker, PointerRecord, Store, new_id
+from .store import Store
 
 __all__ = ["Worker"]
 
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[Message | None, BaseException | None], None]
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
-_RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
-MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
 
 
 class _Ctx:
@@ -51,7 +49,7 @@ class _Ctx:
         self.req_id = req_id
 
 
-class Worker:
+class Worker(Handlers):
     """A worker: binds ``bind``, serves requests until ``SHUTDOWN`` or its parent dies.
 
     Parameters
@@ -86,12 +84,7 @@ class Worker:
         self._running = False
         self._counters: dict[str, int] = defaultdict(int)
         self._per_peer: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._handlers: dict[Op, Callable[[_Ctx, dict[str, Any]], None]] = {
-            Op.HELLO: self._hello, Op.PUT: self._put, Op.GET: self._get, Op.CALL: self._call,
-            Op.DEL: self._del, Op.MOVE: self._move, Op.REMOTE_GET: self._remote_get,
-            Op.OBJECTS: self._objects, Op.FLUSH: self._flush, Op.PING: self._ping,
-            Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown,
-        }
+        self._handlers = self._handler_table()
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:
@@ -253,11 +246,10 @@ class Worker:
     def _peer(self, address: str) -> zmq.Socket:
         sock = self._peers.get(address)
         if sock is None:
-            sock = transport.make_dealer(self.ctx, address, self.cfg)
+            sock, self._watches[address] = transport.make_dealer(self.ctx, address, self.cfg)
             self._peers[address] = sock
             self._peer_of_socket[sock] = address
             self.poller.register(sock, zmq.POLLIN)
-            self._watches[address] = transport.PeerWatch(sock, 3 * self.cfg.heartbeat_ivl)
         return sock
 
     def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
@@ -274,312 +266,6 @@ class Worker:
             self._dirty.add(address)
         self._pending[req_id] = (callback, address, op)
         heapq.heappush(self._deadlines, (time.monotonic() + self.cfg.timeout, req_id))
-
-    # ------------------------------------------------------------- handlers
-    def _hello(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
-                          "address": self.address})
-
-    def _ping(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {"id": self.id})
-
-    def _shutdown(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {})
-        self._running = False
-
-    def _stats(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {"id": self.id, "objects": len(self.store),
-                          "counters": dict(self._counters),
-                          "peers": {k: dict(v) for k, v in self._per_peer.items()}})
-
-    def _put(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj = body.get("obj")
-        if isinstance(obj, PointerDesc):
-            obj = PointerRecord.from_desc(obj)
-        self.store.put(_id(body), obj)
-        self._reply(ctx)
-
-    def _get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id = _id(body)
-        obj = self.store.pop(obj_id)
-        if isinstance(obj, ErrorMarker):
-            raise decode_exception(obj.error)
-        if isinstance(obj, PointerRecord):
-            desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
-            self._settled(ctx, obj.address, lambda: self._reply(ctx, {"obj": desc}))
-            return
-        self._reply(ctx, {"obj": obj})
-
-    def _settled(self, ctx: _Ctx, address: str, then: Callable[[], None]) -> None:
-        """Run ``then`` once everything relayed to ``address`` has been handled there.
-
-        Needed before a pointer to ``address`` leaves this worker: its new holder talks to
-        ``address`` directly and must not overtake what this worker relayed there before.
-        """
-        if address not in self._dirty:
-            then()
-            return
-        self._dirty.discard(address)
-
-        def done(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                self._reply_error(ctx, exc)
-            else:
-                then()
-        self._request(address, Op.FLUSH, {}, done)
-
-    def _resolve(self, obj_id: Any) -> Any:
-        """The object behind an id, following pointers that point back at this worker."""
-        obj = self.store.get(obj_id)
-        for _ in range(64):
-            if not (isinstance(obj, PointerRecord) and obj.address in self.addresses):
-                break
-            obj = self.store.get(obj.id_at_location)
-        if isinstance(obj, ErrorMarker):
-            raise decode_exception(obj.error)
-        return obj
-
-    def _call(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        name, out = body.get("fn"), body.get("out")
-        try:
-            result = self._run_call(ctx, name, body, out)
-        except Exception as exc:
-            # the caller may already hold pointers to the results: make their use raise this
-            self._poison(out, exc, str(name))
-            raise
-        if result is _RELAYED:
-            return
-        if out is not None or allowlist.is_inplace(str(name)):
-            self._reply(ctx)
-        else:
-            self._reply(ctx, {"result": self._describe(result)})
-
-    def _run_call(self, ctx: _Ctx, name: Any, body: dict[str, Any], out: Any) -> Any:
-        allowlist.lookup(name)  # refuse before touching anything
-        args, kwargs = body.get("args", []), body.get("kwargs", {})
-        grad = body.get("grad", True)
-        if out is not None and not _valid_out(out):
-            raise ProtocolError("CALL 'out' must be a list of [id, shape, dtype, requires_grad]")
-        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
-        remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
-        if remote:
-            hops = body.get("hops", 0)
-            if not isinstance(hops, int) or isinstance(hops, bool):
-                raise ProtocolError("CALL 'hops' must be an integer")
-            self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote, hops)
-            return _RELAYED
-        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-        result = executor.run(name, args, kwargs, grad)
-        if out is not None:
-            tensors = executor.result_tensors(result)
-            executor.check_outputs(name, tensors, out)
-            for spec, t in zip(out, tensors, strict=True):
-                self.store.put(spec[0], t)
-        return result
-
-    def _poison(self, out: list[Any] | None, exc: BaseException, name: str) -> None:
-        if not isinstance(out, list):
-            return
-        for spec in out:
-            try:
-                self.store.put(spec[0], ErrorMarker(encode_exception(exc, self.id), name))
-            except Exception:  # noqa: BLE001 - a bad id: nothing to poison
-                pass
-
-    def _describe(self, result: Any) -> Any:
-        """Store a result's tensors here; return the result with pointer descriptors in their place."""
-        def one(leaf: Any) -> Any:
-            if isinstance(leaf, torch.Tensor):
-                obj_id = new_id()
-                self.store.put(obj_id, leaf)
-                return PointerDesc(self.id, self.address, obj_id, obj_id, tuple(leaf.shape),
-                                   dtype_name(leaf.dtype), leaf.requires_grad, True)
-            return leaf
-        return executor.pytree.tree_map(one, result)
-
-    def _relay_call(self, ctx: _Ctx, name: str, args: Any, kwargs: Any, out: Any, grad: bool,
-                    resolved: dict[int, Any], remote: list[PointerRecord], hops: int) -> None:
-        addresses = {r.address for r in remote}
-        if len(addresses) > 1 or len(remote) < len(resolved):
-            places = sorted({f"'{r.location}'" for r in remote} | (
-                {f"'{self.id}'"} if len(remote) < len(resolved) else set()))
-            raise LocationMismatch(
-                f"{name}: the arguments live on different workers ({', '.join(places)}); "
-                "move them to one worker first")
-        target = remote[0]
-        if hops >= MAX_HOPS:
-            raise ProtocolError(
-                f"{name}: the pointer chain is longer than {MAX_HOPS} hops; it probably loops "
-                "back on itself")
-        args, kwargs = executor.substitute(
-            (args, kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
-        body: dict[str, Any] = {"fn": name, "args": args, "kwargs": kwargs, "grad": grad,
-                                "hops": hops + 1}
-        if out is not None:
-            next_out = [[new_id(), *spec[1:]] for spec in out]
-            for spec, nxt in zip(out, next_out, strict=True):
-                self.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
-                                                      tuple(spec[1]), spec[2], bool(spec[3]), True))
-            body["out"] = next_out
-            self._request(target.address, Op.CALL, body, self._log_failure(name))
-            self._reply(ctx)
-            return
-        body["out"] = None
-
-        def done(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                self._reply_error(ctx, exc)
-            elif allowlist.is_inplace(name):
-                self._reply(ctx)
-            else:
-                self._reply(ctx, {"result": self._adopt(msg.body.get("result") if msg else None)})
-        self._request(target.address, Op.CALL, body, done)
-
-    def _adopt(self, result: Any) -> Any:
-        """Take ownership of a relayed result: store its pointers here, describe them as ours."""
-        def one(leaf: Any) -> Any:
-            if isinstance(leaf, PointerDesc):
-                key = new_id()
-                self.store.put(key, PointerRecord.from_desc(leaf))
-                return PointerDesc(self.id, self.address, key, key, leaf.shape, leaf.dtype,
-                                   leaf.requires_grad, True)
-            return leaf
-        return executor.pytree.tree_map(one, result)
-
-    def _log_failure(self, what: str) -> Callback:
-        def callback(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                log.info("worker %s: relayed %s failed downstream: %r", self.id, what, exc)
-        return callback
-
-    def _del(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        ids = body.get("ids")
-        if not isinstance(ids, list):
-            raise ProtocolError("DEL needs a list of ids")
-        cascade: dict[str, list[int]] = defaultdict(list)
-        for obj_id in ids:
-            self._free(obj_id, cascade, 0)
-        for address, targets in cascade.items():
-            self._request(address, Op.DEL, {"ids": targets}, self._log_failure("delete"))
-        self._reply(ctx)
-
-    def _free(self, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:
-        obj = self.store.discard(obj_id)
-        if isinstance(obj, PointerRecord) and obj.owned and depth < 64:
-            if obj.address in self.addresses:
-                self._free(obj.id_at_location, cascade, depth + 1)
-            else:
-                cascade[obj.address].append(obj.id_at_location)
-
-    def _move(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id, dest = _id(body), body.get("dest_address")
-        if not isinstance(dest, str):
-            raise ProtocolError("MOVE needs dest_address")
-        obj = self.store.get(obj_id)
-        if dest in self.addresses:
-            self._reply(ctx, {})
-            return
-        if isinstance(obj, ErrorMarker):
-            raise decode_exception(obj.error)
-        if isinstance(obj, PointerRecord):
-            if obj.address == dest:  # the chain collapses: dest already holds the data
-                self.store.pop(obj_id)
-                desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
-                self._settled(ctx, obj.address, lambda: self._reply(ctx, {"collapsed": desc}))
-                return
-            payload: Any = obj.desc(ptr_id=obj_id, owned=obj.owned)
-            self._settled(ctx, obj.address, lambda: self._push(ctx, obj_id, obj, dest, payload))
-            return
-        self._push(ctx, obj_id, obj, dest, obj)
-
-    def _push(self, ctx: _Ctx, obj_id: int, obj: Any, dest: str, payload: Any) -> None:
-        """Store ``payload`` on ``dest`` under ``obj_id``; free it here once ``dest`` confirmed."""
-
-        def done(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                self._reply_error(ctx, exc)
-                return
-            current = self.store.discard(obj_id)
-            if current is not None and current is not obj:  # the id was reused meanwhile: keep it
-                self.store.replace(obj_id, current)
-            self._reply(ctx, {})
-        self._request(dest, Op.PUT, {"id": obj_id, "obj": payload}, done)
-
-    def _remote_get(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        obj_id = _id(body)
-        record = self.store.get(obj_id)
-        if not isinstance(record, PointerRecord):
-            self._reply(ctx)  # the data is here already
-            return
-        if record.address in self.addresses:
-            self.store.replace(obj_id, self.store.pop(record.id_at_location))
-            self._reply(ctx)
-            return
-
-        def done(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                self._reply_error(ctx, exc)
-                return
-            obj = msg.body.get("obj") if msg else None
-            if isinstance(obj, PointerDesc):
-                obj = PointerRecord.from_desc(obj)
-            self.store.replace(obj_id, obj)
-            self._reply(ctx)
-        self._request(record.address, Op.GET, {"id": record.id_at_location}, done)
-
-    def _objects(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        snapshot: dict[int, Any] = {}
-        limit = self.cfg.snapshot_max_elements
-        for key, obj in self.store.items():
-            if isinstance(obj, torch.Tensor):
-                snapshot[key] = obj.detach() if obj.numel() <= limit else Summary(
-                    f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, dtype={obj.dtype})")
-            elif isinstance(obj, PointerRecord):
-                snapshot[key] = obj.desc(ptr_id=key, owned=False)
-            elif isinstance(obj, ErrorMarker):
-                snapshot[key] = Summary(f"<failed {obj.op}: {obj.error.get('type')}: "
-                                        f"{obj.error.get('message')}>")
-            elif obj is None or isinstance(obj, (bool, int, float, str)):
-                snapshot[key] = obj
-            else:
-                snapshot[key] = Summary(f"<{type(obj).__module__}.{type(obj).__qualname__}>")
-        self._reply(ctx, {"objects": snapshot})
-
-    def _flush(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        dirty, self._dirty = self._dirty, set()
-        if not dirty:
-            self._reply(ctx)
-            return
-        left = [len(dirty)]
-        errors: list[BaseException] = []
-
-        def done(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                errors.append(exc)
-            left[0] -= 1
-            if left[0] == 0:
-                if errors:
-                    self._reply_error(ctx, errors[0])
-                else:
-                    self._reply(ctx)
-        for address in dirty:
-            self._request(address, Op.FLUSH, {}, done)
-
-
-def _id(body: dict[str, Any], key: str = "id") -> int:
-    """A positive integer object id from a request body, or ``ProtocolError``."""
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ProtocolError(f"{key!r} must be a positive integer object id, not {value!r}")
-    return value
-
-
-def _valid_out(out: Any) -> bool:
-    """Whether a CALL's ``out`` is a list of ``[id, shape, dtype name, requires_grad]``."""
-    return isinstance(out, list) and all(
-        isinstance(spec, list) and len(spec) == 4 and isinstance(spec[0], int)
-        and isinstance(spec[1], list) and all(isinstance(d, int) for d in spec[1])
-        and isinstance(spec[2], str) for spec in out)
 
 
 def _salvage_req_id(header: Any) -> int:
