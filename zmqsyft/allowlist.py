@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.overrides
 
-__all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "name_of", "lookup", "is_inplace"]
+__all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "name_of", "lookup", "is_inplace",
+           "returns_none"]
 
 _BIN = ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
         "lshift", "rshift", "div")
@@ -56,7 +57,7 @@ LOCAL_META: frozenset[str] = frozenset(
         "is_quantized.__get__", "is_nested.__get__", "is_mkldnn.__get__", "is_meta.__get__",
         "retains_grad.__get__", "get_device",
     )
-)
+) | {"torch.is_complex", "torch.is_floating_point", "torch.numel"}
 
 
 def _private(name: str) -> bool:
@@ -81,6 +82,12 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
 
 
 ALLOWED, _NAMES = _build()
+
+# attribute setters torch routes through __torch_function__ (optimisers set p.grad = None)
+for _attr in ("grad", "requires_grad", "data"):
+    _setter = getattr(torch.Tensor, _attr).__set__
+    ALLOWED[f"torch.Tensor.{_attr}.__set__"] = _setter
+    _NAMES[_setter] = f"torch.Tensor.{_attr}.__set__"
 
 
 def name_of(func: Callable[..., Any]) -> str | None:
@@ -113,11 +120,16 @@ def lookup(name: Any) -> Callable[..., Any]:
     return func
 
 
+def returns_none(name: str) -> bool:
+    """Whether an in-place op returns ``None`` rather than the tensor it modified."""
+    return name.endswith(("__setitem__", "__set__"))
+
+
 def is_inplace(name: str) -> bool:
     """Whether an op mutates its first argument and returns it (``add_``, ``__iadd__``, ...)."""
     short = name.rsplit(".", 1)[-1]
     if short.startswith("__i") and short.endswith("__") and short[3:-2] in _BIN:
         return True
-    if short == "__setitem__":
+    if short in ("__setitem__", "__set__"):
         return True
     return short.endswith("_") and not short.startswith("_") and name.startswith("torch.Tensor.")

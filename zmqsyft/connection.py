@@ -54,6 +54,7 @@ class Connection:
         self.watch: transport.PeerWatch | None = None
         self.inflight: dict[int, _Pending] = {}
         self.deferred: list[BaseException] = []
+        self._answered: dict[int, _Pending] = {}  # awaited requests answered before their wait()
         self._next = 1
         self._deadline_s = client.cfg.timeout
 
@@ -97,13 +98,14 @@ class Connection:
 
     def wait(self, req_id: int, timeout: float | None = None) -> Message:
         """Wait for the reply to ``req_id``, handling other replies as they come."""
-        pending = self.inflight.get(req_id)
+        pending = self.inflight.get(req_id) or self._answered.pop(req_id, None)
         if pending is None:
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
         self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + self._deadline_s
         while not pending.done:
             self._pump(deadline, pending.what)
+        self._answered.pop(req_id, None)
         if pending.error is not None:
             error = pending.error
             try:
@@ -177,6 +179,8 @@ class Connection:
             return  # a late reply to a request we gave up on
         pending.done = True
         pending.keep = ()
+        if pending.awaited:  # someone will wait() for it: keep the answer until then
+            self._answered[msg.req_id] = pending
         if msg.op is Op.ERROR:
             pending.error = decode_exception(msg.body.get("error"))
             for ptr in pending.results:
@@ -191,9 +195,11 @@ class Connection:
 
     def _fail(self, exc: BaseException) -> BaseException:
         """After a transport failure: drop in-flight state, close the socket, discard late replies."""
-        for pending in self.inflight.values():
+        for req_id, pending in self.inflight.items():
             pending.done = True
             pending.error = exc
+            if pending.awaited:
+                self._answered[req_id] = pending
             for ptr in pending.results:
                 ptr._mark_failed(exc)
         self.inflight.clear()

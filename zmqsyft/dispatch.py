@@ -75,20 +75,22 @@ def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         raise OpNotAllowed(
             f"{shown} cannot run on a zmqsyft pointer: it is not in the allow-list of remotely "
             "executable operations. Fetch the data with .get() if you own it")
-    if name in allowlist.LOCAL_META:  # the wrapper itself carries the remote metadata
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+    if name in allowlist.LOCAL_META:  # answered from the metadata the pointer keeps
+        return _infer(func, args, kwargs)
     pointers = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, PointerTensor)]
     location = _common_location(name, pointers)
     for p in pointers:
         p._check_usable(name)
     try:
-        meta_out = _infer(func, args, kwargs)
+        meta_args, meta_out = _infer_with_args(func, args, kwargs)
     except Exception:  # noqa: BLE001 - the worker will tell the real story
         return _call_sync(name, location, args, kwargs, pointers)
     if allowlist.is_inplace(name):
         _call_async(name, location, args, kwargs, pointers, out=None, results=())
-        return None if name.endswith("__setitem__") else args[0]
+        target = args[0]
+        if isinstance(target, PointerTensor) and isinstance(meta_args[0], torch.Tensor):
+            target._rg = meta_args[0].requires_grad  # requires_grad_(), requires_grad = ...
+        return None if allowlist.returns_none(name) else target
     leaves = pytree.tree_leaves(meta_out)
     if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
         return _call_sync(name, location, args, kwargs, pointers)
@@ -125,9 +127,14 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _infer(func: Any, args: Any, kwargs: Any) -> Any:
+def _infer_with_args(func: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """Run ``func`` on storage-less stand-ins; return the stand-in arguments and the result."""
     margs, mkwargs = pytree.tree_map(_to_meta, (args, kwargs))
-    return func(*margs, **mkwargs)
+    return margs, func(*margs, **mkwargs)
+
+
+def _infer(func: Any, args: Any, kwargs: Any) -> Any:
+    return _infer_with_args(func, args, kwargs)[1]
 
 
 def _wire_args(args: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -161,7 +168,7 @@ def _call_sync(name: str, location: Any, args: Any, kwargs: Any, pointers: list[
             "grad": torch.is_grad_enabled()}
     reply = get_client().conn(location).request(Op.CALL, body, keep=tuple(pointers), what=name)
     if allowlist.is_inplace(name):
-        return None if name.endswith("__setitem__") else args[0]
+        return None if allowlist.returns_none(name) else args[0]
 
     def adopt(x: Any) -> Any:
         return pointer_from_desc(x) if isinstance(x, PointerDesc) else x

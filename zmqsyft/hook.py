@@ -1,7 +1,8 @@
 """``TorchHook``: the only module that patches torch.
 
 It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy`` and
-``remote_get``. On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
+``remote_get``, and every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
+(:mod:`zmqsyft.modules`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
 tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
 ``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
 with their remote meaning (:class:`~zmqsyft.pointer.PointerTensor`).
@@ -17,6 +18,7 @@ import torch
 
 from .client import get_client
 from .messages import Op
+from .modules import module_copy, module_get, module_move, module_send
 from .pointer import PointerTensor, _check_worker
 from .store import new_id
 
@@ -64,6 +66,10 @@ class TorchHook:
                 torch.Tensor.get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.remote_get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.copy = _copy_local  # type: ignore[attr-defined]
+                torch.nn.Module.send = module_send  # type: ignore[attr-defined]
+                torch.nn.Module.get = module_get  # type: ignore[attr-defined]
+                torch.nn.Module.move = module_move  # type: ignore[attr-defined]
+                torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
                 _installed = True
 
     def __repr__(self) -> str:

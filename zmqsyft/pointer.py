@@ -54,6 +54,12 @@ class PointerTensor(torch.Tensor):
     def __init__(self, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
                  requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
                  owner: str = "me", owned: bool = True) -> None:
+        # the remote metadata, kept here (not read from the tensor) so that a tensor turned into a
+        # pointer in place (a module's parameters) can give its local storage back
+        self._shape = torch.Size(shape)
+        self._dtype = dtype
+        self._rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
+        self._restore: type | None = None
         self.location = location
         self.id_at_location = id_at_location
         self.id = id if id is not None else new_id()
@@ -91,12 +97,41 @@ class PointerTensor(torch.Tensor):
         return self._owned
 
     def _meta(self) -> torch.Tensor:
-        t = torch.empty(self.shape, dtype=self.dtype, device="meta")
-        return t.requires_grad_(True) if self.requires_grad else t
+        """A storage-less stand-in with the remote metadata, for inferring results locally."""
+        t = torch.empty(self._shape, dtype=self._dtype, device=_META)
+        return t.requires_grad_(True) if self._rg else t
 
     def _desc(self, owned: bool) -> PointerDesc:
         return PointerDesc(self.location.id, self.location.address, self.id_at_location, self.id,
-                           tuple(self.shape), dtype_name(self.dtype), self.requires_grad, owned)
+                           tuple(self._shape), dtype_name(self._dtype), self._rg, owned)
+
+    @classmethod
+    def _become(cls, tensor: torch.Tensor, location: WorkerClient, id_at_location: int) -> None:
+        """Turn a local tensor (a module's parameter or buffer) into an owning pointer in place.
+
+        The object keeps its identity, so whatever holds it (the module, an optimizer) now holds
+        the pointer; its local storage is released. :meth:`_unbecome` turns it back.
+        """
+        original = type(tensor)
+        shape, dtype, rg = tensor.shape, tensor.dtype, tensor.requires_grad
+        with torch.no_grad():
+            tensor.data = torch.empty(0, dtype=dtype)
+        tensor.__class__ = cls
+        cls.__init__(tensor, location, id_at_location, shape, dtype, rg)  # type: ignore[arg-type]
+        tensor._restore = original  # type: ignore[attr-defined]
+
+    def _unbecome(self, data: torch.Tensor) -> torch.Tensor:
+        """Turn a pointer made by :meth:`_become` back into a local tensor holding ``data``."""
+        if self._restore is None:
+            raise PointerError(f"{self!r} was not made from a local tensor")
+        self._release("its module was fetched with .get()")
+        self.__class__ = self._restore
+        with torch.no_grad():
+            self.data = data
+        for attr in ("location", "id_at_location", "id", "owner", "_owned", "_released", "_error",
+                     "_creator", "_fin", "_shape", "_dtype", "_rg", "_restore"):
+            self.__dict__.pop(attr, None)
+        return self
 
     def _mark_failed(self, exc: BaseException) -> None:
         self._error = exc
@@ -174,7 +209,7 @@ class PointerTensor(torch.Tensor):
             what=f".send() of a pointer to '{worker.id}'")
         owned = self._owned
         self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
-        return PointerTensor(worker, self.id, self.shape, self.dtype, self.requires_grad, owned=owned)
+        return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg, owned=owned)
 
     def move(self, worker: WorkerClient) -> PointerTensor:
         """Move the object to ``worker``: its current worker pushes it there directly.

@@ -1,0 +1,129 @@
+"""Remote models: ``nn.Module.send/get/move/copy``, PySyft 0.2 style.
+
+``model.send(bob)`` sends every parameter and buffer to bob and turns each of them, in place,
+into an owning pointer (:meth:`PointerTensor._become`): the module keeps its structure and its
+Python code here, and the very same parameter objects now stand for bob's tensors. So
+``model(data_ptr)`` runs the forward op by op on bob (no module is pickled), ``loss.backward()``
+runs there, and an optimizer, even one made before ``send``, steps the remote parameters.
+``model.get()`` brings the tensors back into the same objects.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .client import get_client
+from .errors import PointerError
+from .messages import Op, PointerDesc
+from .pointer import PointerTensor, _check_worker
+from .store import new_id
+
+__all__ = ["module_send", "module_get", "module_move", "module_copy", "module_tensors"]
+
+
+def module_tensors(module: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor, bool]]:
+    """Every parameter and buffer of a module, shared ones once.
+
+    Returns ``(owning dict, name, tensor, is_parameter)`` tuples.
+    """
+    seen: set[int] = set()
+    found = []
+    for sub in module.modules():
+        for table, is_param in ((sub._parameters, True), (sub._buffers, False)):
+            for name, t in table.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    found.append((table, name, t, is_param))
+    return found
+
+
+def _where(module: nn.Module) -> Any:
+    return {t.location for _, _, t, _ in module_tensors(module) if isinstance(t, PointerTensor)}
+
+
+def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:
+    """Send a module's parameters and buffers to ``worker``; the module now points there.
+
+    Returns the module itself (as PySyft does), so ``model.copy().send(bob)`` reads naturally.
+    """
+    _check_worker(worker, more, "send")
+    entries = module_tensors(module)
+    remote = _where(module)
+    if remote:
+        names = ", ".join(sorted(f"'{w.id}'" for w in remote))
+        raise PointerError(f"this module is already on {names}; use .move(worker), or .get() it first")
+    conn = get_client().conn(worker)
+    sent = []
+    for _, name, t, _ in entries:
+        obj_id = new_id()
+        req = conn.send(Op.PUT, {"id": obj_id, "obj": t.detach().requires_grad_(t.requires_grad)},
+                        keep=(t,), what=f".send() of parameter {name!r} to '{worker.id}'")
+        sent.append((t, obj_id, req))
+    for _, _, req in sent:  # every tensor is there before any local copy is let go
+        conn.wait(req)
+    for t, obj_id, _ in sent:
+        t.grad = None
+        PointerTensor._become(t, worker, obj_id)
+    return module
+
+
+def module_get(module: nn.Module) -> nn.Module:
+    """Fetch a module's parameters and buffers back (destructively); returns the module."""
+    client = get_client()
+    pending = []
+    for table, name, t, is_param in module_tensors(module):
+        if isinstance(t, PointerTensor):
+            t._check_usable(".get()")
+            conn = client.conn(t.location)
+            pending.append((table, name, t, is_param, conn, conn.send(
+                Op.GET, {"id": t.id_at_location}, keep=(t,), what=f".get() of {name!r}")))
+    for table, name, t, is_param, conn, req in pending:
+        data = conn.wait(req).body.get("obj")
+        if not isinstance(data, torch.Tensor):
+            raise PointerError(f"parameter {name!r} is a pointer to a pointer; .get() it by hand")
+        if t._restore is not None:
+            t._unbecome(data)
+        else:  # a pointer that was not made from a local tensor (from a remote copy)
+            t._release("its module was fetched with .get()")
+            table[name] = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
+    return module
+
+
+def module_move(module: nn.Module, worker: Any) -> nn.Module:
+    """Move a remote module's tensors to ``worker``, each directly from where it is."""
+    _check_worker(worker, (), "move")
+    client = get_client()
+    moving = []
+    for _, name, t, _ in module_tensors(module):
+        if not isinstance(t, PointerTensor):
+            raise PointerError(f"parameter {name!r} is local: .send(worker) the module first")
+        if t.location is worker:
+            continue
+        t._check_usable(".move()")
+        conn = client.conn(t.location)
+        moving.append((t, conn, conn.send(
+            Op.MOVE, {"id": t.id_at_location, "dest": worker.id, "dest_address": worker.address},
+            keep=(t,), what=f".move() of parameter {name!r} to '{worker.id}'")))
+    for t, conn, req in moving:
+        collapsed = conn.wait(req).body.get("collapsed")
+        if isinstance(collapsed, PointerDesc):
+            t._retarget(client.worker_at(collapsed.address, collapsed.location),
+                        collapsed.id_at_location)
+        else:
+            t._retarget(worker, t.id_at_location)
+    return module
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A deep copy. A local module is copied here; a remote one is copied on its worker(s)."""
+    memo: dict[int, Any] = {}
+    for _, _, t, _ in module_tensors(module):
+        if isinstance(t, PointerTensor):
+            with torch.no_grad():
+                clone = t.clone()
+            memo[id(t)] = clone.requires_grad_(True) if t.requires_grad else clone
+    return _copy.deepcopy(module, memo)
