@@ -51,13 +51,15 @@ def test_move_sends_data_directly_and_frees_source(bob: sy.WorkerClient, alice: 
     obj_id = p.id_at_location
 
     def bytes_to_clients(worker: sy.WorkerClient) -> int:
-        return sum(v.get("bytes_out", 0) for v in worker.stats()["peers"].values())
+        me = sy.launch.get_client().name
+        return worker.stats()["peers"][me]["bytes_out"]
 
     before = bytes_to_clients(bob)
     assert p.move(alice) is p
     assert p.location is alice and p.id_at_location == obj_id
     # the 4 MB went bob -> alice directly, not through this process
     assert bytes_to_clients(bob) - before < 100_000
+    assert bob.stats()["peers"]["alice"]["bytes_out"] >= 4_000_000
     assert bob._objects == {}
     assert list(alice._objects) == [obj_id]
     assert torch.equal(p.get(), x)

@@ -188,3 +188,37 @@ def test_dropping_a_remote_module_frees_its_parameters(bob: sy.WorkerClient) -> 
     assert len(bob._objects) == 4
     del model
     assert bob._objects == {}
+
+
+def test_aggregator_flow_never_sends_private_data_or_models_to_the_client(spawn) -> None:  # type: ignore[no-untyped-def]
+    """Proof by the workers' own per-peer counters: nothing model- or data-sized ever went from
+    bob or alice to this process; their models reached the aggregator directly."""
+    bob, alice, secure_worker = spawn("bob"), spawn("alice"), spawn("secure_worker")
+    torch.manual_seed(1)
+    model = nn.Linear(64, 32)  # an 8 KiB weight
+    weight_bytes = model.weight.numel() * 4
+    data = {w: (torch.randn(200, 64).send(w), torch.randn(200, 32).send(w)) for w in (bob, alice)}
+    me = sy.launch.get_client().name
+    before = {w: w.stats()["peers"].get(me, {}).get("bytes_out", 0) for w in (bob, alice)}
+    models = {}
+    for w in (bob, alice):
+        m = model.copy().send(w)
+        opt = optim.SGD(m.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = ((m(data[w][0]) - data[w][1]) ** 2).mean()
+            loss.backward()
+            opt.step()
+            loss.get()  # the loss value is meant to come back
+        models[w] = m.move(secure_worker)
+    with torch.no_grad():
+        avg = ((models[bob].weight.data + models[alice].weight.data) / 2).get()
+        model.weight.set_(avg)
+    for w in (bob, alice):
+        to_me = w.stats()["peers"][me]
+        assert to_me["largest_out"] < 1024, (w.id, to_me)  # acks, descriptors and losses only
+        assert to_me["bytes_out"] - before[w] < weight_bytes  # not even all of it together
+        to_aggregator = w.stats()["peers"][secure_worker.id]
+        assert to_aggregator["bytes_out"] >= weight_bytes  # the model went there, directly
+    from_aggregator = secure_worker.stats()["peers"][me]
+    assert from_aggregator["largest_out"] >= weight_bytes  # the average, once

@@ -20,6 +20,8 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
+import socket
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,7 @@ class Client:
 
     def __init__(self, config: Config | None = None) -> None:
         self._cfg = config
+        self.name = f"client:{socket.gethostname()}:{os.getpid()}"
         self.ctx = transport.context()
         self._local = threading.local()
         self._lock = threading.RLock()

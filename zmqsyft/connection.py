@@ -63,6 +63,11 @@ class Connection:
             self.worker._check_open()
             self.sock, self.watch = transport.make_dealer(self.client.ctx, self.worker.address,
                                                           self.client.cfg)
+            # the first message names us, for the worker's per-peer counters (stats())
+            req_id = self._next
+            self._next += 1
+            self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
+            transport.send(self.sock, encode_message(Op.HELLO, req_id, {"peer": self.client.name}))
         return self.sock
 
     def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),

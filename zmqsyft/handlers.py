@@ -47,6 +47,7 @@ class Handlers:
     _running: bool
     _counters: dict[str, int]
     _per_peer: dict[str, dict[str, int]]
+    _labels: dict[str, str]
 
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
         raise NotImplementedError
@@ -66,6 +67,9 @@ class Handlers:
         }
 
     def _hello(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        peer = body.get("peer")
+        if isinstance(peer, str) and peer:
+            self._labels[ctx.ident.hex()] = peer[:64]
         self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
                           "address": self.address})
 
@@ -77,9 +81,16 @@ class Handlers:
         self._running = False
 
     def _stats(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        peers: dict[str, dict[str, int]] = {}
+        for key, counts in self._per_peer.items():  # merged by the name each peer gave
+            merged = peers.setdefault(self._labels.get(key, key), {})
+            for name, value in counts.items():
+                if name.startswith("largest_"):
+                    merged[name] = max(merged.get(name, 0), value)
+                else:
+                    merged[name] = merged.get(name, 0) + value
         self._reply(ctx, {"id": self.id, "objects": len(self.store),
-                          "counters": dict(self._counters),
-                          "peers": {k: dict(v) for k, v in self._per_peer.items()}})
+                          "counters": dict(self._counters), "peers": peers})
 
     def _put(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         obj = body.get("obj")

@@ -163,7 +163,14 @@ class WorkerClient:
         return time.perf_counter() - start
 
     def stats(self) -> dict[str, Any]:
-        """The worker's counters: objects held, messages and bytes per peer, dropped messages."""
+        """The worker's counters.
+
+        Returns a dict with ``objects`` (how many it holds), ``counters`` (dropped and late
+        messages) and ``peers``: for each peer, by the name it gave (``"alice"``, or
+        ``"client:<host>:<pid>"`` for a program like this one), ``messages_in/out``,
+        ``bytes_in/out`` and ``largest_in/out`` (the largest single message), counted from the
+        worker's side over both the requests it served and the ones it sent.
+        """
         return dict(self._request(Op.STATS).body)
 
     def sync(self) -> None:

@@ -84,6 +84,8 @@ class Worker(Handlers):
         self._running = False
         self._counters: dict[str, int] = defaultdict(int)
         self._per_peer: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # routing id (hex) or peer address -> the peer's name (from HELLO), for stats()
+        self._labels: dict[str, str] = {}
         self._handlers = self._handler_table()
 
     # ------------------------------------------------------------------ loop
@@ -170,9 +172,7 @@ class Worker(Handlers):
             self._counters["dropped_malformed"] += 1
             return
         ident = frames[0].bytes
-        peer = self._per_peer[ident.hex()]
-        peer["messages_in"] += 1
-        peer["bytes_in"] += sum(len(f) for f in frames[1:])
+        self._count(ident.hex(), "in", frames[1:])
         try:
             msg = decode_message(frames[1:])
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
@@ -192,6 +192,7 @@ class Worker(Handlers):
             self._reply_error(ctx, exc)
 
     def _on_peer_reply(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        self._count(self._peer_of_socket.get(sock, "?"), "in", frames)
         try:
             msg = decode_message(frames)
         except Exception as exc:  # noqa: BLE001
@@ -239,9 +240,16 @@ class Worker(Handlers):
             self._counters["unroutable_replies"] += 1
             log.info("worker %s: cannot reply to %s: %s", self.id, ctx.ident.hex(), exc)
             return
-        peer = self._per_peer[ctx.ident.hex()]
-        peer["messages_out"] += 1
-        peer["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
+        self._count(ctx.ident.hex(), "out", frames)
+
+    def _count(self, key: str, direction: str, frames: list[Any]) -> None:
+        """Per-peer traffic (by routing id or address): messages, bytes, the largest message."""
+        size = sum(memoryview(f).nbytes for f in frames)
+        peer = self._per_peer[key]
+        peer[f"messages_{direction}"] += 1
+        peer[f"bytes_{direction}"] += size
+        if size > peer[f"largest_{direction}"]:
+            peer[f"largest_{direction}"] = size
 
     def _peer(self, address: str) -> zmq.Socket:
         sock = self._peers.get(address)
@@ -250,7 +258,14 @@ class Worker(Handlers):
             self._peers[address] = sock
             self._peer_of_socket[sock] = address
             self.poller.register(sock, zmq.POLLIN)
+            self._request(address, Op.HELLO, {"peer": self.id}, self._learn_name(address))
         return sock
+
+    def _learn_name(self, address: str) -> Callback:
+        def callback(msg: Message | None, exc: BaseException | None) -> None:
+            if msg is not None and isinstance(msg.body.get("id"), str):
+                self._labels[address] = msg.body["id"][:64]
+        return callback
 
     def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
         """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered."""
@@ -262,6 +277,7 @@ class Worker(Handlers):
         except Exception as exc:  # noqa: BLE001
             self._safe_callback(callback, None, exc)
             return
+        self._count(address, "out", frames)
         if op is not Op.FLUSH:
             self._dirty.add(address)
         self._pending[req_id] = (callback, address, op)
