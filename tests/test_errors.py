@@ -53,7 +53,7 @@ def test_get_twice_names_worker_and_id(bob: sy.WorkerClient) -> None:
 
 
 def test_pointer_to_missing_object(bob: sy.WorkerClient) -> None:
-    ghost = PointerTensor(bob, 123456789, (2,), torch.float32, owned=False)
+    ghost = PointerTensor(bob, 123456789, (2,), torch.float32)
     with pytest.raises(sy.ObjectNotFound) as info:
         ghost.get()
     assert "123456789" in str(info.value) and "'bob'" in str(info.value)

@@ -54,6 +54,14 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 1
 
+    try:
+        for path in args.load:
+            worker.load(path, args.tag)
+    except Exception as exc:  # noqa: BLE001 - report, do not trace
+        print(f"zmqsyft worker '{args.id}': cannot load {path}: {exc}", file=sys.stderr)
+        worker.close()
+        return 1
+
     def _terminate(signum: int, frame: object) -> None:
         raise SystemExit(0)
 
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT or 10)")
     w.add_argument("--log-level", default=os.environ.get("ZMQSYFT_LOG", "warning"),
                    help="logging level (debug, info, warning)")
+    w.add_argument("--load", action="append", default=[], metavar="FILE",
+                   help="a torch.save'd tensor or dict of tensors to hold as this worker's own "
+                        "data (repeatable); loaded with weights_only=True")
+    w.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="a search tag for the loaded data, e.g. '#diabetes' (repeatable)")
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -63,8 +63,42 @@ class Handlers:
             Op.HELLO: self._hello, Op.PUT: self._put, Op.GET: self._get, Op.CALL: self._call,
             Op.DEL: self._del, Op.MOVE: self._move, Op.REMOTE_GET: self._remote_get,
             Op.OBJECTS: self._objects, Op.FLUSH: self._flush, Op.PING: self._ping,
-            Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown,
+            Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown, Op.SEARCH: self._search,
         }
+
+    def load(self, path: str, tags: list[str]) -> list[int]:
+        """Load a tensor, or a dict of tensors, saved with ``torch.save``; store it tagged.
+
+        Loading uses ``torch.load(weights_only=True)``: no code in the file is run. Every tensor
+        gets ``tags``; a dict's entries also get ``#<key>``. Returns the new ids.
+        """
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        items = loaded.items() if isinstance(loaded, dict) else [(None, loaded)]
+        ids = []
+        for key, value in items:
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: expected tensors, found {type(value).__name__} under {key!r}")
+            ids.append(self.add(value, [*tags, *([f"#{key}"] if key is not None else [])]))
+        return ids
+
+    def add(self, tensor: torch.Tensor, tags: list[str]) -> int:
+        """Store a tensor this worker owns (its own data), with search tags; return its id."""
+        obj_id = new_id()
+        self.store.put(obj_id, tensor)
+        self.store.tag(obj_id, frozenset(tags))
+        return obj_id
+
+    def _search(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        tags = body.get("tags")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ProtocolError("SEARCH needs a list of tag strings")
+        results = []
+        for obj_id in self.store.search(frozenset(tags)):
+            obj = self.store.get(obj_id)
+            if isinstance(obj, torch.Tensor):
+                results.append(PointerDesc(self.id, self.address, obj_id, new_id(), tuple(obj.shape),
+                                           dtype_name(obj.dtype), obj.requires_grad, False))
+        self._reply(ctx, {"results": results})
 
     def _hello(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         peer = body.get("peer")

@@ -23,7 +23,7 @@ from .client import Client, get_client
 from .config import Config
 from .errors import SpawnError, WorkerUnavailable, ZmqSyftError
 from .messages import Op, PointerDesc
-from .pointer import pointer_from_desc
+from .pointer import PointerTensor, pointer_from_desc
 
 __all__ = ["WorkerClient", "spawn_worker", "VirtualWorker", "connect"]
 
@@ -173,6 +173,15 @@ class WorkerClient:
         """
         return dict(self._request(Op.STATS).body)
 
+    def search(self, *tags: str) -> list[PointerTensor]:
+        """Pointers to the worker's own data carrying every one of ``tags`` (``"#diabetes"``).
+
+        The pointers do not own the data: dropping them frees nothing, and they cannot take it
+        with ``.get()`` or ``.move()``; operations on them give results you own.
+        """
+        reply = self._request(Op.SEARCH, {"tags": list(tags)}, what="search")
+        return [pointer_from_desc(desc) for desc in reply.body.get("results", [])]
+
     def sync(self) -> None:
         """Wait until everything issued so far has taken effect; raise pipelined errors."""
         self._client.sync()
@@ -252,7 +261,8 @@ class WorkerClient:
 
 
 def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | None = None,
-                 config: Config | None = None, env: dict[str, str] | None = None) -> WorkerClient:
+                 config: Config | None = None, env: dict[str, str] | None = None,
+                 load: str | list[str] | None = None, tags: list[str] | None = None) -> WorkerClient:
     """Start a worker process on this machine and return its handle.
 
     Parameters
@@ -268,6 +278,11 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         Settings for the worker and the handle; the process-wide config by default.
     env : dict, optional
         Extra environment variables for the worker process.
+    load : str or list of str, optional
+        Files (``torch.save`` of a tensor or a dict of tensors) the worker loads itself at start:
+        its own data, found with ``worker.search(tag)``; this process never holds it.
+    tags : list of str, optional
+        Tags for the loaded data (``["#diabetes"]``); a dict's entries also get ``#<key>``.
 
     Returns
     -------
@@ -288,6 +303,10 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     cmd = [sys.executable, "-m", "zmqsyft", "worker", "--id", worker_id, "--bind", bind,
            "--parent-pid", str(os.getpid()), "--ready-fd", str(write_fd),
            "--timeout", str(cfg.timeout)]
+    for path in [load] if isinstance(load, str) else (load or []):
+        cmd += ["--load", os.fspath(path)]
+    for tag in tags or []:
+        cmd += ["--tag", tag]
     child_env = dict(os.environ)
     child_env.update(env or {})
     try:

@@ -43,6 +43,8 @@ FLUSH              → reply once every request this worker relayed before has b
 PING               → reply ``id``
 STATS              → reply counters
 SHUTDOWN           → reply, then the worker exits
+SEARCH             ``tags`` → reply ``results``: non-owning pointer descriptors of the objects
+                   carrying all the tags (data the worker loaded itself)
 =================  ===================================================================
 
 An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.remote_exc`).
@@ -75,6 +77,7 @@ class Op(IntEnum):
     PING = 11
     STATS = 12
     SHUTDOWN = 13
+    SEARCH = 14
 
 
 def op_name(op: int) -> str:

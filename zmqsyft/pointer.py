@@ -152,6 +152,13 @@ class PointerTensor(torch.Tensor):
                 f"{type(self._error).__name__}: {self._error}") from self._error
         self.location._check_open()
 
+    def _check_owner(self, what: str) -> None:
+        if not self._owned:
+            raise PointerError(
+                f"{self!r} does not own object {self.id_at_location} on worker "
+                f"'{self.location.id}' (it was found with search(), or is a view), so it cannot "
+                f"take it with {what}; operations on it give results you own")
+
     def _release(self, reason: str) -> None:
         get_client().untrack(self._fin)
         self._fin = None
@@ -186,6 +193,7 @@ class PointerTensor(torch.Tensor):
         ownership of what it points to.
         """
         self._check_usable(".get()")
+        self._check_owner(".get()")
         conn = get_client().conn(self.location)
         reply = conn.request(Op.GET, {"id": self.id_at_location}, keep=(self,),
                              what=f".get() of object {self.id_at_location}")
@@ -199,7 +207,8 @@ class PointerTensor(torch.Tensor):
         """Send *this pointer* to ``worker``: it stores it under this pointer's id.
 
         The data stays where it is. The returned pointer (``me -> worker:<this id>``) now owns the
-        chain; this pointer is released.
+        chain and this pointer is released (a non-owning pointer, from ``search()``, stays usable
+        and the stored pointer owns nothing either).
         """
         _check_worker(worker, more, "send")
         self._check_usable(".send()")
@@ -207,9 +216,10 @@ class PointerTensor(torch.Tensor):
         get_client().conn(worker).request(
             Op.PUT, {"id": self.id, "obj": self._desc(self._owned)}, keep=(self,),
             what=f".send() of a pointer to '{worker.id}'")
-        owned = self._owned
-        self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
-        return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg, owned=owned)
+        if self._owned:  # the ownership went with it; a non-owning pointer stays usable
+            self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
+        # we own the pointer object stored on `worker` (whatever it points to)
+        return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg)
 
     def move(self, worker: WorkerClient) -> PointerTensor:
         """Move the object to ``worker``: its current worker pushes it there directly.
@@ -222,8 +232,7 @@ class PointerTensor(torch.Tensor):
         self._check_usable(".move()")
         if worker is self.location or worker.address == self.location.address:
             return self
-        if not self._owned:
-            raise PointerReleased(f"{self!r} does not own its object, so it cannot move it")
+        self._check_owner(".move()")
         conn = get_client().conn(self.location)
         reply = conn.request(Op.MOVE, {"id": self.id_at_location, "dest": worker.id,
                                        "dest_address": worker.address},

@@ -64,6 +64,16 @@ class Store:
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self._objects: dict[int, Any] = {}
+        self._tags: dict[int, frozenset[str]] = {}
+
+    def tag(self, obj_id: int, tags: frozenset[str]) -> None:
+        """Attach search tags (``"#diabetes"``) to a stored object."""
+        self.get(obj_id)
+        self._tags[obj_id] = self._tags.get(obj_id, frozenset()) | tags
+
+    def search(self, tags: frozenset[str]) -> list[int]:
+        """Ids of the objects carrying every one of ``tags``, in insertion order."""
+        return [i for i in self._objects if i in self._tags and tags <= self._tags[i]]
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -92,15 +102,19 @@ class Store:
 
     def pop(self, obj_id: Any) -> Any:
         try:
-            return self._objects.pop(obj_id)
+            obj = self._objects.pop(obj_id)
         except (KeyError, TypeError):
             raise ObjectNotFound(self.missing(obj_id)) from None
+        self._tags.pop(obj_id, None)
+        return obj
 
     def discard(self, obj_id: Any) -> Any:
         try:
-            return self._objects.pop(obj_id, None)
+            obj = self._objects.pop(obj_id, None)
         except TypeError:
             return None
+        self._tags.pop(obj_id, None)
+        return obj
 
     def missing(self, obj_id: Any) -> str:
         return (f"object {obj_id} does not exist on worker '{self.worker_id}': it was fetched with "

@@ -1,0 +1,88 @@
+"""Data owners keep their data: workers load it themselves; others find it with search()."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zmqsyft as sy
+
+from .conftest import ROOT
+
+X = torch.arange(12.0).reshape(6, 2)
+Y = torch.arange(6.0).reshape(6, 1)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    path = tmp_path / "bob.pt"
+    torch.save({"data": X, "target": Y}, path)
+    return path
+
+
+def test_search_finds_the_workers_own_data(spawn, dataset: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob", load=str(dataset), tags=["#diabetes"])
+    both = bob.search("#diabetes")
+    assert [tuple(p.shape) for p in both] == [(6, 2), (6, 1)]
+    (data,) = bob.search("#diabetes", "#data")
+    (target,) = bob.search("#target")
+    assert bob.search("#nothing") == [] and bob.search("#data", "#target") == []
+    assert not data.owned and data.location is bob
+    # computing on it gives results this process owns
+    pred = data.sum(dim=1, keepdim=True)
+    assert torch.equal((pred - target).get(), X.sum(dim=1, keepdim=True) - Y)
+    # but the data itself cannot be taken
+    with pytest.raises(sy.PointerError, match="does not own"):
+        data.get()
+    with pytest.raises(sy.PointerError, match="does not own"):
+        data.move(spawn("alice"))
+    # dropping the search results frees nothing
+    ids = [p.id_at_location for p in both]
+    del both, data, target, pred
+    assert list(bob._objects) == ids
+    assert torch.equal(bob._objects[ids[0]], X)
+
+
+def test_search_pointers_work_in_a_chain(spawn, dataset: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob", load=str(dataset), tags=["#diabetes"])
+    alice = spawn("alice")
+    (data,) = bob.search("#data")
+    on_alice = data.send(alice)  # alice holds a non-owning pointer to bob's data
+    assert torch.equal((on_alice * 2).get().get(), X * 2)
+    del on_alice
+    assert alice._objects == {}
+    assert len(bob._objects) == 2  # the data owner's data is untouched
+
+
+def test_cli_loads_and_tags(dataset: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zmqsyft", "worker", "--id", "bob", "--bind", "tcp://127.0.0.1:0",
+         "--load", str(dataset), "--tag", "#diabetes", "--tag", "#train"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on tcp://127.0.0.1:" in line, line
+        bob = sy.connect(line.split()[-1])
+        (data,) = bob.search("#diabetes", "#train", "#data")
+        assert torch.equal(data.mean(dim=0).get(), X.mean(dim=0))
+        bob.shutdown()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_refuses_a_file_that_is_not_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.pt"
+    torch.save({"data": X, "note": "not a tensor"}, path)
+    result = subprocess.run(
+        [sys.executable, "-m", "zmqsyft", "worker", "--id", "bob", "--load", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    assert "cannot load" in result.stderr and "note" in result.stderr
