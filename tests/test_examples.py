@@ -22,3 +22,31 @@ def test_example_01_pointer_chains() -> None:
     assert re.search(r"In \[18\].*\ntensor\(\[1, 2, 3, 4, 5\]\)", out)
     assert re.search(r"In \[24\].*\n  bob: \{\}\nalice: \{\d+: tensor\(\[1, 2, 3, 4, 5\]\)\}", out)
     assert re.search(r"In \[25\].*\n" + ptr.format(owner="me", loc="alice"), out)
+
+
+def _ratio(out: str) -> float:
+    match = re.search(r"test MSE federated ([\d.]+)\s+central ([\d.]+)\s+ratio ([\d.]+)", out)
+    assert match, out
+    return float(match.group(3))
+
+
+def test_example_02_federated_learning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_script("examples/02_federated_learning.py", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rounds = re.findall(r"round +\d+ +loss bob ([\d.]+) +alice ([\d.]+)", result.stdout)
+    assert len(rounds) == 40
+    assert float(rounds[-1][0]) < float(rounds[0][0])  # it learns
+    assert _ratio(result.stdout) <= 1.10
+    assert (tmp_path / "02_federated_learning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_03_trusted_aggregator(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_script("examples/03_trusted_aggregator.py", "--rounds", "8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"round +\d+ +bob loss [\d.]+ +alice loss [\d.]+", result.stdout)) == 8
+    assert _ratio(result.stdout) <= 1.10
+    for owner in ("bob", "alice"):
+        largest = int(re.search(rf"{owner} sent this program \d+ bytes in all, its largest message "
+                                r"(\d+) bytes", result.stdout).group(1))
+        assert largest < 200  # never data, never a model: acknowledgements and losses
+    assert (tmp_path / "03_trusted_aggregator.png").read_bytes()[:4] == b"\x89PNG"
