@@ -292,7 +292,9 @@ def test_garbage_is_answered_or_dropped_and_worker_survives(bob: WorkerClient, h
                                                            tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     alive = alive_check(bob)
-    dropped_before = bob.stats()["counters"].get("dropped_malformed", 0)
+    before = bob.stats()["counters"]
+    dropped_before = before.get("dropped_malformed", 0) + before.get("refused_untrusted", 0)
+    refused_before = before.get("refused_untrusted", 0)
     undecodable = 0
     poisoned = new_id()  # a result id a (pipelining) caller chose for a CALL that fails
     with raw_dealer(bob.address) as sock:
@@ -373,7 +375,11 @@ def test_garbage_is_answered_or_dropped_and_worker_survives(bob: WorkerClient, h
     objects = bob._objects
     assert list(objects) == [x.id_at_location]  # none of the garbage PUTs stored anything
     counters = bob.stats()["counters"]
-    assert counters.get("dropped_malformed", 0) - dropped_before == undecodable
+    # undecodable messages are dropped and counted; a pickle from an untrusted sender is
+    # counted as refused
+    refused = counters.get("refused_untrusted", 0)
+    assert counters.get("dropped_malformed", 0) + refused - dropped_before == undecodable
+    assert refused - refused_before == 1
 
 
 DISALLOWED = ["os.system", "builtins.setattr", "builtins.exec", "torch.Tensor.apply_", "torch.Tensor.map_",

@@ -49,7 +49,9 @@ def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
     try:
-        worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid)
+        token = args.trust_token or os.environ.get("ZMQSYFT_TRUST_TOKEN", "")
+        worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid,
+                        trust_tokens=frozenset([token]) if token else frozenset())
     except Exception as exc:  # noqa: BLE001 - report, do not trace
         print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 1
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                         "data (repeatable); loaded with weights_only=True")
     w.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a search tag for the loaded data, e.g. '#diabetes' (repeatable)")
+    w.add_argument("--trust-token", default=None, metavar="TOKEN",
+                   help="let connections that present TOKEN (sy.connect(address, trust_token=...)) "
+                        "send pickled code and modules; without it this worker accepts no pickle. "
+                        "Also read from ZMQSYFT_TRUST_TOKEN")
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ __all__ = ["Config", "get_config", "configure", "from_environ"]
 
 _ENV_PREFIX = "ZMQSYFT_"
 # environment variables with this prefix that are not config fields but are still legitimate
-_ENV_NOT_CONFIG = {"ZMQSYFT_LOG"}
+_ENV_NOT_CONFIG = {"ZMQSYFT_LOG", "ZMQSYFT_TRUST_TOKEN"}
 
 
 @dataclass(frozen=True)

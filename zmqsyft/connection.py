@@ -67,12 +67,15 @@ class Connection:
             req_id = self._next
             self._next += 1
             self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
-            transport.send(self.sock, encode_message(Op.HELLO, req_id, {"peer": self.client.name}))
+            hello: dict[str, Any] = {"peer": self.client.name}
+            if self.worker._trust_token:
+                hello["trust"] = self.worker._trust_token
+            transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
         return self.sock
 
     def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
              results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
-             awaited: bool = True) -> int:
+             awaited: bool = True, allow_pickle: bool = False) -> int:
         """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
 
         With ``awaited=False`` nobody waits for the reply: an error in it is kept and raised at the
@@ -85,7 +88,7 @@ class Connection:
         sock = self._socket()
         req_id = self._next
         self._next += 1
-        frames = encode_message(op, req_id, body)
+        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle)
         self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
         try:
             transport.send(sock, frames)

@@ -31,7 +31,7 @@ from .messages import ObjRef, Op, PointerDesc
 from .pointer import PointerTensor, pointer_from_desc
 from .store import new_id
 
-__all__ = ["torch_function"]
+__all__ = ["torch_function", "run_remote"]
 
 _PIPELINE_POLL = 64  # read arrived acknowledgements once this many requests are in flight
 
@@ -169,6 +169,26 @@ def _call_sync(name: str, location: Any, args: Any, kwargs: Any, pointers: list[
     reply = get_client().conn(location).request(Op.CALL, body, keep=tuple(pointers), what=name)
     if allowlist.is_inplace(name):
         return None if allowlist.returns_none(name) else args[0]
+
+    def adopt(x: Any) -> Any:
+        return pointer_from_desc(x) if isinstance(x, PointerDesc) else x
+    return pytree.tree_map(adopt, reply.body.get("result"))
+
+
+def run_remote(worker: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a user function on ``worker`` (cloudpickled: the worker must trust us)."""
+    pointers = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, PointerTensor)]
+    for p in pointers:
+        p._check_usable("run()")
+        if p.location is not worker:
+            raise LocationMismatch(
+                f"run() on worker '{worker.id}' got a pointer to data on '{p.location.id}'; "
+                "move it there first")
+    wargs, wkwargs = _wire_args(args, kwargs)
+    body = {"fn": fn, "args": wargs, "kwargs": wkwargs, "grad": torch.is_grad_enabled()}
+    conn = get_client().conn(worker)
+    reply = conn.wait(conn.send(Op.RUN, body, keep=tuple(pointers), allow_pickle=True,
+                                what=f"run({getattr(fn, '__name__', 'fn')})"))
 
     def adopt(x: Any) -> Any:
         return pointer_from_desc(x) if isinstance(x, PointerDesc) else x

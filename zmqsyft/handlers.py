@@ -8,6 +8,7 @@ since their last flush. Handlers never block: whatever needs a peer continues in
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections import defaultdict
@@ -48,6 +49,8 @@ class Handlers:
     _counters: dict[str, int]
     _per_peer: dict[str, dict[str, int]]
     _labels: dict[str, str]
+    _trusted: set[bytes]
+    trust_tokens: frozenset[str]
 
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
         raise NotImplementedError
@@ -64,6 +67,7 @@ class Handlers:
             Op.DEL: self._del, Op.MOVE: self._move, Op.REMOTE_GET: self._remote_get,
             Op.OBJECTS: self._objects, Op.FLUSH: self._flush, Op.PING: self._ping,
             Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown, Op.SEARCH: self._search,
+            Op.RUN: self._run,
         }
 
     def load(self, path: str, tags: list[str]) -> list[int]:
@@ -104,8 +108,28 @@ class Handlers:
         peer = body.get("peer")
         if isinstance(peer, str) and peer:
             self._labels[ctx.ident.hex()] = peer[:64]
+        token = body.get("trust")
+        if isinstance(token, str) and any(hmac.compare_digest(token, t) for t in self.trust_tokens):
+            self._trusted.add(ctx.ident)
         self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
-                          "address": self.address})
+                          "address": self.address, "trusted": ctx.ident in self._trusted})
+
+    def _run(self, ctx: _Ctx, body: dict[str, Any]) -> None:
+        fn = body.get("fn")
+        if not callable(fn):
+            raise ProtocolError("RUN needs a callable")
+        args, kwargs = body.get("args", []), body.get("kwargs", {})
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise ProtocolError("RUN args must be a list and kwargs a map")
+        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
+        if any(isinstance(o, PointerRecord) for o in resolved.values()):
+            raise LocationMismatch(
+                f"run() on worker '{self.id}' got a pointer to data on another worker; "
+                "move the data here first")
+        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+        with torch.set_grad_enabled(bool(body.get("grad", True))):
+            result = fn(*args, **kwargs)
+        self._reply(ctx, {"result": self._describe(result)})
 
     def _ping(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         self._reply(ctx, {"id": self.id})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class WorkerClient:
         self._spawn_deadline = time.monotonic() + client.cfg.spawn_timeout
         self.closed = False
         self._dirty = False
+        self._trust_token: str | None = None  # presented in HELLO: lets us send pickled code
 
     @classmethod
     def _connected(cls, client: Client, address: str, name: str) -> WorkerClient:
@@ -182,6 +184,24 @@ class WorkerClient:
         reply = self._request(Op.SEARCH, {"tags": list(tags)}, what="search")
         return [pointer_from_desc(desc) for desc in reply.body.get("results", [])]
 
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the worker; pointers to its objects are passed as the
+        objects themselves.
+
+        ``fn`` (and whatever it refers to: a module, an optimizer) travels with cloudpickle, so
+        the worker must trust this program: a spawned worker trusts its parent; a worker started
+        from the shell needs ``--trust-token`` and ``sy.connect(address, trust_token=...)``.
+        Tensor results stay on the worker and come back as pointers; other values as values.
+
+        Raises
+        ------
+        UntrustedPayload
+            If the worker does not trust this program; nothing was run.
+        """
+        from .dispatch import run_remote
+
+        return run_remote(self, fn, args, kwargs)
+
     def sync(self) -> None:
         """Wait until everything issued so far has taken effect; raise pipelined errors."""
         self._client.sync()
@@ -308,6 +328,8 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     for tag in tags or []:
         cmd += ["--tag", tag]
     child_env = dict(os.environ)
+    token = secrets.token_hex(32)  # the worker trusts its parent (and nobody else) with pickle
+    child_env["ZMQSYFT_TRUST_TOKEN"] = token
     child_env.update(env or {})
     try:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), env=child_env, stdin=subprocess.DEVNULL)
@@ -317,6 +339,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     finally:
         os.close(write_fd)
     handle = WorkerClient(client, worker_id, bind, proc=proc, ready_fd=read_fd)
+    handle._trust_token = child_env["ZMQSYFT_TRUST_TOKEN"] or None
     return client.register(handle)
 
 
@@ -328,8 +351,11 @@ def VirtualWorker(hook: Any = None, id: str = "worker", **kwargs: Any) -> Worker
     return spawn_worker(id, **kwargs)
 
 
-def connect(address: str, *, timeout: float | None = None) -> WorkerClient:
+def connect(address: str, *, timeout: float | None = None, trust_token: str | None = None) -> WorkerClient:
     """Connect to a worker that is already running (e.g. started with ``zmqsyft worker``).
+
+    ``trust_token``: the worker's ``--trust-token``, to be allowed to send it pickled code
+    (:meth:`WorkerClient.run`); not needed for tensors and pointers.
 
     Raises
     ------
@@ -338,6 +364,9 @@ def connect(address: str, *, timeout: float | None = None) -> WorkerClient:
     """
     client = get_client()
     handle = client.worker_at(address, address)
+    if trust_token is not None and handle._trust_token != trust_token:
+        handle._trust_token = trust_token
+        client.drop_connections(handle)  # the next connection presents the token
     conn = client.conn(handle)
     try:
         reply = conn.wait(conn.send(Op.HELLO, {"peer": "client"}, what="hello"), timeout)

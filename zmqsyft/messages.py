@@ -27,7 +27,9 @@ Request bodies (keys, by op):
 =================  ===================================================================
 op                 body
 =================  ===================================================================
-HELLO              ``peer`` (the sender's id) → reply ``id``, ``pid``, ``version``
+HELLO              ``peer`` (the sender's name), ``trust`` (optional token) → reply ``id``,
+                   ``pid``, ``version``, ``trusted``. The first message of every connection;
+                   a matching token lets that connection send pickled payloads
 PUT                ``id``, ``obj`` (a value: tensor, pointer descriptor, ...)
 GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive)
 CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` (ids for the
@@ -45,6 +47,8 @@ STATS              → reply counters
 SHUTDOWN           → reply, then the worker exits
 SEARCH             ``tags`` → reply ``results``: non-owning pointer descriptors of the objects
                    carrying all the tags (data the worker loaded itself)
+RUN                ``fn`` (a pickled callable: trusted senders only), ``args``, ``kwargs``, ``grad``
+                   → reply ``result`` (tensors stay here and come back as pointer descriptors)
 =================  ===================================================================
 
 An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.remote_exc`).
@@ -78,6 +82,7 @@ class Op(IntEnum):
     STATS = 12
     SHUTDOWN = 13
     SEARCH = 14
+    RUN = 15
 
 
 def op_name(op: int) -> str:

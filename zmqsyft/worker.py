@@ -25,7 +25,7 @@ import zmq
 from . import transport
 from .codec import decode_message, encode_message
 from .config import Config
-from .errors import ProtocolError, RequestTimeout, WorkerUnavailable
+from .errors import ProtocolError, RequestTimeout, UntrustedPayload, WorkerUnavailable
 from .handlers import Handlers
 from .messages import NO_REPLY, Message, Op
 from .remote_exc import decode_exception, encode_exception
@@ -62,10 +62,16 @@ class Worker(Handlers):
         Timeouts and socket limits.
     parent_pid : int, optional
         Exit when this process is no longer our parent.
+    trust_tokens : frozenset of str
+        A connection whose HELLO presents one of these may send pickled payloads (user
+        functions, modules); every other connection is refused them.
     """
 
-    def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None) -> None:
+    def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None,
+                 trust_tokens: frozenset[str] = frozenset()) -> None:
         self.id = worker_id
+        self.trust_tokens = frozenset(t for t in trust_tokens if t)
+        self._trusted: set[bytes] = set()  # routing ids that presented a trust token
         self.cfg = config
         self.ctx = transport.context()
         self.router, self.address = transport.make_router(self.ctx, bind, config)
@@ -174,7 +180,18 @@ class Worker(Handlers):
         ident = frames[0].bytes
         self._count(ident.hex(), "in", frames[1:])
         try:
-            msg = decode_message(frames[1:])
+            msg = decode_message(frames[1:], trusted=ident in self._trusted)
+        except UntrustedPayload:
+            self._counters["refused_untrusted"] += 1
+            req_id = _salvage_req_id(frames[1])
+            if req_id:
+                self._reply_error(_Ctx(ident, req_id), UntrustedPayload(
+                    f"worker '{self.id}' refused a pickled payload (code, a module, an "
+                    "optimizer): it does not trust this sender. A worker started with "
+                    "spawn_worker() trusts its parent; one started from the shell trusts only "
+                    "connections made with sy.connect(address, trust_token=T) when it was "
+                    "started with --trust-token T. Tensors and pointers need no trust."))
+            return
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
             self._counters["dropped_malformed"] += 1
             req_id = _salvage_req_id(frames[1])
