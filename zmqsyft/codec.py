@@ -80,7 +80,7 @@ _MEMFMTS = {
     "preserve_format": torch.preserve_format,
 }
 _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
-_ALIGN = 16
+_ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
@@ -132,7 +132,7 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
         # frames are exclusively ours once received; pyzmq only exposes them read-only
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(view, dtype=torch.uint8)
-    if raw.data_ptr() % _ALIGN:
+    if raw.data_ptr() % min(itemsize, _ALIGN):  # misaligned for its dtype: copy (small frames)
         raw = raw.clone()
     return raw.view(dtype).reshape(tuple(shape))
 

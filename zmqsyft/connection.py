@@ -28,6 +28,8 @@ __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
+# requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
+_MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
 
 class _Pending:
@@ -96,7 +98,8 @@ class Connection:
             self.inflight.pop(req_id, None)
             raise self._fail(WorkerUnavailable(
                 f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
-        self.worker._dirty = True
+        if op in _MAY_RELAY:
+            self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
         return req_id
 
     def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),

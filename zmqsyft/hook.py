@@ -45,6 +45,14 @@ def _copy_local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()
 
 
+def _warm_up() -> None:
+    try:
+        a = torch.empty(2, 3, device="meta", requires_grad=True)
+        ((a + a) @ torch.empty(3, 1, device="meta")).sum()
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
+
+
 class TorchHook:
     """Install zmqsyft's tensor methods into torch (idempotent).
 
@@ -71,6 +79,9 @@ class TorchHook:
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]
                 torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
                 _installed = True
+                # the first shape inference on meta tensors imports a large part of torch (about
+                # a second); do it now, in the background, while workers start up
+                threading.Thread(target=_warm_up, name="zmqsyft-warm-up", daemon=True).start()
 
     def __repr__(self) -> str:
         return "<zmqsyft.TorchHook>"

@@ -13,6 +13,7 @@ import gc
 import os
 import secrets
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -56,6 +57,7 @@ class WorkerClient:
         self.closed = False
         self._dirty = False
         self._trust_token: str | None = None  # presented in HELLO: lets us send pickled code
+        self._private_dir: str | None = None  # the ipc socket's directory, made by spawn_worker
 
     @classmethod
     def _connected(cls, client: Client, address: str, name: str) -> WorkerClient:
@@ -235,6 +237,12 @@ class WorkerClient:
         self._client.drop_connections(self)
         self.closed = True
         self._client.forget(self)
+        self._remove_private_dir()
+
+    def _remove_private_dir(self) -> None:
+        if self._private_dir is not None and (self._proc is None or self._proc.poll() is not None):
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
 
     def _reap(self, timeout: float) -> None:
         proc = self._proc
@@ -260,6 +268,7 @@ class WorkerClient:
             self._proc.terminate()
         self._reap(2.0)
         self.closed = True
+        self._remove_private_dir()
 
     def __enter__(self) -> WorkerClient:
         return self
@@ -312,9 +321,11 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     """
     client = get_client()
     cfg = config or client.cfg
+    private_dir = None
     if bind is None:
         if transport_kind == "ipc":
             bind = transport.ipc_endpoint(worker_id)
+            private_dir = os.path.dirname(bind[len("ipc://"):])
         elif transport_kind == "tcp":
             bind = "tcp://127.0.0.1:0"
         else:
@@ -340,6 +351,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         os.close(write_fd)
     handle = WorkerClient(client, worker_id, bind, proc=proc, ready_fd=read_fd)
     handle._trust_token = child_env["ZMQSYFT_TRUST_TOKEN"] or None
+    handle._private_dir = private_dir
     return client.register(handle)
 
 
