@@ -77,34 +77,42 @@ def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             "executable operations. Fetch the data with .get() if you own it")
     if name in allowlist.LOCAL_META:  # answered from the metadata the pointer keeps
         return _infer(func, args, kwargs)
-    pointers = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, PointerTensor)]
+    pointers = [x for x in _leaves(args, kwargs) if isinstance(x, PointerTensor)]
     location = _common_location(name, pointers)
     for p in pointers:
         p._check_usable(name)
-    try:
-        meta_args, meta_out = _infer_with_args(func, args, kwargs)
-    except Exception:  # noqa: BLE001 - the worker will tell the real story
+    outcome = _outcome(func, args, kwargs, name)
+    if outcome is _SYNC:
         return _call_sync(name, location, args, kwargs, pointers)
-    if allowlist.is_inplace(name):
+    if outcome[0] == "inplace":
         _call_async(name, location, args, kwargs, pointers, out=None, results=())
         target = args[0]
-        if isinstance(target, PointerTensor) and isinstance(meta_args[0], torch.Tensor):
-            target._rg = meta_args[0].requires_grad  # requires_grad_(), requires_grad = ...
+        if isinstance(target, PointerTensor) and outcome[1] is not None:
+            target._rg = outcome[1]  # requires_grad_(), requires_grad = ...
         return None if allowlist.returns_none(name) else target
-    leaves = pytree.tree_leaves(meta_out)
-    if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
-        return _call_sync(name, location, args, kwargs, pointers)
-    made: list[PointerTensor] = []
-
-    def to_pointer(t: torch.Tensor) -> PointerTensor:
-        ptr = PointerTensor(location, new_id(), t.shape, t.dtype, t.requires_grad)
-        made.append(ptr)
-        return ptr
-
-    result = pytree.tree_map(to_pointer, meta_out)
-    out = [[p.id_at_location, list(p.shape), dtype_name(p.dtype), bool(p.requires_grad)] for p in made]
+    _, spec, metas = outcome
+    made = [PointerTensor(location, new_id(), shape, dtype, rg) for shape, dtype, rg in metas]
+    out = [[p.id_at_location, list(shape), dtype_name(dtype), bool(rg)]
+           for p, (shape, dtype, rg) in zip(made, metas, strict=True)]
     _call_async(name, location, args, kwargs, pointers, out=out, results=tuple(made))
-    return result
+    return made[0] if spec.is_leaf() else pytree.tree_unflatten(made, spec)
+
+
+def _flat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether no argument is a container (the common case: no pytree pass needed)."""
+    for a in args:
+        if isinstance(a, (list, tuple, dict)):
+            return False
+    for a in kwargs.values():
+        if isinstance(a, (list, tuple, dict)):
+            return False
+    return True
+
+
+def _leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    if _flat(args, kwargs):
+        return [*args, *kwargs.values()]
+    return pytree.tree_leaves((args, kwargs))
 
 
 def _common_location(name: str, pointers: list[PointerTensor]) -> Any:
@@ -140,6 +148,8 @@ def _infer(func: Any, args: Any, kwargs: Any) -> Any:
 def _wire_args(args: Any, kwargs: Any) -> tuple[Any, Any]:
     def one(x: Any) -> Any:
         return ObjRef(x.id_at_location) if isinstance(x, PointerTensor) else x
+    if _flat(args, kwargs):
+        return [one(a) for a in args], {k: one(v) for k, v in kwargs.items()}
     return pytree.tree_map(one, (args, kwargs))
 
 
@@ -193,3 +203,68 @@ def run_remote(worker: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, An
     def adopt(x: Any) -> Any:
         return pointer_from_desc(x) if isinstance(x, PointerDesc) else x
     return pytree.tree_map(adopt, reply.body.get("result"))
+
+
+# ----------------------------------------------------------------------------- fast path
+# Shape inference on meta tensors costs tens of microseconds; in a loop the same op meets the same
+# argument shapes again and again. So the outcome of inference is cached, keyed by the op, the
+# grad mode and a signature of every argument (a pointer's shape, dtype and requires_grad; a
+# scalar's type and value). Only flat calls are cached: tensors, pointers, scalars, dtypes, slices
+# and tuples of scalars as arguments (most ops); anything else takes the general path.
+_CACHE: dict[Any, Any] = {}
+_CACHE_MAX = 4096
+_SYNC = "sync"  # inference failed or gave values: run synchronously
+_SCALARS = (bool, int, float, complex, str, type(None), torch.dtype, torch.device,
+            torch.memory_format, torch.layout)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _sig(x: Any) -> Any:
+    if isinstance(x, PointerTensor):
+        return (1, x._shape, x._dtype, x._rg)
+    if isinstance(x, torch.Tensor):
+        return (2, x.shape, x.dtype, x.requires_grad, x.layout)
+    if isinstance(x, _SCALARS):
+        return (type(x), x)
+    if isinstance(x, slice):
+        return (3, _sig(x.start), _sig(x.stop), _sig(x.step))
+    if x is Ellipsis:
+        return 4
+    if isinstance(x, (tuple, list)) and not any(isinstance(e, torch.Tensor) for e in x):
+        return (type(x), tuple(_sig(e) for e in x))
+    raise _Uncacheable
+
+
+def _outcome(func: Any, args: Any, kwargs: Any, name: str) -> Any:
+    """What shape inference says about this call, from the cache when it can."""
+    try:
+        key = (func, torch.is_grad_enabled(), tuple(_sig(a) for a in args),
+               tuple((k, _sig(v)) for k, v in kwargs.items()))
+    except _Uncacheable:
+        key = None
+    if key is not None:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+    try:
+        meta_args, meta_out = _infer_with_args(func, args, kwargs)
+    except Exception:  # noqa: BLE001 - the worker will tell the real story
+        outcome: Any = _SYNC
+    else:
+        if allowlist.is_inplace(name):
+            first = meta_args[0] if isinstance(meta_args[0], torch.Tensor) else None
+            outcome = ("inplace", first.requires_grad if first is not None else None)
+        else:
+            leaves, spec = pytree.tree_flatten(meta_out)
+            if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+                outcome = _SYNC
+            else:
+                outcome = ("out", spec, [(x.shape, x.dtype, x.requires_grad) for x in leaves])
+    if key is not None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = outcome
+    return outcome
