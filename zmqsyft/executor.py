@@ -21,13 +21,33 @@ from .messages import ObjRef
 __all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs"]
 
 
+def _flat_call(tree: Any) -> bool:
+    """Whether ``tree`` is ``(args, kwargs)`` with no container among the arguments."""
+    if not (isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], (list, tuple))
+            and isinstance(tree[1], dict)):
+        return False
+    for a in tree[0]:
+        if isinstance(a, (list, tuple, dict)):
+            return False
+    for a in tree[1].values():
+        if isinstance(a, (list, tuple, dict)):
+            return False
+    return True
+
+
 def refs_in(tree: Any) -> list[ObjRef]:
     """All object references in an argument structure."""
+    if _flat_call(tree):
+        return [a for a in (*tree[0], *tree[1].values()) if isinstance(a, ObjRef)]
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, ObjRef)]
 
 
 def substitute(tree: Any, fn: Callable[[ObjRef], Any]) -> Any:
     """Replace every object reference in ``tree`` by ``fn(ref)``."""
+    if _flat_call(tree):
+        args, kwargs = tree
+        return ([fn(a) if isinstance(a, ObjRef) else a for a in args],
+                {k: fn(v) if isinstance(v, ObjRef) else v for k, v in kwargs.items()})
     return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, ObjRef) else leaf, tree)
 
 
@@ -44,6 +64,8 @@ def run(name: str, args: Any, kwargs: Any, grad: bool) -> Any:
 
 def result_tensors(result: Any) -> list[torch.Tensor]:
     """The tensors of a result, in the flattened order both sides agree on."""
+    if type(result) is torch.Tensor or type(result) is torch.nn.Parameter:
+        return [result]
     return [leaf for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
