@@ -61,6 +61,19 @@ _SPECIAL: dict[Any, Any] = {
 }
 
 
+# the metadata reads optimisers and modules make all the time, straight from the pointer
+_META_FAST: dict[str, Any] = {
+    "torch.Tensor.shape.__get__": lambda p: p._shape,
+    "torch.Tensor.size": lambda p: p._shape,
+    "torch.Tensor.dtype.__get__": lambda p: p._dtype,
+    "torch.Tensor.requires_grad.__get__": lambda p: p._rg,
+    "torch.Tensor.is_leaf.__get__": lambda p: True,
+    "torch.Tensor.ndim.__get__": lambda p: len(p._shape),
+    "torch.Tensor.dim": lambda p: len(p._shape),
+    "torch.Tensor.numel": lambda p: p._shape.numel(),
+}
+
+
 def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``func(*args, **kwargs)`` where at least one argument is a pointer."""
     try:
@@ -76,6 +89,9 @@ def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             f"{shown} cannot run on a zmqsyft pointer: it is not in the allow-list of remotely "
             "executable operations. Fetch the data with .get() if you own it")
     if name in allowlist.LOCAL_META:  # answered from the metadata the pointer keeps
+        fast = _META_FAST.get(name)
+        if fast is not None and len(args) == 1 and not kwargs and isinstance(args[0], PointerTensor):
+            return fast(args[0])
         return _infer(func, args, kwargs)
     pointers = [x for x in _leaves(args, kwargs) if isinstance(x, PointerTensor)]
     location = _common_location(name, pointers)
