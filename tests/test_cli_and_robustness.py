@@ -225,7 +225,8 @@ def test_console_script_rejects_bad_usage() -> None:
     assert no_command.returncode == 2
 
 
-@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://[::]:0", "tcp://eth0:0"])
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://[::]:0", "tcp://eth0:0",
+                                  "tcp://lo:0"])
 def test_non_loopback_bind_needs_insecure(bind: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "zmqsyft", "worker", "--id", "dave", "--bind", bind],
                           capture_output=True, text=True, timeout=STARTUP, cwd=ROOT)
@@ -235,10 +236,12 @@ def test_non_loopback_bind_needs_insecure(bind: str) -> None:
 
 
 def test_non_loopback_bind_with_insecure_starts(hook: sy.TorchHook, tmp_path: Path) -> None:
-    with cli_worker("--id", "dave", "--bind", "tcp://0.0.0.0:0", "--insecure",
+    # an interface name counts as exposed (the worker cannot tell), so it needs --insecure; "lo"
+    # keeps this test on the loopback interface, as every network test here is
+    with cli_worker("--id", "dave", "--bind", "tcp://lo:0", "--insecure",
                     stderr_path=tmp_path / "stderr") as proc:
         endpoint = endpoint_of(read_line(proc, STARTUP))
-        match = re.fullmatch(r"tcp://0\.0\.0\.0:(\d+)", endpoint)
+        match = re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", endpoint)
         assert match, endpoint
         dave = sy.connect(f"tcp://127.0.0.1:{match.group(1)}")
         try:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without authentication")
     w.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT or 10)")
+                   help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT, or 60)")
     w.add_argument("--log-level", default=os.environ.get("ZMQSYFT_LOG", "warning"),
                    help="logging level (debug, info, warning)")
     w.add_argument("--load", action="append", default=[], metavar="FILE",

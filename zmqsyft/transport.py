@@ -50,11 +50,10 @@ def make_router(ctx: zmq.Context, bind: str, cfg: Config) -> tuple[zmq.Socket, s
         if cfg.max_message_size > 0:
             sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
         if bind.startswith("tcp://") and bind.endswith(":0"):
-            port = sock.bind_to_random_port(bind[: -len(":0")])
-            endpoint = f"{bind[: -len(':0')]}:{port}"
+            sock.bind_to_random_port(bind[: -len(":0")])
         else:
             sock.bind(bind)
-            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     except Exception:
         sock.close(linger=0)
         raise
