@@ -10,7 +10,7 @@ code   name          payload (msgpack)
 =====  ============  ========================================================================
 1      TUPLE         list of values
 2      TENSOR        ``[buffer index, dtype name, shape, requires_grad]``
-3      REF           object id in the receiver's store (:class:`~zmqsyft.messages.ObjRef`)
+3      REF           object id in the receiver's store, 8 bytes big-endian (not msgpack)
 4      PTR           pointer descriptor list (:class:`~zmqsyft.messages.PointerDesc`)
 5      SLICE         ``[start, stop, step]``
 6      ELLIPSIS      nil
@@ -189,8 +189,8 @@ class Encoder:
             return list(obj)
         if isinstance(obj, dict):
             return dict(obj)
-        if isinstance(obj, ObjRef):
-            return self._ext(Ext.REF, obj.id)
+        if isinstance(obj, ObjRef):  # the most frequent extension: a fixed 8 bytes, no nesting
+            return msgpack.ExtType(int(Ext.REF), obj.id.to_bytes(8, "big", signed=False))
         if isinstance(obj, PointerDesc):
             return self._ext(Ext.PTR, obj.as_list())
         if isinstance(obj, slice):
@@ -258,6 +258,10 @@ class Decoder:
             import cloudpickle
 
             return cloudpickle.loads(data)
+        if code == Ext.REF:
+            if len(data) != 8:
+                raise ProtocolError("an object reference must be 8 bytes")
+            return ObjRef(int.from_bytes(data, "big", signed=False))
         payload = self.unpack(data)
         if code == Ext.TUPLE:
             return tuple(payload)
@@ -270,8 +274,6 @@ class Decoder:
             if requires_grad:
                 t.requires_grad_(True)
             return t
-        if code == Ext.REF:
-            return ObjRef(_int(payload))
         if code == Ext.PTR:
             loc, addr, idl, pid, shape, dname, rg, owned = payload
             _lookup(DTYPES, dname, "dtype")
