@@ -435,7 +435,7 @@ def test_malformed_input_raises_protocol_error(frames: list[Any]) -> None:
 
 
 def test_malformed_errors_say_what_is_wrong() -> None:
-    _check_protocol_error(MALFORMED["wrong version"], match="protocol version 2")
+    _check_protocol_error(MALFORMED["wrong version"], match=f"protocol version {PROTOCOL_VERSION + 1}")
     _check_protocol_error(MALFORMED["unknown op"], match="unknown op 99")
     _check_protocol_error(MALFORMED["tensor frame too short"], match="11 bytes")
     _check_protocol_error(MALFORMED["tensor unknown dtype"], match="float128")

@@ -27,6 +27,7 @@ DEFAULTS = {
     "heartbeat_ivl": 1.0,
     "snapshot_max_elements": 1000,
     "close_timeout": 5.0,
+    "shm_threshold": 1 << 20,
 }
 
 
@@ -80,6 +81,7 @@ def test_frozen() -> None:
     ("ZMQSYFT_GC_INTERVAL", "0.5", "gc_interval", 0.5),
     ("ZMQSYFT_HEARTBEAT_IVL", "3", "heartbeat_ivl", 3.0),
     ("ZMQSYFT_CLOSE_TIMEOUT", "0.25", "close_timeout", 0.25),
+    ("ZMQSYFT_SHM_THRESHOLD", "0", "shm_threshold", 0),
     ("ZMQSYFT_MAX_INFLIGHT", "7", "max_inflight", 7),
     ("ZMQSYFT_MAX_INFLIGHT", " 12 ", "max_inflight", 12),
     ("ZMQSYFT_MAX_MESSAGE_SIZE", "1048576", "max_message_size", 1_048_576),

@@ -12,6 +12,7 @@ hooks that take callables, pickling, numpy/dlpack export and similar).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -125,6 +126,7 @@ def returns_none(name: str) -> bool:
     return name.endswith(("__setitem__", "__set__"))
 
 
+@functools.lru_cache(maxsize=8192)
 def is_inplace(name: str) -> bool:
     """Whether an op mutates its first argument and returns it (``add_``, ``__iadd__``, ...)."""
     short = name.rsplit(".", 1)[-1]

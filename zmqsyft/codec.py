@@ -21,7 +21,13 @@ code   name          payload (msgpack)
 11     SUMMARY       text (:class:`~zmqsyft.messages.Summary`)
 12     PICKLE        cloudpickle bytes: only decoded by a receiver that trusts the sender
 13     MEMFMT        memory format name
+14     SHM           ``[segment name, dtype name, shape, requires_grad]``: a tensor whose bytes
+                     are in a shared-memory segment (:mod:`zmqsyft.shm`), same-host peers only
 =====  ============  ========================================================================
+
+Tensors of at least ``shm_threshold`` bytes bound for a peer on the same machine (see
+:class:`ShmPolicy`) travel as ``Ext.SHM`` instead of a frame: written once into ``/dev/shm``,
+mapped by the receiver.
 
 Decoding never evaluates anything: dtype and memory-format names resolve through fixed tables,
 tensor sizes are checked against their frames, and an ``Ext.PICKLE`` is refused unless the
@@ -32,17 +38,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import torch
 
+from . import shm as _shm
 from .errors import ProtocolError, SerializationError, UntrustedPayload
 from .messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 
-__all__ = ["Ext", "Encoder", "Decoder", "encode_message", "decode_message", "DTYPES", "dtype_name",
+__all__ = ["Ext", "Encoder", "Decoder", "Frames", "ShmPolicy", "encode_message", "decode_message",
+           "unpack_acks", "DTYPES", "dtype_name",
            "MAX_DEPTH"]
 
 
@@ -62,6 +70,26 @@ class Ext(IntEnum):
     SUMMARY = 11
     PICKLE = 12
     MEMFMT = 13
+    SHM = 14
+
+
+class ShmPolicy(NamedTuple):
+    """When a sender puts tensors into shared memory instead of frames.
+
+    ``use()`` says whether the receiver shares this machine's ``/dev/shm``; it is asked at most
+    once per message, and only when a tensor of at least ``threshold`` bytes is met.
+    ``max_age`` is how long an untaken segment is kept before the sender unlinks it.
+    """
+
+    use: Callable[[], bool]
+    threshold: int
+    max_age: float
+
+
+class Frames(list):
+    """A message's frames; ``shm_bytes`` counts the tensor bytes that went through shared memory."""
+
+    shm_bytes = 0
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -81,6 +109,7 @@ _MEMFMTS = {
 }
 _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
 _ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
+_OPS = {int(op): op for op in Op}
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
@@ -147,9 +176,12 @@ class Encoder:
         trust us. If false, they raise ``SerializationError``.
     """
 
-    def __init__(self, allow_pickle: bool = False) -> None:
+    def __init__(self, allow_pickle: bool = False, shm: ShmPolicy | None = None) -> None:
         self.buffers: list[Any] = []
         self.allow_pickle = allow_pickle
+        self.shm = shm
+        self._shm_ok: bool | None = None
+        self.shm_bytes = 0
 
     def pack(self, value: Any) -> bytes:
         try:
@@ -177,10 +209,22 @@ class Encoder:
                 raise SerializationError(
                     f"cannot send a {type(obj).__name__} as a tensor; pointers travel as pointers"
                 )
-            index = len(self.buffers)
-            self.buffers.append(tensor_buffer(obj))
-            return self._ext(Ext.TENSOR, [index, dtype_name(obj.dtype), list(obj.shape),
-                                          bool(obj.requires_grad)])
+            buf = tensor_buffer(obj)
+            meta = [dtype_name(obj.dtype), list(obj.shape), bool(obj.requires_grad)]
+            nbytes = len(buf)
+            if self.shm is not None and nbytes >= self.shm.threshold > 0:
+                if self._shm_ok is None:
+                    self._shm_ok = bool(self.shm.use())
+                if self._shm_ok:
+                    try:
+                        name = _shm.write(buf, self.shm.max_age)
+                    except OSError:  # /dev/shm full or gone: the socket carries it, and the rest
+                        self._shm_ok = False
+                    else:
+                        self.shm_bytes += nbytes
+                        return self._ext(Ext.SHM, [name, *meta])
+            self.buffers.append(buf)
+            return self._ext(Ext.TENSOR, [len(self.buffers) - 1, *meta])
         if isinstance(obj, torch.Size):
             return self._ext(Ext.SIZE, list(obj))
         if isinstance(obj, tuple):
@@ -229,9 +273,11 @@ class Decoder:
         Whether ``Ext.PICKLE`` payloads may be unpickled (only for trusted senders).
     """
 
-    def __init__(self, frames: Sequence[Any], trusted: bool = False) -> None:
+    def __init__(self, frames: Sequence[Any], trusted: bool = False, shm: bool = False) -> None:
         self.frames = frames
         self.trusted = trusted
+        self.shm = shm
+        self.shm_bytes = 0
         self._depth = 0
 
     def unpack(self, data: bytes) -> Any:
@@ -274,6 +320,8 @@ class Decoder:
             if requires_grad:
                 t.requires_grad_(True)
             return t
+        if code == Ext.SHM:
+            return self._shm_tensor(payload)
         if code == Ext.PTR:
             loc, addr, idl, pid, shape, dname, rg, owned = payload
             _lookup(DTYPES, dname, "dtype")
@@ -298,6 +346,25 @@ class Decoder:
         raise ProtocolError(f"unknown extension type {code}")
 
 
+    def _shm_tensor(self, payload: Any) -> torch.Tensor:
+        if not self.shm:
+            raise ProtocolError(
+                "a shared-memory tensor came from a peer not known to share this machine's "
+                "/dev/shm (its HELLO did not match); refused")
+        name, dname, shape, requires_grad = payload
+        dtype = _lookup(DTYPES, dname, "dtype")
+        if not isinstance(shape, list) or any(type(s) is not int or s < 0 for s in shape):
+            raise ProtocolError(f"invalid tensor shape {shape!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes <= 0:
+            raise ProtocolError("a shared-memory tensor cannot be empty")
+        t = tensor_from_buffer(_shm.open_segment(name, nbytes), dtype, shape)
+        self.shm_bytes += nbytes
+        if requires_grad:
+            t.requires_grad_(True)
+        return t
+
+
 def _int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ProtocolError(f"expected an integer, got {type(value).__name__}")
@@ -311,14 +378,26 @@ def _lookup(table: dict[str, Any], name: Any, what: str) -> Any:
         raise ProtocolError(f"unknown {what} {name!r}") from None
 
 
-def encode_message(op: Op, req_id: int, body: dict[str, Any], allow_pickle: bool = False) -> list[Any]:
+def encode_message(op: Op, req_id: int, body: dict[str, Any], allow_pickle: bool = False,
+                   shm: ShmPolicy | None = None) -> Frames:
     """Encode a message as ``[header, *tensor buffers]`` ready for ``send_multipart(copy=False)``."""
-    enc = Encoder(allow_pickle=allow_pickle)
+    enc = Encoder(allow_pickle=allow_pickle, shm=shm)
     header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
-    return [header, *enc.buffers]
+    frames = Frames([header, *enc.buffers])
+    if enc.shm_bytes:
+        frames.shm_bytes = enc.shm_bytes
+    return frames
 
 
-def decode_message(frames: Sequence[Any], trusted: bool = False) -> Message:
+def unpack_acks(msg: Message) -> list[int]:
+    """The request ids an ``ACKS`` message acknowledges (validated)."""
+    ids = msg.body.get("ids")
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise ProtocolError("ACKS needs a list of request ids")
+    return ids
+
+
+def decode_message(frames: Sequence[Any], trusted: bool = False, shm: bool = False) -> Message:
     """Decode ``[header, *buffers]`` into a :class:`Message`.
 
     Raises
@@ -328,9 +407,10 @@ def decode_message(frames: Sequence[Any], trusted: bool = False) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
-    dec = Decoder(frames[1:], trusted=trusted)
+    dec = Decoder(frames[1:], trusted=trusted, shm=shm)
     try:
-        header = dec.unpack(bytes(memoryview(frames[0])))
+        first = frames[0]
+        header = dec.unpack(first if type(first) is bytes else bytes(memoryview(first)))
     except (ProtocolError, UntrustedPayload):
         raise
     except Exception as exc:  # malformed input of any kind
@@ -346,7 +426,10 @@ def decode_message(frames: Sequence[Any], trusted: bool = False) -> Message:
     if not isinstance(req_id, int) or isinstance(req_id, bool) or not isinstance(body, dict):
         raise ProtocolError("malformed header fields")
     try:
-        op = Op(op)
-    except ValueError:
+        op = _OPS[op]
+    except (KeyError, TypeError):
         raise ProtocolError(f"unknown op {op!r}") from None
-    return Message(op, req_id, body)
+    msg = Message(op, req_id, body)
+    if dec.shm_bytes:
+        msg.shm_bytes = dec.shm_bytes
+    return msg

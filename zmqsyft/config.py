@@ -51,6 +51,10 @@ class Config:
         Tensors larger than this are summarised in ``worker._objects`` snapshots.
     close_timeout : float
         Seconds ``close()`` waits for a worker process to exit before killing it.
+    shm_threshold : int
+        Tensors of at least this many bytes bound for a process on the same machine (same
+        ``/dev/shm``, same user) travel through shared memory: written once, mapped by the
+        receiver, no socket copies. ``0`` turns this off (every tensor goes through the socket).
     """
 
     timeout: float = 60.0
@@ -62,6 +66,7 @@ class Config:
     heartbeat_ivl: float = 1.0
     snapshot_max_elements: int = 1000
     close_timeout: float = 5.0
+    shm_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout"):
@@ -70,6 +75,8 @@ class Config:
                 raise ValueError(f"zmqsyft config: {name} must be a finite number > 0, got {value!r}")
         if self.max_inflight < 1:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
+        if self.shm_threshold < 0:
+            raise ValueError("zmqsyft config: shm_threshold must be >= 0 (0 turns shared memory off)")
 
 
 _TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}

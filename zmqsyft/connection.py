@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import transport
-from .codec import decode_message, encode_message
+from . import shm, transport
+from .codec import ShmPolicy, decode_message, encode_message, unpack_acks
 from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
 from .messages import Message, Op
 from .remote_exc import decode_exception
@@ -59,6 +59,9 @@ class Connection:
         self._answered: dict[int, _Pending] = {}  # awaited requests answered before their wait()
         self._next = 1
         self._deadline_s = client.cfg.timeout
+        self._hello: _Pending | None = None
+        self._shm_in = False  # the worker shares our /dev/shm: accept its shared-memory tensors
+        self._rcvtimeo = -1
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
@@ -68,8 +71,9 @@ class Connection:
             # the first message names us, for the worker's per-peer counters (stats())
             req_id = self._next
             self._next += 1
-            self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
-            hello: dict[str, Any] = {"peer": self.client.name}
+            self._hello = self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
+            self._shm_in = False
+            hello: dict[str, Any] = {"peer": self.client.name, "host": shm.host_key()}
             if self.worker._trust_token:
                 hello["trust"] = self.worker._trust_token
             transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
@@ -90,7 +94,11 @@ class Connection:
         sock = self._socket()
         req_id = self._next
         self._next += 1
-        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle)
+        policy = None
+        if self.client.cfg.shm_threshold:
+            policy = ShmPolicy(self._shm_out, self.client.cfg.shm_threshold,
+                               2 * self.client.cfg.timeout)
+        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=policy)
         self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
         try:
             transport.send(sock, frames)
@@ -101,6 +109,16 @@ class Connection:
         if op in _MAY_RELAY:
             self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
         return req_id
+
+    def _shm_out(self) -> bool:
+        """Whether the worker shares our ``/dev/shm`` (waits for its HELLO reply if need be)."""
+        hello = self._hello
+        if hello is None:
+            return False
+        deadline = time.monotonic() + self.client.cfg.timeout
+        while not hello.done:
+            self._pump(deadline, "hello")
+        return self._shm_in
 
     def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
                 results: tuple[Any, ...] = (), what: str = "") -> Message:
@@ -168,9 +186,16 @@ class Connection:
                 f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
                 f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
                 "raise it with zmqsyft.configure(timeout=...)"))
-        if sock.poll(int(min(remaining, _POLL_SLICE) * 1000)):
-            self._on_reply(transport.recv(sock))
-            self.poll_replies()
+        # a blocking receive with a timeout: fewer system calls than poll() and then recv()
+        rcvtimeo = max(1, int(min(remaining, _POLL_SLICE) * 1000))
+        if rcvtimeo != self._rcvtimeo:
+            sock.rcvtimeo = self._rcvtimeo = rcvtimeo
+        try:
+            frames = transport.recv(sock)
+        except zmq.Again:
+            pass
+        else:
+            self._on_reply(frames)
             return
         dead = self.worker._exit_status()
         if dead is None and self.watch is not None:
@@ -181,15 +206,24 @@ class Connection:
 
     def _on_reply(self, frames: list[Any]) -> None:
         try:
-            msg = decode_message(frames)
+            msg = decode_message(frames, shm=self._shm_in)
+            if msg.op is Op.ACKS:
+                for req_id in unpack_acks(msg):
+                    self._on_answer(Message(Op.REPLY, req_id, {}))
+                return
         except ZmqSyftError as exc:
             log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
             return
+        self._on_answer(msg)
+
+    def _on_answer(self, msg: Message) -> None:
         pending = self.inflight.pop(msg.req_id, None)
         if pending is None:
             return  # a late reply to a request we gave up on
         pending.done = True
         pending.keep = ()
+        if pending is self._hello and msg.op is Op.REPLY:
+            self._shm_in = msg.body.get("shm") is True and msg.body.get("host") == shm.host_key() != ""
         if pending.awaited:  # someone will wait() for it: keep the answer until then
             self._answered[msg.req_id] = pending
         if msg.op is Op.ERROR:
@@ -220,6 +254,9 @@ class Connection:
                 self.watch = None
             self.sock.close(linger=0)
             self.sock = None
+            self._hello = None
+            self._shm_in = False
+            self._rcvtimeo = -1
         return exc
 
     def close(self) -> None:

@@ -51,14 +51,19 @@ def substitute(tree: Any, fn: Callable[[ObjRef], Any]) -> Any:
     return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, ObjRef) else leaf, tree)
 
 
-def run(name: str, args: Any, kwargs: Any, grad: bool) -> Any:
-    """Run the allow-listed op ``name`` on already-resolved arguments."""
-    func = allowlist.lookup(name)
+def run(name: str, args: Any, kwargs: Any, grad: bool,
+        func: Callable[..., Any] | None = None) -> Any:
+    """Run the allow-listed op ``name`` (``func``, if already looked up) on resolved arguments."""
+    if func is None:
+        func = allowlist.lookup(name)
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise ProtocolError("CALL args must be a list and kwargs a map")
-    if not all(isinstance(k, str) for k in kwargs):
+    if kwargs and not all(isinstance(k, str) for k in kwargs):
         raise ProtocolError("CALL kwargs keys must be strings")
-    with torch.set_grad_enabled(bool(grad)):
+    grad = bool(grad)
+    if torch.is_grad_enabled() is grad:
+        return func(*args, **kwargs)
+    with torch.set_grad_enabled(grad):
         return func(*args, **kwargs)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import allowlist, executor
+from . import allowlist, executor, shm
 from .codec import dtype_name
 from .config import Config
 from .errors import LocationMismatch, ProtocolError
@@ -50,6 +50,8 @@ class Handlers:
     _per_peer: dict[str, dict[str, int]]
     _labels: dict[str, str]
     _trusted: set[bytes]
+    _shm_peers: set[bytes]
+    _graveyard: list[Any]
     trust_tokens: frozenset[str]
 
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
@@ -111,8 +113,14 @@ class Handlers:
         token = body.get("trust")
         if isinstance(token, str) and any(hmac.compare_digest(token, t) for t in self.trust_tokens):
             self._trusted.add(ctx.ident)
+        if "host" in body:  # a peer on this machine may hand us large tensors in shared memory
+            if body["host"] == shm.host_key() != "":
+                self._shm_peers.add(ctx.ident)
+            else:
+                self._shm_peers.discard(ctx.ident)
         self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
-                          "address": self.address, "trusted": ctx.ident in self._trusted})
+                          "address": self.address, "trusted": ctx.ident in self._trusted,
+                          "host": shm.host_key(), "shm": ctx.ident in self._shm_peers})
 
     def _run(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         fn = body.get("fn")
@@ -213,7 +221,7 @@ class Handlers:
             self._reply(ctx, {"result": self._describe(result)})
 
     def _run_call(self, ctx: _Ctx, name: Any, body: dict[str, Any], out: Any) -> Any:
-        allowlist.lookup(name)  # refuse before touching anything
+        func = allowlist.lookup(name)  # refuse before touching anything
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         grad = body.get("grad", True)
         if out is not None and not _valid_out(out):
@@ -227,7 +235,7 @@ class Handlers:
             self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote, hops)
             return _RELAYED
         args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-        result = executor.run(name, args, kwargs, grad)
+        result = executor.run(name, args, kwargs, grad, func)
         if out is not None:
             tensors = executor.result_tensors(result)
             executor.check_outputs(name, tensors, out)
@@ -360,6 +368,8 @@ class Handlers:
             current = self.store.discard(obj_id)
             if current is not None and current is not obj:  # the id was reused meanwhile: keep it
                 self.store.replace(obj_id, current)
+            else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms)
+                self._graveyard.append(current)
             self._reply(ctx, {})
         self._request(dest, Op.PUT, {"id": obj_id, "obj": payload}, done)
 

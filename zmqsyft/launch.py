@@ -9,6 +9,7 @@ parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import secrets
@@ -339,6 +340,9 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     for tag in tags or []:
         cmd += ["--tag", tag]
     child_env = dict(os.environ)
+    for field in dataclasses.fields(cfg):  # the worker runs with this config (it reads ZMQSYFT_*)
+        value = getattr(cfg, field.name)
+        child_env[f"ZMQSYFT_{field.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
     token = secrets.token_hex(32)  # the worker trusts its parent (and nobody else) with pickle
     child_env["ZMQSYFT_TRUST_TOKEN"] = token
     child_env.update(env or {})

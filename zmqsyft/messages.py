@@ -1,6 +1,6 @@
 """Protocol constants and message shapes. No I/O here.
 
-Wire format (protocol version 1)
+Wire format (protocol version 2)
 ================================
 
 Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
@@ -52,6 +52,12 @@ RUN                ``fn`` (a pickled callable: trusted senders only), ``args``, 
 =================  ===================================================================
 
 An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.remote_exc`).
+
+``ACKS`` (request id 0, body ``ids``: a list of request ids) answers several requests at once
+with an empty ``REPLY`` each. A worker sends it instead of separate empty replies when one turn
+of its loop answered more than one request of the same peer successfully with nothing to return
+(pipelined ops with caller-chosen result ids, deletes): one message instead of hundreds. It is
+always sent before any other reply to that peer, so replies never overtake acknowledgements.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from enum import IntEnum
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ACKS
 NO_REPLY = 0
 
 
@@ -83,6 +89,7 @@ class Op(IntEnum):
     SHUTDOWN = 13
     SEARCH = 14
     RUN = 15
+    ACKS = 16
 
 
 def op_name(op: int) -> str:
@@ -96,12 +103,13 @@ def op_name(op: int) -> str:
 class Message:
     """A decoded message: op, request id and body (tensor frames already rebuilt into the body)."""
 
-    __slots__ = ("op", "req_id", "body")
+    __slots__ = ("op", "req_id", "body", "shm_bytes")
 
     def __init__(self, op: Op, req_id: int, body: dict) -> None:
         self.op = op
         self.req_id = req_id
         self.body = body
+        self.shm_bytes = 0  # tensor bytes that came through shared memory, not in the frames
 
     def __repr__(self) -> str:
         keys = ", ".join(sorted(map(str, self.body)))

@@ -115,14 +115,25 @@ class PeerWatch:
         self.monitor.close(linger=0)
 
 
+_COPY_BELOW = 65536  # smaller frames are copied: cheaper than a zero-copy zmq.Frame
+
+
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
-    """Send a multipart message; tensor buffers go without a copy."""
-    sock.send_multipart(frames, copy=False)
+    """Send a multipart message: small frames copied, large ones (tensor buffers) without a copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        small = type(frame) is bytes and len(frame) < _COPY_BELOW
+        sock.send(frame, zmq.SNDMORE if i < last else 0, copy=small)
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
-    """Receive a multipart message as frames (no copy of large payloads)."""
-    return sock.recv_multipart(flags, copy=False)
+def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list[Any]:
+    """Receive a multipart message: the first ``copied`` frames (routing id, header) as ``bytes``,
+    the rest (tensor buffers) as zero-copy ``zmq.Frame`` objects."""
+    frames: list[Any] = [sock.recv(flags)]
+    more = sock.get
+    while more(zmq.RCVMORE):
+        frames.append(sock.recv(copy=len(frames) < copied))
+    return frames
 
 
 def ipc_endpoint(name: str, directory: str | None = None) -> str:

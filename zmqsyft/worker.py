@@ -22,8 +22,8 @@ from typing import Any
 
 import zmq
 
-from . import transport
-from .codec import decode_message, encode_message
+from . import shm, transport
+from .codec import Frames, ShmPolicy, decode_message, encode_message, unpack_acks
 from .config import Config
 from .errors import ProtocolError, RequestTimeout, UntrustedPayload, WorkerUnavailable
 from .handlers import Handlers
@@ -36,6 +36,7 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[Message | None, BaseException | None], None]
+_COUNTER_KEYS = {d: (f"messages_{d}", f"bytes_{d}", f"largest_{d}") for d in ("in", "out")}
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 
 
@@ -72,6 +73,7 @@ class Worker(Handlers):
         self.id = worker_id
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
         self._trusted: set[bytes] = set()  # routing ids that presented a trust token
+        self._shm_peers: set[bytes] = set()  # routing ids on this machine (shared memory)
         self.cfg = config
         self.ctx = transport.context()
         self.router, self.address = transport.make_router(self.ctx, bind, config)
@@ -92,6 +94,13 @@ class Worker(Handlers):
         self._per_peer: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         # routing id (hex) or peer address -> the peer's name (from HELLO), for stats()
         self._labels: dict[str, str] = {}
+        # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
+        self._acks: dict[bytes, list[int]] = {}
+        self._graveyard: list[Any] = []
+        # peer address -> whether it shares our /dev/shm (None until its HELLO reply came), and
+        # the requests waiting for that answer because they carry large tensors
+        self._peer_shm: dict[str, bool | None] = {}
+        self._parked: dict[str, list[tuple[Op, dict[str, Any], Callback]]] = {}
         self._handlers = self._handler_table()
 
     # ------------------------------------------------------------------ loop
@@ -109,8 +118,13 @@ class Worker(Handlers):
                         self._drain(sock, self._on_request)
                     elif sock in self._peer_of_socket:
                         self._drain(sock, self._on_peer_reply)
+                    if self._acks:
+                        self._flush_acks()
                 self._expire()
                 self._check_peers()
+                if self._acks:
+                    self._flush_acks()
+                self._graveyard.clear()  # objects whose freeing waited for the replies to go
                 now = time.monotonic()
                 if self.parent_pid is not None and now >= next_parent_check:
                     next_parent_check = now + 0.5
@@ -122,6 +136,7 @@ class Worker(Handlers):
 
     def close(self) -> None:
         self._running = False
+        self._flush_acks()
         for address, sock in self._peers.items():
             self._watches[address].close(sock)
             sock.close(linger=0)
@@ -140,6 +155,8 @@ class Worker(Handlers):
     def _peer_lost(self, address: str, reason: str) -> None:
         """A peer worker is unreachable: fail what waits on it; the next request reconnects."""
         failed = [rid for rid, (_, addr, _) in self._pending.items() if addr == address]
+        self._peer_shm.pop(address, None)
+        parked = self._parked.pop(address, [])
         sock = self._peers.pop(address, None)
         if sock is not None:
             self.poller.unregister(sock)
@@ -152,11 +169,16 @@ class Worker(Handlers):
             self._safe_callback(callback, None, WorkerUnavailable(
                 f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
                 f"{op.name} got no answer"))
+        for op, _, callback in parked:
+            self._safe_callback(callback, None, WorkerUnavailable(
+                f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
+                f"{op.name} was not sent"))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None]) -> None:
+        copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
         for _ in range(_MAX_BATCH):
             try:
-                frames = transport.recv(sock, zmq.NOBLOCK)
+                frames = transport.recv(sock, zmq.NOBLOCK, copied)
             except zmq.Again:
                 return
             handle(sock, frames)
@@ -177,11 +199,12 @@ class Worker(Handlers):
         if len(frames) < 2:
             self._counters["dropped_malformed"] += 1
             return
-        ident = frames[0].bytes
-        self._count(ident.hex(), "in", frames[1:])
+        ident = frames[0]
         try:
-            msg = decode_message(frames[1:], trusted=ident in self._trusted)
+            msg = decode_message(frames[1:], trusted=ident in self._trusted,
+                                 shm=ident in self._shm_peers)
         except UntrustedPayload:
+            self._count(ident.hex(), "in", frames[1:])
             self._counters["refused_untrusted"] += 1
             req_id = _salvage_req_id(frames[1])
             if req_id:
@@ -193,12 +216,14 @@ class Worker(Handlers):
                     "started with --trust-token T. Tensors and pointers need no trust."))
             return
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
+            self._count(ident.hex(), "in", frames[1:])
             self._counters["dropped_malformed"] += 1
             req_id = _salvage_req_id(frames[1])
             log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
             if req_id:
                 self._reply_error(_Ctx(ident, req_id), exc)
             return
+        self._count(ident.hex(), "in", frames[1:], msg.shm_bytes)
         ctx = _Ctx(ident, msg.req_id)
         handler = self._handlers.get(msg.op)
         try:
@@ -209,14 +234,23 @@ class Worker(Handlers):
             self._reply_error(ctx, exc)
 
     def _on_peer_reply(self, sock: zmq.Socket, frames: list[Any]) -> None:
-        self._count(self._peer_of_socket.get(sock, "?"), "in", frames)
+        address = self._peer_of_socket.get(sock, "?")
         try:
-            msg = decode_message(frames)
+            msg = decode_message(frames, shm=self._peer_shm.get(address) is True)
         except Exception as exc:  # noqa: BLE001
+            self._count(address, "in", frames)
             self._counters["dropped_malformed"] += 1
             log.warning("worker %s: undecodable reply from %s: %s", self.id,
                         self._peer_of_socket.get(sock), exc)
             return
+        self._count(address, "in", frames, msg.shm_bytes)
+        if msg.op is Op.ACKS:
+            for req_id in unpack_acks(msg):
+                self._on_peer_answer(Message(Op.REPLY, req_id, {}))
+        else:
+            self._on_peer_answer(msg)
+
+    def _on_peer_answer(self, msg: Message) -> None:
         entry = self._pending.pop(msg.req_id, None)
         if entry is None:
             self._counters["late_replies"] += 1
@@ -237,8 +271,15 @@ class Worker(Handlers):
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
         if ctx.req_id == NO_REPLY:
             return
+        if not body:  # an acknowledgement: batched with the others of this loop turn
+            acks = self._acks.get(ctx.ident)
+            if acks is None:
+                self._acks[ctx.ident] = [ctx.req_id]
+            else:
+                acks.append(ctx.req_id)
+            return
         try:
-            frames = encode_message(Op.REPLY, ctx.req_id, body or {})
+            frames = encode_message(Op.REPLY, ctx.req_id, body, shm=self._shm_policy(ctx.ident))
         except Exception as exc:  # noqa: BLE001 - e.g. a result the wire cannot carry
             self._reply_error(ctx, exc)
             return
@@ -251,22 +292,57 @@ class Worker(Handlers):
         self._send_reply(ctx, encode_message(Op.ERROR, ctx.req_id, {"error": encode_exception(exc, self.id)}))
 
     def _send_reply(self, ctx: _Ctx, frames: list[Any]) -> None:
+        if ctx.ident in self._acks:  # acknowledgements first: replies never overtake them
+            self._send_acks(ctx.ident, self._acks.pop(ctx.ident))
+        self._send_to(ctx.ident, frames)
+
+    def _send_to(self, ident: bytes, frames: list[Any]) -> None:
         try:
-            transport.send(self.router, [ctx.ident, *frames])
+            transport.send(self.router, [ident, *frames])
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             self._counters["unroutable_replies"] += 1
-            log.info("worker %s: cannot reply to %s: %s", self.id, ctx.ident.hex(), exc)
+            log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
             return
-        self._count(ctx.ident.hex(), "out", frames)
+        self._count(ident.hex(), "out", frames, frames.shm_bytes if isinstance(frames, Frames) else 0)
 
-    def _count(self, key: str, direction: str, frames: list[Any]) -> None:
-        """Per-peer traffic (by routing id or address): messages, bytes, the largest message."""
-        size = sum(memoryview(f).nbytes for f in frames)
+    def _shm_policy(self, ident: bytes) -> ShmPolicy | None:
+        if self.cfg.shm_threshold and ident in self._shm_peers:
+            return ShmPolicy(_yes, self.cfg.shm_threshold, 2 * self.cfg.timeout)
+        return None
+
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for ident, req_ids in acks.items():
+            self._send_acks(ident, req_ids)
+
+    def _send_acks(self, ident: bytes, req_ids: list[int]) -> None:
+        if len(req_ids) == 1:
+            self._send_to(ident, encode_message(Op.REPLY, req_ids[0], {}))
+        else:
+            self._send_to(ident, encode_message(Op.ACKS, NO_REPLY, {"ids": req_ids}))
+
+    def _count(self, key: str, direction: str, frames: list[Any], shm_bytes: int = 0) -> None:
+        """Per-peer traffic (by routing id or address): messages, bytes (shared memory included),
+        the largest message."""
+        size = shm_bytes
+        for f in frames:
+            size += len(f) if type(f) is bytes else memoryview(f).nbytes
+        messages, nbytes, largest = _COUNTER_KEYS[direction]
+        if shm_bytes:
+            self._counters[f"shm_bytes_{direction}"] += shm_bytes
         peer = self._per_peer[key]
-        peer[f"messages_{direction}"] += 1
-        peer[f"bytes_{direction}"] += size
-        if size > peer[f"largest_{direction}"]:
-            peer[f"largest_{direction}"] = size
+        peer[messages] += 1
+        peer[nbytes] += size
+        if size > peer[largest]:
+            peer[largest] = size
+
+    def _shm_decider(self, address: str) -> Callable[[], bool]:
+        def use() -> bool:
+            known = self._peer_shm.get(address)
+            if known is None:
+                raise _AwaitHello
+            return known
+        return use
 
     def _peer(self, address: str) -> zmq.Socket:
         sock = self._peers.get(address)
@@ -275,30 +351,61 @@ class Worker(Handlers):
             self._peers[address] = sock
             self._peer_of_socket[sock] = address
             self.poller.register(sock, zmq.POLLIN)
-            self._request(address, Op.HELLO, {"peer": self.id}, self._learn_name(address))
+            self._peer_shm[address] = None
+            hello = {"peer": self.id, "host": shm.host_key()}
+            self._request(address, Op.HELLO, hello, self._learn_peer(address))
         return sock
 
-    def _learn_name(self, address: str) -> Callback:
+    def _learn_peer(self, address: str) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:
             if msg is not None and isinstance(msg.body.get("id"), str):
                 self._labels[address] = msg.body["id"][:64]
+            if address not in self._peers:
+                return  # lost meanwhile; _peer_lost failed what was parked
+            self._peer_shm[address] = (msg is not None and msg.body.get("shm") is True
+                                       and msg.body.get("host") == shm.host_key())
+            for op, body, then in self._parked.pop(address, []):
+                self._request(address, op, body, then)
         return callback
 
     def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
-        """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered."""
+        """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered.
+
+        A request with large tensors for a peer whose HELLO reply has not come yet waits for it
+        (to know whether shared memory can carry them); so do the requests to that peer after it.
+        """
+        if address in self._parked:
+            self._parked[address].append((op, body, callback))
+            return
         req_id = self._next_req
         self._next_req += 1
         try:
-            frames = encode_message(op, req_id, body)
-            transport.send(self._peer(address), frames)
+            sock = self._peer(address)
+            policy = None
+            if self.cfg.shm_threshold:
+                policy = ShmPolicy(self._shm_decider(address), self.cfg.shm_threshold,
+                                   2 * self.cfg.timeout)
+            frames = encode_message(op, req_id, body, shm=policy)
+            transport.send(sock, frames)
+        except _AwaitHello:
+            self._parked[address] = [(op, body, callback)]
+            return
         except Exception as exc:  # noqa: BLE001
             self._safe_callback(callback, None, exc)
             return
-        self._count(address, "out", frames)
+        self._count(address, "out", frames, frames.shm_bytes)
         if op is not Op.FLUSH:
             self._dirty.add(address)
         self._pending[req_id] = (callback, address, op)
         heapq.heappush(self._deadlines, (time.monotonic() + self.cfg.timeout, req_id))
+
+
+class _AwaitHello(Exception):  # noqa: N818 - control flow, never seen outside _request
+    """Raised by the shared-memory decider while a peer's HELLO reply is still on its way."""
+
+
+def _yes() -> bool:
+    return True
 
 
 def _salvage_req_id(header: Any) -> int:

@@ -1,0 +1,231 @@
+"""Same-host shared-memory transfers: used when both ends share /dev/shm, correct, leak-free,
+off when configured so, and refused when a peer has not proved it is on this machine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+import zmqsyft as sy
+from zmqsyft import shm
+from zmqsyft.codec import Ext, ShmPolicy, decode_message, encode_message
+from zmqsyft.config import Config
+from zmqsyft.errors import ProtocolError
+from zmqsyft.launch import WorkerClient
+from zmqsyft.messages import PROTOCOL_VERSION, Op
+
+from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
+
+pytestmark = pytest.mark.skipif(not shm.host_key(), reason="this machine has no usable /dev/shm")
+
+BIG = 2 * (1 << 20) // 4  # float32 elements: 2 MiB, above the 1 MiB default threshold
+
+
+def _segments(pid: int | None = None) -> list[str]:
+    prefix = "zmqsyft-" if pid is None else f"zmqsyft-{pid}-"
+    return sorted(n for n in os.listdir(shm.DIRECTORY) if n.startswith(prefix))
+
+
+def _shm_counters(worker: WorkerClient) -> tuple[int, int]:
+    counters = worker.stats()["counters"]
+    return counters.get("shm_bytes_in", 0), counters.get("shm_bytes_out", 0)
+
+
+def test_send_get_and_move_go_through_shared_memory(spawn: Callable[..., WorkerClient],
+                                                    hook: sy.TorchHook) -> None:
+    bob, alice = spawn("bob"), spawn("alice")
+    data = torch.randn(BIG)
+    nbytes = data.numel() * 4
+    ptr = data.send(bob)
+    sy.sync()
+    assert _shm_counters(bob) == (nbytes, 0)
+    assert _segments(os.getpid()) == [], "the receiver unlinks a segment once it has mapped it"
+
+    ptr.move(alice)
+    sy.sync()
+    assert _shm_counters(bob) == (nbytes, nbytes)
+    assert _shm_counters(alice) == (nbytes, 0)
+
+    back = ptr.get()
+    assert torch.equal(back, data)
+    assert _shm_counters(alice) == (nbytes, nbytes)
+    back.add_(1)  # the received tensor is ordinary, writable memory
+    assert torch.equal(back, data + 1)
+    for worker in (bob, alice):
+        assert _segments(worker.pid) == []
+    # per-peer traffic still counts the bytes (the privacy accounting of Part 4 relies on it)
+    peers = alice.stats()["peers"]
+    assert max(p.get("largest_out", 0) for p in peers.values()) >= nbytes
+
+
+def test_small_tensors_and_threshold_zero_use_the_socket(spawn: Callable[..., WorkerClient],
+                                                          hook: sy.TorchHook) -> None:
+    cfg = Config(shm_threshold=0)
+    bob = spawn("bob", config=cfg)
+    small = torch.arange(10.0)
+    assert torch.equal(small.send(bob).get(), small)
+    sy.configure(shm_threshold=0)
+    try:
+        data = torch.randn(BIG)
+        assert torch.equal(data.send(bob).get(), data)
+    finally:
+        sy.configure(shm_threshold=Config().shm_threshold)
+    assert _shm_counters(bob) == (0, 0)
+
+
+def test_operations_on_a_shared_memory_tensor_and_requires_grad(bob: WorkerClient,
+                                                                 hook: sy.TorchHook) -> None:
+    w = torch.randn(BIG, requires_grad=True)
+    ptr = w.send(bob)
+    loss = (ptr * 2).sum()
+    loss.backward()
+    grad = ptr.grad.get()
+    assert torch.equal(grad, torch.full_like(w, 2.0))
+    assert ptr.get().requires_grad
+
+
+def test_a_peer_without_a_matching_hello_cannot_send_shared_memory(bob: WorkerClient, tmp_path: Path) -> None:
+    alive = alive_check(bob)
+    data = torch.arange(BIG, dtype=torch.float32)
+    policy = ShmPolicy(lambda: True, 1, 60.0)
+    with raw_dealer(bob.address) as sock:
+        # no HELLO at all: the segment is refused (and left for its sender to sweep)
+        frames = encode_message(Op.PUT, 1, {"id": 4711, "obj": data}, shm=policy)
+        name = msgpack.unpackb(frames[0], ext_hook=lambda c, d: msgpack.unpackb(d))[3]["obj"][0]
+        sock.send_multipart(frames)
+        reply = next_reply(sock, alive=alive)
+        assert reply.op is Op.ERROR and "not known to share" in reply.body["error"]["message"]
+        assert os.path.exists(os.path.join(shm.DIRECTORY, name))
+        shm.sweep(0)
+        assert not os.path.exists(os.path.join(shm.DIRECTORY, name))
+
+        # a HELLO with another machine's key: still refused
+        sock.send_multipart(encode_message(Op.HELLO, 2, {"peer": "stranger", "host": "other:1:2:3"}))
+        assert next_reply(sock, alive=alive).body["shm"] is False
+        sock.send_multipart(encode_message(Op.PUT, 3, {"id": 4712, "obj": data}, shm=policy))
+        assert next_reply(sock, alive=alive).op is Op.ERROR
+        shm.sweep(0)
+
+        # with the key: accepted
+        sock.send_multipart(encode_message(Op.HELLO, 4, {"peer": "local", "host": shm.host_key()}))
+        assert next_reply(sock, alive=alive).body["shm"] is True
+        sock.send_multipart(encode_message(Op.PUT, 5, {"id": 4713, "obj": data}, shm=policy))
+        assert next_reply(sock, alive=alive).op is Op.REPLY
+        assert shm.outstanding() == []
+        sock.send_multipart(encode_message(Op.DEL, 6, {"ids": [4713]}))
+        assert next_reply(sock, alive=alive).op is Op.REPLY
+    assert alive()
+
+
+def _shm_ext(name: str, shape: list[int], dtype: str = "float32") -> msgpack.ExtType:
+    return msgpack.ExtType(int(Ext.SHM), msgpack.packb([name, dtype, shape, False]))
+
+
+@pytest.mark.parametrize("case", ["traversal", "missing", "symlink", "wrong size", "empty"])
+def test_bad_segments_are_refused_and_the_worker_survives(case: str, bob: WorkerClient,
+                                                          tmp_path: Path) -> None:
+    alive = alive_check(bob)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\x00" * 64)
+    fake = f"zmqsyft-{os.getpid()}-{os.urandom(16).hex()}"
+    path = os.path.join(shm.DIRECTORY, fake)
+    shape = [16]
+    name = fake
+    if case == "traversal":
+        name = "../../" + str(victim)
+    elif case == "symlink":
+        os.symlink(victim, path)
+    elif case == "wrong size":
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 60)
+    elif case == "empty":
+        shape = [0]
+    try:
+        with raw_dealer(bob.address) as sock:
+            sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
+            next_reply(sock, alive=alive)
+            header = msgpack.packb([PROTOCOL_VERSION, int(Op.PUT), 2, {"id": 99, "obj": _shm_ext(name, shape)}])
+            sock.send_multipart([header])
+            reply = next_reply(sock, alive=alive)
+        assert reply.op is Op.ERROR
+        assert reply.body["error"]["type"].endswith(".ProtocolError")
+    finally:
+        if os.path.lexists(path):
+            os.unlink(path)
+    assert victim.read_bytes() == b"\x00" * 64
+    assert alive()
+
+
+def test_decoder_refuses_shared_memory_unless_allowed() -> None:
+    frames = encode_message(Op.PUT, 1, {"obj": torch.ones(8)}, shm=ShmPolicy(lambda: True, 1, 60.0))
+    assert len(frames) == 1 and frames.shm_bytes == 32
+    with pytest.raises(ProtocolError, match="not known to share"):
+        decode_message(frames)
+    msg = decode_message(frames, shm=True)
+    assert torch.equal(msg.body["obj"], torch.ones(8)) and msg.shm_bytes == 32
+    with pytest.raises(ProtocolError, match="cannot be opened"):
+        decode_message(frames, shm=True)  # taken already: a segment is mapped once
+
+
+def test_encoder_falls_back_to_frames_when_shared_memory_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "DIRECTORY", "/nonexistent-zmqsyft-dir")
+    data = torch.randn(1000)
+    frames = encode_message(Op.PUT, 1, {"obj": data}, shm=ShmPolicy(lambda: True, 1, 60.0))
+    assert frames.shm_bytes == 0 and len(frames) == 2
+    assert torch.equal(decode_message(frames).body["obj"], data)
+
+
+def test_the_decision_is_asked_once_and_only_for_large_tensors() -> None:
+    asked: list[int] = []
+
+    def use() -> bool:
+        asked.append(1)
+        return False
+    policy = ShmPolicy(use, 1024, 60.0)
+    encode_message(Op.PUT, 1, {"obj": [torch.ones(4), torch.ones(8)]}, shm=policy)
+    assert asked == []
+    frames = encode_message(Op.PUT, 1, {"obj": [torch.ones(512), torch.ones(1024)]}, shm=policy)
+    assert asked == [1] and len(frames) == 3
+
+
+def test_untaken_segments_are_swept_by_age() -> None:
+    name = shm.write(b"\x01" * 4096, max_age=60.0)
+    assert name in shm.outstanding()
+    shm.sweep(3600.0)
+    assert name in shm.outstanding()
+    shm.sweep(0)
+    assert name not in shm.outstanding()
+    assert not os.path.exists(os.path.join(shm.DIRECTORY, name))
+
+
+def test_first_move_to_a_new_peer_waits_for_its_hello(spawn: Callable[..., WorkerClient],
+                                                      hook: sy.TorchHook) -> None:
+    """bob meets carol for the first time with a large tensor and a pointer relay queued behind
+    it: both arrive, in order, and the tensor goes through shared memory."""
+    bob, carol = spawn("bob"), spawn("carol")
+    data = torch.randn(BIG)
+    ptr = data.send(bob)
+    ptr.move(carol)
+    result = ptr + 1
+    assert torch.equal(result.get(), data + 1)
+    assert _shm_counters(carol)[0] >= data.numel() * 4
+    del ptr
+    sy.sync()
+
+
+def test_a_dead_receiver_leaves_no_segment_behind(spawn: Callable[..., WorkerClient],
+                                                  hook: sy.TorchHook) -> None:
+    bob = spawn("bob")
+    bob.ping()
+    bob._proc.kill()  # type: ignore[union-attr]
+    bob._proc.wait(10)  # type: ignore[union-attr]
+    with pytest.raises(sy.ZmqSyftError):
+        torch.randn(BIG).send(bob)
+        sy.sync()
+    shm.sweep(0)  # what a sender does for untaken segments (after max_age, and at exit)
+    assert _segments(os.getpid()) == []
