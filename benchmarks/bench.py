@@ -48,7 +48,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 HERE = os.path.abspath(__file__)
@@ -305,11 +305,14 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
 
     try:
         bob, alice = spawn("bob"), spawn("alice")
-        bob_tcp = spawn("bob_tcp", transport_kind="tcp")
-        for w in (bob, alice, bob_tcp):
+        # the tcp rows measure the socket path: shared memory off on both ends
+        no_shm = replace(get_client().cfg, shm_threshold=0)
+        bob_tcp = spawn("bob_tcp", transport_kind="tcp", config=no_shm)
+        bob_noshm = spawn("bob_noshm", config=no_shm)
+        for w in (bob, alice, bob_tcp, bob_noshm):
             w.ping()  # waits for the ready handshake, then a first round trip
         R.note("workers: bob and alice on ipc:// (spawn_worker's default), bob_tcp on "
-               "tcp://127.0.0.1 (the W4 tcp rows)")
+               "tcp://127.0.0.1 (the W4 tcp rows, shared memory off: the socket path)")
         small: Any = torch.ones(4)  # Any: TorchHook adds .send()
         keep: list[Any] = []
 
@@ -365,7 +368,9 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
 
         # W4: big send / get over ipc and tcp
         big: Any = torch.ones(P.big_bytes // 4, dtype=torch.float32)
-        for kind, w in (("ipc", bob), ("tcp", bob_tcp)):
+        shm_default = get_client().cfg.shm_threshold
+        for kind, w in (("ipc", bob), ("ipc_noshm", bob_noshm), ("tcp", bob_tcp)):
+            sy.configure(shm_threshold=shm_default if kind == "ipc" else 0)
             sends, gets = [], []
             for i in range(1 + P.big_reps):
                 ts, p = timed(big.send, w)
@@ -377,6 +382,10 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
                     gets.append(tg)
             R.add(f"W4.send.{kind}", sends)
             R.add(f"W4.get.{kind}", gets)
+        sy.configure(shm_threshold=shm_default)
+        R.note("W4 ipc rows: same-host shared memory (the default, shm_threshold=1 MiB); the "
+               "'shared memory off' rows: the same through the ipc socket (client and worker "
+               "with shm_threshold=0)")
 
         # W5: move bob -> alice, started by the client (timed runs, then runs that watch the
         # client's peak RSS, so that the sampler does not disturb the timing)
@@ -398,14 +407,28 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         R.add("W5.client_rss", rss)
 
         # memory: the worker's peak RSS growth while it receives the payload
+        # (the worker then reads every byte once: a shared-memory tensor is mapped lazily, so
+        # without this its pages would not show in its RSS at all)
         growth = []
         for _ in range(P.mem_reps):
             with PeakRSS(bob.pid) as mon:
                 p = big.send(bob)
+                p.sum().get()
             growth.append(mon.growth)
             del p
             sy.sync()
         R.add("mem.worker", growth)
+        # a client getting the payload (and reading it once)
+        growth = []
+        for _ in range(P.mem_reps):
+            p = big.send(bob)
+            sy.sync()
+            with PeakRSS(os.getpid()) as mon:
+                t = p.get()
+                t.sum()
+            growth.append(mon.growth)
+            del p, t
+        R.add("mem.client_get", growth)
         R.note(f"peak RSS method: {mon.method}")
     finally:
         close_workers(handles)
@@ -977,6 +1000,8 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("W3", "W3 get 4 x f32 back", "us"),
         ("W4.send.ipc", f"W4 send {size}, ipc [rpc: TensorPipe default]", "xfer"),
         ("W4.get.ipc", f"W4 get {size}, ipc [rpc: TensorPipe default]", "xfer"),
+        ("W4.send.ipc_noshm", f"W4 send {size}, ipc, shared memory off", "xfer"),
+        ("W4.get.ipc_noshm", f"W4 get {size}, ipc, shared memory off", "xfer"),
         ("W4.send.tcp", f"W4 send {size}, tcp 127.0.0.1", "xfer"),
         ("W4.get.tcp", f"W4 get {size}, tcp 127.0.0.1", "xfer"),
         ("W5.move", f"W5 move {size} bob -> alice (client-initiated)", "xfer"),
@@ -990,6 +1015,7 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("startup.import_torch_ready", "  vs the same, until torch is imported", "s"),
         ("first_op", "first remote add after start-up (one-time, cold)", "ms"),
         ("mem.worker", f"worker peak RSS growth receiving {size}", "mib"),
+        ("mem.client_get", f"client peak RSS growth getting {size}", "mib"),
     ]
 
 
@@ -1074,6 +1100,7 @@ def ratios(P: Params, results: dict[str, Any]) -> list[tuple[str, float | None, 
         ("W5 move time / W4 send time (zmqsyft, ipc)", div(m("zmqsyft", "W5.move"), m("zmqsyft", "W4.send.ipc")), "<=", 1.2),
         ("W5 client RSS growth, MiB (zmqsyft)", div(m("zmqsyft", "W5.client_rss"), MiB), "<", 5.0),
         ("worker RSS growth / payload (zmqsyft)", div(m("zmqsyft", "mem.worker"), P.big_bytes), "<=", 1.2),
+        ("client RSS growth getting / payload (zmqsyft)", div(m("zmqsyft", "mem.client_get"), P.big_bytes), "<=", 1.2),
         ("start-up / `python -c \"import torch\"` (zmqsyft)", div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch")), "<=", 1.5),
         ("start-up / import torch until imported (zmqsyft)", div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch_ready")), "<=", 1.5),
     ]

@@ -110,6 +110,7 @@ _MEMFMTS = {
 _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
 _ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 _OPS = {int(op): op for op in Op}
+_REF = int(Ext.REF)
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
@@ -195,6 +196,8 @@ class Encoder:
         return msgpack.ExtType(int(code), self.pack(payload))
 
     def _default(self, obj: Any) -> Any:
+        if type(obj) is ObjRef:  # the most frequent extension: a fixed 8 bytes, no nesting
+            return msgpack.ExtType(_REF, obj.id.to_bytes(8, "big", signed=False))
         # exact builtin subclasses (IntEnum, str subclasses) degrade to their base type
         if isinstance(obj, bool):
             return bool(obj)
@@ -233,8 +236,6 @@ class Encoder:
             return list(obj)
         if isinstance(obj, dict):
             return dict(obj)
-        if isinstance(obj, ObjRef):  # the most frequent extension: a fixed 8 bytes, no nesting
-            return msgpack.ExtType(int(Ext.REF), obj.id.to_bytes(8, "big", signed=False))
         if isinstance(obj, PointerDesc):
             return self._ext(Ext.PTR, obj.as_list())
         if isinstance(obj, slice):

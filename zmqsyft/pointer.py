@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["PointerTensor", "pointer_from_desc"]
 
 _META = torch.device("meta")
+_torch_function: Any = None  # dispatch.torch_function, imported on first use (dispatch imports us)
 
 
 class PointerTensor(torch.Tensor):
@@ -73,9 +74,10 @@ class PointerTensor(torch.Tensor):
     # ------------------------------------------------------------ torch glue
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        from .dispatch import torch_function
-
-        return torch_function(func, args, kwargs or {})
+        global _torch_function
+        if _torch_function is None:
+            from .dispatch import torch_function as _torch_function
+        return _torch_function(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]

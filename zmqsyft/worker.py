@@ -97,6 +97,7 @@ class Worker(Handlers):
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
         self._graveyard: list[Any] = []
+        self._rcvtimeo = -1
         # peer address -> whether it shares our /dev/shm (None until its HELLO reply came), and
         # the requests waiting for that answer because they carry large tensors
         self._peer_shm: dict[str, bool | None] = {}
@@ -113,7 +114,9 @@ class Worker(Handlers):
                 timeout = 500.0 if not self._pending else 100.0  # peers are checked per turn
                 if self._deadlines:
                     timeout = max(0.0, min(timeout, (self._deadlines[0][0] - time.monotonic()) * 1000))
-                for sock, _ in self.poller.poll(int(timeout)):
+                if not self._peers:  # only clients: a blocking receive costs fewer system calls
+                    self._serve_router(int(timeout))
+                for sock, _ in self.poller.poll(int(timeout)) if self._peers else ():
                     if sock is self.router:
                         self._drain(sock, self._on_request)
                     elif sock in self._peer_of_socket:
@@ -174,9 +177,26 @@ class Worker(Handlers):
                 f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
                 f"{op.name} was not sent"))
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None]) -> None:
+    def _serve_router(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for a request, then handle what has arrived."""
+        timeout_ms = max(timeout_ms, 1)
+        if timeout_ms != self._rcvtimeo:
+            self.router.rcvtimeo = self._rcvtimeo = timeout_ms
+        try:
+            frames = transport.recv(self.router, 0, 2)
+        except zmq.Again:
+            return
+        self._on_request(self.router, frames)
+        self._drain(self.router, self._on_request, _MAX_BATCH - 1)
+        if self._acks:
+            self._flush_acks()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None],
+               limit: int = _MAX_BATCH) -> None:
         copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
-        for _ in range(_MAX_BATCH):
+        for _ in range(limit):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again exception)
+                return
             try:
                 frames = transport.recv(sock, zmq.NOBLOCK, copied)
             except zmq.Again:
