@@ -8,6 +8,7 @@ to the network and needs ``--insecure`` until CURVE authentication is configured
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -68,6 +69,9 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
+    # torch and the loaded data are here for good: keep them out of the garbage collector's
+    # full passes, which would otherwise rescan them every few thousand requests
+    gc.freeze()
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as ready:
             ready.write(f"READY {worker.address} {os.getpid()}\n")

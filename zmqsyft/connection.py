@@ -165,7 +165,7 @@ class Connection:
     def poll_replies(self) -> None:
         """Handle the replies that have already arrived, without waiting."""
         sock = self.sock
-        while sock is not None and self.inflight and sock.get(zmq.EVENTS) & zmq.POLLIN:
+        while sock is not None and self.inflight and transport.readable(sock):
             try:
                 frames = transport.recv(sock, zmq.NOBLOCK)
             except zmq.Again:

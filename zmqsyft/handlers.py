@@ -63,6 +63,9 @@ class Handlers:
     def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
         raise NotImplementedError
 
+    def _answer_now(self) -> None:
+        raise NotImplementedError
+
     def _handler_table(self) -> dict[Op, Callable[[_Ctx, dict[str, Any]], None]]:
         return {
             Op.HELLO: self._hello, Op.PUT: self._put, Op.GET: self._get, Op.CALL: self._call,
@@ -287,8 +290,9 @@ class Handlers:
                 self.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
                                                       tuple(spec[1]), spec[2], bool(spec[3]), True))
             body["out"] = next_out
-            self._request(target.address, Op.CALL, body, self._log_failure(name))
             self._reply(ctx)
+            self._answer_now()  # the caller need not wait for the forwarding
+            self._request(target.address, Op.CALL, body, self._log_failure(name))
             return
         body["out"] = None
 

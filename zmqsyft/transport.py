@@ -21,7 +21,7 @@ import zmq
 from .config import Config
 
 __all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
-           "send", "recv"]
+           "send", "recv", "readable"]
 
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
@@ -116,6 +116,8 @@ class PeerWatch:
 
 
 _COPY_BELOW = 65536  # smaller frames are copied: cheaper than a zero-copy zmq.Frame
+# plain ints: pyzmq's enum constants cost an enum construction per use on the hot path
+_SNDMORE, _RCVMORE, _EVENTS, _POLLIN = (int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN))
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
@@ -123,7 +125,12 @@ def send(sock: zmq.Socket, frames: list[Any]) -> None:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         small = type(frame) is bytes and len(frame) < _COPY_BELOW
-        sock.send(frame, zmq.SNDMORE if i < last else 0, copy=small)
+        sock.send(frame, _SNDMORE if i < last else 0, copy=small)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message is waiting on ``sock`` (cheaper than a ``zmq.Again`` from a receive)."""
+    return bool(int(sock.get(_EVENTS)) & _POLLIN)
 
 
 def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list[Any]:
@@ -131,7 +138,7 @@ def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list[Any]:
     the rest (tensor buffers) as zero-copy ``zmq.Frame`` objects."""
     frames: list[Any] = [sock.recv(flags)]
     more = sock.get
-    while more(zmq.RCVMORE):
+    while more(_RCVMORE):
         frames.append(sock.recv(copy=len(frames) < copied))
     return frames
 

@@ -195,7 +195,7 @@ class Worker(Handlers):
                limit: int = _MAX_BATCH) -> None:
         copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
         for _ in range(limit):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again exception)
+            if not transport.readable(sock):
                 return
             try:
                 frames = transport.recv(sock, zmq.NOBLOCK, copied)
@@ -329,6 +329,11 @@ class Worker(Handlers):
         if self.cfg.shm_threshold and ident in self._shm_peers:
             return ShmPolicy(_yes, self.cfg.shm_threshold, 2 * self.cfg.timeout)
         return None
+
+    def _answer_now(self) -> None:
+        """Send the batched acknowledgements now, unless more requests are waiting to join them."""
+        if self._acks and not transport.readable(self.router):
+            self._flush_acks()
 
     def _flush_acks(self) -> None:
         acks, self._acks = self._acks, {}
