@@ -60,7 +60,7 @@ class Handlers:
     def _reply_error(self, ctx: _Ctx, exc: BaseException) -> None:
         raise NotImplementedError
 
-    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
+    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback | None) -> None:
         raise NotImplementedError
 
     def _answer_now(self) -> None:
@@ -292,7 +292,9 @@ class Handlers:
             body["out"] = next_out
             self._reply(ctx)
             self._answer_now()  # the caller need not wait for the forwarding
-            self._request(target.address, Op.CALL, body, self._log_failure(name))
+            # no answer wanted: a failure downstream poisons the result ids there (using the
+            # result raises it), and FLUSH orders everything after it; no ack per op to wait for
+            self._request(target.address, Op.CALL, body, None)
             return
         body["out"] = None
 
@@ -316,12 +318,6 @@ class Handlers:
             return leaf
         return executor.pytree.tree_map(one, result)
 
-    def _log_failure(self, what: str) -> Callback:
-        def callback(msg: Message | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                log.info("worker %s: relayed %s failed downstream: %r", self.id, what, exc)
-        return callback
-
     def _del(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         ids = body.get("ids")
         if not isinstance(ids, list):
@@ -330,7 +326,7 @@ class Handlers:
         for obj_id in ids:
             self._free(obj_id, cascade, 0)
         for address, targets in cascade.items():
-            self._request(address, Op.DEL, {"ids": targets}, self._log_failure("delete"))
+            self._request(address, Op.DEL, {"ids": targets}, None)  # fire and forget
         self._reply(ctx)
 
     def _free(self, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[Message | None, BaseException | None], None]
 _COUNTER_KEYS = {d: (f"messages_{d}", f"bytes_{d}", f"largest_{d}") for d in ("in", "out")}
+_PEER_CHECK_S = 0.02  # how often the liveness of peers with requests in flight is looked at
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 
 
@@ -101,14 +102,14 @@ class Worker(Handlers):
         # peer address -> whether it shares our /dev/shm (None until its HELLO reply came), and
         # the requests waiting for that answer because they carry large tensors
         self._peer_shm: dict[str, bool | None] = {}
-        self._parked: dict[str, list[tuple[Op, dict[str, Any], Callback]]] = {}
+        self._parked: dict[str, list[tuple[Op, dict[str, Any], Callback | None]]] = {}
         self._handlers = self._handler_table()
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:
         """Serve until shut down; always closes the sockets."""
         self._running = True
-        next_parent_check = 0.0
+        next_parent_check = next_peer_check = 0.0
         try:
             while self._running:
                 timeout = 500.0 if not self._pending else 100.0  # peers are checked per turn
@@ -124,11 +125,13 @@ class Worker(Handlers):
                     if self._acks:
                         self._flush_acks()
                 self._expire()
-                self._check_peers()
+                now = time.monotonic()
+                if now >= next_peer_check:
+                    next_peer_check = now + _PEER_CHECK_S
+                    self._check_peers()
                 if self._acks:
                     self._flush_acks()
                 self._graveyard.clear()  # objects whose freeing waited for the replies to go
-                now = time.monotonic()
                 if self.parent_pid is not None and now >= next_parent_check:
                     next_parent_check = now + 0.5
                     if os.getppid() != self.parent_pid:
@@ -148,8 +151,9 @@ class Worker(Handlers):
         self.router.close(linger=0)
 
     def _check_peers(self) -> None:
-        """Fail the requests waiting on peers that are unreachable (dead, frozen, gone)."""
-        waiting = {address for _, address, _ in self._pending.values()}
+        """Fail the requests waiting on peers that are unreachable (dead, frozen, gone), and drop
+        the sockets (with what is queued on them) of peers we sent unanswered requests to."""
+        waiting = {address for _, address, _ in self._pending.values()} | self._dirty
         for address in waiting:
             reason = self._watches[address].down() if address in self._watches else None
             if reason is not None:
@@ -172,10 +176,11 @@ class Worker(Handlers):
             self._safe_callback(callback, None, WorkerUnavailable(
                 f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
                 f"{op.name} got no answer"))
-        for op, _, callback in parked:
-            self._safe_callback(callback, None, WorkerUnavailable(
-                f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
-                f"{op.name} was not sent"))
+        for op, _, then in parked:
+            if then is not None:
+                self._safe_callback(then, None, WorkerUnavailable(
+                    f"worker '{self.id}' cannot reach the worker at {address} ({reason}); "
+                    f"{op.name} was not sent"))
 
     def _serve_router(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for a request, then handle what has arrived."""
@@ -393,8 +398,11 @@ class Worker(Handlers):
                 self._request(address, op, body, then)
         return callback
 
-    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback) -> None:
+    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback | None) -> None:
         """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered.
+
+        Without a callback the request is sent with request id 0: the peer answers nothing, not
+        even an error (for relayed ops whose failures poison their results downstream).
 
         A request with large tensors for a peer whose HELLO reply has not come yet waits for it
         (to know whether shared memory can carry them); so do the requests to that peer after it.
@@ -402,8 +410,10 @@ class Worker(Handlers):
         if address in self._parked:
             self._parked[address].append((op, body, callback))
             return
-        req_id = self._next_req
-        self._next_req += 1
+        req_id = NO_REPLY
+        if callback is not None:
+            req_id = self._next_req
+            self._next_req += 1
         try:
             sock = self._peer(address)
             policy = None
@@ -416,11 +426,16 @@ class Worker(Handlers):
             self._parked[address] = [(op, body, callback)]
             return
         except Exception as exc:  # noqa: BLE001
-            self._safe_callback(callback, None, exc)
+            if callback is None:
+                log.info("worker %s: could not send %s to %s: %r", self.id, op.name, address, exc)
+            else:
+                self._safe_callback(callback, None, exc)
             return
         self._count(address, "out", frames, frames.shm_bytes)
         if op is not Op.FLUSH:
             self._dirty.add(address)
+        if callback is None:
+            return
         self._pending[req_id] = (callback, address, op)
         heapq.heappush(self._deadlines, (time.monotonic() + self.cfg.timeout, req_id))
 
