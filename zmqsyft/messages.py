@@ -27,9 +27,11 @@ Request bodies (keys, by op):
 =================  ===================================================================
 op                 body
 =================  ===================================================================
-HELLO              ``peer`` (the sender's name), ``trust`` (optional token) → reply ``id``,
-                   ``pid``, ``version``, ``trusted``. The first message of every connection;
-                   a matching token lets that connection send pickled payloads
+HELLO              ``peer`` (the sender's name), ``trust`` (optional token), ``host``
+                   (optional, :func:`zmqsyft.shm.host_key`) → reply ``id``, ``pid``,
+                   ``version``, ``trusted``, ``host``, ``shm``. The first message of every
+                   connection; a matching token lets that connection send pickled payloads,
+                   matching host keys let both ends send large tensors as ``Ext.SHM``
 PUT                ``id``, ``obj`` (a value: tensor, pointer descriptor, ...)
 GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive)
 CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` (ids for the
