@@ -4,6 +4,7 @@ off when configured so, and refused when a peer has not proved it is on this mac
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,6 +217,34 @@ def test_first_move_to_a_new_peer_waits_for_its_hello(spawn: Callable[..., Worke
     assert _shm_counters(carol)[0] >= data.numel() * 4
     del ptr
     sy.sync()
+
+
+def test_orphaned_segments_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    dead_pid = int(dead.stdout)
+    old = f"zmqsyft-{dead_pid}-{os.urandom(16).hex()}"
+    young = f"zmqsyft-{dead_pid}-{os.urandom(16).hex()}"
+    mine = f"zmqsyft-{os.getpid()}-{os.urandom(16).hex()}"
+    for name in (old, young, mine):
+        with open(os.path.join(shm.DIRECTORY, name), "wb") as f:
+            f.write(b"x")
+    an_hour_ago = time.time() - 3600
+    for name in (old, mine):
+        os.utime(os.path.join(shm.DIRECTORY, name), (an_hour_ago, an_hour_ago))
+    try:
+        removed = shm.sweep_orphans(min_age=300)
+        assert old in removed
+        assert young not in removed, "a young segment may still be named by a message in flight"
+        assert mine not in removed, "a live writer's segments are its own business"
+    finally:
+        for name in (old, young, mine):
+            path = os.path.join(shm.DIRECTORY, name)
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_a_dead_receiver_leaves_no_segment_behind(spawn: Callable[..., WorkerClient],

@@ -32,7 +32,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from . import transport
+    from . import shm, transport
     from .config import from_environ
     from .worker import Worker
 
@@ -72,6 +72,7 @@ def _worker(args: argparse.Namespace) -> int:
     # torch and the loaded data are here for good: keep them out of the garbage collector's
     # full passes, which would otherwise rescan them every few thousand requests
     gc.freeze()
+    shm.sweep_orphans()  # segments of killed processes that no message will ever name again
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as ready:
             ready.write(f"READY {worker.address} {os.getpid()}\n")

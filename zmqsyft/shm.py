@@ -14,7 +14,9 @@ of exactly the announced size, and never follows a symlink.
 
 Leaks: the receiver unlinks a segment as soon as it has mapped it. A sender also remembers what it
 created and unlinks what is left after ``max_age`` seconds (a receiver that never read it: it died,
-or the message was refused) and at exit.
+or the message was refused) and at exit. A sender killed before its message left leaves a segment
+nobody will take: :func:`sweep_orphans` (run when a worker starts) removes those of dead
+processes once they are old enough that no message can still be on its way.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from typing import Any
 
 from .errors import ProtocolError
 
-__all__ = ["DIRECTORY", "host_key", "write", "open_segment", "sweep", "outstanding"]
+__all__ = ["DIRECTORY", "host_key", "write", "open_segment", "sweep", "sweep_orphans", "outstanding"]
 
 DIRECTORY = "/dev/shm"
-_NAME = re.compile(r"zmqsyft-[0-9]{1,10}-[0-9a-f]{32}")
+_NAME = re.compile(r"zmqsyft-([0-9]{1,10})-[0-9a-f]{32}")
 _CHUNK = 1 << 30  # one write() moves at most this much
 _lock = threading.Lock()
 _created: dict[str, float] = {}  # segment name -> monotonic time it was written
@@ -124,6 +126,41 @@ def sweep(max_age: float = 0.0) -> None:
         old = [name for name, t in _created.items() if max_age <= 0 or t <= limit]
     for name in old:
         _unlink(name)
+
+
+def sweep_orphans(min_age: float = 300.0) -> list[str]:
+    """Unlink this user's segments whose writer process is gone and that are older than
+    ``min_age`` seconds; return their names."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(DIRECTORY)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(DIRECTORY, name)
+        try:
+            st = os.lstat(path)
+            if st.st_uid != os.getuid() or now - st.st_mtime < min_age or _alive(int(match[1])):
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
 
 
 def outstanding() -> list[str]:
