@@ -8,25 +8,23 @@ since their last flush. Handlers never block: whatever needs a peer continues in
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import allowlist, executor, shm
+from . import allowlist, executor
+from .admin import AdminHandlers
 from .codec import dtype_name
-from .config import Config
 from .errors import LocationMismatch, ProtocolError
-from .messages import PROTOCOL_VERSION, Message, Op, PointerDesc, Summary
+from .messages import Message, Op, PointerDesc, Summary
 from .remote_exc import decode_exception, encode_exception
-from .store import ErrorMarker, PointerRecord, Store, new_id
+from .store import ErrorMarker, PointerRecord, new_id
 
 if TYPE_CHECKING:
-    from .worker import Callback, _Ctx
+    from .worker import _Ctx
 
 __all__ = ["Handlers", "MAX_HOPS"]
 
@@ -36,35 +34,9 @@ _RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
 MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
 
 
-class Handlers:
-    """The op handlers of a worker (mixed into :class:`~zmqsyft.worker.Worker`)."""
-
-    id: str
-    cfg: Config
-    address: str
-    addresses: set[str]
-    store: Store
-    _dirty: set[str]
-    _running: bool
-    _counters: dict[str, int]
-    _per_peer: dict[str, dict[str, int]]
-    _labels: dict[str, str]
-    _trusted: set[bytes]
-    _shm_peers: set[bytes]
-    _graveyard: list[Any]
-    trust_tokens: frozenset[str]
-
-    def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError
-
-    def _reply_error(self, ctx: _Ctx, exc: BaseException) -> None:
-        raise NotImplementedError
-
-    def _request(self, address: str, op: Op, body: dict[str, Any], callback: Callback | None) -> None:
-        raise NotImplementedError
-
-    def _answer_now(self) -> None:
-        raise NotImplementedError
+class Handlers(AdminHandlers):
+    """The op handlers of a worker (mixed into :class:`~zmqsyft.worker.Worker`): objects, ops,
+    chains, moves, deletes and synchronisation; :class:`AdminHandlers` has the rest."""
 
     def _handler_table(self) -> dict[Op, Callable[[_Ctx, dict[str, Any]], None]]:
         return {
@@ -74,92 +46,6 @@ class Handlers:
             Op.STATS: self._stats, Op.SHUTDOWN: self._shutdown, Op.SEARCH: self._search,
             Op.RUN: self._run,
         }
-
-    def load(self, path: str, tags: list[str]) -> list[int]:
-        """Load a tensor, or a dict of tensors, saved with ``torch.save``; store it tagged.
-
-        Loading uses ``torch.load(weights_only=True)``: no code in the file is run. Every tensor
-        gets ``tags``; a dict's entries also get ``#<key>``. Returns the new ids.
-        """
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        items = loaded.items() if isinstance(loaded, dict) else [(None, loaded)]
-        ids = []
-        for key, value in items:
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path}: expected tensors, found {type(value).__name__} under {key!r}")
-            ids.append(self.add(value, [*tags, *([f"#{key}"] if key is not None else [])]))
-        return ids
-
-    def add(self, tensor: torch.Tensor, tags: list[str]) -> int:
-        """Store a tensor this worker owns (its own data), with search tags; return its id."""
-        obj_id = new_id()
-        self.store.put(obj_id, tensor)
-        self.store.tag(obj_id, frozenset(tags))
-        return obj_id
-
-    def _search(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        tags = body.get("tags")
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ProtocolError("SEARCH needs a list of tag strings")
-        results = []
-        for obj_id in self.store.search(frozenset(tags)):
-            obj = self.store.get(obj_id)
-            if isinstance(obj, torch.Tensor):
-                results.append(PointerDesc(self.id, self.address, obj_id, new_id(), tuple(obj.shape),
-                                           dtype_name(obj.dtype), obj.requires_grad, False))
-        self._reply(ctx, {"results": results})
-
-    def _hello(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        peer = body.get("peer")
-        if isinstance(peer, str) and peer:
-            self._labels[ctx.ident.hex()] = peer[:64]
-        token = body.get("trust")
-        if isinstance(token, str) and any(hmac.compare_digest(token, t) for t in self.trust_tokens):
-            self._trusted.add(ctx.ident)
-        if "host" in body:  # a peer on this machine may hand us large tensors in shared memory
-            if body["host"] == shm.host_key() != "":
-                self._shm_peers.add(ctx.ident)
-            else:
-                self._shm_peers.discard(ctx.ident)
-        self._reply(ctx, {"id": self.id, "pid": os.getpid(), "version": PROTOCOL_VERSION,
-                          "address": self.address, "trusted": ctx.ident in self._trusted,
-                          "host": shm.host_key(), "shm": ctx.ident in self._shm_peers})
-
-    def _run(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        fn = body.get("fn")
-        if not callable(fn):
-            raise ProtocolError("RUN needs a callable")
-        args, kwargs = body.get("args", []), body.get("kwargs", {})
-        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
-            raise ProtocolError("RUN args must be a list and kwargs a map")
-        resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
-        if any(isinstance(o, PointerRecord) for o in resolved.values()):
-            raise LocationMismatch(
-                f"run() on worker '{self.id}' got a pointer to data on another worker; "
-                "move the data here first")
-        args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-        with torch.set_grad_enabled(bool(body.get("grad", True))):
-            result = fn(*args, **kwargs)
-        self._reply(ctx, {"result": self._describe(result)})
-
-    def _ping(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {"id": self.id})
-
-    def _shutdown(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        self._reply(ctx, {})
-        self._running = False
-
-    def _stats(self, ctx: _Ctx, body: dict[str, Any]) -> None:
-        peers: dict[str, dict[str, int]] = {}
-        for key, counts in self._per_peer.items():  # merged by the name each peer gave
-            merged = peers.setdefault(self._labels.get(key, key), {})
-            for name, value in counts.items():
-                if name.startswith("largest_"):
-                    merged[name] = max(merged.get(name, 0), value)
-                else:
-                    merged[name] = merged.get(name, 0) + value
-        self._reply(ctx, {"id": self.id, "objects": len(self.store),
-                          "counters": dict(self._counters), "peers": peers})
 
     def _put(self, ctx: _Ctx, body: dict[str, Any]) -> None:
         obj = body.get("obj")
