@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import zmqsyft as sy
 from zmqsyft import config as config_mod
 from zmqsyft.config import Config, configure, from_environ, get_config
+from zmqsyft.launch import WorkerClient
 
 DEFAULTS = {
     "timeout": 60.0,
@@ -212,3 +214,15 @@ def test_config_validation_in_constructor() -> None:
     with pytest.raises(ValueError, match="max_inflight"):
         Config(max_inflight=0)
     assert Config(timeout=0.001).timeout == 0.001
+
+
+def test_spawn_worker_runs_the_worker_with_the_given_config(
+        spawn: Callable[..., WorkerClient], hook: sy.TorchHook) -> None:
+    """Every field reaches the worker process, not just the timeout."""
+    worker = spawn("cfg", config=dataclasses.replace(get_config(), snapshot_max_elements=3))
+    ptr = torch.arange(4.0).send(worker)
+    (value,) = worker._objects.values()
+    assert not isinstance(value, torch.Tensor), "4 elements > snapshot_max_elements=3: summarised"
+    assert "4" in repr(value)
+    del ptr
+    sy.sync()
