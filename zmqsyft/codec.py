@@ -346,7 +346,6 @@ class Decoder:
             return _lookup(_MEMFMTS, payload, "memory format")
         raise ProtocolError(f"unknown extension type {code}")
 
-
     def _shm_tensor(self, payload: Any) -> torch.Tensor:
         if not self.shm:
             raise ProtocolError(

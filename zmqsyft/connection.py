@@ -22,6 +22,7 @@ from .remote_exc import decode_exception
 
 if TYPE_CHECKING:
     from .client import Client
+    from .config import Config
     from .launch import WorkerClient
 
 __all__ = ["Connection"]
@@ -62,6 +63,7 @@ class Connection:
         self._hello: _Pending | None = None
         self._shm_in = False  # the worker shares our /dev/shm: accept its shared-memory tensors
         self._rcvtimeo = -1
+        self._policy: tuple[Config, ShmPolicy | None] | None = None
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
@@ -94,11 +96,7 @@ class Connection:
         sock = self._socket()
         req_id = self._next
         self._next += 1
-        policy = None
-        if self.client.cfg.shm_threshold:
-            policy = ShmPolicy(self._shm_out, self.client.cfg.shm_threshold,
-                               2 * self.client.cfg.timeout)
-        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=policy)
+        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=self._shm_policy())
         self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
         try:
             transport.send(sock, frames)
@@ -109,6 +107,15 @@ class Connection:
         if op in _MAY_RELAY:
             self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
         return req_id
+
+    def _shm_policy(self) -> ShmPolicy | None:
+        cfg = self.client.cfg
+        if self._policy is None or self._policy[0] is not cfg:  # rebuilt when the config changes
+            policy = None
+            if cfg.shm_threshold:
+                policy = ShmPolicy(self._shm_out, cfg.shm_threshold, 2 * cfg.timeout)
+            self._policy = (cfg, policy)
+        return self._policy[1]
 
     def _shm_out(self) -> bool:
         """Whether the worker shares our ``/dev/shm`` (waits for its HELLO reply if need be)."""
