@@ -331,10 +331,13 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         R.add("W2.blocking", latency(P, lambda _: keep.append(a + a), between=clear))
         set_pipeline(True)
 
-        def add_sync(_: Any) -> None:
-            keep.append(a + a)
-            sy.sync()
-        R.add("W2.sync", latency(P, add_sync, between=clear))
+        def then_sync(x: Any) -> Callable[[Any], None]:
+            """One pipelined ``x + x``, then a synchronisation point (the "+ sync()" rows)."""
+            def run(_: Any) -> None:
+                keep.append(x + x)
+                sy.sync()
+            return run
+        R.add("W2.sync", latency(P, then_sync(a), between=clear))
         set_pipeline(False)
         R.add("W3", latency(P, lambda p: p.get(), pre=lambda: small.send(bob)))
 
@@ -342,11 +345,7 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         c = small.send(bob).send(alice)
         R.add("W6.blocking", latency(P, lambda _: keep.append(c + c), between=clear))
         set_pipeline(True)
-
-        def chain_sync(_: Any) -> None:
-            keep.append(c + c)
-            sy.sync()
-        R.add("W6.sync", latency(P, chain_sync, between=clear))
+        R.add("W6.sync", latency(P, then_sync(c), between=clear))
 
         # W7: pipelined adds, then one synchronisation point
         def w7(n: int, hold: bool) -> float:
