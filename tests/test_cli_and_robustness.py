@@ -216,6 +216,20 @@ def test_console_script_exists_and_shows_help() -> None:
     assert "--ready-fd" not in proc.stdout and "--parent-pid" not in proc.stdout
 
 
+def test_script_ending_right_after_torchhook_exits_cleanly() -> None:
+    """TorchHook warms torch up in a thread; a process ending meanwhile must not abort.
+
+    With a daemon warm-up thread the interpreter's shutdown killed it inside torch and the
+    process died with "terminate called without an active exception" (status 134).
+    """
+    code = "import torch, zmqsyft as sy; sy.TorchHook(torch)"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "terminate" not in proc.stderr
+
+
 def test_console_script_rejects_bad_usage() -> None:
     script = shutil.which("zmqsyft", path=os.path.dirname(sys.executable))
     assert script

@@ -80,8 +80,11 @@ class TorchHook:
                 torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
                 _installed = True
                 # the first shape inference on meta tensors imports a large part of torch (about
-                # a second); do it now, in the background, while workers start up
-                threading.Thread(target=_warm_up, name="zmqsyft-warm-up", daemon=True).start()
+                # a second); do it now, in the background, while workers start up. Not a daemon:
+                # a daemon thread still inside torch when the interpreter shuts down aborts the
+                # process ("terminate called without an active exception", exit status 134),
+                # so a script that ends within a second of TorchHook would crash
+                threading.Thread(target=_warm_up, name="zmqsyft-warm-up").start()
 
     def __repr__(self) -> str:
         return "<zmqsyft.TorchHook>"
