@@ -24,6 +24,7 @@ DEFAULTS = {
     "spawn_timeout": 60.0,
     "pipeline": True,
     "max_inflight": 10_000,
+    "pipeline_batch": 32,
     "gc_interval": 0.05,
     "max_message_size": -1,
     "heartbeat_ivl": 1.0,
@@ -86,6 +87,7 @@ def test_frozen() -> None:
     ("ZMQSYFT_SHM_THRESHOLD", "0", "shm_threshold", 0),
     ("ZMQSYFT_MAX_INFLIGHT", "7", "max_inflight", 7),
     ("ZMQSYFT_MAX_INFLIGHT", " 12 ", "max_inflight", 12),
+    ("ZMQSYFT_PIPELINE_BATCH", "1", "pipeline_batch", 1),
     ("ZMQSYFT_MAX_MESSAGE_SIZE", "1048576", "max_message_size", 1_048_576),
     ("ZMQSYFT_MAX_MESSAGE_SIZE", "-1", "max_message_size", -1),
     ("ZMQSYFT_SNAPSHOT_MAX_ELEMENTS", "0", "snapshot_max_elements", 0),
@@ -200,7 +202,7 @@ def test_configure_rejects_unknown_names(restore_config: None) -> None:
 
 
 @pytest.mark.parametrize("changes", [{"timeout": 0}, {"timeout": -1.0}, {"max_inflight": 0},
-                                     {"gc_interval": 0.0}, {"spawn_timeout": -5}])
+                                     {"pipeline_batch": 0}, {"gc_interval": 0.0}, {"spawn_timeout": -5}])
 def test_configure_rejects_invalid_values(changes: dict[str, object], restore_config: None) -> None:
     before = get_config()
     with pytest.raises(ValueError):

@@ -23,12 +23,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import transport
 from .config import Config, get_config
-from .connection import Connection
+from .connection import BATCH_DELAY, Connection
 from .errors import ZmqSyftError
 from .messages import Op
 
@@ -57,6 +58,11 @@ class Client:
         self._reaper_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._flushing = threading.local()
+        # connections with queued pipelined requests, oldest batch first (see Connection)
+        self.queued: dict[Connection, None] = {}
+        self._queue_wakeup = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.batch_delay = BATCH_DELAY
         atexit.register(self._at_exit)
 
     @property
@@ -113,6 +119,48 @@ class Client:
         conn = getattr(self._local, "conns", {}).pop(worker, None)
         if conn is not None:
             conn.close()
+
+    # ----------------------------------------------------- queued batches
+    def queue(self, conn: Connection) -> None:
+        """``conn`` has started a batch: the flusher sends it if nothing else does soon."""
+        self.queued[conn] = None
+        if self._flusher is None and not self._stopping.is_set():
+            with self._reaper_lock:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_stale,
+                                                     name="zmqsyft-flusher", daemon=True)
+                    self._flusher.start()
+        self._queue_wakeup.set()
+
+    def flush_queued(self) -> None:
+        """Send every batch this thread has queued, oldest first."""
+        me = threading.get_ident()
+        for conn in list(self.queued):
+            if conn.thread == me:
+                with conn.lock:
+                    conn.flush_outbox()
+
+    def _flush_stale(self) -> None:
+        """The flusher thread: sends batches that have waited ``batch_delay`` (never blocks on
+        a socket its owner is using; the owner flushes before it waits for anything)."""
+        while not self._stopping.is_set():
+            self._queue_wakeup.wait()
+            self._queue_wakeup.clear()
+            while self.queued:
+                delay = self.batch_delay
+                if self._stopping.wait(min(delay, 0.05)):
+                    return
+                now = time.monotonic()
+                for conn in list(self.queued):
+                    if now - conn.queued_at < delay or not conn.lock.acquire(blocking=False):
+                        continue
+                    try:
+                        conn.flush_outbox()
+                    except Exception as exc:  # noqa: BLE001 - the owner meets it on its next send
+                        self.queued.pop(conn, None)
+                        log.debug("flusher: batch to %s not sent: %s", conn.worker.id, exc)
+                    finally:
+                        conn.lock.release()
 
     # ------------------------------------------------------------ deletes
     def track(self, ptr: Any, address: str, obj_id: int) -> weakref.finalize:

@@ -39,6 +39,12 @@ class Config:
         when false every operation waits for the worker's acknowledgement.
     max_inflight : int
         How many unacknowledged requests one connection may have before the caller waits.
+    pipeline_batch : int
+        Pipelined operations issued while earlier ones to the same worker are still
+        unacknowledged are queued and sent together, as one message, once this many have
+        queued, before anything else this thread sends or waits for, and otherwise within about
+        a millisecond (a background thread sends a batch that has waited that long). ``1`` sends
+        every operation at once.
     gc_interval : float
         Seconds after which queued deletes of dropped pointers are flushed if no other
         message to that worker carried them first.
@@ -61,6 +67,7 @@ class Config:
     spawn_timeout: float = 60.0
     pipeline: bool = True
     max_inflight: int = 10_000
+    pipeline_batch: int = 32
     gc_interval: float = 0.05
     max_message_size: int = -1
     heartbeat_ivl: float = 1.0
@@ -75,6 +82,8 @@ class Config:
                 raise ValueError(f"zmqsyft config: {name} must be a finite number > 0, got {value!r}")
         if self.max_inflight < 1:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
+        if self.pipeline_batch < 1:
+            raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
         if self.shm_threshold < 0:
             raise ValueError("zmqsyft config: shm_threshold must be >= 0 (0 turns shared memory off)")
 

@@ -4,11 +4,18 @@ A :class:`Connection` owns a DEALER socket and is only ever used by the thread t
 keeps every request in flight until its reply comes, together with the pointers the request
 names (so that a delete can never overtake it), and fails them all at once, closing the socket
 so that late replies are discarded, when the worker turns out to be dead, frozen or gone.
+
+Pipelined ops issued while earlier requests to the same worker are still unanswered are queued
+(Nagle's algorithm, for messages) and go out together as one ``BATCH`` message: once
+``pipeline_batch`` have queued, before this thread sends or waits for anything else, and
+otherwise after at most about a millisecond, sent by the client's flusher thread. The socket is
+guarded by a lock for that one foreign use; the flusher never blocks on it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +24,7 @@ import zmq
 from . import shm, transport
 from .codec import ShmPolicy, decode_message, encode_message, unpack_acks
 from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
-from .messages import Message, Op
+from .messages import NO_REPLY, Message, Op
 from .remote_exc import decode_exception
 
 if TYPE_CHECKING:
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
+BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher thread sends it
 
 
 class _Pending:
@@ -64,6 +72,12 @@ class Connection:
         self._shm_in = False  # the worker shares our /dev/shm: accept its shared-memory tensors
         self._rcvtimeo = -1
         self._policy: tuple[Config, ShmPolicy | None] | None = None
+        self.thread = threading.get_ident()
+        # the socket's guard: the owning thread holds it for every socket operation; the
+        # client's flusher thread only tries it, to send a batch that has waited too long
+        self.lock = threading.RLock()
+        self.outbox: list[bytes] = []  # queued pipelined requests (single-frame headers)
+        self.queued_at = 0.0
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
@@ -91,22 +105,74 @@ class Connection:
         """
         if flush_deletes and self.client._deletes:
             self.client.flush_deletes(wait=False)
-        if len(self.inflight) >= self.client.cfg.max_inflight:
-            self._wait_below(self.client.cfg.max_inflight // 2)
-        sock = self._socket()
-        req_id = self._next
-        self._next += 1
-        frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=self._shm_policy())
-        self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
-        try:
-            transport.send(sock, frames)
-        except zmq.ZMQError as exc:
-            self.inflight.pop(req_id, None)
-            raise self._fail(WorkerUnavailable(
-                f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
-        if op in _MAY_RELAY:
-            self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
+        cfg = self.client.cfg
+        if len(self.inflight) >= cfg.max_inflight:
+            self._wait_below(cfg.max_inflight // 2)
+        with self.lock:
+            sock = self._socket()
+            req_id = self._next
+            self._next += 1
+            frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=self._shm_policy())
+            pending = _Pending(keep, results, what or op.name, awaited)
+            if op in _MAY_RELAY:
+                self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
+            if (not awaited and op is Op.CALL and len(frames) == 1 and cfg.pipeline_batch > 1
+                    and self._behind()):
+                self.inflight[req_id] = pending
+                self._queue(frames[0], cfg.pipeline_batch)
+                return req_id
+            if self.client.queued or self.outbox:
+                self._flush_all()  # what this thread queued before goes first
+            self.inflight[req_id] = pending
+            try:
+                transport.send(sock, frames)
+            except zmq.ZMQError as exc:
+                self.inflight.pop(req_id, None)
+                raise self._fail(WorkerUnavailable(
+                    f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
         return req_id
+
+    def _behind(self) -> bool:
+        """Whether the worker has requests of ours still to answer (a new one may then queue)."""
+        if self.outbox:
+            return True
+        if len(self.inflight) and self.sock is not None:
+            self.poll_replies()  # they may have been answered meanwhile
+        return bool(self.inflight)
+
+    def _queue(self, header: bytes, limit: int) -> None:
+        outbox = self.outbox
+        outbox.append(header)
+        if len(outbox) == 1:
+            self.queued_at = time.monotonic()
+            self.client.queue(self)
+        elif len(outbox) >= limit:
+            self.flush_outbox()
+
+    def _flush_all(self) -> None:
+        self.client.flush_queued()
+        self.flush_outbox()  # one the flusher failed to send (no longer listed as queued)
+
+    def flush_outbox(self) -> None:
+        """Send the queued requests as one message. The caller holds ``lock``."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.outbox = []
+        self.client.queued.pop(self, None)
+        if self.sock is None:
+            return
+        frames: list[Any] = ([outbox[0]] if len(outbox) == 1
+                             else encode_message(Op.BATCH, NO_REPLY, {"msgs": outbox}))
+        try:
+            transport.send(self.sock, frames)
+        except zmq.ZMQError as exc:
+            if threading.get_ident() != self.thread:  # the flusher: leave it to the owner
+                self.outbox = outbox + self.outbox
+                raise
+            raise self._fail(WorkerUnavailable(
+                f"cannot send {len(outbox)} pipelined requests to worker '{self.worker.id}': "
+                f"{exc}")) from exc
 
     def _shm_policy(self) -> ShmPolicy | None:
         cfg = self.client.cfg
@@ -171,13 +237,14 @@ class Connection:
 
     def poll_replies(self) -> None:
         """Handle the replies that have already arrived, without waiting."""
-        sock = self.sock
-        while sock is not None and self.inflight and transport.readable(sock):
-            try:
-                frames = transport.recv(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._on_reply(frames)
+        with self.lock:
+            sock = self.sock
+            while sock is not None and self.inflight and transport.readable(sock):
+                try:
+                    frames = transport.recv(sock, zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                self._on_reply(frames)
 
     def _wait_below(self, limit: int) -> None:
         self._deadline_s = self.client.cfg.timeout
@@ -186,6 +253,12 @@ class Connection:
             self._pump(deadline, "pipelined requests")
 
     def _pump(self, deadline: float, what: str) -> None:
+        with self.lock:
+            if self.client.queued or self.outbox:
+                self._flush_all()  # nothing may wait for a request still queued
+            self._pump_locked(deadline, what)
+
+    def _pump_locked(self, deadline: float, what: str) -> None:
         sock = self._socket()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -247,6 +320,12 @@ class Connection:
 
     def _fail(self, exc: BaseException) -> BaseException:
         """After a transport failure: drop in-flight state, close the socket, discard late replies."""
+        with self.lock:
+            return self._fail_locked(exc)
+
+    def _fail_locked(self, exc: BaseException) -> BaseException:
+        self.outbox = []
+        self.client.queued.pop(self, None)
         for req_id, pending in self.inflight.items():
             pending.done = True
             pending.error = exc

@@ -33,7 +33,7 @@ from .store import new_id
 
 __all__ = ["torch_function", "run_remote"]
 
-_PIPELINE_POLL = 64  # read arrived acknowledgements once this many requests are in flight
+_PIPELINE_POLL = 64  # read arrived acknowledgements every this many requests, if as many are in flight
 
 
 def _no_pickle(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -184,7 +184,7 @@ def _call_async(name: str, location: Any, args: Any, kwargs: Any, pointers: list
         return
     for ptr in results:
         ptr._creator = (conn, req_id)
-    if len(conn.inflight) >= _PIPELINE_POLL:
+    if req_id % _PIPELINE_POLL == 0 and len(conn.inflight) >= _PIPELINE_POLL:
         conn.poll_replies()
 
 

@@ -1,6 +1,6 @@
 """Protocol constants and message shapes. No I/O here.
 
-Wire format (protocol version 2)
+Wire format (protocol version 3)
 ================================
 
 Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
@@ -60,6 +60,13 @@ with an empty ``REPLY`` each. A worker sends it instead of separate empty replie
 of its loop answered more than one request of the same peer successfully with nothing to return
 (pipelined ops with caller-chosen result ids, deletes): one message instead of hundreds. It is
 always sent before any other reply to that peer, so replies never overtake acknowledgements.
+
+``BATCH`` (request id 0, body ``msgs``: a list of complete single-frame messages, each a header
+as above) carries several requests the other way: a client's pipelined ops that queued up while
+the worker was still busy with earlier ones. The receiver handles them one by one, in order,
+exactly as if they had come as separate messages from the same sender (a batch inside a batch
+is refused). One message instead of dozens saves a wake-up of both ends' I/O threads and a turn
+of the worker's loop per op.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from enum import IntEnum
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name"]
 
-PROTOCOL_VERSION = 2  # 2: ACKS
+PROTOCOL_VERSION = 3  # 2: ACKS; 3: BATCH
 NO_REPLY = 0
 
 
@@ -92,6 +99,7 @@ class Op(IntEnum):
     SEARCH = 14
     RUN = 15
     ACKS = 16
+    BATCH = 17
 
 
 def op_name(op: int) -> str:

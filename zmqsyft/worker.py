@@ -180,7 +180,8 @@ class Worker(PeerLinks, Handlers):
                 return
             handle(sock, frames)
 
-    def _on_request(self, sock: zmq.Socket, frames: list[Any]) -> None:
+    def _on_request(self, sock: zmq.Socket, frames: list[Any], nested: bool = False) -> None:
+        """Handle one request; ``nested``: it came inside a ``BATCH`` (counted with it)."""
         if len(frames) < 2:
             self._counters["dropped_malformed"] += 1
             return
@@ -189,7 +190,8 @@ class Worker(PeerLinks, Handlers):
             msg = decode_message(frames[1:], trusted=ident in self._trusted,
                                  shm=ident in self._shm_peers)
         except UntrustedPayload:
-            self._count(ident.hex(), "in", frames[1:])
+            if not nested:
+                self._count(ident.hex(), "in", frames[1:])
             self._counters["refused_untrusted"] += 1
             req_id = _salvage_req_id(frames[1])
             if req_id:
@@ -201,22 +203,40 @@ class Worker(PeerLinks, Handlers):
                     "started with --trust-token T. Tensors and pointers need no trust."))
             return
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
-            self._count(ident.hex(), "in", frames[1:])
+            if not nested:
+                self._count(ident.hex(), "in", frames[1:])
             self._counters["dropped_malformed"] += 1
             req_id = _salvage_req_id(frames[1])
             log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
             if req_id:
                 self._reply_error(_Ctx(ident, req_id), exc)
             return
-        self._count(ident.hex(), "in", frames[1:], msg.shm_bytes)
+        if not nested:
+            self._count(ident.hex(), "in", frames[1:], msg.shm_bytes)
+        if msg.op is Op.BATCH and not nested and len(frames) == 2:
+            self._on_batch(sock, ident, msg.body)
+            return
         ctx = _Ctx(ident, msg.req_id)
         handler = self._handlers.get(msg.op)
         try:
+            if msg.op is Op.BATCH:
+                raise ProtocolError(f"worker '{self.id}' accepts a BATCH only as a single-frame "
+                                    "message of its own, not inside another batch")
             if handler is None:
                 raise ProtocolError(f"worker '{self.id}' does not accept {msg.op.name} messages")
             handler(ctx, msg.body)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
             self._reply_error(ctx, exc)
+
+    def _on_batch(self, sock: zmq.Socket, ident: bytes, body: dict[str, Any]) -> None:
+        """Handle a ``BATCH``: each message in it, in order, as if it had come on its own."""
+        msgs = body.get("msgs")
+        if not isinstance(msgs, list) or not all(type(m) is bytes for m in msgs):
+            self._counters["dropped_malformed"] += 1
+            log.warning("worker %s: malformed BATCH from %s dropped", self.id, ident.hex())
+            return
+        for raw in msgs:
+            self._on_request(sock, [ident, raw], nested=True)
 
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:
         if ctx.req_id == NO_REPLY:

@@ -1,0 +1,171 @@
+"""Batched pipelined requests (Op.BATCH): ops queued while the worker is behind go out as one
+message, in order, are sent by the flusher thread when nothing else sends them, report their
+errors like separate messages would, and a worker survives malformed batches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgpack
+import pytest
+import torch
+
+import zmqsyft as sy
+from zmqsyft import config as config_mod
+from zmqsyft.client import get_client
+from zmqsyft.codec import encode_message, unpack_acks
+from zmqsyft.launch import WorkerClient
+from zmqsyft.messages import PROTOCOL_VERSION, Op
+
+from .test_cli_and_robustness import alive_check, expect_error, next_reply, raw_dealer
+
+
+@contextmanager
+def stopped(worker: WorkerClient) -> Iterator[None]:
+    """The worker process is stopped (SIGSTOP) inside the block: nothing it receives is answered,
+    so pipelined requests issued meanwhile must queue."""
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
+def messages_from_me(worker: WorkerClient) -> int:
+    return int(worker.stats()["peers"][get_client().name]["messages_in"])
+
+
+@pytest.fixture
+def slow_flusher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flusher leaves batches alone for a minute: what is queued stays queued until this
+    thread sends or waits for something (the assertions on batch contents do not then depend on
+    how fast this machine issues ops)."""
+    monkeypatch.setattr(get_client(), "batch_delay", 60.0)
+
+
+@pytest.fixture
+def restore_config() -> Iterator[None]:
+    saved = config_mod._current
+    try:
+        yield
+    finally:
+        config_mod._current = saved
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch", [32, 1])
+def test_a_burst_goes_out_in_batches_in_order(bob: WorkerClient, hook: sy.TorchHook, batch: int,
+                                             restore_config: None, slow_flusher: None) -> None:
+    sy.configure(pipeline=True, pipeline_batch=batch)
+    local = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    x = local.clone().send(bob)
+    sy.sync()
+    before = messages_from_me(bob)
+    for i in range(300):  # the result depends on the order of every op
+        if i % 3:
+            x.add_(i)
+            local.add_(i)
+        else:
+            x.mul_(-0.5)
+            local.mul_(-0.5)
+    sy.sync()
+    sent = messages_from_me(bob) - before - 1  # the stats request itself counts too
+    assert torch.equal(x.get(), local)
+    if batch == 1:
+        assert sent >= 300, "pipeline_batch=1 sends every op on its own"
+    else:
+        assert 300 // batch <= sent <= 60, f"300 ops took {sent} messages"
+
+
+@pytest.mark.timeout(60)
+def test_the_flusher_sends_a_queued_batch_without_further_calls(bob: WorkerClient,
+                                                                hook: sy.TorchHook) -> None:
+    x = torch.ones(3).send(bob)
+    sy.sync()
+    conn = get_client().conn(bob)
+    results = []
+    with stopped(bob):
+        for _ in range(5):  # the first goes out at once; the others wait for it to be answered
+            results.append(x + 1)
+        assert conn.outbox, "nothing was queued"
+        deadline = time.monotonic() + 5
+        while conn.outbox:  # this thread does nothing with zmqsyft meanwhile
+            assert time.monotonic() < deadline, "the queued batch was never sent"
+    # another thread, with its own connection, sees all five results arrive
+    seen: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen.append(bob.stats()["objects"])
+            if seen[-1] == 6:
+                return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    watcher.join(timeout=30)
+    assert seen and seen[-1] == 6, f"objects seen on bob: {seen[-5:]}"
+    assert all(torch.equal(r.get(), torch.full((3,), 2.0)) for r in results)
+    del x
+
+
+@pytest.mark.timeout(60)
+def test_an_error_inside_a_batch_surfaces_at_sync_and_later_ops_still_run(
+        bob: WorkerClient, hook: sy.TorchHook, slow_flusher: None) -> None:
+    x = torch.tensor([7, 9]).send(bob)
+    sy.sync()
+    conn = get_client().conn(bob)
+    with stopped(bob):
+        x.add_(1)            # sent at once
+        x.add_(1)            # queued ...
+        x.floor_divide_(0)   # ... fails on bob: integer division by zero
+        x.add_(10)           # ... still runs, as it would have as a message of its own
+        assert len(conn.outbox) == 3
+    with pytest.raises(RuntimeError, match="ZeroDivisionError") as info:
+        sy.sync()
+    assert info.value.worker_id == "bob"  # type: ignore[attr-defined]
+    assert torch.equal(x.get(), torch.tensor([19, 21]))
+
+
+def _pk(op: int, req_id: int, body: dict) -> bytes:
+    return msgpack.packb([PROTOCOL_VERSION, op, req_id, body])
+
+
+@pytest.mark.timeout(60)
+def test_malformed_batches_are_refused_and_the_worker_survives(bob: WorkerClient) -> None:
+    alive = alive_check(bob)
+    dropped = bob.stats()["counters"].get("dropped_malformed", 0)
+    with raw_dealer(bob.address) as sock:
+        put = encode_message(Op.PUT, 6, {"id": 4242, "obj": torch.ones(2)})  # a tensor: 2 frames
+        inner = [
+            _pk(int(Op.PING), 5, {}),
+            b"\x00 not a message",                                       # dropped, counted
+            _pk(int(Op.PUT), 6, {"id": 4243, "obj": 1.5}),               # acknowledged
+            _pk(int(Op.BATCH), 7, {"msgs": [_pk(int(Op.PING), 8, {})]}),  # nested: refused
+            _pk(int(Op.PING), 9, {}),
+        ]
+        sock.send_multipart([_pk(int(Op.BATCH), 0, {"msgs": inner})])
+        first = next_reply(sock, alive=alive)
+        assert (first.op, first.req_id, first.body["id"]) == (Op.REPLY, 5, "bob")
+        ack = next_reply(sock, alive=alive)
+        assert ack.req_id == 6 and ack.op is Op.REPLY and ack.body == {}
+        exc = expect_error(sock, 7, sy.ProtocolError, alive=alive)
+        assert "inside another batch" in str(exc)
+        assert next_reply(sock, alive=alive).req_id == 9
+        # not a list of messages; then a batch with a tensor frame after it: neither is run
+        sock.send_multipart([_pk(int(Op.BATCH), 0, {"msgs": "PING"})])
+        sock.send_multipart([_pk(int(Op.BATCH), 0, {"msgs": [put[0]]}), put[1]])
+        sock.send_multipart(encode_message(Op.PING, 10, {}))
+        assert next_reply(sock, alive=alive).req_id == 10
+        sock.send_multipart(encode_message(Op.DEL, 11, {"ids": [4243]}))
+        reply = next_reply(sock, alive=alive)
+        assert reply.req_id == 11 or 11 in unpack_acks(reply)
+    assert alive()
+    assert bob.stats()["counters"]["dropped_malformed"] == dropped + 2
+    assert bob._objects == {}
