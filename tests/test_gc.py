@@ -156,3 +156,21 @@ def test_torchhook_freezes_start_up_objects_and_cycles_still_free_pointers(
         counts[freeze] = int(words[-1])
     assert counts[False] == 0
     assert counts[True] > 50_000  # torch alone brings some 300,000 objects
+
+
+def test_deletes_flushed_in_passing_leave_no_bookkeeping_behind(bob: sy.WorkerClient) -> None:
+    """Deletes that ride along before other requests are not waited for; their answers must not
+    pile up in the connection (they did: one kept reply per delete batch, forever)."""
+    from zmqsyft.client import get_client
+
+    a = torch.ones(2).send(bob)
+    for _ in range(100):
+        p = torch.ones(2).send(bob)
+        del p                     # queued; the next request carries the delete
+        q = a + 1                 # noqa: F841 - dropped by the next iteration
+    del q
+    sy.sync()
+    conn = get_client().conn(bob)
+    assert conn.inflight == {} and conn._answered == {}
+    del a
+    assert bob._objects == {}

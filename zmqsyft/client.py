@@ -206,8 +206,10 @@ class Client:
                     continue
                 conn = self.conn(worker)
                 try:
+                    # nobody waits for a delete flushed in passing (``wait=False``): its
+                    # answer is then not kept, and a failure is only logged
                     sent.append((conn, conn.send(Op.DEL, {"ids": ids}, what="delete",
-                                                 flush_deletes=False)))
+                                                 flush_deletes=False, silent=not wait)))
                 except ZmqSyftError as exc:
                     log.info("could not free %d objects on %s: %s", len(ids), worker.id, exc)
             if wait:
@@ -250,11 +252,9 @@ class Client:
         every worker to flush what it relayed on (recursively along pointer chains). Raises the
         first error of a pipelined operation that was not reported yet.
         """
-        conns = self._thread_conns()
-        for conn in conns:
-            if conn.sock is not None:
-                conn.drain()
-        self.flush_deletes(wait=True)
+        # one round trip in all: the deletes and each FLUSH go out right behind the requests
+        # still in flight (a worker handles one connection's messages in order), then we wait
+        self.flush_deletes(wait=False)
         with self._reaper_lock:
             pass  # a delete batch the reaper has in flight is acknowledged
         sent = []
@@ -263,8 +263,12 @@ class Client:
                 worker._dirty = False
                 conn = self.conn(worker)
                 sent.append((conn, conn.send(Op.FLUSH, {}, what="flush", flush_deletes=False)))
+        conns = self._thread_conns()
+        for conn in conns:
+            if conn.sock is not None:
+                conn.drain()
         for conn, req_id in sent:
-            conn.wait(req_id)
+            conn.wait(req_id)  # answered by now; raises if the flush failed
         for conn in conns:
             conn.raise_deferred()
 

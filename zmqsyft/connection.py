@@ -42,11 +42,12 @@ BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher t
 
 
 class _Pending:
-    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited")
+    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited", "silent")
 
     def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
-                 awaited: bool) -> None:
+                 awaited: bool, silent: bool = False) -> None:
         self.awaited = awaited
+        self.silent = silent  # nobody waits and its failure is only logged (deletes)
         self.keep = keep
         self.results = results
         self.what = what
@@ -97,11 +98,11 @@ class Connection:
 
     def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
              results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
-             awaited: bool = True, allow_pickle: bool = False) -> int:
+             awaited: bool = True, allow_pickle: bool = False, silent: bool = False) -> int:
         """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
 
         With ``awaited=False`` nobody waits for the reply: an error in it is kept and raised at the
-        next synchronisation point (``deferred``).
+        next synchronisation point (``deferred``); with ``silent=True`` too it is only logged.
         """
         if flush_deletes and self.client._deletes:
             self.client.flush_deletes(wait=False)
@@ -113,7 +114,7 @@ class Connection:
             req_id = self._next
             self._next += 1
             frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=self._shm_policy())
-            pending = _Pending(keep, results, what or op.name, awaited)
+            pending = _Pending(keep, results, what or op.name, awaited and not silent, silent)
             if op in _MAY_RELAY:
                 self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
             if (not awaited and op is Op.CALL and len(frames) == 1 and cfg.pipeline_batch > 1
@@ -310,7 +311,9 @@ class Connection:
             pending.error = decode_exception(msg.body.get("error"))
             for ptr in pending.results:
                 ptr._mark_failed(pending.error)
-            if not pending.awaited and not pending.results:
+            if pending.silent:
+                log.info("%s on worker %s failed: %s", pending.what, self.worker.id, pending.error)
+            elif not pending.awaited and not pending.results:
                 # an op with results reports through them (using one raises the error); one
                 # without (in-place) reports at the next synchronisation point
                 self.deferred.append(pending.error)
