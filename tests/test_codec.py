@@ -685,3 +685,12 @@ _values = st.recursive(
 def test_property_roundtrip(value: Any, kind: str) -> None:
     got = roundtrip({"v": value}, kind).body["v"]
     assert same(got, value), (value, got)
+
+
+@pytest.mark.parametrize("req_id", [1, 127, 128, 65_536, 2**62 + 5])
+def test_the_fast_empty_reply_is_the_same_message(req_id: int) -> None:
+    from zmqsyft.codec import encode_ack
+
+    assert encode_ack(req_id) == encode_message(Op.REPLY, req_id, {})
+    msg = decode_message(encode_ack(req_id))
+    assert (msg.op, msg.req_id, msg.body) == (Op.REPLY, req_id, {})

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.overrides
 
+from .errors import OpNotAllowed
+
 __all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "name_of", "lookup", "is_inplace",
            "returns_none"]
 
@@ -110,8 +112,6 @@ def name_of(func: Callable[..., Any]) -> str | None:
 
 def lookup(name: Any) -> Callable[..., Any]:
     """Resolve an op name from the wire; raise ``OpNotAllowed`` for anything outside the table."""
-    from .errors import OpNotAllowed
-
     func = ALLOWED.get(name) if isinstance(name, str) else None
     if func is None:
         raise OpNotAllowed(

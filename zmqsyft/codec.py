@@ -111,6 +111,7 @@ _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
 _ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 _OPS = {int(op): op for op in Op}
 _REF = int(Ext.REF)
+_REPLY = int(Op.REPLY)
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
@@ -286,6 +287,8 @@ class Decoder:
                                use_list=True)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _REF and len(data) == 8:  # the most frequent extension, never nested
+            return ObjRef(int.from_bytes(data, "big", signed=False))
         # every nesting level is a C-level msgpack call: bound it before the C stack overflows
         if self._depth >= MAX_DEPTH:
             raise ProtocolError(f"values nested deeper than {MAX_DEPTH} levels are refused")
@@ -387,6 +390,11 @@ def encode_message(op: Op, req_id: int, body: dict[str, Any], allow_pickle: bool
     if enc.shm_bytes:
         frames.shm_bytes = enc.shm_bytes
     return frames
+
+
+def encode_ack(req_id: int) -> Frames:
+    """``encode_message(Op.REPLY, req_id, {})``, without the extension machinery."""
+    return Frames([msgpack.packb([PROTOCOL_VERSION, _REPLY, req_id, {}])])
 
 
 def unpack_acks(msg: Message) -> list[int]:

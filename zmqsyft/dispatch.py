@@ -161,12 +161,15 @@ def _infer(func: Any, args: Any, kwargs: Any) -> Any:
     return _infer_with_args(func, args, kwargs)[1]
 
 
+def _wire(x: Any) -> Any:
+    return ObjRef(x.id_at_location) if isinstance(x, PointerTensor) else x
+
+
 def _wire_args(args: Any, kwargs: Any) -> tuple[Any, Any]:
-    def one(x: Any) -> Any:
-        return ObjRef(x.id_at_location) if isinstance(x, PointerTensor) else x
-    if _flat(args, kwargs):
-        return [one(a) for a in args], {k: one(v) for k, v in kwargs.items()}
-    return pytree.tree_map(one, (args, kwargs))
+    if not _flat(args, kwargs):
+        return pytree.tree_map(_wire, (args, kwargs))
+    wargs = [ObjRef(a.id_at_location) if isinstance(a, PointerTensor) else a for a in args]
+    return wargs, ({k: _wire(v) for k, v in kwargs.items()} if kwargs else {})
 
 
 def _call_async(name: str, location: Any, args: Any, kwargs: Any, pointers: list[PointerTensor],

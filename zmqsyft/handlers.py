@@ -19,7 +19,7 @@ from . import allowlist, executor
 from .admin import AdminHandlers
 from .codec import dtype_name
 from .errors import LocationMismatch, ProtocolError
-from .messages import Message, Op, PointerDesc, Summary
+from .messages import Message, ObjRef, Op, PointerDesc, Summary
 from .remote_exc import decode_exception, encode_exception
 from .store import ErrorMarker, PointerRecord, new_id
 
@@ -31,6 +31,7 @@ __all__ = ["Handlers", "MAX_HOPS"]
 log = logging.getLogger(__name__)
 
 _RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})  # passed to an op as they are
 MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
 
 
@@ -115,6 +116,10 @@ class Handlers(AdminHandlers):
         grad = body.get("grad", True)
         if out is not None and not _valid_out(out):
             raise ProtocolError("CALL 'out' must be a list of [id, shape, dtype, requires_grad]")
+        if type(args) is list and type(kwargs) is dict and not kwargs:
+            local = self._local_args(args)
+            if local is not None:  # the common case: tensors held here and plain values
+                return self._finish_call(name, executor.run(name, local, kwargs, grad, func), out)
         resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
         remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
         if remote:
@@ -124,7 +129,28 @@ class Handlers(AdminHandlers):
             self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote, hops)
             return _RELAYED
         args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-        result = executor.run(name, args, kwargs, grad, func)
+        return self._finish_call(name, executor.run(name, args, kwargs, grad, func), out)
+
+    def _local_args(self, args: list[Any]) -> list[Any] | None:
+        """Positional arguments resolved in one pass when each is a tensor stored here or a
+        plain value; ``None`` when anything needs the general path (pointers, containers,
+        missing or failed objects)."""
+        objects = self.store._objects
+        values = []
+        for a in args:
+            kind = type(a)
+            if kind is ObjRef:
+                obj = objects.get(a.id)
+                if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
+                    return None
+                values.append(obj)
+            elif kind in _PLAIN:
+                values.append(a)
+            else:
+                return None
+        return values
+
+    def _finish_call(self, name: str, result: Any, out: Any) -> Any:
         if out is not None:
             tensors = executor.result_tensors(result)
             executor.check_outputs(name, tensors, out)

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from . import transport
-from .codec import Frames, ShmPolicy, decode_message, encode_message
+from .codec import Frames, ShmPolicy, decode_message, encode_ack, encode_message
 from .config import Config
 from .errors import ProtocolError, UntrustedPayload
 from .handlers import Handlers
@@ -292,7 +292,7 @@ class Worker(PeerLinks, Handlers):
 
     def _send_acks(self, ident: bytes, req_ids: list[int]) -> None:
         if len(req_ids) == 1:
-            self._send_to(ident, encode_message(Op.REPLY, req_ids[0], {}))
+            self._send_to(ident, encode_ack(req_ids[0]))
         else:
             self._send_to(ident, encode_message(Op.ACKS, NO_REPLY, {"ids": req_ids}))
 
