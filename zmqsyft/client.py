@@ -52,7 +52,9 @@ class Client:
         self._lock = threading.RLock()
         self._workers: dict[int, WorkerClient] = {}
         self._deletes: collections.deque[tuple[str, int]] = collections.deque()
-        self._finalizers: dict[int, weakref.finalize] = {}
+        # id of a weak reference to each owning pointer -> (the reference, what to free when the
+        # pointer dies); keyed by id, never by the reference, whose == would compare pointers
+        self._tracked: dict[int, tuple[weakref.ref[Any], tuple[str, int]]] = {}
         self._gc_wakeup = threading.Event()
         self._stopping = threading.Event()
         self._reaper_lock = threading.Lock()
@@ -163,24 +165,26 @@ class Client:
                         conn.lock.release()
 
     # ------------------------------------------------------------ deletes
-    def track(self, ptr: Any, address: str, obj_id: int) -> weakref.finalize:
-        """Free ``obj_id`` at ``address`` when ``ptr`` is garbage collected."""
-        key = id(ptr)
-        fin = weakref.finalize(ptr, self._release, address, obj_id, key)
-        fin.atexit = False  # _at_exit runs the live ones itself, before the flush
-        self._finalizers[key] = fin
-        return fin
+    def track(self, ptr: Any, address: str, obj_id: int) -> weakref.ref[Any]:
+        """Free ``obj_id`` at ``address`` when ``ptr`` is garbage collected.
 
-    def untrack(self, fin: weakref.finalize | None) -> None:
-        if fin is not None and fin.alive:
-            info = fin.detach()
-            if info is not None:
-                self._finalizers.pop(info[2][2], None)
+        A plain weak reference with a callback (a few times cheaper than ``weakref.finalize``,
+        which matters at one per op); the table keeps it alive and says what to free.
+        """
+        ref = weakref.ref(ptr, self._release)
+        self._tracked[id(ref)] = (ref, (address, obj_id))
+        return ref
 
-    def _release(self, address: str, obj_id: int, key: int) -> None:
+    def untrack(self, ref: weakref.ref[Any] | None) -> None:
+        if ref is not None:
+            self._tracked.pop(id(ref), None)
+
+    def _release(self, ref: weakref.ref[Any]) -> None:
         # runs inside garbage collection: append only, no locks, no I/O
-        self._finalizers.pop(key, None)
-        self._deletes.append((address, obj_id))
+        entry = self._tracked.pop(id(ref), None)
+        if entry is None:  # untracked meanwhile, or already released at exit
+            return
+        self._deletes.append(entry[1])
         self._ensure_reaper()
         self._gc_wakeup.set()
 
@@ -276,8 +280,9 @@ class Client:
         self._stopping.set()
         self._gc_wakeup.set()
         try:
-            for fin in list(self._finalizers.values()):
-                fin()
+            while self._tracked:  # pointers still alive: free what they own too
+                _, (_, target) = self._tracked.popitem()
+                self._deletes.append(target)
             for conn in self._thread_conns():
                 if conn.sock is not None:
                     try:
