@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
+from zmqsyft import config as config_mod
 from zmqsyft.launch import WorkerClient
 from zmqsyft.transport import ipc_endpoint
 
@@ -126,3 +127,13 @@ def run_script(*args: str, timeout: float = 90, env: dict[str, str] | None = Non
     full_env.update(env or {})
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=full_env)
+
+
+@pytest.fixture
+def restore_config() -> Iterator[None]:
+    """The process-wide config as it was before the test, whatever the test configures."""
+    saved = config_mod._current
+    try:
+        yield
+    finally:
+        config_mod._current = saved

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft import config as config_mod
 from zmqsyft.client import get_client
 from zmqsyft.codec import encode_message, unpack_acks
 from zmqsyft.launch import WorkerClient
@@ -47,15 +46,6 @@ def slow_flusher(monkeypatch: pytest.MonkeyPatch) -> None:
     thread sends or waits for something (the assertions on batch contents do not then depend on
     how fast this machine issues ops)."""
     monkeypatch.setattr(get_client(), "batch_delay", 60.0)
-
-
-@pytest.fixture
-def restore_config() -> Iterator[None]:
-    saved = config_mod._current
-    try:
-        yield
-    finally:
-        config_mod._current = saved
 
 
 @pytest.mark.timeout(120)

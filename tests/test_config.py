@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,15 +32,6 @@ DEFAULTS = {
     "close_timeout": 5.0,
     "shm_threshold": 1 << 20,
 }
-
-
-@pytest.fixture
-def restore_config() -> Iterator[None]:
-    saved = config_mod._current
-    try:
-        yield
-    finally:
-        config_mod._current = saved
 
 
 def test_defaults() -> None:
