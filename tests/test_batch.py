@@ -194,3 +194,34 @@ def test_threads_batching_at_once_keep_their_own_order(bob: WorkerClient, hook: 
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
     assert bob._objects == {}
+
+
+@pytest.mark.timeout(60)
+def test_another_thread_using_a_queued_result_hands_the_batch_over(
+        bob: WorkerClient, hook: sy.TorchHook, slow_flusher: None) -> None:
+    """A result whose creating op still waits in this thread's batch is used by another
+    thread: that thread sends the batch on (under the connection's lock) before naming it."""
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    sy.sync()
+    conn = get_client().conn(bob)
+    with stopped(bob):
+        first = x + 1                    # sent at once
+        r = x + 10                       # queued behind it (the flusher waits a minute here)
+        assert conn.outbox
+    got: list[object] = []
+
+    def other() -> None:
+        try:
+            got.append(r.get())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            got.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive() and len(got) == 1
+    assert isinstance(got[0], torch.Tensor), got[0]
+    assert torch.equal(got[0], torch.tensor([11.0, 12.0]))
+    assert not conn.outbox
+    assert torch.equal(first.get(), torch.tensor([2.0, 3.0]))
+    del x
