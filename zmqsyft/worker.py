@@ -119,9 +119,13 @@ class Worker(PeerLinks, Handlers):
                 timeout = 500.0 if not self._pending else 100.0  # peers are checked per turn
                 if self._deadlines:
                     timeout = max(0.0, min(timeout, (self._deadlines[0][0] - time.monotonic()) * 1000))
-                if not self._peers:  # only clients: a blocking receive costs fewer system calls
+                # no answer awaited from a peer (none, or only relayed ops that want none): only
+                # the ROUTER can bring anything, and a blocking receive costs fewer system calls
+                # than polling every socket; late replies wait on the peers' sockets until then
+                polling = bool(self._pending)
+                if not polling:
                     self._serve_router(int(timeout))
-                for sock, _ in self.poller.poll(int(timeout)) if self._peers else ():
+                for sock, _ in self.poller.poll(int(timeout)) if polling else ():
                     if sock is self.router:
                         self._drain(sock, self._on_request)
                     elif sock in self._peer_of_socket:
