@@ -258,3 +258,62 @@ def test_a_dead_receiver_leaves_no_segment_behind(spawn: Callable[..., WorkerCli
         sy.sync()
     shm.sweep(0)  # what a sender does for untaken segments (after max_age, and at exit)
     assert _segments(os.getpid()) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_with_a_low_open_files_limit_keeps_many_shared_memory_tensors(
+        hook: sy.TorchHook, tmp_path: Path) -> None:
+    """Each tensor received through shared memory holds a file descriptor while it lives
+    (Python's mmap keeps one). A worker started under ``ulimit -n 48`` failed its 36th 1 MiB
+    tensor with EMFILE; it now raises its soft limit to the hard one on the first receive."""
+    import subprocess
+    import sys
+
+    from .test_cli_and_robustness import STARTUP, endpoint_of, read_line, reap
+
+    address = f"ipc://{tmp_path}/lim.sock"
+    code = ("import resource, sys; s, h = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (48, h)); "
+            "from zmqsyft.__main__ import main; "
+            f"sys.exit(main(['worker', '--id', 'lim', '--bind', {address!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    try:
+        lim = sy.connect(endpoint_of(read_line(proc, STARTUP)))
+        ptrs = [torch.full((1 << 18,), float(i)).send(lim) for i in range(80)]  # 1 MiB each
+        stats = lim.stats()
+        assert stats["objects"] == 80
+        assert stats["counters"]["shm_bytes_in"] == 80 << 20
+        assert ptrs[79].sum().get().item() == 79.0 * (1 << 18)
+        del ptrs
+        assert lim._objects == {}
+        lim.shutdown()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        reap(proc)
+
+
+def test_a_segment_is_read_into_memory_when_no_descriptor_is_left() -> None:
+    """With exactly one descriptor free, the segment opens but mmap cannot keep its own copy of
+    the descriptor: the bytes are read into ordinary memory instead, and the file is gone."""
+    from .conftest import run_script
+
+    script = """
+import os, resource, torch
+from zmqsyft import shm
+data = torch.arange(1 << 18, dtype=torch.float32)
+name = shm.write(memoryview(data.numpy()), 60.0)
+shm._fd_room = True                       # keep the limit as set below
+free = os.open("/dev/null", os.O_RDONLY)
+os.close(free)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (free + 1, hard))
+segment = shm.open_segment(name, data.numel() * 4)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+back = torch.frombuffer(segment, dtype=torch.float32)
+print(type(segment).__name__, torch.equal(back, data),
+      os.path.exists(os.path.join(shm.DIRECTORY, name)))
+"""
+    result = run_script("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["bytearray", "True", "False"]

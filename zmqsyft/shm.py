@@ -17,14 +17,21 @@ created and unlinks what is left after ``max_age`` seconds (a receiver that neve
 or the message was refused) and at exit. A sender killed before its message left leaves a segment
 nobody will take: :func:`sweep_orphans` (run when a worker starts) removes those of dead
 processes once they are old enough that no message can still be on its way.
+
+File descriptors: Python's ``mmap`` keeps a descriptor of the file open for as long as the mapping
+lives (before Python 3.13), so every tensor received this way holds one. The first receive raises
+the process's soft ``RLIMIT_NOFILE`` to its hard limit; should descriptors still run out, a
+segment is read into ordinary memory instead (one copy, no descriptor kept).
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import mmap
 import os
 import re
+import resource
 import secrets
 import stat
 import threading
@@ -41,6 +48,7 @@ _CHUNK = 1 << 30  # one write() moves at most this much
 _lock = threading.Lock()
 _created: dict[str, float] = {}  # segment name -> monotonic time it was written
 _key: str | None = None
+_fd_room = False  # the soft limit on open files has been raised (once per process)
 
 
 def host_key() -> str:
@@ -79,7 +87,33 @@ def write(buf: Any, max_age: float) -> str:
     return name
 
 
-def open_segment(name: Any, nbytes: int) -> mmap.mmap:
+def _make_fd_room() -> None:
+    """Raise the soft limit on open files to the hard one (each received tensor keeps one)."""
+    global _fd_room
+    _fd_room = True
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        pass  # as it is: _read_segment is the fallback
+
+
+def _read_segment(fd: int, nbytes: int) -> bytearray:
+    """The segment's bytes copied into ordinary memory (no file descriptor kept)."""
+    data = bytearray(nbytes)
+    view = memoryview(data)
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:done + _CHUNK]], done)
+        if got <= 0:
+            raise ProtocolError(f"shared-memory segment ended after {done} of {nbytes} bytes")
+        done += got
+    return data
+
+
+def open_segment(name: Any, nbytes: int) -> mmap.mmap | bytearray:
     """Map a segment a peer wrote (read-write, private to this process from now on) and unlink it.
 
     Raises ``ProtocolError`` if the name is not one of ours, the file is gone, belongs to another
@@ -88,9 +122,17 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ProtocolError(f"invalid shared-memory segment name {name!r}")
     path = os.path.join(DIRECTORY, name)
+    if not _fd_room:
+        _make_fd_room()
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise ProtocolError(
+                f"shared-memory segment {name} cannot be opened: this process has too many "
+                "open files (each tensor received through shared memory keeps one while it "
+                "lives); raise the limit (ulimit -n), or send such tensors through the socket "
+                "(zmqsyft.configure(shm_threshold=0) on the sending side)") from None
         raise ProtocolError(
             f"shared-memory segment {name} cannot be opened ({exc.strerror}); its sender may "
             "have given up on it (it waited longer than its timeout) or exited") from None
@@ -103,7 +145,12 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap:
             raise ProtocolError(
                 f"shared-memory segment {name} holds {st.st_size} bytes, the message announced {nbytes}")
         # pages are mapped on first touch (cheaper in all than MAP_POPULATE: ~3 ms vs ~10 ms/100 MiB)
-        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        try:
+            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        except OSError as exc:  # mmap keeps a duplicate descriptor: none left for it
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            return _read_segment(fd, nbytes)
     finally:
         os.close(fd)
 
