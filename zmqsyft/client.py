@@ -64,6 +64,7 @@ class Client:
         self.queued: dict[Connection, None] = {}
         self._queue_wakeup = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._flusher_lock = threading.Lock()  # not the reaper's: it is held across a flush
         self.batch_delay = BATCH_DELAY
         atexit.register(self._at_exit)
 
@@ -127,7 +128,7 @@ class Client:
         """``conn`` has started a batch: the flusher sends it if nothing else does soon."""
         self.queued[conn] = None
         if self._flusher is None and not self._stopping.is_set():
-            with self._reaper_lock:
+            with self._flusher_lock:
                 if self._flusher is None:
                     self._flusher = threading.Thread(target=self._flush_stale,
                                                      name="zmqsyft-flusher", daemon=True)
