@@ -689,8 +689,18 @@ def test_property_roundtrip(value: Any, kind: str) -> None:
 
 @pytest.mark.parametrize("req_id", [1, 127, 128, 65_536, 2**62 + 5])
 def test_the_fast_empty_reply_is_the_same_message(req_id: int) -> None:
-    from zmqsyft.codec import encode_ack
+    from zmqsyft.codec import ack_id, encode_ack
 
     assert encode_ack(req_id) == encode_message(Op.REPLY, req_id, {})
     msg = decode_message(encode_ack(req_id))
     assert (msg.op, msg.req_id, msg.body) == (Op.REPLY, req_id, {})
+    assert ack_id(encode_ack(req_id)[0]) == req_id  # the client's shortcut reads it the same
+
+
+def test_the_empty_reply_shortcut_leaves_everything_else_to_the_decoder() -> None:
+    from zmqsyft.codec import ack_id
+
+    others = [encode_message(Op.REPLY, 5, {"id": "bob"})[0], encode_message(Op.ACKS, 0, {"ids": [1, 2]})[0],
+              encode_message(Op.ERROR, 5, {})[0], encode_message(Op.REPLY, 0, {})[0],
+              msgpack.packb([PROTOCOL_VERSION + 1, int(Op.REPLY), 5, {}]), b"", b"\xc1", b"\x94\x03"]
+    assert [ack_id(f) for f in others] == [0] * len(others)

@@ -397,6 +397,21 @@ def encode_ack(req_id: int) -> Frames:
     return Frames([msgpack.packb([PROTOCOL_VERSION, _REPLY, req_id, {}])])
 
 
+def ack_id(frame: Any) -> int:
+    """The request id if ``frame`` is a whole empty ``REPLY`` (as :func:`encode_ack` makes it),
+    else 0: the common answer read without the extension machinery."""
+    if type(frame) is not bytes or len(frame) > 16:
+        return 0
+    try:
+        raw = msgpack.unpackb(frame)
+    except Exception:  # noqa: BLE001 - not ours to judge: the full decoder will say what is wrong
+        return 0
+    if (type(raw) is list and len(raw) == 4 and raw[0] == PROTOCOL_VERSION and raw[1] == _REPLY
+            and type(raw[2]) is int and raw[2] > 0 and raw[3] == {}):
+        return raw[2]
+    return 0
+
+
 def unpack_acks(msg: Message) -> list[int]:
     """The request ids an ``ACKS`` message acknowledges (validated)."""
     ids = msg.body.get("ids")

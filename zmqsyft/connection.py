@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import shm, transport
-from .codec import ShmPolicy, decode_message, encode_message, unpack_acks
+from .codec import ShmPolicy, ack_id, decode_message, encode_message, unpack_acks
 from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
 from .messages import NO_REPLY, Message, Op
 from .remote_exc import decode_exception
@@ -286,6 +286,11 @@ class Connection:
                 f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
 
     def _on_reply(self, frames: list[Any]) -> None:
+        if len(frames) == 1:
+            req_id = ack_id(frames[0])
+            if req_id:
+                self._on_answer(Message(Op.REPLY, req_id, {}))
+                return
         try:
             msg = decode_message(frames, shm=self._shm_in)
             if msg.op is Op.ACKS:

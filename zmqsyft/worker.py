@@ -168,6 +168,8 @@ class Worker(PeerLinks, Handlers):
         except zmq.Again:
             return
         self._on_request(self.router, frames)
+        if self._acks:  # it found us idle: its sender may be waiting for this very answer
+            self._flush_acks()
         self._drain(self.router, self._on_request, _MAX_BATCH - 1)
         if self._acks:
             self._flush_acks()
