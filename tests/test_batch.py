@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgpack
@@ -225,3 +225,25 @@ def test_another_thread_using_a_queued_result_hands_the_batch_over(
     assert not conn.outbox
     assert torch.equal(first.get(), torch.tensor([2.0, 3.0]))
     del x
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_with_a_batch_queued_fails_fast_and_nothing_hangs(
+        spawn: Callable[..., WorkerClient], slow_flusher: None) -> None:
+    carol = spawn("carol")
+    x = torch.ones(3).send(carol)
+    sy.sync()
+    conn = get_client().conn(carol)
+    with stopped(carol):
+        results = [x + i for i in range(5)]  # the first goes out, the others queue
+        assert conn.outbox
+        assert carol.pid is not None
+        os.kill(carol.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(sy.WorkerUnavailable, match="carol"):
+        sy.sync()
+    assert time.monotonic() - t0 < 15  # heartbeats (3 s) or the dead process, not the timeout
+    assert not conn.outbox and not conn.inflight
+    with pytest.raises(sy.PointerError, match="WorkerUnavailable: worker 'carol' is not running"):
+        results[-1].get()  # a queued op's result says what became of it
+    del x, results
