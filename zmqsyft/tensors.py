@@ -1,0 +1,83 @@
+"""Tensors ↔ raw bytes for the wire: the dtype table, zero-copy buffers out, tensors over buffers in.
+
+Only dense (strided) tensors of the dtypes in :data:`DTYPES` travel, their bytes taken from the
+CPU; anything else is refused with a ``SerializationError`` that says so. A received buffer becomes a tensor without a copy unless its
+address is misaligned for the dtype (then it is cloned: small frames only in practice).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import ProtocolError, SerializationError
+
+__all__ = ["DTYPES", "dtype_name", "tensor_buffer", "tensor_from_buffer"]
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.float16, torch.bfloat16, torch.float32, torch.float64,
+        torch.complex64, torch.complex128,
+    )
+}
+_DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+_ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a dtype; raises ``SerializationError`` for dtypes the wire does not carry."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise SerializationError(
+            f"tensors of dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}"
+        ) from None
+
+
+def tensor_buffer(t: torch.Tensor) -> Any:
+    """A zero-copy buffer over a tensor's bytes (copying only if it is not contiguous)."""
+    if t.is_quantized or t.is_nested or t.layout is not torch.strided:
+        kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout)
+        raise SerializationError(f"only dense (strided) tensors can be sent, not {kind} ones")
+    if t.is_meta:
+        raise SerializationError("a tensor on the meta device has no data to send")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """Rebuild a tensor over a received frame without copying (unless it is misaligned)."""
+    if any((not isinstance(s, int)) or s < 0 for s in shape):
+        raise ProtocolError(f"invalid tensor shape {list(shape)!r}")
+    view = memoryview(buf)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if view.nbytes != expected:
+        raise ProtocolError(
+            f"tensor frame holds {view.nbytes} bytes, but shape {list(shape)} of {dtype} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    with warnings.catch_warnings():
+        # frames are exclusively ours once received; pyzmq only exposes them read-only
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(view, dtype=torch.uint8)
+    if raw.data_ptr() % min(itemsize, _ALIGN):  # misaligned for its dtype: copy (small frames)
+        raw = raw.clone()
+    return raw.view(dtype).reshape(tuple(shape))
