@@ -15,6 +15,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -137,3 +138,24 @@ def restore_config() -> Iterator[None]:
         yield
     finally:
         config_mod._current = saved
+
+
+def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 60.0) -> None:
+    """Run ``work(0)`` ... ``work(n - 1)`` in ``n`` threads at once; the first failure in any of
+    them is raised here, in the test's thread."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), f"a thread was still running after {timeout}s"
+    if errors:
+        raise errors[0]

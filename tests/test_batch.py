@@ -21,6 +21,7 @@ from zmqsyft.codec import encode_message, unpack_acks
 from zmqsyft.launch import WorkerClient
 from zmqsyft.messages import PROTOCOL_VERSION, Op
 
+from .conftest import run_in_threads
 from .test_cli_and_robustness import alive_check, expect_error, next_reply, raw_dealer
 
 
@@ -165,34 +166,23 @@ def test_malformed_batches_are_refused_and_the_worker_survives(bob: WorkerClient
 def test_threads_batching_at_once_keep_their_own_order(bob: WorkerClient, hook: sy.TorchHook) -> None:
     """Four threads queue order-sensitive ops on their own connections while the flusher sends
     stale batches of all of them; every thread's result is exactly its local computation."""
-    errors: list[BaseException] = []
-
     def work(k: int) -> None:
-        try:
-            local = torch.tensor([float(k), -1.0], dtype=torch.float64)
-            x = local.clone().send(bob)
-            for i in range(300):
-                if i % 4:
-                    x.add_(i + k)
-                    local.add_(i + k)
-                else:
-                    x.mul_(-0.5)
-                    local.mul_(-0.5)
-                if i % 50 == 0:
-                    y = x * 2  # results too, not only in-place ops
-                    assert torch.equal(y.get(), local * 2)
-            sy.sync()
-            assert torch.equal(x.get(), local)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        local = torch.tensor([float(k), -1.0], dtype=torch.float64)
+        x = local.clone().send(bob)
+        for i in range(300):
+            if i % 4:
+                x.add_(i + k)
+                local.add_(i + k)
+            else:
+                x.mul_(-0.5)
+                local.mul_(-0.5)
+            if i % 50 == 0:
+                y = x * 2  # results too, not only in-place ops
+                assert torch.equal(y.get(), local * 2)
+        sy.sync()
+        assert torch.equal(x.get(), local)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
+    run_in_threads(work, 4, timeout=90)
     assert bob._objects == {}
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 import zmqsyft as sy
 from zmqsyft.config import Config
 from zmqsyft.messages import Op
+
+from .conftest import run_in_threads
 
 
 def test_chain_op_runs_on_last_hop_and_every_hop_holds_a_pointer(bob: sy.WorkerClient,
@@ -128,21 +128,11 @@ def test_relaying_worker_keeps_serving_while_a_peer_is_dead(spawn) -> None:  # t
 
 
 def test_threads_use_their_own_connections(bob: sy.WorkerClient) -> None:
-    errors: list[BaseException] = []
-
     def work(k: int) -> None:
-        try:
-            p = torch.full((4,), float(k)).send(bob)
-            for _ in range(20):
-                p = p + 1
-            assert torch.equal(p.get(), torch.full((4,), k + 20.0))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        p = torch.full((4,), float(k)).send(bob)
+        for _ in range(20):
+            p = p + 1
+        assert torch.equal(p.get(), torch.full((4,), k + 20.0))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    run_in_threads(work, 4)
     assert bob._objects == {}
