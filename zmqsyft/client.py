@@ -5,7 +5,10 @@ thread's requests to one worker stay in order), and a background *reaper* thread
 its own flushes the deletes of dropped pointers on a short timer.
 
 Requests are **pipelined**: a request that needs no answer right away (an op whose result shape
-was inferred locally) is sent and the caller goes on; its acknowledgement is read later. The
+was inferred locally) is sent and the caller goes on; its acknowledgement is read later. While
+the worker still has earlier ones to answer, such requests queue and go out together as one
+``BATCH`` (see :mod:`zmqsyft.connection`); a *flusher* thread sends a queue nothing else has sent
+within about a millisecond. The
 in-flight entry keeps the pointers it names alive until then, so a delete can never overtake the
 request that uses or creates the object. An error in such a request marks its result pointers as
 failed (using them raises it) and is raised at the next synchronisation point on that connection.
