@@ -44,6 +44,11 @@ class PointerTensor(torch.Tensor):
     location: WorkerClient
     id_at_location: int
     owner: str
+    # what most pointers never change, as class defaults: fewer writes per pointer created
+    _restore: type | None = None
+    _released: str | None = None
+    _error: BaseException | None = None
+    _creator: tuple[Any, int] | None = None
 
     @staticmethod
     def __new__(cls, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
@@ -58,18 +63,14 @@ class PointerTensor(torch.Tensor):
                  owner: str = "me", owned: bool = True) -> None:
         # the remote metadata, kept here (not read from the tensor) so that a tensor turned into a
         # pointer in place (a module's parameters) can give its local storage back
-        self._shape = torch.Size(shape)
+        self._shape = shape if type(shape) is torch.Size else torch.Size(shape)
         self._dtype = dtype
         self._rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
-        self._restore: type | None = None
         self.location = location
         self.id_at_location = id_at_location
         self.id = id if id is not None else new_id()
         self.owner = owner
         self._owned = bool(owned and owner == "me")
-        self._released: str | None = None
-        self._error: BaseException | None = None
-        self._creator: tuple[Any, int] | None = None
         self._fin = get_client().track(self, location.address, id_at_location) if self._owned else None
 
     # ------------------------------------------------------------ torch glue
