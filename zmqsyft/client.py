@@ -158,15 +158,8 @@ class Client:
                     return
                 now = time.monotonic()
                 for conn in list(self.queued):
-                    if now - conn.queued_at < delay or not conn.lock.acquire(blocking=False):
-                        continue
-                    try:
-                        conn.flush_outbox()
-                    except Exception as exc:  # noqa: BLE001 - the owner meets it on its next send
-                        self.queued.pop(conn, None)
-                        log.debug("flusher: batch to %s not sent: %s", conn.worker.id, exc)
-                    finally:
-                        conn.lock.release()
+                    if now - conn.queued_at >= delay:
+                        conn.flush_foreign(blocking=False)
 
     # ------------------------------------------------------------ deletes
     def track(self, ptr: Any, address: str, obj_id: int) -> weakref.ref[Any]:

@@ -245,10 +245,8 @@ class Decoder:
             import cloudpickle
 
             return cloudpickle.loads(data)
-        if code == Ext.REF:
-            if len(data) != 8:
-                raise ProtocolError("an object reference must be 8 bytes")
-            return ObjRef(int.from_bytes(data, "big", signed=False))
+        if code == Ext.REF:  # a well-formed one was taken in _ext_hook already
+            raise ProtocolError("an object reference must be 8 bytes")
         payload = self.unpack(data)
         if code == Ext.TUPLE:
             return tuple(payload)

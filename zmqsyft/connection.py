@@ -154,6 +154,20 @@ class Connection:
         self.client.flush_queued()
         self.flush_outbox()  # one the flusher failed to send (no longer listed as queued)
 
+    def flush_foreign(self, blocking: bool) -> None:
+        """Send the queue from a thread that does not own this connection: the flusher (which
+        never waits for the lock), or a thread about to name an object a queued request creates.
+        Never raises: the owning thread meets a failure on its next send."""
+        if not self.lock.acquire(blocking=blocking):
+            return
+        try:
+            self.flush_outbox()
+        except Exception as exc:  # noqa: BLE001 - the outbox was kept for the owner
+            self.client.queued.pop(self, None)
+            log.debug("batch to %s not sent from another thread: %s", self.worker.id, exc)
+        finally:
+            self.lock.release()
+
     def flush_outbox(self) -> None:
         """Send the queued requests as one message. The caller holds ``lock``."""
         outbox = self.outbox
@@ -329,28 +343,25 @@ class Connection:
     def _fail(self, exc: BaseException) -> BaseException:
         """After a transport failure: drop in-flight state, close the socket, discard late replies."""
         with self.lock:
-            return self._fail_locked(exc)
-
-    def _fail_locked(self, exc: BaseException) -> BaseException:
-        self.outbox = []
-        self.client.queued.pop(self, None)
-        for req_id, pending in self.inflight.items():
-            pending.done = True
-            pending.error = exc
-            if pending.awaited:
-                self._answered[req_id] = pending
-            for ptr in pending.results:
-                ptr._mark_failed(exc)
-        self.inflight.clear()
-        if self.sock is not None:
-            if self.watch is not None:
-                self.watch.close(self.sock)
-                self.watch = None
-            self.sock.close(linger=0)
-            self.sock = None
-            self._hello = None
-            self._shm_in = False
-            self._rcvtimeo = -1
+            self.outbox = []
+            self.client.queued.pop(self, None)
+            for req_id, pending in self.inflight.items():
+                pending.done = True
+                pending.error = exc
+                if pending.awaited:
+                    self._answered[req_id] = pending
+                for ptr in pending.results:
+                    ptr._mark_failed(exc)
+            self.inflight.clear()
+            if self.sock is not None:
+                if self.watch is not None:
+                    self.watch.close(self.sock)
+                    self.watch = None
+                self.sock.close(linger=0)
+                self.sock = None
+                self._hello = None
+                self._shm_in = False
+                self._rcvtimeo = -1
         return exc
 
     def close(self) -> None:

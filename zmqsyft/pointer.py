@@ -155,22 +155,12 @@ class PointerTensor(torch.Tensor):
                 f"{self.id_at_location} on worker '{self.location.id}' failed: "
                 f"{type(self._error).__name__}: {self._error}") from self._error
         self.location._check_open()
+        # the request creating this object may still be queued in another thread's batch: hand
+        # it to ZeroMQ before this thread names the object (this thread's own queue is ordered
+        # by its connection already)
         creator = self._creator
-        if creator is not None and creator[0].outbox:
-            self._hand_over(creator[0])
-
-    @staticmethod
-    def _hand_over(conn: Any) -> None:
-        """The request that creates this object may still be queued in another thread's batch:
-        hand it to ZeroMQ before this thread names the object (as it would have been without
-        batching). This thread's own queue is ordered by its connection already."""
-        if conn.thread == threading.get_ident():
-            return
-        with conn.lock:
-            try:
-                conn.flush_outbox()
-            except Exception:  # noqa: BLE001 - the owning thread meets it on its next send
-                pass
+        if creator is not None and creator[0].outbox and creator[0].thread != threading.get_ident():
+            creator[0].flush_foreign(blocking=True)
 
     def _check_owner(self, what: str) -> None:
         if not self._owned:
