@@ -29,7 +29,7 @@ BIG = 2 * (1 << 20) // 4  # float32 elements: 2 MiB, above the 1 MiB default thr
 
 def _segments(pid: int | None = None) -> list[str]:
     prefix = "zmqsyft-" if pid is None else f"zmqsyft-{pid}-"
-    return sorted(n for n in os.listdir(shm.DIRECTORY) if n.startswith(prefix))
+    return sorted(n for n in os.listdir(shm.segment_dir()) if n.startswith(prefix))
 
 
 def _shm_counters(worker: WorkerClient) -> tuple[int, int]:
@@ -101,9 +101,9 @@ def test_a_peer_without_a_matching_hello_cannot_send_shared_memory(bob: WorkerCl
         sock.send_multipart(frames)
         reply = next_reply(sock, alive=alive)
         assert reply.op is Op.ERROR and "not known to share" in reply.body["error"]["message"]
-        assert os.path.exists(os.path.join(shm.DIRECTORY, name))
+        assert os.path.exists(os.path.join(shm.segment_dir(), name))
         shm.sweep(0)
-        assert not os.path.exists(os.path.join(shm.DIRECTORY, name))
+        assert not os.path.exists(os.path.join(shm.segment_dir(), name))
 
         # a HELLO with another machine's key: still refused
         sock.send_multipart(encode_message(Op.HELLO, 2, {"peer": "stranger", "host": "other:1:2:3"}))
@@ -134,7 +134,7 @@ def test_bad_segments_are_refused_and_the_worker_survives(case: str, bob: Worker
     victim = tmp_path / "victim"
     victim.write_bytes(b"\x00" * 64)
     fake = f"zmqsyft-{os.getpid()}-{os.urandom(16).hex()}"
-    path = os.path.join(shm.DIRECTORY, fake)
+    path = os.path.join(shm.segment_dir(), fake)
     shape = [16]
     name = fake
     if case == "traversal":
@@ -175,6 +175,7 @@ def test_decoder_refuses_shared_memory_unless_allowed() -> None:
 
 def test_encoder_falls_back_to_frames_when_shared_memory_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shm, "DIRECTORY", "/nonexistent-zmqsyft-dir")
+    monkeypatch.setattr(shm, "_dir", None)
     data = torch.randn(1000)
     frames = encode_message(Op.PUT, 1, {"obj": data}, shm=ShmPolicy(lambda: True, 1, 60.0))
     assert frames.shm_bytes == 0 and len(frames) == 2
@@ -201,7 +202,7 @@ def test_untaken_segments_are_swept_by_age() -> None:
     assert name in shm.outstanding()
     shm.sweep(0)
     assert name not in shm.outstanding()
-    assert not os.path.exists(os.path.join(shm.DIRECTORY, name))
+    assert not os.path.exists(os.path.join(shm.segment_dir(), name))
 
 
 def test_first_move_to_a_new_peer_waits_for_its_hello(spawn: Callable[..., WorkerClient],
@@ -230,11 +231,11 @@ def test_orphaned_segments_of_dead_writers_are_swept(tmp_path: Path) -> None:
     young = f"zmqsyft-{dead_pid}-{os.urandom(16).hex()}"
     mine = f"zmqsyft-{os.getpid()}-{os.urandom(16).hex()}"
     for name in (old, young, mine):
-        with open(os.path.join(shm.DIRECTORY, name), "wb") as f:
+        with open(os.path.join(shm.segment_dir(), name), "wb") as f:
             f.write(b"x")
     an_hour_ago = time.time() - 3600
     for name in (old, mine):
-        os.utime(os.path.join(shm.DIRECTORY, name), (an_hour_ago, an_hour_ago))
+        os.utime(os.path.join(shm.segment_dir(), name), (an_hour_ago, an_hour_ago))
     try:
         removed = shm.sweep_orphans(min_age=300)
         assert old in removed
@@ -242,7 +243,7 @@ def test_orphaned_segments_of_dead_writers_are_swept(tmp_path: Path) -> None:
         assert mine not in removed, "a live writer's segments are its own business"
     finally:
         for name in (old, young, mine):
-            path = os.path.join(shm.DIRECTORY, name)
+            path = os.path.join(shm.segment_dir(), name)
             if os.path.exists(path):
                 os.unlink(path)
 
@@ -312,7 +313,7 @@ segment = shm.open_segment(name, data.numel() * 4)
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 back = torch.frombuffer(segment, dtype=torch.float32)
 print(type(segment).__name__, torch.equal(back, data),
-      os.path.exists(os.path.join(shm.DIRECTORY, name)))
+      os.path.exists(os.path.join(shm.segment_dir(), name)))
 """
     result = run_script("-c", script)
     assert result.returncode == 0, result.stderr

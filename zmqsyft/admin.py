@@ -42,6 +42,7 @@ class AdminHandlers:
     _trusted: set[bytes]
     _shm_peers: set[bytes]
     _graveyard: list[Any]
+    _no_handover: set[str]
     trust_tokens: frozenset[str]
 
     def _reply(self, ctx: _Ctx, body: dict[str, Any] | None = None) -> None:

@@ -23,11 +23,15 @@ code   name          payload (msgpack)
 13     MEMFMT        memory format name
 14     SHM           ``[segment name, dtype name, shape, requires_grad]``: a tensor whose bytes
                      are in a shared-memory segment (:mod:`zmqsyft.shm`), same-host peers only
+15     HANDOVER      ``[pid, fd, segment name, dtype name, shape, requires_grad]``: a tensor
+                     the sender gives up whose bytes are a segment it holds open (same host)
 =====  ============  ========================================================================
 
 Tensors of at least ``shm_threshold`` bytes bound for a peer on the same machine (see
 :class:`ShmPolicy`) travel as ``Ext.SHM`` instead of a frame: written once into ``/dev/shm``,
-mapped by the receiver.
+mapped by the receiver. A tensor wrapped in :class:`Handover` (a worker moving it away) that is
+itself such a mapping, and shares its memory with nothing else, travels as ``Ext.HANDOVER``: the
+receiver maps the same memory, nothing is copied.
 
 Decoding never evaluates anything: dtype and memory-format names resolve through fixed tables,
 tensor sizes are checked against their frames, and an ``Ext.PICKLE`` is refused unless the
@@ -37,6 +41,7 @@ decoder was built with ``trusted=True``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -47,9 +52,17 @@ import torch
 from . import shm as _shm
 from .errors import ProtocolError, SerializationError, UntrustedPayload
 from .messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
-from .tensors import DTYPES, dtype_name, tensor_buffer, tensor_from_buffer
+from .tensors import (
+    DTYPES,
+    dtype_name,
+    sole_segment,
+    tensor_buffer,
+    tensor_from_buffer,
+    tensor_over_segment,
+)
 
-__all__ = ["Ext", "Encoder", "Decoder", "Frames", "ShmPolicy", "encode_message", "decode_message",
+__all__ = ["Ext", "Encoder", "Decoder", "Frames", "ShmPolicy", "Handover", "encode_message",
+           "decode_message",
            "encode_ack", "ack_id", "unpack_acks", "DTYPES", "dtype_name", "tensor_buffer",
            "tensor_from_buffer", "MAX_DEPTH"]
 
@@ -71,6 +84,22 @@ class Ext(IntEnum):
     PICKLE = 12
     MEMFMT = 13
     SHM = 14
+    HANDOVER = 15
+
+
+class Handover:
+    """A tensor its sender gives up once the message is confirmed (a worker moving it away).
+
+    Encoded like the tensor itself, unless the receiver is on this host and the tensor is a
+    received shared-memory segment that nothing else here uses: then the receiver takes over the
+    segment (``Ext.HANDOVER``) instead of getting a copy. The sender must keep the tensor alive
+    until the receiver has answered.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 class ShmPolicy(NamedTuple):
@@ -136,6 +165,8 @@ class Encoder:
     def _default(self, obj: Any) -> Any:
         if type(obj) is ObjRef:  # the most frequent extension: a fixed 8 bytes, no nesting
             return msgpack.ExtType(_REF, obj.id.to_bytes(8, "big", signed=False))
+        if type(obj) is Handover:
+            return self._handover(obj.tensor) or self._default(obj.tensor)
         # exact builtin subclasses (IntEnum, str subclasses) degrade to their base type
         if isinstance(obj, bool):
             return bool(obj)
@@ -166,6 +197,8 @@ class Encoder:
                         return self._ext(Ext.SHM, [name, *meta])
             self.buffers.append(buf)
             return self._ext(Ext.TENSOR, [len(self.buffers) - 1, *meta])
+        if isinstance(obj, Handover):
+            raise SerializationError("Handover cannot be subclassed")
         if isinstance(obj, torch.Size):
             return self._ext(Ext.SIZE, list(obj))
         if isinstance(obj, tuple):
@@ -199,6 +232,21 @@ class Encoder:
             "pickle; tensors, numbers, strings, bytes, None, lists, tuples, dicts, slices, dtypes "
             "and pointers travel as they are"
         )
+
+
+    def _handover(self, t: Any) -> msgpack.ExtType | None:
+        """``Ext.HANDOVER`` for a tensor whose segment the receiver can take over, else None."""
+        if (self.shm is None or not isinstance(t, torch.Tensor)
+                or type(t) not in (torch.Tensor, torch.nn.Parameter)):
+            return None
+        if self._shm_ok is None:
+            self._shm_ok = bool(self.shm.use())
+        held = sole_segment(t) if self._shm_ok else None
+        if held is None:
+            return None
+        self.shm_bytes += t.nbytes
+        return self._ext(Ext.HANDOVER, [os.getpid(), *held, dtype_name(t.dtype), list(t.shape),
+                                        bool(t.requires_grad)])
 
 
 class Decoder:
@@ -259,8 +307,8 @@ class Decoder:
             if requires_grad:
                 t.requires_grad_(True)
             return t
-        if code == Ext.SHM:
-            return self._shm_tensor(payload)
+        if code == Ext.SHM or code == Ext.HANDOVER:
+            return self._shm_tensor(code, payload)
         if code == Ext.PTR:
             loc, addr, idl, pid, shape, dname, rg, owned = payload
             _lookup(DTYPES, dname, "dtype")
@@ -284,19 +332,25 @@ class Decoder:
             return _lookup(_MEMFMTS, payload, "memory format")
         raise ProtocolError(f"unknown extension type {code}")
 
-    def _shm_tensor(self, payload: Any) -> torch.Tensor:
+    def _shm_tensor(self, code: int, payload: Any) -> torch.Tensor:
+        """A tensor over a segment: ``Ext.SHM`` names it, ``Ext.HANDOVER`` adds pid and fd."""
         if not self.shm:
             raise ProtocolError(
                 "a shared-memory tensor came from a peer not known to share this machine's "
                 "/dev/shm (its HELLO did not match); refused")
-        name, dname, shape, requires_grad = payload
+        cut = 1 if code == Ext.SHM else 3
+        if not isinstance(payload, list) or len(payload) != cut + 3:
+            raise ProtocolError(f"malformed shared-memory tensor {payload!r}")
+        ref, (dname, shape, requires_grad) = payload[:cut], payload[cut:]
         dtype = _lookup(DTYPES, dname, "dtype")
         if not isinstance(shape, list) or any(type(s) is not int or s < 0 for s in shape):
             raise ProtocolError(f"invalid tensor shape {shape!r}")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if nbytes <= 0:
             raise ProtocolError("a shared-memory tensor cannot be empty")
-        t = tensor_from_buffer(_shm.open_segment(name, nbytes), dtype, shape)
+        buf = (_shm.open_segment(ref[0], nbytes) if cut == 1
+               else _shm.take_over(ref[0], ref[1], ref[2], nbytes))
+        t = tensor_over_segment(buf, dtype, shape)
         self.shm_bytes += nbytes
         if requires_grad:
             t.requires_grad_(True)

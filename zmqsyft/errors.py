@@ -6,7 +6,8 @@
  │   │   └─ ``RequestTimeout``    ... specifically: the deadline ran out
  │   └─ ``SpawnError``            a local worker process failed to start
  ├─ ``ProtocolError``             a message could not be encoded or decoded
- │   └─ ``SerializationError``    a value of a type the wire format does not carry
+ │   ├─ ``SerializationError``    a value of a type the wire format does not carry
+ │   └─ ``HandoverRefused``       a same-host receiver could not take over a moved tensor's memory
  ├─ ``SecurityError``             something was refused on purpose
  │   ├─ ``OpNotAllowed``          an op name outside the allow-list
  │   └─ ``UntrustedPayload``      a pickled payload sent to a worker that does not trust the sender
@@ -30,6 +31,7 @@ __all__ = [
     "SpawnError",
     "ProtocolError",
     "SerializationError",
+    "HandoverRefused",
     "SecurityError",
     "OpNotAllowed",
     "UntrustedPayload",
@@ -67,6 +69,14 @@ class ProtocolError(ZmqSyftError):
 
 class SerializationError(ProtocolError, TypeError):
     """A value has a type that the wire format does not carry."""
+
+
+class HandoverRefused(ProtocolError):
+    """A worker could not take over the shared memory of a tensor moved to it from the same host.
+
+    Internal to a move: the sending worker then sends the tensor's bytes instead. It reaches user
+    code only from hand-made messages.
+    """
 
 
 class SecurityError(ZmqSyftError, PermissionError):

@@ -9,6 +9,7 @@ since their last flush. Handlers never block: whatever needs a peer continues in
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,8 @@ import torch
 
 from . import allowlist, executor
 from .admin import AdminHandlers
-from .codec import dtype_name
-from .errors import LocationMismatch, ProtocolError
+from .codec import Handover, dtype_name
+from .errors import HandoverRefused, LocationMismatch, ProtocolError
 from .messages import Message, ObjRef, Op, PointerDesc, Summary
 from .remote_exc import decode_exception, encode_exception
 from .store import ErrorMarker, PointerRecord, new_id
@@ -268,12 +269,20 @@ class Handlers(AdminHandlers):
             payload: Any = obj.desc(ptr_id=obj_id, owned=obj.owned)
             self._settled(ctx, obj.address, lambda: self._push(ctx, obj_id, obj, dest, payload))
             return
-        self._push(ctx, obj_id, obj, dest, obj)
+        # referenced by the store and by `obj` only (and getrefcount's argument): nobody else here
+        # will see the tensor again, so a same-host dest may take over its memory instead of a copy
+        sole = sys.getrefcount(obj) == 3 and dest not in self._no_handover
+        self._push(ctx, obj_id, obj, dest, Handover(obj) if sole and type(obj) is torch.Tensor else obj)
 
     def _push(self, ctx: _Ctx, obj_id: int, obj: Any, dest: str, payload: Any) -> None:
         """Store ``payload`` on ``dest`` under ``obj_id``; free it here once ``dest`` confirmed."""
 
         def done(msg: Message | None, exc: BaseException | None) -> None:
+            if isinstance(exc, HandoverRefused) and type(payload) is Handover:
+                log.info("worker %s: %s; sending a copy to %s from now on", self.id, exc, dest)
+                self._no_handover.add(dest)
+                self._push(ctx, obj_id, obj, dest, obj)
+                return
             if exc is not None:
                 self._reply_error(ctx, exc)
                 return

@@ -1,6 +1,6 @@
 """Protocol constants and message shapes. No I/O here.
 
-Wire format (protocol version 3)
+Wire format (protocol version 4)
 ================================
 
 Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
@@ -38,7 +38,9 @@ CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` 
                    tensor results in flattened order, or ``None`` to get descriptors back),
                    ``inplace`` → reply ``result`` when ``out`` is ``None``
 DEL                ``ids``: free these objects (cascading along owned pointers)
-MOVE               ``id``, ``dest`` (worker id, address) → reply ``collapsed`` or nothing
+MOVE               ``id``, ``dest`` (worker id, address) → reply ``collapsed`` or nothing; a
+                   tensor received through shared memory that nothing else uses travels as
+                   ``Ext.HANDOVER`` (``dest`` maps the same memory) when ``dest`` is on this host
 REMOTE_GET         ``id``: the object is a pointer; fetch what it points to and store it
                    here in its place
 OBJECTS            → reply ``objects``: id → value snapshot (large tensors summarised)
@@ -75,7 +77,7 @@ from enum import IntEnum
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name"]
 
-PROTOCOL_VERSION = 3  # 2: ACKS; 3: BATCH
+PROTOCOL_VERSION = 4  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory
 NO_REPLY = 0
 
 

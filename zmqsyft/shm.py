@@ -6,10 +6,18 @@ into a fresh file in ``/dev/shm`` with one ``write`` and sends only the file's n
 maps the file, unlinks it at once and builds its tensor over the mapping. The data is written once
 and never copied again; the memory goes back to the system when the receiver's tensor is freed.
 
+Moves cost no copy at all: a worker that gives up a tensor it received this way (``move``) sends
+its process id, the descriptor its mapping keeps open and the segment's name; the receiver opens
+the same file through ``/proc/<pid>/fd/<fd>`` and maps it (:func:`take_over`). A receiver that
+cannot (another user, a process that is not dumpable) raises ``HandoverRefused`` and the sender
+sends the bytes instead.
+
 Who may use it: both ends must see the same ``/dev/shm`` (same machine, same mount) and run as the
 same user; :func:`host_key` captures that (boot id, the tmpfs mount's device and inode, the uid)
-and the two ends compare keys in their ``HELLO``. A receiver only accepts shared-memory tensors
-from a peer whose key matched, only names this module makes, only regular files of its own user
+and the two ends compare keys in their ``HELLO``. Segments live in a directory of their own user
+(``/dev/shm/zmqsyft-<uid>``, mode 0700), so other users can neither list nor open them, and a
+segment's name (128 random bits) is a secret only its sender and receiver know; a take-over must
+present it. A receiver only accepts names this module makes, only regular files of its own user
 of exactly the announced size, and never follows a symlink.
 
 Leaks: the receiver unlinks a segment as soon as it has mapped it. A sender also remembers what it
@@ -19,14 +27,16 @@ nobody will take: :func:`sweep_orphans` (run when a worker starts) removes those
 processes once they are old enough that no message can still be on its way.
 
 File descriptors: Python's ``mmap`` keeps a descriptor of the file open for as long as the mapping
-lives (before Python 3.13), so every tensor received this way holds one. The first receive raises
-the process's soft ``RLIMIT_NOFILE`` to its hard limit; should descriptors still run out, a
-segment is read into ordinary memory instead (one copy, no descriptor kept).
+lives (before Python 3.13), so every tensor received this way holds one (which is what a take-over
+opens). The first receive raises the process's soft ``RLIMIT_NOFILE`` to its hard limit; should
+descriptors still run out, a segment is read into ordinary memory instead (one copy, no
+descriptor kept).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import mmap
 import os
@@ -36,11 +46,13 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from typing import Any
 
-from .errors import ProtocolError
+from .errors import HandoverRefused, ProtocolError
 
-__all__ = ["DIRECTORY", "host_key", "write", "open_segment", "sweep", "sweep_orphans", "outstanding"]
+__all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
+           "take_over", "sweep", "sweep_orphans", "outstanding"]
 
 DIRECTORY = "/dev/shm"
 _NAME = re.compile(r"zmqsyft-([0-9]{1,10})-[0-9a-f]{32}")
@@ -48,7 +60,10 @@ _CHUNK = 1 << 30  # one write() moves at most this much
 _lock = threading.Lock()
 _created: dict[str, float] = {}  # segment name -> monotonic time it was written
 _key: str | None = None
+_dir: str | None = None
 _fd_room = False  # the soft limit on open files has been raised (once per process)
+# start address of each mapped segment this process received -> (name, size, weak ref to the map)
+_held: dict[int, tuple[str, int, weakref.ref[mmap.mmap]]] = {}
 
 
 def host_key() -> str:
@@ -59,18 +74,38 @@ def host_key() -> str:
             with open("/proc/sys/kernel/random/boot_id") as f:
                 boot = f.read().strip()
             st = os.stat(DIRECTORY)
-            usable = stat.S_ISDIR(st.st_mode) and os.access(DIRECTORY, os.W_OK | os.X_OK)
-            _key = f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}" if usable else ""
+            segment_dir()
+            _key = f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
         except OSError:
             _key = ""
     return _key
+
+
+def segment_dir() -> str:
+    """This user's directory of segments, created on first use (mode 0700).
+
+    Raises ``OSError`` if ``/dev/shm`` is missing or read-only, or if the directory exists but is
+    not a private directory of this user (then shared memory is not used: sockets carry tensors).
+    """
+    global _dir
+    if _dir is None:
+        path = os.path.join(DIRECTORY, f"zmqsyft-{os.getuid()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise OSError(errno.EPERM, f"{path} is not a directory of this user only")
+        _dir = path
+    return _dir
 
 
 def write(buf: Any, max_age: float) -> str:
     """Write ``buf`` (a contiguous byte buffer) into a new segment; return the segment's name."""
     sweep(max_age)
     name = f"zmqsyft-{os.getpid()}-{secrets.token_hex(16)}"
-    path = os.path.join(DIRECTORY, name)
+    path = os.path.join(segment_dir(), name)
     view = memoryview(buf).cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -121,7 +156,7 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap | bytearray:
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ProtocolError(f"invalid shared-memory segment name {name!r}")
-    path = os.path.join(DIRECTORY, name)
+    path = os.path.join(segment_dir(), name)
     if not _fd_room:
         _make_fd_room()
     try:
@@ -144,22 +179,83 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap | bytearray:
         if st.st_size != nbytes:
             raise ProtocolError(
                 f"shared-memory segment {name} holds {st.st_size} bytes, the message announced {nbytes}")
-        # pages are mapped on first touch (cheaper in all than MAP_POPULATE: ~3 ms vs ~10 ms/100 MiB)
-        try:
-            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-        except OSError as exc:  # mmap keeps a duplicate descriptor: none left for it
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            return _read_segment(fd, nbytes)
+        return _map(fd, name, nbytes)
     finally:
         os.close(fd)
+
+
+def _map(fd: int, name: str, nbytes: int) -> mmap.mmap | bytearray:
+    """Map an open segment and remember it (it can be handed over); copy it if no fd is left."""
+    # pages are mapped on first touch (cheaper in all than MAP_POPULATE: ~3 ms vs ~10 ms/100 MiB)
+    try:
+        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+    except OSError as exc:  # mmap keeps a duplicate descriptor: none left for it
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        return _read_segment(fd, nbytes)
+    anchor = ctypes.c_char.from_buffer(m)
+    address = ctypes.addressof(anchor)
+    del anchor  # (releases its export of the map)
+
+    def forget(ref: weakref.ref[mmap.mmap]) -> None:
+        if _held.get(address, (None, None, None))[2] is ref:
+            del _held[address]
+    _held[address] = (name, nbytes, weakref.ref(m, forget))
+    return m
+
+
+def held_segment(address: int, nbytes: int) -> tuple[int, str] | None:
+    """The descriptor and name of the segment received and mapped at ``address`` with exactly
+    ``nbytes``, or None if that memory is not such a segment (any more)."""
+    entry = _held.get(address)
+    if entry is None or entry[1] != nbytes or entry[2]() is None:
+        return None
+    target = f"{segment_dir()}/{entry[0]} (deleted)"
+    for fd in os.listdir("/proc/self/fd"):  # the descriptor Python's mmap keeps (not exposed)
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return int(fd), entry[0]
+        except OSError:
+            continue  # closed meanwhile
+    return None
+
+
+def take_over(pid: Any, fd: Any, name: Any, nbytes: int) -> mmap.mmap | bytearray:
+    """Map the segment ``name`` that process ``pid`` holds open as descriptor ``fd`` (a tensor it
+    gives up): the same memory, no copy.
+
+    Raises ``ProtocolError`` for malformed references and ``HandoverRefused`` if the descriptor
+    cannot be opened or is not that segment.
+    """
+    if (type(pid) is not int or type(fd) is not int or pid <= 0 or fd < 0
+            or not isinstance(name, str) or not _NAME.fullmatch(name)):
+        raise ProtocolError(f"invalid shared-memory hand-over {pid!r}, {fd!r}, {name!r}")
+    link, target = f"/proc/{pid}/fd/{fd}", f"{segment_dir()}/{name} (deleted)"
+    if not _fd_room:
+        _make_fd_room()
+    try:
+        if os.readlink(link) != target:  # check before opening: never open anything else
+            raise HandoverRefused(f"{link} is not shared-memory segment {name}")
+        own = os.open(link, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise HandoverRefused(
+            f"cannot take over shared-memory segment {name} from process {pid} ({exc.strerror})"
+        ) from None
+    try:
+        st = os.fstat(own)
+        if (os.readlink(f"/proc/self/fd/{own}") != target or not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.getuid() or st.st_size != nbytes):
+            raise HandoverRefused(f"{link} changed, or is not {nbytes} bytes of this user")
+        return _map(own, name, nbytes)
+    finally:
+        os.close(own)
 
 
 def _unlink(name: str) -> None:
     with _lock:
         _created.pop(name, None)
     try:
-        os.unlink(os.path.join(DIRECTORY, name))
+        os.unlink(os.path.join(segment_dir(), name))
     except OSError:
         pass  # the receiver took it
 
@@ -180,7 +276,8 @@ def sweep_orphans(min_age: float = 300.0) -> list[str]:
     ``min_age`` seconds; return their names."""
     removed: list[str] = []
     try:
-        names = os.listdir(DIRECTORY)
+        directory = segment_dir()
+        names = os.listdir(directory)
     except OSError:
         return removed
     now = time.time()
@@ -188,7 +285,7 @@ def sweep_orphans(min_age: float = 300.0) -> list[str]:
         match = _NAME.fullmatch(name)
         if match is None:
             continue
-        path = os.path.join(DIRECTORY, name)
+        path = os.path.join(directory, name)
         try:
             st = os.lstat(path)
             if st.st_uid != os.getuid() or now - st.st_mtime < min_age or _alive(int(match[1])):
@@ -214,7 +311,7 @@ def outstanding() -> list[str]:
     """Segments this process wrote whose receiver has not taken them yet (for tests and stats)."""
     with _lock:
         names = list(_created)
-    return [n for n in names if os.path.exists(os.path.join(DIRECTORY, n))]
+    return [n for n in names if os.path.exists(os.path.join(segment_dir(), n))]
 
 
 atexit.register(sweep)

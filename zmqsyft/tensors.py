@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from . import shm as _shm
 from .errors import ProtocolError, SerializationError
 
-__all__ = ["DTYPES", "dtype_name", "tensor_buffer", "tensor_from_buffer"]
+__all__ = ["DTYPES", "dtype_name", "tensor_buffer", "tensor_from_buffer", "tensor_over_segment",
+           "sole_segment"]
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -81,3 +83,26 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
     if raw.data_ptr() % min(itemsize, _ALIGN):  # misaligned for its dtype: copy (small frames)
         raw = raw.clone()
     return raw.view(dtype).reshape(tuple(shape))
+
+
+def tensor_over_segment(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor over a whole shared-memory segment (size already checked) that owns its storage:
+    no view of another tensor, so that :func:`sole_segment` can tell when nothing else uses it."""
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    return torch.empty(0, dtype=dtype).set_(  # type: ignore[call-overload]  # stride: contiguous
+        raw.untyped_storage(), 0, tuple(shape))
+
+
+def sole_segment(t: torch.Tensor) -> tuple[int, str] | None:
+    """The descriptor and name of the received shared-memory segment that ``t`` spans exactly and
+    alone (no view of it, no other tensor on its storage, not saved by autograd), else None."""
+    if (t._base is not None or t.device.type != "cpu" or t.storage_offset()
+            or not t.is_contiguous() or t.is_conj() or t.is_neg()):
+        return None
+    if t._use_count() != 1:  # type: ignore[attr-defined]  # also held from C++ (autograd)
+        return None
+    storage = t.untyped_storage()
+    # two references: t's and the Python object `storage`; more means another tensor shares it
+    if torch._C._storage_Use_Count(storage._cdata) != 2 or storage.nbytes() != t.nbytes:
+        return None
+    return _shm.held_segment(storage.data_ptr(), t.nbytes)

@@ -28,7 +28,7 @@ import zmq
 from . import transport
 from .codec import Frames, ShmPolicy, decode_message, encode_ack, encode_message
 from .config import Config
-from .errors import ProtocolError, UntrustedPayload
+from .errors import HandoverRefused, ProtocolError, UntrustedPayload
 from .handlers import Handlers
 from .messages import NO_REPLY, Message, Op
 from .peers import PeerLinks
@@ -102,6 +102,7 @@ class Worker(PeerLinks, Handlers):
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
         self._graveyard: list[Any] = []
+        self._no_handover: set[str] = set()  # peers that cannot take over our shared memory
         self._rcvtimeo = -1
         # peer address -> whether it shares our /dev/shm (None until its HELLO reply came), and
         # the requests waiting for that answer because they carry large tensors
@@ -211,9 +212,12 @@ class Worker(PeerLinks, Handlers):
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
             if not nested:
                 self._count(ident.hex(), "in", frames[1:])
-            self._counters["dropped_malformed"] += 1
             req_id = _salvage_req_id(frames[1])
-            log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
+            if isinstance(exc, HandoverRefused):  # the sender retries with a copy
+                self._counters["handovers_refused"] += 1
+            else:
+                self._counters["dropped_malformed"] += 1
+                log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
             if req_id:
                 self._reply_error(_Ctx(ident, req_id), exc)
             return
