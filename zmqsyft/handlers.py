@@ -121,12 +121,14 @@ class Handlers(AdminHandlers):
             local = self._local_args(args)
             if local is not None:  # the common case: tensors held here and plain values
                 return self._finish_call(name, executor.run(name, local, kwargs, grad, func), out)
+            relay = self._remote_args(args)
+            if relay is not None:  # the common chain case: pointers to one other worker
+                self._forward_call(ctx, name, relay[1], kwargs, out, grad, relay[0], body.get("hops", 0))
+                return _RELAYED
         resolved = {ref.id: self._resolve(ref.id) for ref in executor.refs_in((args, kwargs))}
         remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
         if remote:
             hops = body.get("hops", 0)
-            if not isinstance(hops, int) or isinstance(hops, bool):
-                raise ProtocolError("CALL 'hops' must be an integer")
             self._relay_call(ctx, name, args, kwargs, out, grad, resolved, remote, hops)
             return _RELAYED
         args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
@@ -150,6 +152,25 @@ class Handlers(AdminHandlers):
             else:
                 return None
         return values
+
+    def _remote_args(self, args: list[Any]) -> tuple[PointerRecord, list[Any]] | None:
+        """Positional arguments to forward, in one pass, when each is a pointer record to one and
+        the same other worker or a plain value; ``None`` otherwise (the general path decides)."""
+        objects, target, values = self.store._objects, None, []
+        for a in args:
+            kind = type(a)
+            if kind is ObjRef:
+                obj = objects.get(a.id)
+                if (type(obj) is not PointerRecord or obj.address in self.addresses
+                        or (target is not None and obj.address != target.address)):
+                    return None
+                target = obj
+                values.append(ObjRef(obj.id_at_location))
+            elif kind in _PLAIN:
+                values.append(a)
+            else:
+                return None
+        return None if target is None else (target, values)
 
     def _finish_call(self, name: str, result: Any, out: Any) -> Any:
         if out is not None:
@@ -188,13 +209,19 @@ class Handlers(AdminHandlers):
             raise LocationMismatch(
                 f"{name}: the arguments live on different workers ({', '.join(places)}); "
                 "move them to one worker first")
-        target = remote[0]
+        args, kwargs = executor.substitute(
+            (args, kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
+        self._forward_call(ctx, name, args, kwargs, out, grad, remote[0], hops)
+
+    def _forward_call(self, ctx: _Ctx, name: str, args: Any, kwargs: Any, out: Any, grad: bool,
+                      target: PointerRecord, hops: Any) -> None:
+        """Send a CALL on to ``target``'s worker, its arguments already named in ids there."""
+        if not isinstance(hops, int) or isinstance(hops, bool):
+            raise ProtocolError("CALL 'hops' must be an integer")
         if hops >= MAX_HOPS:
             raise ProtocolError(
                 f"{name}: the pointer chain is longer than {MAX_HOPS} hops; it probably loops "
                 "back on itself")
-        args, kwargs = executor.substitute(
-            (args, kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
         body: dict[str, Any] = {"fn": name, "args": args, "kwargs": kwargs, "grad": grad,
                                 "hops": hops + 1}
         if out is not None:
