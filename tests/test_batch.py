@@ -4,6 +4,7 @@ errors like separate messages would, and a worker survives malformed batches."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import torch
 import zmqsyft as sy
 from zmqsyft.client import get_client
 from zmqsyft.codec import encode_message, unpack_acks
+from zmqsyft.errors import SerializationError
 from zmqsyft.launch import WorkerClient
 from zmqsyft.messages import PROTOCOL_VERSION, Op
 
@@ -117,7 +119,8 @@ def test_an_error_inside_a_batch_surfaces_at_sync_and_later_ops_still_run(
         x.add_(1)            # queued ...
         x.floor_divide_(0)   # ... fails on bob: integer division by zero
         x.add_(10)           # ... still runs, as it would have as a message of its own
-        assert len(conn.outbox) == 3
+        queued = [msgpack.unpackb(header)[1] for header in conn.outbox]
+        assert queued.count(int(Op.CALL)) == 3, queued  # (deletes of earlier tests may ride along)
     with pytest.raises(RuntimeError, match="ZeroDivisionError") as info:
         sy.sync()
     assert info.value.worker_id == "bob"  # type: ignore[attr-defined]
@@ -237,3 +240,43 @@ def test_a_worker_killed_with_a_batch_queued_fails_fast_and_nothing_hangs(
     with pytest.raises(sy.PointerError, match="WorkerUnavailable: worker 'carol' is not running"):
         results[-1].get()  # a queued op's result says what became of it
     del x, results
+
+
+def _traffic(worker: WorkerClient) -> tuple[int, int]:
+    peer = worker.stats()["peers"][get_client().name]
+    return int(peer["messages_in"]), int(peer["messages_out"])
+
+
+@pytest.mark.timeout(60)
+def test_deletes_ride_in_one_message_with_the_next_request_and_get_no_reply(
+        bob: WorkerClient, hook: sy.TorchHook, restore_config: None) -> None:
+    sy.configure(pipeline=False)
+    x = torch.ones(3).send(bob)
+    results = [x + i for i in range(5)]
+    gc.collect()
+    sy.sync()
+    objects = bob.stats()["objects"]
+    messages_in, _ = _traffic(bob)
+    del results  # five deletes queued (no I/O in a finaliser)
+    y = x + 10   # blocking: the deletes travel with it
+    conn = get_client().conn(bob)
+    assert not conn.inflight and not conn._answered, "the deletes await no reply"
+    assert _traffic(bob)[0] - messages_in == 2, "one message for the ops, one for stats()"
+    assert bob.stats()["objects"] == objects - 5 + 1
+    assert torch.equal(y.get(), torch.full((3,), 11.0))
+
+
+@pytest.mark.timeout(60)
+def test_deletes_go_even_when_the_request_they_ride_with_cannot_be_encoded(
+        bob: WorkerClient, hook: sy.TorchHook) -> None:
+    x = torch.ones(3).send(bob)
+    y = x + 1
+    gc.collect()
+    sy.sync()
+    objects = bob.stats()["objects"]
+    del y
+    with pytest.raises(SerializationError, match="uint16"):
+        x.add_(torch.ones(3, dtype=torch.uint16))  # refused while the CALL is encoded
+    conn = get_client().conn(bob)
+    assert not get_client()._deletes and not conn.outbox, "the delete went out by itself"
+    assert bob.stats()["objects"] == objects - 1

@@ -31,10 +31,11 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import transport
+from .codec import encode_message
 from .config import Config, get_config
 from .connection import BATCH_DELAY, Connection
 from .errors import ZmqSyftError
-from .messages import Op
+from .messages import NO_REPLY, Op
 
 if TYPE_CHECKING:
     from .launch import WorkerClient
@@ -185,10 +186,15 @@ class Client:
         self._ensure_reaper()
         self._gc_wakeup.set()
 
-    def flush_deletes(self, wait: bool, timeout: float | None = None) -> None:
-        """Send every queued delete, one DEL per worker, on this thread's connections."""
+    def flush_deletes(self, wait: bool, timeout: float | None = None,
+                      rider: Connection | None = None) -> bytes | None:
+        """Send every queued delete, one DEL per worker, on this thread's connections.
+
+        ``rider``: the connection this thread is about to send a request on; the DEL for its
+        worker is not sent but returned (a reply-less header to send in one message with it).
+        """
         if getattr(self._flushing, "on", False):
-            return
+            return None
         batches: dict[str, list[int]] = collections.defaultdict(list)
         while True:
             try:
@@ -197,8 +203,9 @@ class Client:
                 break
             batches[address].append(obj_id)
         if not batches:
-            return
+            return None
         self._flushing.on = True
+        ride = None
         try:
             sent = []
             for address, ids in batches.items():
@@ -206,9 +213,13 @@ class Client:
                 if worker is None:
                     continue
                 conn = self.conn(worker)
+                if conn is rider:
+                    ride = encode_message(Op.DEL, NO_REPLY, {"ids": ids})[0]
+                    continue
                 try:
-                    # nobody waits for a delete flushed in passing (``wait=False``): its
-                    # answer is then not kept, and a failure is only logged
+                    # nobody waits for a delete flushed in passing (``wait=False``): it gets no
+                    # reply (freeing what is gone already is no error) and rides with the next
+                    # request to that worker
                     sent.append((conn, conn.send(Op.DEL, {"ids": ids}, what="delete",
                                                  flush_deletes=False, silent=not wait)))
                 except ZmqSyftError as exc:
@@ -221,6 +232,7 @@ class Client:
                         log.info("freeing objects on %s failed: %s", conn.worker.id, exc)
         finally:
             self._flushing.on = False
+        return ride
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None and not self._stopping.is_set():

@@ -42,12 +42,11 @@ BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher t
 
 
 class _Pending:
-    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited", "silent")
+    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited")
 
     def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
-                 awaited: bool, silent: bool = False) -> None:
+                 awaited: bool) -> None:
         self.awaited = awaited
-        self.silent = silent  # nobody waits and its failure is only logged (deletes)
         self.keep = keep
         self.results = results
         self.what = what
@@ -102,29 +101,50 @@ class Connection:
         """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
 
         With ``awaited=False`` nobody waits for the reply: an error in it is kept and raised at the
-        next synchronisation point (``deferred``); with ``silent=True`` too it is only logged.
+        next synchronisation point (``deferred``). A ``silent`` request (a delete flushed in
+        passing) gets no reply at all (id ``NO_REPLY``, returned); it goes out at once, in one
+        message with what this thread has queued for the worker. The deletes queued for this
+        worker travel in one message with the request.
         """
-        if flush_deletes and self.client._deletes:
-            self.client.flush_deletes(wait=False)
         cfg = self.client.cfg
         if len(self.inflight) >= cfg.max_inflight:
             self._wait_below(cfg.max_inflight // 2)
+        ride = None
+        if flush_deletes and self.client._deletes:
+            ride = self.client.flush_deletes(wait=False, rider=self)
         with self.lock:
             sock = self._socket()
-            req_id = self._next
-            self._next += 1
-            frames = encode_message(op, req_id, body, allow_pickle=allow_pickle, shm=self._shm_policy())
-            pending = _Pending(keep, results, what or op.name, awaited and not silent, silent)
             if op in _MAY_RELAY:
                 self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
-            if (not awaited and op is Op.CALL and len(frames) == 1 and cfg.pipeline_batch > 1
-                    and self._behind()):
-                self.inflight[req_id] = pending
-                self._queue(frames[0], cfg.pipeline_batch)
-                return req_id
+            if silent:
+                self.outbox.append(encode_message(op, NO_REPLY, body)[0])
+                self._flush_all()
+                return NO_REPLY
+            # Nagle: a pipelined op queues while the worker has earlier ones of ours to answer
+            pipelined = not awaited and op is Op.CALL and cfg.pipeline_batch > 1 and self._behind()
+            if ride is not None:
+                self.outbox.append(ride)
+                self.worker._dirty = True
+            req_id = self._next
+            self._next += 1
+            try:
+                frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
+                                        shm=self._shm_policy())
+            except BaseException:
+                if ride is not None:
+                    self._flush_all()  # the deletes go all the same
+                raise
+            self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
+            if len(frames) == 1:
+                if pipelined:
+                    self._queue(frames[0], cfg.pipeline_batch)
+                    return req_id
+                if self.outbox:  # one message with what this thread queued before
+                    self.outbox.append(frames[0])
+                    self._flush_all()
+                    return req_id
             if self.client.queued or self.outbox:
                 self._flush_all()  # what this thread queued before goes first
-            self.inflight[req_id] = pending
             try:
                 transport.send(sock, frames)
             except zmq.ZMQError as exc:
@@ -144,10 +164,10 @@ class Connection:
     def _queue(self, header: bytes, limit: int) -> None:
         outbox = self.outbox
         outbox.append(header)
-        if len(outbox) == 1:
+        if self not in self.client.queued:  # (a delete may be in the outbox, not yet listed)
             self.queued_at = time.monotonic()
             self.client.queue(self)
-        elif len(outbox) >= limit:
+        if len(outbox) >= limit:
             self.flush_outbox()
 
     def _flush_all(self) -> None:
@@ -330,9 +350,7 @@ class Connection:
             pending.error = decode_exception(msg.body.get("error"))
             for ptr in pending.results:
                 ptr._mark_failed(pending.error)
-            if pending.silent:
-                log.info("%s on worker %s failed: %s", pending.what, self.worker.id, pending.error)
-            elif not pending.awaited and not pending.results:
+            if not pending.awaited and not pending.results:
                 # an op with results reports through them (using one raises the error); one
                 # without (in-place) reports at the next synchronisation point
                 self.deferred.append(pending.error)
