@@ -101,16 +101,14 @@ def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if outcome is _SYNC:
         return _call_sync(name, location, args, kwargs, pointers)
     if outcome[0] == "inplace":
-        _call_async(name, location, args, kwargs, pointers, out=None, results=())
+        _call_async(name, location, args, kwargs, pointers, out=None)
         target = args[0]
         if isinstance(target, PointerTensor) and outcome[1] is not None:
             target._rg = outcome[1]  # requires_grad_(), requires_grad = ...
         return None if allowlist.returns_none(name) else target
     _, spec, metas = outcome
-    made = [PointerTensor(location, new_id(), shape, dtype, rg) for shape, dtype, rg in metas]
-    out = [[p.id_at_location, list(shape), dtype_name(dtype), bool(rg)]
-           for p, (shape, dtype, rg) in zip(made, metas, strict=True)]
-    _call_async(name, location, args, kwargs, pointers, out=out, results=tuple(made))
+    out = [[new_id(), list(shape), dtype_name(dtype), bool(rg)] for shape, dtype, rg in metas]
+    made = _call_async(name, location, args, kwargs, pointers, out=out, metas=metas)
     return made[0] if spec.is_leaf() else pytree.tree_unflatten(made, spec)
 
 
@@ -173,22 +171,32 @@ def _wire_args(args: Any, kwargs: Any) -> tuple[Any, Any]:
 
 
 def _call_async(name: str, location: Any, args: Any, kwargs: Any, pointers: list[PointerTensor],
-                out: list[Any] | None, results: tuple[PointerTensor, ...]) -> None:
+                out: list[Any] | None, metas: Any = ()) -> list[PointerTensor]:
+    """Send a CALL whose results get the ids in ``out``; return pointers to them (``metas``:
+    their shapes, dtypes and requires_grad)."""
     client = get_client()
     wargs, wkwargs = _wire_args(args, kwargs)
     body = {"fn": name, "args": wargs, "kwargs": wkwargs, "out": out,
             "grad": torch.is_grad_enabled()}
     conn = client.conn(location)
-    pipeline = client.cfg.pipeline
-    req_id = conn.send(Op.CALL, body, keep=tuple(pointers), results=results, what=name,
-                       awaited=not pipeline)
-    if not pipeline:
+    keep = tuple(pointers)
+    if not client.cfg.pipeline:
+        req_id = conn.send(Op.CALL, body, keep=keep, what=name)
+        made = _pointers(location, out, metas)  # made while the request is on its way
         conn.wait(req_id)
-        return
-    for ptr in results:
+        return made
+    made = _pointers(location, out, metas)
+    req_id = conn.send(Op.CALL, body, keep=keep, results=tuple(made), what=name, awaited=False)
+    for ptr in made:
         ptr._creator = (conn, req_id)
     if req_id % _PIPELINE_POLL == 0 and len(conn.inflight) >= _PIPELINE_POLL:
         conn.poll_replies()
+    return made
+
+
+def _pointers(location: Any, out: list[Any] | None, metas: Any) -> list[PointerTensor]:
+    return [PointerTensor(location, spec[0], shape, dtype, rg)
+            for spec, (shape, dtype, rg) in zip(out or (), metas, strict=True)]
 
 
 def _call_sync(name: str, location: Any, args: Any, kwargs: Any, pointers: list[PointerTensor]) -> Any:
