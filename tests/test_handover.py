@@ -58,6 +58,16 @@ def test_a_received_segment_can_be_taken_over_by_name_and_descriptor() -> None:
     assert t[0].item() == 42.0 and torch.equal(t[1:], data[1:])
 
 
+def test_the_descriptor_is_found_at_receive_time_or_else_by_a_scan() -> None:
+    t = _received(torch.randn(1024))
+    address = t.untyped_storage().data_ptr()
+    name, nbytes, ref, known = shm._held[address]
+    assert known is not None and os.readlink(f"/proc/self/fd/{known}").endswith(f"/{name} (deleted)")
+    shm._held[address] = (name, nbytes, ref, 0)  # as if another thread had taken the number first
+    assert shm.held_segment(address, nbytes) == (known, name)
+    assert shm.held_segment(address, nbytes + 1) is None
+
+
 @pytest.mark.parametrize("use", ["view", "alias", "other tensor", "autograd", "offset"])
 def test_a_tensor_whose_memory_is_used_elsewhere_is_not_handed_over(use: str) -> None:
     t = _received(torch.randn(1024))

@@ -62,8 +62,9 @@ _created: dict[str, float] = {}  # segment name -> monotonic time it was written
 _key: str | None = None
 _dir: str | None = None
 _fd_room = False  # the soft limit on open files has been raised (once per process)
-# start address of each mapped segment this process received -> (name, size, weak ref to the map)
-_held: dict[int, tuple[str, int, weakref.ref[mmap.mmap]]] = {}
+# start address of each mapped segment this process received -> (name, size, weak ref to the map,
+# the descriptor the map keeps if known)
+_held: dict[int, tuple[str, int, weakref.ref[mmap.mmap], int | None]] = {}
 
 
 def host_key() -> str:
@@ -188,6 +189,8 @@ def _map(fd: int, name: str, nbytes: int) -> mmap.mmap | bytearray:
     """Map an open segment and remember it (it can be handed over); copy it if no fd is left."""
     # pages are mapped on first touch (cheaper in all than MAP_POPULATE: ~3 ms vs ~10 ms/100 MiB)
     try:
+        probe = os.dup(fd)  # the lowest free descriptor: where mmap's duplicate will land
+        os.close(probe)
         m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
     except OSError as exc:  # mmap keeps a duplicate descriptor: none left for it
         if exc.errno not in (errno.EMFILE, errno.ENFILE):
@@ -198,10 +201,19 @@ def _map(fd: int, name: str, nbytes: int) -> mmap.mmap | bytearray:
     del anchor  # (releases its export of the map)
 
     def forget(ref: weakref.ref[mmap.mmap]) -> None:
-        if _held.get(address, (None, None, None))[2] is ref:
+        if _held.get(address, (None, None, None, None))[2] is ref:
             del _held[address]
-    _held[address] = (name, nbytes, weakref.ref(m, forget))
+    known = probe if _names(probe, name) else None  # (another thread may have taken it first)
+    _held[address] = (name, nbytes, weakref.ref(m, forget), known)
     return m
+
+
+def _names(fd: int, name: str) -> bool:
+    """Whether this process's descriptor ``fd`` is open on the (unlinked) segment ``name``."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == f"{segment_dir()}/{name} (deleted)"
+    except OSError:
+        return False
 
 
 def held_segment(address: int, nbytes: int) -> tuple[int, str] | None:
@@ -210,13 +222,12 @@ def held_segment(address: int, nbytes: int) -> tuple[int, str] | None:
     entry = _held.get(address)
     if entry is None or entry[1] != nbytes or entry[2]() is None:
         return None
-    target = f"{segment_dir()}/{entry[0]} (deleted)"
+    name, known = entry[0], entry[3]
+    if known is not None and _names(known, name):
+        return known, name
     for fd in os.listdir("/proc/self/fd"):  # the descriptor Python's mmap keeps (not exposed)
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == target:
-                return int(fd), entry[0]
-        except OSError:
-            continue  # closed meanwhile
+        if _names(int(fd), name):
+            return int(fd), name
     return None
 
 
