@@ -329,6 +329,11 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         # W1: blocking send; the pointers are kept alive during a run (no deletes in the loop)
         R.add("W1", latency(P, lambda _: keep.append(small.send(bob)), between=clear))
         R.add("W2.blocking", latency(P, lambda _: keep.append(a + a), between=clear))
+
+        def overwrite(_: Any) -> None:
+            """``z = a + a`` in a loop: each op also frees the previous result (a delete)."""
+            keep[:] = [a + a]
+        R.add("W2.dropped", latency(P, overwrite, between=clear))
         set_pipeline(True)
 
         def then_sync(x: Any) -> Callable[[Any], None]:
@@ -996,6 +1001,7 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("W1", "W1 send 4 x f32 to bob -> pointer", "us"),
         ("W2.blocking", "W2 add 4+4 on bob, blocking [zs: pipeline=False]", "us"),
         ("W2.sync", "W2 add 4+4 on bob, pipelined + sync() per op", "us"),
+        ("W2.dropped", "W2 same, blocking, freeing the previous result", "us"),
         ("W3", "W3 get 4 x f32 back", "us"),
         ("W4.send.ipc", f"W4 send {size}, ipc [rpc: TensorPipe default]", "xfer"),
         ("W4.get.ipc", f"W4 get {size}, ipc [rpc: TensorPipe default]", "xfer"),
