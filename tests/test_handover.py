@@ -1,12 +1,13 @@
-"""Zero-copy moves: a worker moving a tensor it received through shared memory hands the segment
-over (the destination maps the same file) when nothing else on it uses that memory; otherwise,
-or when the destination cannot open the sender's descriptor, it sends a copy."""
+"""Zero-copy moves and gets: a worker moving (or giving back) a tensor it received through shared
+memory hands the segment over (the destination maps the same file) when nothing else on it uses
+that memory; otherwise, or when the destination cannot open the sender's descriptor, it copies."""
 
 from __future__ import annotations
 
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,7 +176,9 @@ def test_a_move_hands_the_segment_over_along_a_chain(spawn: Callable[..., Worker
     sy.sync()
     assert _inodes(carol.pid) == {inode} and _inodes(alice.pid) == set()
     ptr.add_(1)
-    assert torch.equal(ptr.get(), data + 1)
+    back = ptr.get()
+    assert torch.equal(back, data + 1) and _inodes(os.getpid()) == {inode}, "and on to the client"
+    sy.sync()
     assert _inodes(carol.pid) == set()
     assert carol.stats()["counters"]["shm_bytes_in"] == data.nbytes
 
@@ -278,3 +281,60 @@ def test_a_forged_take_over_is_refused_and_the_worker_survives(bob: WorkerClient
         os.close(fd)
     assert victim.read_bytes() == b"\x00" * 16
     assert bob.stats()["counters"].get("handovers_refused", 0) >= 1 and alive()
+
+
+# ------------------------------------------------------------------ get
+
+def test_a_get_takes_over_the_segment_without_a_copy(spawn: Callable[..., WorkerClient],
+                                                     hook: sy.TorchHook) -> None:
+    bob = spawn("bob")
+    data = torch.randn(BIG)
+    ptr = data.send(bob)
+    sy.sync()
+    (inode,) = _inodes(bob.pid)
+    back = ptr.get()
+    assert _inodes(os.getpid()) == {inode}, "the client maps the memory bob had"
+    assert torch.equal(back, data)
+    sy.sync()  # the delete of bob's hold on it went out with the FLUSH
+    assert bob.stats()["objects"] == 0 and _inodes(bob.pid) == set()
+    back.add_(1)  # ours now, writable
+    assert torch.equal(back, data + 1)
+    del back
+    assert inode not in _inodes(os.getpid())
+
+
+def test_a_get_of_a_tensor_still_used_on_its_worker_is_copied(spawn: Callable[..., WorkerClient],
+                                                              hook: sy.TorchHook) -> None:
+    bob = spawn("bob")
+    data = torch.randn(BIG)
+    ptr = data.send(bob)
+    view = ptr[:8]
+    sy.sync()
+    (inode,) = _inodes(bob.pid)
+    back = ptr.get()
+    assert inode not in _inodes(os.getpid())
+    back.add_(1)
+    assert torch.equal(view.get(), data[:8]) and torch.equal(back, data + 1)
+
+
+def test_a_get_whose_take_over_fails_fetches_a_copy_at_once(spawn: Callable[..., WorkerClient],
+                                                            hook: sy.TorchHook,
+                                                            restore_config: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when the worker runs as another user: opening its descriptor fails in the client."""
+    bob = spawn("bob")
+    sy.configure(timeout=10.0)
+    refused: list[int] = []
+
+    def refuse(pid: object, fd: object, name: object, nbytes: int) -> object:
+        refused.append(nbytes)
+        raise HandoverRefused(f"cannot take over shared-memory segment {name} (test)")
+    monkeypatch.setattr(shm, "take_over", refuse)
+    data = torch.randn(BIG)
+    ptr = data.send(bob)
+    started = time.monotonic()
+    back = ptr.get()
+    assert time.monotonic() - started < 5, "the refusal reached get() at once, not at the timeout"
+    assert refused == [data.nbytes] and torch.equal(back, data)
+    sy.sync()
+    assert bob.stats()["objects"] == 0

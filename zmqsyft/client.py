@@ -182,7 +182,12 @@ class Client:
         entry = self._tracked.pop(id(ref), None)
         if entry is None:  # untracked meanwhile, or already released at exit
             return
-        self._deletes.append(entry[1])
+        self.free_later(*entry[1])
+
+    def free_later(self, address: str, obj_id: int) -> None:
+        """Queue a delete of ``obj_id`` on the worker at ``address`` (sent like a dropped
+        pointer's: with the next request to it, or by the timer)."""
+        self._deletes.append((address, obj_id))
         self._ensure_reaper()
         self._gc_wakeup.set()
 

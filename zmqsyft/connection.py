@@ -24,7 +24,7 @@ import zmq
 from . import shm, transport
 from .codec import ShmPolicy, ack_id, decode_message, encode_message, unpack_acks
 from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
-from .messages import NO_REPLY, Message, Op
+from .messages import NO_REPLY, Message, Op, salvage_req_id
 from .remote_exc import decode_exception
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class Connection:
         self._deadline_s = client.cfg.timeout
         self._hello: _Pending | None = None
         self._shm_in = False  # the worker shares our /dev/shm: accept its shared-memory tensors
+        self._take_over = False  # ... and we may open its descriptors (zero-copy .get())
         self._rcvtimeo = -1
         self._policy: tuple[Config, ShmPolicy | None] | None = None
         self.thread = threading.get_ident()
@@ -88,7 +89,7 @@ class Connection:
             req_id = self._next
             self._next += 1
             self._hello = self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
-            self._shm_in = False
+            self._shm_in = self._take_over = False
             hello: dict[str, Any] = {"peer": self.client.name, "host": shm.host_key()}
             if self.worker._trust_token:
                 hello["trust"] = self.worker._trust_token
@@ -218,6 +219,11 @@ class Connection:
             self._policy = (cfg, policy)
         return self._policy[1]
 
+    def can_take_over(self) -> bool:
+        """Whether the worker's received shared-memory tensors can become ours without a copy
+        (same host, and its descriptors are open to us); waits for its HELLO reply if need be."""
+        return self._shm_out() and self._take_over
+
     def _shm_out(self) -> bool:
         """Whether the worker shares our ``/dev/shm`` (waits for its HELLO reply if need be)."""
         hello = self._hello
@@ -331,12 +337,16 @@ class Connection:
                 for req_id in unpack_acks(msg):
                     self._on_answer(Message(Op.REPLY, req_id, {}))
                 return
-        except ZmqSyftError as exc:
-            log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
+        except ZmqSyftError as exc:  # its waiter learns why (instead of waiting for a timeout)
+            req_id = salvage_req_id(frames[0])
+            if req_id in self.inflight:
+                self._on_answer(Message(Op.ERROR, req_id, {}), exc)
+            else:
+                log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
             return
         self._on_answer(msg)
 
-    def _on_answer(self, msg: Message) -> None:
+    def _on_answer(self, msg: Message, error: BaseException | None = None) -> None:
         pending = self.inflight.pop(msg.req_id, None)
         if pending is None:
             return  # a late reply to a request we gave up on
@@ -344,10 +354,11 @@ class Connection:
         pending.keep = ()
         if pending is self._hello and msg.op is Op.REPLY:
             self._shm_in = msg.body.get("shm") is True and msg.body.get("host") == shm.host_key() != ""
+            self._take_over = self._shm_in and shm.may_take_over(msg.body.get("pid"))
         if pending.awaited:  # someone will wait() for it: keep the answer until then
             self._answered[msg.req_id] = pending
         if msg.op is Op.ERROR:
-            pending.error = decode_exception(msg.body.get("error"))
+            pending.error = error or decode_exception(msg.body.get("error"))
             for ptr in pending.results:
                 ptr._mark_failed(pending.error)
             if not pending.awaited and not pending.results:

@@ -23,6 +23,7 @@ from .errors import HandoverRefused, LocationMismatch, ProtocolError
 from .messages import Message, ObjRef, Op, PointerDesc, Summary
 from .remote_exc import decode_exception, encode_exception
 from .store import ErrorMarker, PointerRecord, new_id
+from .tensors import sole_segment
 
 if TYPE_CHECKING:
     from .worker import _Ctx
@@ -64,6 +65,15 @@ class Handlers(AdminHandlers):
         if isinstance(obj, PointerRecord):
             desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
             self._settled(ctx, obj.address, lambda: self._reply(ctx, {"obj": desc}))
+            return
+        hold = body.get("handover")
+        # nothing here uses it any more (the getrefcount argument and `obj` are the references):
+        # a same-host caller may map its memory; it is kept under the caller's `hold` id until
+        # the caller, having mapped it, deletes that (or asks for it again, if it could not)
+        if (type(hold) is int and hold > 0 and type(obj) is torch.Tensor
+                and sys.getrefcount(obj) == 2 and sole_segment(obj) is not None):
+            self.store.put(hold, obj)
+            self._reply(ctx, {"obj": Handover(obj)})
             return
         self._reply(ctx, {"obj": obj})
 

@@ -33,7 +33,10 @@ HELLO              ``peer`` (the sender's name), ``trust`` (optional token), ``h
                    connection; a matching token lets that connection send pickled payloads,
                    matching host keys let both ends send large tensors as ``Ext.SHM``
 PUT                ``id``, ``obj`` (a value: tensor, pointer descriptor, ...)
-GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive)
+GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive). With
+                   ``handover`` (an id the caller chose), a tensor received through shared
+                   memory that nothing else uses comes as ``Ext.HANDOVER`` and is kept under
+                   that id until the caller, having mapped it, deletes it
 CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` (ids for the
                    tensor results in flattened order, or ``None`` to get descriptors back),
                    ``inplace`` → reply ``result`` when ``out`` is ``None``
@@ -74,8 +77,9 @@ of the worker's loop per op.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
-__all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name"]
+__all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
 PROTOCOL_VERSION = 4  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory
 NO_REPLY = 0
@@ -187,3 +191,17 @@ class Summary:
 
     def __repr__(self) -> str:
         return self.text
+
+
+def salvage_req_id(header: Any) -> int:
+    """Best effort: the request id in a message header that failed to decode (0 if none), so
+    that the request can still be answered, or its waiter told why."""
+    import msgpack
+
+    try:
+        raw = msgpack.unpackb(bytes(memoryview(header)), strict_map_key=False,
+                              ext_hook=lambda code, data: None)
+        req_id = raw[2]
+        return req_id if isinstance(req_id, int) and not isinstance(req_id, bool) and req_id > 0 else 0
+    except Exception:  # noqa: BLE001
+        return 0

@@ -22,7 +22,7 @@ import torch
 
 from .client import get_client
 from .codec import DTYPES, dtype_name
-from .errors import PointerError, PointerReleased
+from .errors import HandoverRefused, PointerError, PointerReleased
 from .messages import Op, PointerDesc
 from .store import new_id
 
@@ -204,9 +204,20 @@ class PointerTensor(torch.Tensor):
         """
         self._check_usable(".get()")
         self._check_owner(".get()")
-        conn = get_client().conn(self.location)
-        reply = conn.request(Op.GET, {"id": self.id_at_location}, keep=(self,),
-                             what=f".get() of object {self.id_at_location}")
+        client = get_client()
+        conn = client.conn(self.location)
+        what = f".get() of object {self.id_at_location}"
+        body: dict[str, Any] = {"id": self.id_at_location}
+        hold = new_id() if conn.can_take_over() else 0
+        if hold:  # a tensor the worker got through shared memory may become ours, uncopied
+            body["handover"] = hold
+        try:
+            reply = conn.request(Op.GET, body, keep=(self,), what=what)
+        except HandoverRefused:  # the worker kept it under `hold`: fetch it again, copied
+            reply = conn.request(Op.GET, {"id": hold}, keep=(self,), what=what)
+            hold = 0
+        if hold:
+            client.free_later(self.location.address, hold)  # the worker's hold on the memory
         self._release("it was fetched with .get()")
         obj = reply.body.get("obj")
         if isinstance(obj, PointerDesc):

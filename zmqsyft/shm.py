@@ -52,7 +52,7 @@ from typing import Any
 from .errors import HandoverRefused, ProtocolError
 
 __all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
-           "take_over", "sweep", "sweep_orphans", "outstanding"]
+           "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding"]
 
 DIRECTORY = "/dev/shm"
 _NAME = re.compile(r"zmqsyft-([0-9]{1,10})-[0-9a-f]{32}")
@@ -229,6 +229,18 @@ def held_segment(address: int, nbytes: int) -> tuple[int, str] | None:
         if _names(int(fd), name):
             return int(fd), name
     return None
+
+
+def may_take_over(pid: Any) -> bool:
+    """Whether this process may open the descriptors of process ``pid`` (same user, and that
+    process is dumpable): then the segments it holds can be taken over."""
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return True
 
 
 def take_over(pid: Any, fd: Any, name: Any, nbytes: int) -> mmap.mmap | bytearray:

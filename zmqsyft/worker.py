@@ -30,7 +30,7 @@ from .codec import Frames, ShmPolicy, decode_message, encode_ack, encode_message
 from .config import Config
 from .errors import HandoverRefused, ProtocolError, UntrustedPayload
 from .handlers import Handlers
-from .messages import NO_REPLY, Message, Op
+from .messages import NO_REPLY, Message, Op, salvage_req_id
 from .peers import PeerLinks
 from .remote_exc import encode_exception
 from .store import Store
@@ -200,7 +200,7 @@ class Worker(PeerLinks, Handlers):
             if not nested:
                 self._count(ident.hex(), "in", frames[1:])
             self._counters["refused_untrusted"] += 1
-            req_id = _salvage_req_id(frames[1])
+            req_id = salvage_req_id(frames[1])
             if req_id:
                 self._reply_error(_Ctx(ident, req_id), UntrustedPayload(
                     f"worker '{self.id}' refused a pickled payload (code, a module, an "
@@ -212,7 +212,7 @@ class Worker(PeerLinks, Handlers):
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
             if not nested:
                 self._count(ident.hex(), "in", frames[1:])
-            req_id = _salvage_req_id(frames[1])
+            req_id = salvage_req_id(frames[1])
             if isinstance(exc, HandoverRefused):  # the sender retries with a copy
                 self._counters["handovers_refused"] += 1
             else:
@@ -321,18 +321,6 @@ class Worker(PeerLinks, Handlers):
         if size > peer[largest]:
             peer[largest] = size
 
+
 def _yes() -> bool:
     return True
-
-
-def _salvage_req_id(header: Any) -> int:
-    """Best effort: the request id of a message that failed to decode, to answer it."""
-    import msgpack
-
-    try:
-        raw = msgpack.unpackb(bytes(memoryview(header)), strict_map_key=False,
-                              ext_hook=lambda code, data: None)
-        req_id = raw[2]
-        return req_id if isinstance(req_id, int) and not isinstance(req_id, bool) and req_id > 0 else 0
-    except Exception:  # noqa: BLE001
-        return 0
