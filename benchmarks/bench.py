@@ -387,9 +387,22 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
             R.add(f"W4.send.{kind}", sends)
             R.add(f"W4.get.{kind}", gets)
         sy.configure(shm_threshold=shm_default)
-        R.note("W4 ipc rows: same-host shared memory (the default, shm_threshold=1 MiB); the "
-               "'shared memory off' rows: the same through the ipc socket (client and worker "
-               "with shm_threshold=0)")
+        # the same get of a tensor bob computed itself (not received through shared memory:
+        # bob writes it into a segment, one copy), the computation not timed
+        computed = []
+        for i in range(1 + P.big_reps):
+            p = big.send(bob) + 0
+            sy.sync()
+            tg, t = timed(p.get)
+            assert t.shape == big.shape
+            del t, p
+            if i:
+                computed.append(tg)
+        R.add("W4.get.computed", computed)
+        R.note("W4 ipc rows: same-host shared memory (the default, shm_threshold=1 MiB): the get "
+               "of the tensor just sent maps bob's memory (no copy); the 'computed on bob' row "
+               "copies it once; the 'shared memory off' rows: the same through the ipc socket "
+               "(client and worker with shm_threshold=0)")
 
         # W5: move bob -> alice, started by the client (timed runs, then runs that watch the
         # client's peak RSS, so that the sampler does not disturb the timing)
@@ -1005,6 +1018,7 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("W3", "W3 get 4 x f32 back", "us"),
         ("W4.send.ipc", f"W4 send {size}, ipc [rpc: TensorPipe default]", "xfer"),
         ("W4.get.ipc", f"W4 get {size}, ipc [rpc: TensorPipe default]", "xfer"),
+        ("W4.get.computed", f"W4 get {size} computed on bob, ipc", "xfer"),
         ("W4.send.ipc_noshm", f"W4 send {size}, ipc, shared memory off", "xfer"),
         ("W4.get.ipc_noshm", f"W4 get {size}, ipc, shared memory off", "xfer"),
         ("W4.send.tcp", f"W4 send {size}, tcp 127.0.0.1", "xfer"),
@@ -1100,6 +1114,7 @@ def ratios(P: Params, results: dict[str, Any]) -> list[tuple[str, float | None, 
         ("W7 throughput zmqsyft / torch-rpc", div(m("zmqsyft", "W7"), m("rpc", "W7")), ">=", 5.0),
         ("W4 send throughput zmqsyft(ipc) / torch-rpc", div(thr("zmqsyft", "W4.send.ipc"), thr("rpc", "W4.send.ipc")), ">=", 1.0),
         ("W4 get throughput zmqsyft(ipc) / torch-rpc", div(thr("zmqsyft", "W4.get.ipc"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
+        ("W4 get, computed on bob (a copy) / torch-rpc", div(thr("zmqsyft", "W4.get.computed"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
         ("W4 send throughput tcp zmqsyft / pyzmq", div(thr("zmqsyft", "W4.send.tcp"), thr("pyzmq", "W4.send.tcp")), ">=", 0.9),
         ("W4 get throughput tcp zmqsyft / pyzmq", div(thr("zmqsyft", "W4.get.tcp"), thr("pyzmq", "W4.get.tcp")), ">=", 0.9),
         ("W5 move time / W4 send time (zmqsyft, ipc)", div(m("zmqsyft", "W5.move"), m("zmqsyft", "W4.send.ipc")), "<=", 1.2),
