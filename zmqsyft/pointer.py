@@ -216,8 +216,9 @@ class PointerTensor(torch.Tensor):
         except HandoverRefused:  # the worker kept it under `hold`: fetch it again, copied
             reply = conn.request(Op.GET, {"id": hold}, keep=(self,), what=what)
             hold = 0
-        if hold:
-            client.free_later(self.location.address, hold)  # the worker's hold on the memory
+        if hold:  # the worker may let go of the memory now (its pages then go with ours)
+            client.free_later(self.location.address, hold)
+            client.flush_deletes(wait=False)
         self._release("it was fetched with .get()")
         obj = reply.body.get("obj")
         if isinstance(obj, PointerDesc):
