@@ -338,3 +338,29 @@ def test_a_get_whose_take_over_fails_fetches_a_copy_at_once(spawn: Callable[...,
     assert refused == [data.nbytes] and torch.equal(back, data)
     sy.sync()
     assert bob.stats()["objects"] == 0
+
+
+def test_a_get_naming_a_hold_id_in_use_is_answered_with_a_copy(bob: WorkerClient) -> None:
+    alive = alive_check(bob)
+    data = torch.randn(BIG)
+
+    def answer(sock: zmq.Socket, req_id: int) -> list[bytes]:
+        while True:
+            assert sock.poll(10_000), "no reply"
+            frames = sock.recv_multipart()
+            if msgpack.unpackb(frames[0])[2] == req_id:
+                return frames
+
+    with raw_dealer(bob.address) as sock:
+        sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
+        next_reply(sock, alive=alive)
+        sock.send_multipart(encode_message(Op.PUT, 2, {"id": 31, "obj": data}, shm=ALWAYS))
+        sock.send_multipart(encode_message(Op.PUT, 3, {"id": 32, "obj": "kept"}))
+        sock.send_multipart(encode_message(Op.GET, 4, {"id": 31, "handover": 32}))
+        frames = answer(sock, 4)
+        sock.send_multipart(encode_message(Op.GET, 5, {"id": 32}))
+        kept = decode_message(answer(sock, 5))
+    assert msgpack.unpackb(frames[0])[3]["obj"].code == Ext.SHM, "a copy, not a hand-over"
+    assert torch.equal(decode_message(frames, shm=True).body["obj"], data)
+    assert kept.op is Op.REPLY and kept.body["obj"] == "kept", "the object under that id is untouched"
+    assert bob.stats()["objects"] == 0 and alive()

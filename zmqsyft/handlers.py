@@ -70,7 +70,7 @@ class Handlers(AdminHandlers):
         # nothing here uses it any more (the getrefcount argument and `obj` are the references):
         # a same-host caller may map its memory; it is kept under the caller's `hold` id until
         # the caller, having mapped it, deletes that (or asks for it again, if it could not)
-        if (type(hold) is int and hold > 0 and type(obj) is torch.Tensor
+        if (type(hold) is int and hold > 0 and hold not in self.store and type(obj) is torch.Tensor
                 and sys.getrefcount(obj) == 2 and sole_segment(obj) is not None):
             self.store.put(hold, obj)
             self._reply(ctx, {"obj": Handover(obj)})

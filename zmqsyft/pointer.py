@@ -216,6 +216,10 @@ class PointerTensor(torch.Tensor):
         except HandoverRefused:  # the worker kept it under `hold`: fetch it again, copied
             reply = conn.request(Op.GET, {"id": hold}, keep=(self,), what=what)
             hold = 0
+        except BaseException:
+            if hold:  # (a timeout: the worker may yet keep it under `hold`)
+                client.free_later(self.location.address, hold)
+            raise
         if hold:  # the worker may let go of the memory now (its pages then go with ours)
             client.free_later(self.location.address, hold)
             client.flush_deletes(wait=False)
