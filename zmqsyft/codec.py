@@ -197,8 +197,6 @@ class Encoder:
                         return self._ext(Ext.SHM, [name, *meta])
             self.buffers.append(buf)
             return self._ext(Ext.TENSOR, [len(self.buffers) - 1, *meta])
-        if isinstance(obj, Handover):
-            raise SerializationError("Handover cannot be subclassed")
         if isinstance(obj, torch.Size):
             return self._ext(Ext.SIZE, list(obj))
         if isinstance(obj, tuple):
@@ -236,8 +234,7 @@ class Encoder:
 
     def _handover(self, t: Any) -> msgpack.ExtType | None:
         """``Ext.HANDOVER`` for a tensor whose segment the receiver can take over, else None."""
-        if (self.shm is None or not isinstance(t, torch.Tensor)
-                or type(t) not in (torch.Tensor, torch.nn.Parameter)):
+        if self.shm is None or type(t) not in (torch.Tensor, torch.nn.Parameter):
             return None
         if self._shm_ok is None:
             self._shm_ok = bool(self.shm.use())
