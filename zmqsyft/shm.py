@@ -211,9 +211,14 @@ def _map(fd: int, name: str, nbytes: int) -> mmap.mmap | bytearray:
 def _names(fd: int, name: str) -> bool:
     """Whether this process's descriptor ``fd`` is open on the (unlinked) segment ``name``."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == f"{segment_dir()}/{name} (deleted)"
+        return os.readlink(f"/proc/self/fd/{fd}") == _unlinked_path(name)
     except OSError:
         return False
+
+
+def _unlinked_path(name: str) -> str:
+    """What ``/proc/<pid>/fd/<fd>`` reads for a descriptor of segment ``name`` once unlinked."""
+    return f"{segment_dir()}/{name} (deleted)"
 
 
 def held_segment(address: int, nbytes: int) -> tuple[int, str] | None:
@@ -253,11 +258,11 @@ def take_over(pid: Any, fd: Any, name: Any, nbytes: int) -> mmap.mmap | bytearra
     if (type(pid) is not int or type(fd) is not int or pid <= 0 or fd < 0
             or not isinstance(name, str) or not _NAME.fullmatch(name)):
         raise ProtocolError(f"invalid shared-memory hand-over {pid!r}, {fd!r}, {name!r}")
-    link, target = f"/proc/{pid}/fd/{fd}", f"{segment_dir()}/{name} (deleted)"
+    link = f"/proc/{pid}/fd/{fd}"
     if not _fd_room:
         _make_fd_room()
     try:
-        if os.readlink(link) != target:  # check before opening: never open anything else
+        if os.readlink(link) != _unlinked_path(name):  # checked first: never open anything else
             raise HandoverRefused(f"{link} is not shared-memory segment {name}")
         own = os.open(link, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
@@ -266,7 +271,7 @@ def take_over(pid: Any, fd: Any, name: Any, nbytes: int) -> mmap.mmap | bytearra
         ) from None
     try:
         st = os.fstat(own)
-        if (os.readlink(f"/proc/self/fd/{own}") != target or not stat.S_ISREG(st.st_mode)
+        if (not _names(own, name) or not stat.S_ISREG(st.st_mode)
                 or st.st_uid != os.getuid() or st.st_size != nbytes):
             raise HandoverRefused(f"{link} changed, or is not {nbytes} bytes of this user")
         return _map(own, name, nbytes)
