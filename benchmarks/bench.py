@@ -286,14 +286,14 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
     import torch
 
     import zmqsyft as sy
-    from zmqsyft.client import get_client
+    from zmqsyft.client import get_session
 
     sy.TorchHook(torch)
     sy.configure(timeout=P.timeout, spawn_timeout=P.timeout)
 
     def set_pipeline(on: bool) -> None:
         sy.configure(pipeline=on)
-        if get_client().cfg.pipeline != on:  # the figures would be mislabelled
+        if get_session().cfg.pipeline != on:  # the figures would be mislabelled
             raise RuntimeError("sy.configure(pipeline=...) did not reach the existing client")
 
     handles: list[Any] = []
@@ -306,7 +306,7 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
     try:
         bob, alice = spawn("bob"), spawn("alice")
         # the tcp rows measure the socket path: shared memory off on both ends
-        no_shm = replace(get_client().cfg, shm_threshold=0)
+        no_shm = replace(get_session().cfg, shm_threshold=0)
         bob_tcp = spawn("bob_tcp", transport_kind="tcp", config=no_shm)
         bob_noshm = spawn("bob_noshm", config=no_shm)
         for w in (bob, alice, bob_tcp, bob_noshm):
@@ -372,7 +372,7 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
 
         # W4: big send / get over ipc and tcp
         big: Any = torch.ones(P.big_bytes // 4, dtype=torch.float32)
-        shm_default = get_client().cfg.shm_threshold
+        shm_default = get_session().cfg.shm_threshold
         for kind, w in (("ipc", bob), ("ipc_noshm", bob_noshm), ("tcp", bob_tcp)):
             sy.configure(shm_threshold=shm_default if kind == "ipc" else 0)
             sends, gets = [], []

@@ -84,7 +84,7 @@ def main() -> None:
                 print(f"round {round_:3d}  bob loss {bobs_loss.item():.4f}  "
                       f"alice loss {alices_loss.item():.4f}")
 
-            me = sy.launch.get_client().name
+            me = sy.get_session().name
             for owner in (bob, alice):
                 to_me = owner.stats()["peers"][me]
                 print(f"{owner.id} sent this program {to_me['bytes_out']} bytes in all, its "

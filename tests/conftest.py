@@ -24,8 +24,8 @@ import torch
 
 import zmqsyft as sy
 from zmqsyft import config as config_mod
-from zmqsyft.launch import WorkerClient
-from zmqsyft.transport import ipc_endpoint
+from zmqsyft import WorkerClient
+from zmqsyft.wire.transport import ipc_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft.codec import decode_message, encode_message, unpack_acks
-from zmqsyft.launch import WorkerClient
-from zmqsyft.messages import Op
+from zmqsyft.wire.codec import decode_message, encode_message, unpack_acks
+from zmqsyft import WorkerClient
+from zmqsyft.wire.messages import Op
 
 from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft.client import get_client
-from zmqsyft.codec import encode_message, unpack_acks
+from zmqsyft.client import get_session
+from zmqsyft.wire.codec import encode_message, unpack_acks
 from zmqsyft.errors import SerializationError
-from zmqsyft.launch import WorkerClient
-from zmqsyft.messages import PROTOCOL_VERSION, Op
+from zmqsyft import WorkerClient
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Op
 
 from .conftest import run_in_threads
 from .test_cli_and_robustness import alive_check, expect_error, next_reply, raw_dealer
@@ -40,7 +40,7 @@ def stopped(worker: WorkerClient) -> Iterator[None]:
 
 
 def messages_from_me(worker: WorkerClient) -> int:
-    return int(worker.stats()["peers"][get_client().name]["messages_in"])
+    return int(worker.stats()["peers"][get_session().name]["messages_in"])
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def slow_flusher(monkeypatch: pytest.MonkeyPatch) -> None:
     """The flusher leaves batches alone for a minute: what is queued stays queued until this
     thread sends or waits for something (the assertions on batch contents do not then depend on
     how fast this machine issues ops)."""
-    monkeypatch.setattr(get_client(), "batch_delay", 60.0)
+    monkeypatch.setattr(get_session(), "batch_delay", 60.0)
 
 
 @pytest.mark.timeout(120)
@@ -81,7 +81,7 @@ def test_the_flusher_sends_a_queued_batch_without_further_calls(bob: WorkerClien
                                                                 hook: sy.TorchHook) -> None:
     x = torch.ones(3).send(bob)
     sy.sync()
-    conn = get_client().conn(bob)
+    conn = get_session().conn(bob)
     results = []
     with stopped(bob):
         for _ in range(5):  # the first goes out at once; the others wait for it to be answered
@@ -113,7 +113,7 @@ def test_an_error_inside_a_batch_surfaces_at_sync_and_later_ops_still_run(
         bob: WorkerClient, hook: sy.TorchHook, slow_flusher: None) -> None:
     x = torch.tensor([7, 9]).send(bob)
     sy.sync()
-    conn = get_client().conn(bob)
+    conn = get_session().conn(bob)
     with stopped(bob):
         x.add_(1)            # sent at once
         x.add_(1)            # queued ...
@@ -196,7 +196,7 @@ def test_another_thread_using_a_queued_result_hands_the_batch_over(
     thread: that thread sends the batch on (under the connection's lock) before naming it."""
     x = torch.tensor([1.0, 2.0]).send(bob)
     sy.sync()
-    conn = get_client().conn(bob)
+    conn = get_session().conn(bob)
     with stopped(bob):
         first = x + 1                    # sent at once
         r = x + 10                       # queued behind it (the flusher waits a minute here)
@@ -226,7 +226,7 @@ def test_a_worker_killed_with_a_batch_queued_fails_fast_and_nothing_hangs(
     carol = spawn("carol")
     x = torch.ones(3).send(carol)
     sy.sync()
-    conn = get_client().conn(carol)
+    conn = get_session().conn(carol)
     with stopped(carol):
         results = [x + i for i in range(5)]  # the first goes out, the others queue
         assert conn.outbox
@@ -243,7 +243,7 @@ def test_a_worker_killed_with_a_batch_queued_fails_fast_and_nothing_hangs(
 
 
 def _traffic(worker: WorkerClient) -> tuple[int, int]:
-    peer = worker.stats()["peers"][get_client().name]
+    peer = worker.stats()["peers"][get_session().name]
     return int(peer["messages_in"]), int(peer["messages_out"])
 
 
@@ -259,7 +259,7 @@ def test_deletes_ride_in_one_message_with_the_next_request_and_get_no_reply(
     messages_in, _ = _traffic(bob)
     del results  # five deletes queued (no I/O in a finaliser)
     y = x + 10   # blocking: the deletes travel with it
-    conn = get_client().conn(bob)
+    conn = get_session().conn(bob)
     assert not conn.inflight and not conn._answered, "the deletes await no reply"
     assert _traffic(bob)[0] - messages_in == 2, "one message for the ops, one for stats()"
     assert bob.stats()["objects"] == objects - 5 + 1
@@ -277,6 +277,6 @@ def test_deletes_go_even_when_the_request_they_ride_with_cannot_be_encoded(
     del y
     with pytest.raises(SerializationError, match="uint16"):
         x.add_(torch.ones(3, dtype=torch.uint16))  # refused while the CALL is encoded
-    conn = get_client().conn(bob)
-    assert not get_client()._deletes and not conn.outbox, "the delete went out by itself"
+    conn = get_session().conn(bob)
+    assert not get_session()._deletes and not conn.outbox, "the delete went out by itself"
     assert bob.stats()["objects"] == objects - 1

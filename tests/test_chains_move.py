@@ -6,7 +6,7 @@ import torch
 
 import zmqsyft as sy
 from zmqsyft.config import Config
-from zmqsyft.messages import Op
+from zmqsyft.wire.messages import Op
 
 from .conftest import run_in_threads
 
@@ -51,7 +51,7 @@ def test_move_sends_data_directly_and_frees_source(bob: sy.WorkerClient, alice: 
     obj_id = p.id_at_location
 
     def bytes_to_clients(worker: sy.WorkerClient) -> int:
-        me = sy.launch.get_client().name
+        me = sy.get_session().name
         return worker.stats()["peers"][me]["bytes_out"]
 
     before = bytes_to_clients(bob)
@@ -115,7 +115,7 @@ def test_relaying_worker_keeps_serving_while_a_peer_is_dead(spawn) -> None:  # t
     p2p = torch.ones(2).send(carol).send(alice)
     carol._proc.kill()
     carol._proc.wait()
-    conn = sy.launch.get_client().conn(alice)
+    conn = sy.get_session().conn(alice)
     req = conn.send(Op.REMOTE_GET, {"id": p2p.id_at_location}, what="remote_get")
     # alice is waiting on dead carol for that request, but answers others at once
     assert alice.ping() < 1.0

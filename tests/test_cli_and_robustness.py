@@ -32,13 +32,13 @@ import zmq
 
 import zmqsyft as sy
 from zmqsyft import config as config_mod
-from zmqsyft.client import get_client
-from zmqsyft.codec import Ext, decode_message, encode_message
+from zmqsyft.client import get_session
+from zmqsyft.wire.codec import Ext, decode_message, encode_message
 from zmqsyft.errors import ObjectNotFound, OpNotAllowed, ProtocolError, UntrustedPayload
-from zmqsyft.launch import WorkerClient
-from zmqsyft.messages import PROTOCOL_VERSION, Message, ObjRef, Op, Summary
-from zmqsyft.remote_exc import decode_exception
-from zmqsyft.store import new_id
+from zmqsyft import WorkerClient
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, Summary
+from zmqsyft.wire.exc_codec import decode_exception
+from zmqsyft.ids import new_id
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 60.0  # seconds a fresh interpreter may take to import torch and bind (2 slow cores)
@@ -276,7 +276,7 @@ def test_connect_to_nothing_raises_within_deadline(kind: str, tmp_path: Path) ->
             sy.connect(address)
         elapsed = time.monotonic() - start
     assert 0.5 <= elapsed < 5.0
-    assert get_client().find(address) is None  # the failed handle is not kept
+    assert get_session().find(address) is None  # the failed handle is not kept
 
 
 def test_connect_timeout_argument() -> None:
@@ -288,7 +288,7 @@ def test_connect_timeout_argument() -> None:
 
 
 def test_configure_timeout_applies_to_existing_client() -> None:
-    client = get_client()  # the client exists (as soon as any worker was used)
+    client = get_session()  # the client exists (as soon as any worker was used)
     saved = config_mod._current
     try:
         sy.configure(timeout=1.0)
@@ -463,7 +463,7 @@ def test_malformed_call_fields_report_protocol_error(bob: WorkerClient) -> None:
 
 
 def test_pointer_cycle_between_workers_fails_fast(spawn: Callable[..., WorkerClient]) -> None:
-    from zmqsyft.messages import PointerDesc
+    from zmqsyft.wire.messages import PointerDesc
 
     bob, alice = spawn("bob"), spawn("alice")  # fresh workers: on the bug they never go quiet
     a, b = new_id(), new_id()

@@ -24,9 +24,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmqsyft.codec import DTYPES, Ext, decode_message, dtype_name, encode_message
+from zmqsyft.wire.codec import DTYPES, Ext, decode_message, dtype_name, encode_message
 from zmqsyft.errors import ProtocolError, SerializationError, UntrustedPayload
-from zmqsyft.messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d,
                   torch.preserve_format]
@@ -506,7 +506,7 @@ def test_deeply_nested_extension_types_raise_protocol_error() -> None:
     # run in a child process: on the bug this segfaults the interpreter
     code = textwrap.dedent("""
         import msgpack
-        from zmqsyft.codec import decode_message
+        from zmqsyft.wire.codec import decode_message
         from zmqsyft.errors import ProtocolError
         data = msgpack.packb(1)
         for _ in range(1000):
@@ -689,7 +689,7 @@ def test_property_roundtrip(value: Any, kind: str) -> None:
 
 @pytest.mark.parametrize("req_id", [1, 127, 128, 65_536, 2**62 + 5])
 def test_the_fast_empty_reply_is_the_same_message(req_id: int) -> None:
-    from zmqsyft.codec import ack_id, encode_ack
+    from zmqsyft.wire.codec import ack_id, encode_ack
 
     assert encode_ack(req_id) == encode_message(Op.REPLY, req_id, {})
     msg = decode_message(encode_ack(req_id))
@@ -698,7 +698,7 @@ def test_the_fast_empty_reply_is_the_same_message(req_id: int) -> None:
 
 
 def test_the_empty_reply_shortcut_leaves_everything_else_to_the_decoder() -> None:
-    from zmqsyft.codec import ack_id
+    from zmqsyft.wire.codec import ack_id
 
     others = [encode_message(Op.REPLY, 5, {"id": "bob"})[0], encode_message(Op.ACKS, 0, {"ids": [1, 2]})[0],
               encode_message(Op.ERROR, 5, {})[0], encode_message(Op.REPLY, 0, {})[0],

@@ -17,7 +17,7 @@ import torch
 import zmqsyft as sy
 from zmqsyft import config as config_mod
 from zmqsyft.config import Config, configure, from_environ, get_config
-from zmqsyft.launch import WorkerClient
+from zmqsyft import WorkerClient
 
 DEFAULTS = {
     "timeout": 60.0,

@@ -10,8 +10,8 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from zmqsyft.codec import decode_message, encode_message
-from zmqsyft.messages import Op
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.messages import Op
 
 from .conftest import run_script
 
@@ -161,7 +161,7 @@ def test_torchhook_freezes_start_up_objects_and_cycles_still_free_pointers(
 def test_deletes_flushed_in_passing_leave_no_bookkeeping_behind(bob: sy.WorkerClient) -> None:
     """Deletes that ride along before other requests are not waited for; their answers must not
     pile up in the connection (they did: one kept reply per delete batch, forever)."""
-    from zmqsyft.client import get_client
+    from zmqsyft.client import get_session
 
     a = torch.ones(2).send(bob)
     for _ in range(100):
@@ -170,7 +170,7 @@ def test_deletes_flushed_in_passing_leave_no_bookkeeping_behind(bob: sy.WorkerCl
         q = a + 1                 # noqa: F841 - dropped by the next iteration
     del q
     sy.sync()
-    conn = get_client().conn(bob)
+    conn = get_session().conn(bob)
     assert conn.inflight == {} and conn._answered == {}
     del a
     assert bob._objects == {}

@@ -18,13 +18,13 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from zmqsyft import shm
-from zmqsyft.codec import Ext, Handover, ShmPolicy, decode_message, encode_message
+from zmqsyft.wire import shm
+from zmqsyft.wire.codec import Ext, Handover, ShmPolicy, decode_message, encode_message
 from zmqsyft.errors import HandoverRefused, ProtocolError
-from zmqsyft.launch import WorkerClient
-from zmqsyft.messages import PROTOCOL_VERSION, Op
-from zmqsyft.remote_exc import encode_exception
-from zmqsyft.tensors import sole_segment
+from zmqsyft import WorkerClient
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Op
+from zmqsyft.wire.exc_codec import encode_exception
+from zmqsyft.wire.tensors import sole_segment
 
 from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
 

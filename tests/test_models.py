@@ -198,7 +198,7 @@ def test_aggregator_flow_never_sends_private_data_or_models_to_the_client(spawn)
     model = nn.Linear(64, 32)  # an 8 KiB weight
     weight_bytes = model.weight.numel() * 4
     data = {w: (torch.randn(200, 64).send(w), torch.randn(200, 32).send(w)) for w in (bob, alice)}
-    me = sy.launch.get_client().name
+    me = sy.get_session().name
     before = {w: w.stats()["peers"].get(me, {}).get("bytes_out", 0) for w in (bob, alice)}
     models = {}
     for w in (bob, alice):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from zmqsyft import errors
-from zmqsyft.codec import decode_message, encode_message
-from zmqsyft.messages import Op
-from zmqsyft.remote_exc import decode_exception, encode_exception
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.messages import Op
+from zmqsyft.wire.exc_codec import decode_exception, encode_exception
 
 
 class CustomError(Exception):

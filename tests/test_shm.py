@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft import shm
-from zmqsyft.codec import Ext, ShmPolicy, decode_message, encode_message
+from zmqsyft.wire import shm
+from zmqsyft.wire.codec import Ext, ShmPolicy, decode_message, encode_message
 from zmqsyft.config import Config
 from zmqsyft.errors import ProtocolError
-from zmqsyft.launch import WorkerClient
-from zmqsyft.messages import PROTOCOL_VERSION, Op
+from zmqsyft import WorkerClient
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Op
 
 from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
 
@@ -301,7 +301,7 @@ def test_a_segment_is_read_into_memory_when_no_descriptor_is_left() -> None:
 
     script = """
 import os, resource, torch
-from zmqsyft import shm
+from zmqsyft.wire import shm
 data = torch.arange(1 << 18, dtype=torch.float32)
 name = shm.write(memoryview(data.numpy()), 60.0)
 shm._fd_room = True                       # keep the limit as set below

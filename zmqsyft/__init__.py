@@ -30,9 +30,15 @@ from .errors import (
     WorkerUnavailable,
     ZmqSyftError,
 )
-from .hook import TorchHook
-from .launch import VirtualWorker, WorkerClient, connect, spawn_worker
-from .pointer import PointerTensor
+from .client import (
+    PointerTensor,
+    TorchHook,
+    VirtualWorker,
+    WorkerClient,
+    connect,
+    get_session,
+    spawn_worker,
+)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -44,9 +50,7 @@ def sync() -> None:
 
     Raises the first error of a pipelined operation that was not reported yet.
     """
-    from .client import get_client
-
-    get_client().sync()
+    get_session().sync()
 
 
 __all__ = [

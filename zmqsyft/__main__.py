@@ -32,7 +32,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from . import shm, transport
+    from .wire import shm, transport
     from .config import from_environ
     from .worker import Worker
 

@@ -3,7 +3,8 @@
 A :class:`PointerTensor` is a real ``torch.Tensor`` (on the ``meta`` device, with the remote
 tensor's shape and dtype and no storage), so ``isinstance(p, torch.Tensor)`` holds and torch
 routes every function, method and operator on it to ``__torch_function__``, which sends it to the
-worker (:mod:`zmqsyft.dispatch`). Its own attributes are plain: ``location`` (the worker handle),
+worker (:mod:`zmqsyft.client.dispatch`). A pointer reaches its session, and so its connection,
+through the worker handle it holds: ``ptr.location.session``. Its own attributes are plain: ``location`` (the worker handle),
 ``id_at_location`` (the object's id there), ``id`` (the pointer's own id: the key it is stored
 under when the pointer itself is sent) and ``owner`` (``"me"``, or the worker holding it for the
 pointers in a ``_objects`` snapshot).
@@ -16,23 +17,21 @@ ownership on; the pointer is then *released* and any further use raises ``Pointe
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .client import get_client
-from .codec import DTYPES, dtype_name
-from .errors import HandoverRefused, PointerError, PointerReleased
-from .messages import Op, PointerDesc
-from .store import new_id
+from ..errors import HandoverRefused, PointerError, PointerReleased
+from ..ids import new_id
+from ..wire.bodies import Get, GetReply, Move, MoveReply, Put, RemoteGet
+from ..wire.messages import Op, PointerDesc
+from ..wire.tensors import dtype_name
+from .dispatch import torch_function
+from .handle import WorkerHandle as WorkerClient
 
-if TYPE_CHECKING:
-    from .launch import WorkerClient
-
-__all__ = ["PointerTensor", "pointer_from_desc"]
+__all__ = ["PointerTensor", "check_worker"]
 
 _META = torch.device("meta")
-_torch_function: Any = None  # dispatch.torch_function, imported on first use (dispatch imports us)
 
 
 class PointerTensor(torch.Tensor):
@@ -71,15 +70,13 @@ class PointerTensor(torch.Tensor):
         self.id = id if id is not None else new_id()
         self.owner = owner
         self._owned = bool(owned and owner == "me")
-        self._fin = get_client().track(self, location.address, id_at_location) if self._owned else None
+        self._fin = (location.session.track(self, location.address, id_at_location)
+                     if self._owned else None)
 
     # ------------------------------------------------------------ torch glue
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        global _torch_function
-        if _torch_function is None:
-            from .dispatch import torch_function as _torch_function
-        return _torch_function(func, args, kwargs or {})
+        return torch_function(cls, func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
@@ -170,24 +167,24 @@ class PointerTensor(torch.Tensor):
                 f"take it with {what}; operations on it give results you own")
 
     def _release(self, reason: str) -> None:
-        get_client().untrack(self._fin)
+        self.location.session.untrack(self._fin)
         self._fin = None
         self._owned = False
         self._released = reason
 
     def _retarget(self, location: WorkerClient, id_at_location: int) -> None:
-        client = get_client()
-        client.untrack(self._fin)
+        self.location.session.untrack(self._fin)
         self.location = location
         self.id_at_location = id_at_location
-        self._fin = client.track(self, location.address, id_at_location) if self._owned else None
+        self._fin = (location.session.track(self, location.address, id_at_location)
+                     if self._owned else None)
 
     def _settle(self) -> None:
         """Wait until the pipelined request that creates this object has been acknowledged."""
         if self._creator is not None:
             conn, req_id = self._creator
             self._creator = None
-            if req_id in conn.inflight and conn in get_client()._thread_conns():
+            if req_id in conn.inflight and conn in self.location.session.thread_conns():
                 try:
                     conn.wait(req_id)
                 except Exception:  # noqa: BLE001 - reported through _check_usable below
@@ -204,29 +201,28 @@ class PointerTensor(torch.Tensor):
         """
         self._check_usable(".get()")
         self._check_owner(".get()")
-        client = get_client()
-        conn = client.conn(self.location)
+        session = self.location.session
+        conn = session.conn(self.location)
         what = f".get() of object {self.id_at_location}"
-        body: dict[str, Any] = {"id": self.id_at_location}
+        # a tensor the worker got through shared memory may become ours, uncopied
         hold = new_id() if conn.can_take_over() else 0
-        if hold:  # a tensor the worker got through shared memory may become ours, uncopied
-            body["handover"] = hold
         try:
-            reply = conn.request(Op.GET, body, keep=(self,), what=what)
+            reply = conn.request(Op.GET, Get(id=self.id_at_location, handover=hold), keep=(self,),
+                                 what=what)
         except HandoverRefused:  # the worker kept it under `hold`: fetch it again, copied
-            reply = conn.request(Op.GET, {"id": hold}, keep=(self,), what=what)
+            reply = conn.request(Op.GET, Get(id=hold), keep=(self,), what=what)
             hold = 0
         except BaseException:
             if hold:  # (a timeout: the worker may yet keep it under `hold`)
-                client.free_later(self.location.address, hold)
+                session.free_later(self.location.address, hold)
             raise
         if hold:  # the worker may let go of the memory now (its pages then go with ours)
-            client.free_later(self.location.address, hold)
-            client.flush_deletes(wait=False)
+            session.free_later(self.location.address, hold)
+            session.flush_deletes(wait=False)
         self._release("it was fetched with .get()")
-        obj = reply.body.get("obj")
+        obj = GetReply.from_wire(reply.body).obj
         if isinstance(obj, PointerDesc):
-            return pointer_from_desc(obj)
+            return session.pointer_from_desc(obj)
         return obj
 
     def send(self, worker: WorkerClient, *more: WorkerClient) -> PointerTensor:
@@ -236,11 +232,11 @@ class PointerTensor(torch.Tensor):
         chain and this pointer is released (a non-owning pointer, from ``search()``, stays usable
         and the stored pointer owns nothing either).
         """
-        _check_worker(worker, more, "send")
+        check_worker(worker, more, "send")
         self._check_usable(".send()")
         self._settle()
-        get_client().conn(worker).request(
-            Op.PUT, {"id": self.id, "obj": self._desc(self._owned)}, keep=(self,),
+        worker.session.conn(worker).request(
+            Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
             what=f".send() of a pointer to '{worker.id}'")
         if self._owned:  # the ownership went with it; a non-owning pointer stays usable
             self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
@@ -254,18 +250,18 @@ class PointerTensor(torch.Tensor):
         (same id) and is returned. Moving to where it already is does nothing. If the object is a
         pointer to ``worker`` itself, the chain collapses and this pointer points at the data.
         """
-        _check_worker(worker, (), "move")
+        check_worker(worker, (), "move")
         self._check_usable(".move()")
         if worker is self.location or worker.address == self.location.address:
             return self
         self._check_owner(".move()")
-        conn = get_client().conn(self.location)
-        reply = conn.request(Op.MOVE, {"id": self.id_at_location, "dest": worker.id,
-                                       "dest_address": worker.address},
-                             keep=(self,), what=f".move() to '{worker.id}'")
-        collapsed = reply.body.get("collapsed")
-        if isinstance(collapsed, PointerDesc):
-            self._retarget(get_client().worker_at(collapsed.address, collapsed.location),
+        session = self.location.session
+        reply = session.conn(self.location).request(
+            Op.MOVE, Move(id=self.id_at_location, dest_address=worker.address), keep=(self,),
+            what=f".move() to '{worker.id}'")
+        collapsed = MoveReply.from_wire(reply.body).collapsed
+        if collapsed is not None:
+            self._retarget(session.worker_at(collapsed.address, collapsed.location),
                            collapsed.id_at_location)
         else:
             self._retarget(worker, self.id_at_location)
@@ -275,8 +271,8 @@ class PointerTensor(torch.Tensor):
         """For a pointer to a pointer: the middle worker fetches the data from the last hop and
         keeps it in place of its pointer. Returns this pointer."""
         self._check_usable(".remote_get()")
-        get_client().conn(self.location).request(
-            Op.REMOTE_GET, {"id": self.id_at_location}, keep=(self,), what=".remote_get()")
+        self.location.session.conn(self.location).request(
+            Op.REMOTE_GET, RemoteGet(id=self.id_at_location), keep=(self,), what=".remote_get()")
         return self
 
     def copy(self) -> PointerTensor:
@@ -284,20 +280,11 @@ class PointerTensor(torch.Tensor):
         return self.clone()  # type: ignore[return-value]
 
 
-def _check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:
-    from .launch import WorkerClient
-
+def check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:
+    """Refuse anything but one worker handle as the target of ``send``/``move``."""
     if more:
         raise NotImplementedError(f"{what}() to several workers at once is not supported yet")
     if not isinstance(worker, WorkerClient):
         raise TypeError(
             f"{what}() needs a worker handle (from sy.spawn_worker, sy.VirtualWorker or sy.connect), "
             f"not {type(worker).__name__}")
-
-
-def pointer_from_desc(desc: PointerDesc, owner: str = "me") -> PointerTensor:
-    """Rebuild a pointer from a descriptor a worker sent (ownership as the descriptor says)."""
-    location = get_client().worker_at(desc.address, desc.location)
-    return PointerTensor(location, desc.id_at_location, desc.shape, DTYPES[desc.dtype],
-                         desc.requires_grad, id=desc.ptr_id, owner=owner,
-                         owned=desc.owned and owner == "me")

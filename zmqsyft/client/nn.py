@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .client import get_client
-from .errors import PointerError
-from .messages import Op, PointerDesc
-from .pointer import PointerTensor, _check_worker
-from .store import new_id
+from ..errors import PointerError
+from ..ids import new_id
+from ..wire.bodies import Get, GetReply, Move, MoveReply, Put
+from ..wire.messages import Op
+from .pointer import PointerTensor, check_worker
 
 __all__ = ["module_send", "module_get", "module_move", "module_copy", "module_tensors"]
 
@@ -50,17 +50,17 @@ def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:
 
     Returns the module itself (as PySyft does), so ``model.copy().send(bob)`` reads naturally.
     """
-    _check_worker(worker, more, "send")
+    check_worker(worker, more, "send")
     entries = module_tensors(module)
     remote = _where(module)
     if remote:
         names = ", ".join(sorted(f"'{w.id}'" for w in remote))
         raise PointerError(f"this module is already on {names}; use .move(worker), or .get() it first")
-    conn = get_client().conn(worker)
+    conn = worker.session.conn(worker)
     sent = []
     for _, name, t, _ in entries:
         obj_id = new_id()
-        req = conn.send(Op.PUT, {"id": obj_id, "obj": t.detach().requires_grad_(t.requires_grad)},
+        req = conn.send(Op.PUT, Put(id=obj_id, obj=t.detach().requires_grad_(t.requires_grad)),
                         keep=(t,), what=f".send() of parameter {name!r} to '{worker.id}'")
         sent.append((t, obj_id, req))
     for _, _, req in sent:  # every tensor is there before any local copy is let go
@@ -73,16 +73,15 @@ def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:
 
 def module_get(module: nn.Module) -> nn.Module:
     """Fetch a module's parameters and buffers back (destructively); returns the module."""
-    client = get_client()
     pending = []
     for table, name, t, is_param in module_tensors(module):
         if isinstance(t, PointerTensor):
             t._check_usable(".get()")
-            conn = client.conn(t.location)
+            conn = t.location.session.conn(t.location)
             pending.append((table, name, t, is_param, conn, conn.send(
-                Op.GET, {"id": t.id_at_location}, keep=(t,), what=f".get() of {name!r}")))
+                Op.GET, Get(id=t.id_at_location), keep=(t,), what=f".get() of {name!r}")))
     for table, name, t, is_param, conn, req in pending:
-        data = conn.wait(req).body.get("obj")
+        data = GetReply.from_wire(conn.wait(req).body).obj
         if not isinstance(data, torch.Tensor):
             raise PointerError(f"parameter {name!r} is a pointer to a pointer; .get() it by hand")
         if t._restore is not None:
@@ -95,8 +94,7 @@ def module_get(module: nn.Module) -> nn.Module:
 
 def module_move(module: nn.Module, worker: Any) -> nn.Module:
     """Move a remote module's tensors to ``worker``, each directly from where it is."""
-    _check_worker(worker, (), "move")
-    client = get_client()
+    check_worker(worker, (), "move")
     moving = []
     for _, name, t, _ in module_tensors(module):
         if not isinstance(t, PointerTensor):
@@ -104,14 +102,14 @@ def module_move(module: nn.Module, worker: Any) -> nn.Module:
         if t.location is worker:
             continue
         t._check_usable(".move()")
-        conn = client.conn(t.location)
+        conn = t.location.session.conn(t.location)
         moving.append((t, conn, conn.send(
-            Op.MOVE, {"id": t.id_at_location, "dest": worker.id, "dest_address": worker.address},
+            Op.MOVE, Move(id=t.id_at_location, dest_address=worker.address),
             keep=(t,), what=f".move() of parameter {name!r} to '{worker.id}'")))
     for t, conn, req in moving:
-        collapsed = conn.wait(req).body.get("collapsed")
-        if isinstance(collapsed, PointerDesc):
-            t._retarget(client.worker_at(collapsed.address, collapsed.location),
+        collapsed = MoveReply.from_wire(conn.wait(req).body).collapsed
+        if collapsed is not None:
+            t._retarget(worker.session.worker_at(collapsed.address, collapsed.location),
                         collapsed.id_at_location)
         else:
             t._retarget(worker, t.id_at_location)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from . import allowlist
-from .errors import ProtocolError
-from .messages import ObjRef
+from .. import allowlist
+from ..errors import ProtocolError
+from ..wire.messages import ObjRef
 
 __all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs"]
 

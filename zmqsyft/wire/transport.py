@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from .config import Config
+from ..config import Config
 
 __all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
            "send", "recv", "readable"]

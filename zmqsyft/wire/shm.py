@@ -49,7 +49,7 @@ import time
 import weakref
 from typing import Any
 
-from .errors import HandoverRefused, ProtocolError
+from ..errors import HandoverRefused, ProtocolError
 
 __all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
            "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding"]

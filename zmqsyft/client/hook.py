@@ -2,10 +2,10 @@
 
 It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy`` and
 ``remote_get``, and every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
-(:mod:`zmqsyft.modules`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
+(:mod:`zmqsyft.client.nn`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
 tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
 ``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
-with their remote meaning (:class:`~zmqsyft.pointer.PointerTensor`).
+with their remote meaning (:class:`~zmqsyft.client.pointer.PointerTensor`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from .client import get_client
-from .messages import Op
-from .modules import module_copy, module_get, module_move, module_send
-from .pointer import PointerTensor, _check_worker
-from .store import new_id
+from ..ids import new_id
+from ..wire.bodies import Put
+from ..wire.messages import Op
+from .nn import module_copy, module_get, module_move, module_send
+from .pointer import PointerTensor, check_worker
 
 __all__ = ["TorchHook", "send_tensor"]
 
@@ -31,10 +31,10 @@ _installed = False
 
 def send_tensor(tensor: torch.Tensor, worker: Any, *more: Any) -> PointerTensor:
     """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
-    _check_worker(worker, more, "send")
+    check_worker(worker, more, "send")
     obj_id = new_id()
-    get_client().conn(worker).request(Op.PUT, {"id": obj_id, "obj": tensor},
-                                      what=f".send() to '{worker.id}'")
+    worker.session.conn(worker).request(Op.PUT, Put(id=obj_id, obj=tensor),
+                                        what=f".send() to '{worker.id}'")
     return PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
 
 

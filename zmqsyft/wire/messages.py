@@ -1,6 +1,6 @@
 """Protocol constants and message shapes. No I/O here.
 
-Wire format (protocol version 4)
+Wire format (protocol version 5)
 ================================
 
 Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
@@ -18,47 +18,14 @@ request_id     chosen by the sender, unique per connection; a reply carries the 
                its request. ``0`` is reserved for messages that want no reply.
 body           a msgpack map whose values may hold zmqsyft extension types
                (tuples, slices, dtypes, tensors, object refs, pointer descriptors;
-               see :mod:`zmqsyft.codec`). No pickle, ever, unless the receiving worker
+               see :mod:`zmqsyft.wire.codec`). No pickle, ever, unless the receiving worker
                trusts the sender (``Ext.PICKLE``).
 =============  =====================================================================
 
-Request bodies (keys, by op):
+Request and reply bodies, key by key, are typed in :mod:`zmqsyft.wire.bodies`, whose table is
+rendered from them.
 
-=================  ===================================================================
-op                 body
-=================  ===================================================================
-HELLO              ``peer`` (the sender's name), ``trust`` (optional token), ``host``
-                   (optional, :func:`zmqsyft.shm.host_key`) → reply ``id``, ``pid``,
-                   ``version``, ``trusted``, ``host``, ``shm``. The first message of every
-                   connection; a matching token lets that connection send pickled payloads,
-                   matching host keys let both ends send large tensors as ``Ext.SHM``
-PUT                ``id``, ``obj`` (a value: tensor, pointer descriptor, ...)
-GET                ``id`` → reply ``obj``; the object is removed (``get`` is destructive). With
-                   ``handover`` (an id the caller chose), a tensor received through shared
-                   memory that nothing else uses comes as ``Ext.HANDOVER`` and is kept under
-                   that id until the caller, having mapped it, deletes it
-CALL               ``fn`` (allow-listed op name), ``args``, ``kwargs``, ``out`` (ids for the
-                   tensor results in flattened order, or ``None`` to get descriptors back),
-                   ``inplace`` → reply ``result`` when ``out`` is ``None``
-DEL                ``ids``: free these objects (cascading along owned pointers)
-MOVE               ``id``, ``dest`` (worker id, address) → reply ``collapsed`` or nothing; a
-                   tensor received through shared memory that nothing else uses travels as
-                   ``Ext.HANDOVER`` (``dest`` maps the same memory) when ``dest`` is on this host
-REMOTE_GET         ``id``: the object is a pointer; fetch what it points to and store it
-                   here in its place
-OBJECTS            → reply ``objects``: id → value snapshot (large tensors summarised)
-FLUSH              → reply once every request this worker relayed before has been handled
-                   downstream (recursively): the synchronisation point behind ``_objects``
-PING               → reply ``id``
-STATS              → reply counters
-SHUTDOWN           → reply, then the worker exits
-SEARCH             ``tags`` → reply ``results``: non-owning pointer descriptors of the objects
-                   carrying all the tags (data the worker loaded itself)
-RUN                ``fn`` (a pickled callable: trusted senders only), ``args``, ``kwargs``, ``grad``
-                   → reply ``result`` (tensors stay here and come back as pointer descriptors)
-=================  ===================================================================
-
-An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.remote_exc`).
+An ``ERROR`` reply's body holds ``error``: the encoded exception (see :mod:`zmqsyft.wire.exc_codec`).
 
 ``ACKS`` (request id 0, body ``ids``: a list of request ids) answers several requests at once
 with an empty ``REPLY`` each. A worker sends it instead of separate empty replies when one turn
@@ -81,7 +48,8 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 4  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory
+PROTOCOL_VERSION = 5  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+# 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name)
 NO_REPLY = 0
 
 

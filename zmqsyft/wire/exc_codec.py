@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import errors
+from .. import errors
 
 __all__ = ["encode_exception", "decode_exception"]
 

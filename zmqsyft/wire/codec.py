@@ -11,18 +11,18 @@ code   name          payload (msgpack)
 1      TUPLE         list of values
 2      TENSOR        ``[buffer index, dtype name, shape, requires_grad]``
 3      REF           object id in the receiver's store, 8 bytes big-endian (not msgpack)
-4      PTR           pointer descriptor list (:class:`~zmqsyft.messages.PointerDesc`)
+4      PTR           pointer descriptor list (:class:`~zmqsyft.wire.messages.PointerDesc`)
 5      SLICE         ``[start, stop, step]``
 6      ELLIPSIS      nil
 7      DTYPE         dtype name, e.g. ``"float32"``
 8      SIZE          list of ints (``torch.Size``)
 9      DEVICE        device string
 10     COMPLEX       ``[real, imag]``
-11     SUMMARY       text (:class:`~zmqsyft.messages.Summary`)
+11     SUMMARY       text (:class:`~zmqsyft.wire.messages.Summary`)
 12     PICKLE        cloudpickle bytes: only decoded by a receiver that trusts the sender
 13     MEMFMT        memory format name
 14     SHM           ``[segment name, dtype name, shape, requires_grad]``: a tensor whose bytes
-                     are in a shared-memory segment (:mod:`zmqsyft.shm`), same-host peers only
+                     are in a shared-memory segment (:mod:`zmqsyft.wire.shm`), same-host peers only
 15     HANDOVER      ``[pid, fd, segment name, dtype name, shape, requires_grad]``: a tensor
                      the sender gives up whose bytes are a segment it holds open (same host)
 =====  ============  ========================================================================
@@ -50,7 +50,8 @@ import msgpack
 import torch
 
 from . import shm as _shm
-from .errors import ProtocolError, SerializationError, UntrustedPayload
+from ..errors import ProtocolError, SerializationError, UntrustedPayload
+from .bodies import Acks
 from .messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 from .tensors import (
     DTYPES,
@@ -367,9 +368,14 @@ def _lookup(table: dict[str, Any], name: Any, what: str) -> Any:
         raise ProtocolError(f"unknown {what} {name!r}") from None
 
 
-def encode_message(op: Op, req_id: int, body: dict[str, Any], allow_pickle: bool = False,
+def encode_message(op: Op, req_id: int, body: Any, allow_pickle: bool = False,
                    shm: ShmPolicy | None = None) -> Frames:
-    """Encode a message as ``[header, *tensor buffers]`` ready for ``send_multipart(copy=False)``."""
+    """Encode a message as ``[header, *tensor buffers]`` ready for ``send_multipart(copy=False)``.
+
+    ``body`` is a typed body (:mod:`zmqsyft.wire.bodies`) or a plain map.
+    """
+    if type(body) is not dict:
+        body = body.to_wire()
     enc = Encoder(allow_pickle=allow_pickle, shm=shm)
     header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
     frames = Frames([header, *enc.buffers])
@@ -399,11 +405,8 @@ def ack_id(frame: Any) -> int:
 
 
 def unpack_acks(msg: Message) -> list[int]:
-    """The request ids an ``ACKS`` message acknowledges (validated)."""
-    ids = msg.body.get("ids")
-    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-        raise ProtocolError("ACKS needs a list of request ids")
-    return ids
+    """The request ids an ``ACKS`` message acknowledges (checked: ``ProtocolError`` if not)."""
+    return Acks.from_wire(msg.body).ids
 
 
 def decode_message(frames: Sequence[Any], trusted: bool = False, shm: bool = False) -> Message:

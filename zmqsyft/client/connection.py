@@ -9,30 +9,35 @@ Pipelined ops issued while earlier requests to the same worker are still unanswe
 (Nagle's algorithm, for messages) and go out together as one ``BATCH`` message: once
 ``pipeline_batch`` have queued, before this thread sends or waits for anything else, and
 otherwise after at most about a millisecond, sent by the client's flusher thread. The socket is
-guarded by a lock for that one foreign use; the flusher never blocks on it.
+guarded by a lock for that one foreign use; the flusher never blocks on it. The queues of all of
+a session's connections are listed in its :class:`Outboxes`, which owns the flusher thread.
+
+Request ids, the requests in flight, replies, ``ACKS``, the ``HELLO`` negotiation and failing
+everything when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`), which a
+connection extends with what a caller needs: waiting with deadlines, keeping the pointers a
+request names alive until it is answered, and pipelined errors kept for the next sync point.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 
-from . import shm, transport
-from .codec import ShmPolicy, ack_id, decode_message, encode_message, unpack_acks
-from .errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
-from .messages import NO_REPLY, Message, Op, salvage_req_id
-from .remote_exc import decode_exception
+from ..config import Config
+from ..errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
+from ..wire import shm, transport
+from ..wire.bodies import Body, HelloReply
+from ..wire.codec import ShmPolicy, encode_message
+from ..wire.messages import NO_REPLY, Message, Op
+from ..wire.rpc import Pending, RequestCore
+from .handle import WorkerHandle
 
-if TYPE_CHECKING:
-    from .client import Client
-    from .config import Config
-    from .launch import WorkerClient
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "Outboxes", "BATCH_DELAY"]
 
 log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
@@ -41,36 +46,99 @@ _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher thread sends it
 
 
-class _Pending:
-    __slots__ = ("keep", "results", "what", "reply", "error", "done", "awaited")
+class _Pending(Pending):
+    __slots__ = ("keep", "results", "awaited")
 
     def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
                  awaited: bool) -> None:
+        super().__init__(what)
         self.awaited = awaited
         self.keep = keep
         self.results = results
-        self.what = what
-        self.reply: Message | None = None
-        self.error: BaseException | None = None
-        self.done = False
 
 
-class Connection:
+class Host(Protocol):
+    """What a connection needs of its session."""
+
+    name: str
+    ctx: zmq.Context
+    outboxes: Outboxes
+    _deletes: collections.deque[tuple[str, int]]
+
+    @property
+    def cfg(self) -> Config: ...
+
+    def flush_deletes(self, wait: bool, timeout: float | None = None,
+                      rider: Connection | None = None) -> bytes | None: ...
+
+
+class Outboxes:
+    """The connections of a session with queued pipelined requests, oldest batch first, and the
+    *flusher* thread that sends a batch nothing else has sent within ``delay`` seconds."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self.queued: dict[Connection, None] = {}
+        self.delay = BATCH_DELAY
+        self._stopping = stopping
+        self._wakeup = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, conn: Connection) -> None:
+        """``conn`` has started a batch: the flusher sends it if nothing else does soon."""
+        self.queued[conn] = None
+        if self._flusher is None and not self._stopping.is_set():
+            with self._lock:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_stale,
+                                                     name="zmqsyft-flusher", daemon=True)
+                    self._flusher.start()
+        self._wakeup.set()
+
+    def flush_mine(self) -> None:
+        """Send every batch this thread has queued, oldest first."""
+        me = threading.get_ident()
+        for conn in list(self.queued):
+            if conn.thread == me:
+                with conn.lock:
+                    conn.flush_outbox()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def _flush_stale(self) -> None:
+        """The flusher thread: sends batches that have waited ``delay`` (never blocks on a
+        socket its owner is using; the owner flushes before it waits for anything)."""
+        while not self._stopping.is_set():
+            self._wakeup.wait()
+            self._wakeup.clear()
+            while self.queued:
+                delay = self.delay
+                if self._stopping.wait(min(delay, 0.05)):
+                    return
+                now = time.monotonic()
+                for conn in list(self.queued):
+                    if now - conn.queued_at >= delay:
+                        conn.flush_foreign(blocking=False)
+
+
+class Connection(RequestCore):
     """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
 
-    def __init__(self, client: Client, worker: WorkerClient) -> None:
-        self.client = client
+    def __init__(self, host: Host, worker: WorkerHandle) -> None:
+        super().__init__()
+        self.host = host
         self.worker = worker
+        self.outboxes = host.outboxes
         self.sock: zmq.Socket | None = None
         self.watch: transport.PeerWatch | None = None
-        self.inflight: dict[int, _Pending] = {}
         self.deferred: list[BaseException] = []
         self._answered: dict[int, _Pending] = {}  # awaited requests answered before their wait()
-        self._next = 1
-        self._deadline_s = client.cfg.timeout
+        self._deletes_queued = host._deletes  # deletes waiting to ride with a request
+        self._deadline_s = host.cfg.timeout
+        self._take_over = False  # the worker's descriptors are open to us (zero-copy .get())
+        self._failing = False
         self._hello: _Pending | None = None
-        self._shm_in = False  # the worker shares our /dev/shm: accept its shared-memory tensors
-        self._take_over = False  # ... and we may open its descriptors (zero-copy .get())
         self._rcvtimeo = -1
         self._policy: tuple[Config, ShmPolicy | None] | None = None
         self.thread = threading.get_ident()
@@ -83,20 +151,17 @@ class Connection:
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
             self.worker._check_open()
-            self.sock, self.watch = transport.make_dealer(self.client.ctx, self.worker.address,
-                                                          self.client.cfg)
+            self.sock, self.watch = transport.make_dealer(self.host.ctx, self.worker.address,
+                                                          self.host.cfg)
             # the first message names us, for the worker's per-peer counters (stats())
-            req_id = self._next
-            self._next += 1
-            self._hello = self.inflight[req_id] = _Pending((), (), "hello", awaited=False)
-            self._shm_in = self._take_over = False
-            hello: dict[str, Any] = {"peer": self.client.name, "host": shm.host_key()}
-            if self.worker._trust_token:
-                hello["trust"] = self.worker._trust_token
+            self._take_over = False
+            req_id, hello = self.hello(self.host.name, self.worker.trust_token or "")
+            self._hello = _Pending((), (), "hello", awaited=False)
+            self.track(req_id, self._hello)
             transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
         return self.sock
 
-    def send(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
+    def send(self, op: Op, body: Body | dict[str, Any], keep: tuple[Any, ...] = (),
              results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
              awaited: bool = True, allow_pickle: bool = False, silent: bool = False) -> int:
         """Send a request; return its id. ``keep`` and ``results`` stay alive until it is answered.
@@ -107,16 +172,16 @@ class Connection:
         message with what this thread has queued for the worker. The deletes queued for this
         worker travel in one message with the request.
         """
-        cfg = self.client.cfg
+        cfg = self.host.cfg
         if len(self.inflight) >= cfg.max_inflight:
             self._wait_below(cfg.max_inflight // 2)
         ride = None
-        if flush_deletes and self.client._deletes:
-            ride = self.client.flush_deletes(wait=False, rider=self)
+        if flush_deletes and self._deletes_queued:
+            ride = self.host.flush_deletes(wait=False, rider=self)
         with self.lock:
             sock = self._socket()
             if op in _MAY_RELAY:
-                self.worker._dirty = True  # sync() must FLUSH it: it may have relayed this on
+                self.worker.dirty = True  # sync() must FLUSH it: it may have relayed this on
             if silent:
                 self.outbox.append(encode_message(op, NO_REPLY, body)[0])
                 self._flush_all()
@@ -125,9 +190,8 @@ class Connection:
             pipelined = not awaited and op is Op.CALL and cfg.pipeline_batch > 1 and self._behind()
             if ride is not None:
                 self.outbox.append(ride)
-                self.worker._dirty = True
-            req_id = self._next
-            self._next += 1
+                self.worker.dirty = True
+            req_id = self.next_id()
             try:
                 frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
                                         shm=self._shm_policy())
@@ -135,7 +199,7 @@ class Connection:
                 if ride is not None:
                     self._flush_all()  # the deletes go all the same
                 raise
-            self.inflight[req_id] = _Pending(keep, results, what or op.name, awaited)
+            self.track(req_id, _Pending(keep, results, what or op.name, awaited))
             if len(frames) == 1:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -144,7 +208,7 @@ class Connection:
                     self.outbox.append(frames[0])
                     self._flush_all()
                     return req_id
-            if self.client.queued or self.outbox:
+            if self.outboxes.queued or self.outbox:
                 self._flush_all()  # what this thread queued before goes first
             try:
                 transport.send(sock, frames)
@@ -165,14 +229,14 @@ class Connection:
     def _queue(self, header: bytes, limit: int) -> None:
         outbox = self.outbox
         outbox.append(header)
-        if self not in self.client.queued:  # (a delete may be in the outbox, not yet listed)
+        if self not in self.outboxes.queued:  # (a delete may be in the outbox, not yet listed)
             self.queued_at = time.monotonic()
-            self.client.queue(self)
+            self.outboxes.add(self)
         if len(outbox) >= limit:
             self.flush_outbox()
 
     def _flush_all(self) -> None:
-        self.client.flush_queued()
+        self.outboxes.flush_mine()
         self.flush_outbox()  # one the flusher failed to send (no longer listed as queued)
 
     def flush_foreign(self, blocking: bool) -> None:
@@ -184,7 +248,7 @@ class Connection:
         try:
             self.flush_outbox()
         except Exception as exc:  # noqa: BLE001 - the outbox was kept for the owner
-            self.client.queued.pop(self, None)
+            self.outboxes.queued.pop(self, None)
             log.debug("batch to %s not sent from another thread: %s", self.worker.id, exc)
         finally:
             self.lock.release()
@@ -195,7 +259,7 @@ class Connection:
         if not outbox:
             return
         self.outbox = []
-        self.client.queued.pop(self, None)
+        self.outboxes.queued.pop(self, None)
         if self.sock is None:
             return
         frames: list[Any] = ([outbox[0]] if len(outbox) == 1
@@ -211,7 +275,7 @@ class Connection:
                 f"{exc}")) from exc
 
     def _shm_policy(self) -> ShmPolicy | None:
-        cfg = self.client.cfg
+        cfg = self.host.cfg
         if self._policy is None or self._policy[0] is not cfg:  # rebuilt when the config changes
             policy = None
             if cfg.shm_threshold:
@@ -224,17 +288,35 @@ class Connection:
         (same host, and its descriptors are open to us); waits for its HELLO reply if need be."""
         return self._shm_out() and self._take_over
 
-    def _shm_out(self) -> bool:
+    def _shm_out(self, timeout: float | None = None) -> bool:
         """Whether the worker shares our ``/dev/shm`` (waits for its HELLO reply if need be)."""
-        hello = self._hello
-        if hello is None:
-            return False
-        deadline = time.monotonic() + self.client.cfg.timeout
-        while not hello.done:
-            self._pump(deadline, "hello")
-        return self._shm_in
+        if self.negotiating:
+            self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
+            deadline = time.monotonic() + self._deadline_s
+            while self.negotiating:
+                self._pump(deadline, "hello")
+        return self.shm
 
-    def request(self, op: Op, body: dict[str, Any], keep: tuple[Any, ...] = (),
+    def peer_info(self, timeout: float | None = None) -> HelloReply:
+        """The worker's answer to this connection's ``HELLO`` (its name, pid, address);
+        connects and waits for it if need be.
+
+        Raises
+        ------
+        WorkerUnavailable
+            If the worker does not answer within the deadline.
+        """
+        with self.lock:
+            self._socket()
+        self._shm_out(timeout)
+        if self.peer is None:
+            if self._hello is not None and self._hello.error is not None:
+                raise self._hello.error
+            raise WorkerUnavailable(f"worker '{self.worker.id}' at {self.worker.address} did not "
+                                    "answer the connection's HELLO")
+        return self.peer
+
+    def request(self, op: Op, body: Body | dict[str, Any], keep: tuple[Any, ...] = (),
                 results: tuple[Any, ...] = (), what: str = "") -> Message:
         """Send a request and return its reply, or raise its error."""
         return self.wait(self.send(op, body, keep, results, what))
@@ -244,7 +326,7 @@ class Connection:
         pending = self.inflight.get(req_id) or self._answered.pop(req_id, None)
         if pending is None:
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
-        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
+        self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + self._deadline_s
         while not pending.done:
             self._pump(deadline, pending.what)
@@ -260,7 +342,7 @@ class Connection:
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every request in flight on this connection has been answered."""
-        self._deadline_s = self.client.cfg.timeout if timeout is None else timeout
+        self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + self._deadline_s
         while self.inflight:
             what = next(iter(self.inflight.values())).what
@@ -285,17 +367,17 @@ class Connection:
                     frames = transport.recv(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     return
-                self._on_reply(frames)
+                self.receive(frames)
 
     def _wait_below(self, limit: int) -> None:
-        self._deadline_s = self.client.cfg.timeout
+        self._deadline_s = self.host.cfg.timeout
         deadline = time.monotonic() + self._deadline_s
         while len(self.inflight) > limit:
             self._pump(deadline, "pipelined requests")
 
     def _pump(self, deadline: float, what: str) -> None:
         with self.lock:
-            if self.client.queued or self.outbox:
+            if self.outboxes.queued or self.outbox:
                 self._flush_all()  # nothing may wait for a request still queued
             self._pump_locked(deadline, what)
 
@@ -316,7 +398,7 @@ class Connection:
         except zmq.Again:
             pass
         else:
-            self._on_reply(frames)
+            self.receive(frames)
             return
         dead = self.worker._exit_status()
         if dead is None and self.watch is not None:
@@ -325,71 +407,44 @@ class Connection:
             raise self._fail(WorkerUnavailable(
                 f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
 
-    def _on_reply(self, frames: list[Any]) -> None:
-        if len(frames) == 1:
-            req_id = ack_id(frames[0])
-            if req_id:
-                self._on_answer(Message(Op.REPLY, req_id, {}))
-                return
-        try:
-            msg = decode_message(frames, shm=self._shm_in)
-            if msg.op is Op.ACKS:
-                for req_id in unpack_acks(msg):
-                    self._on_answer(Message(Op.REPLY, req_id, {}))
-                return
-        except ZmqSyftError as exc:  # its waiter learns why (instead of waiting for a timeout)
-            req_id = salvage_req_id(frames[0])
-            if req_id in self.inflight:
-                self._on_answer(Message(Op.ERROR, req_id, {}), exc)
-            else:
-                log.warning("undecodable reply from worker %s: %s", self.worker.id, exc)
-            return
-        self._on_answer(msg)
-
-    def _on_answer(self, msg: Message, error: BaseException | None = None) -> None:
-        pending = self.inflight.pop(msg.req_id, None)
-        if pending is None:
-            return  # a late reply to a request we gave up on
+    def resolved(self, pending: Any, reply: Message | None, error: BaseException | None) -> None:
+        """A reply (or the loss of the connection) answered ``pending``."""
         pending.done = True
         pending.keep = ()
-        if pending is self._hello and msg.op is Op.REPLY:
-            self._shm_in = msg.body.get("shm") is True and msg.body.get("host") == shm.host_key() != ""
-            self._take_over = self._shm_in and shm.may_take_over(msg.body.get("pid"))
         if pending.awaited:  # someone will wait() for it: keep the answer until then
-            self._answered[msg.req_id] = pending
-        if msg.op is Op.ERROR:
-            pending.error = error or decode_exception(msg.body.get("error"))
+            self._answered[pending.req_id] = pending
+        if error is not None:
+            pending.error = error
             for ptr in pending.results:
-                ptr._mark_failed(pending.error)
-            if not pending.awaited and not pending.results:
+                ptr._mark_failed(error)
+            if not pending.awaited and not pending.results and not self._failing:
                 # an op with results reports through them (using one raises the error); one
                 # without (in-place) reports at the next synchronisation point
-                self.deferred.append(pending.error)
+                self.deferred.append(error)
         else:
-            pending.reply = msg
+            pending.reply = reply
+            if pending.req_id == self.hello_id and self.peer is not None:
+                self._take_over = self.shm and shm.may_take_over(self.peer.pid)
         pending.results = ()
 
     def _fail(self, exc: BaseException) -> BaseException:
-        """After a transport failure: drop in-flight state, close the socket, discard late replies."""
+        """After a transport failure: fail what is in flight, close the socket, discard late
+        replies (the next request connects afresh)."""
         with self.lock:
             self.outbox = []
-            self.client.queued.pop(self, None)
-            for req_id, pending in self.inflight.items():
-                pending.done = True
-                pending.error = exc
-                if pending.awaited:
-                    self._answered[req_id] = pending
-                for ptr in pending.results:
-                    ptr._mark_failed(exc)
-            self.inflight.clear()
+            self.outboxes.queued.pop(self, None)
+            self._failing = True
+            try:
+                self.fail_all(lambda pending: exc)
+            finally:
+                self._failing = False
             if self.sock is not None:
                 if self.watch is not None:
                     self.watch.close(self.sock)
                     self.watch = None
                 self.sock.close(linger=0)
                 self.sock = None
-                self._hello = None
-                self._shm_in = False
+                self._take_over = False
                 self._rcvtimeo = -1
         return exc
 

@@ -14,6 +14,10 @@ For every torch function, tensor method or operator that reaches a pointer's
 4. if inference fails (a data-dependent shape, a value result such as ``.item()``, an op with no
    meta kernel, or an error), the op runs synchronously: the worker returns values as values and
    tensors as new pointers, and raises its error, with its traceback, at this line.
+
+The pointer class is handed in by its ``__torch_function__`` (``torch_function(cls, ...)``); this
+module imports none, and reaches the connection through the pointers' worker handle
+(``location.session``).
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from . import allowlist
-from .client import get_client
-from .codec import dtype_name
-from .errors import LocationMismatch, OpNotAllowed, PointerError
-from .messages import ObjRef, Op, PointerDesc
-from .pointer import PointerTensor, pointer_from_desc
-from .store import new_id
+from .. import allowlist
+from ..errors import LocationMismatch, OpNotAllowed, PointerError
+from ..ids import new_id
+from ..wire.bodies import Call, CallReply
+from ..wire.messages import ObjRef, Op
+from ..wire.tensors import dtype_name
 
-__all__ = ["torch_function", "run_remote"]
+__all__ = ["torch_function", "wire_args"]
 
 _PIPELINE_POLL = 64  # read arrived acknowledgements every this many requests, if as many are in flight
 
@@ -74,8 +77,8 @@ _META_FAST: dict[str, Any] = {
 }
 
 
-def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run ``func(*args, **kwargs)`` where at least one argument is a pointer."""
+def torch_function(cls: type, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``func(*args, **kwargs)`` where at least one argument is a pointer of class ``cls``."""
     try:
         special = _SPECIAL.get(func)
     except TypeError:
@@ -90,25 +93,25 @@ def torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             "executable operations. Fetch the data with .get() if you own it")
     if name in allowlist.LOCAL_META:  # answered from the metadata the pointer keeps
         fast = _META_FAST.get(name)
-        if fast is not None and len(args) == 1 and not kwargs and isinstance(args[0], PointerTensor):
+        if fast is not None and len(args) == 1 and not kwargs and isinstance(args[0], cls):
             return fast(args[0])
-        return _infer(func, args, kwargs)
-    pointers = [x for x in _leaves(args, kwargs) if isinstance(x, PointerTensor)]
+        return _infer(cls, func, args, kwargs)
+    pointers = [x for x in _leaves(args, kwargs) if isinstance(x, cls)]
     location = _common_location(name, pointers)
     for p in pointers:
         p._check_usable(name)
-    outcome = _outcome(func, args, kwargs, name)
+    outcome = _outcome(cls, func, args, kwargs, name)
     if outcome is _SYNC:
-        return _call_sync(name, location, args, kwargs, pointers)
+        return _call_sync(cls, name, location, args, kwargs, pointers)
     if outcome[0] == "inplace":
-        _call_async(name, location, args, kwargs, pointers, out=None)
+        _call_async(cls, name, location, args, kwargs, pointers, out=None)
         target = args[0]
-        if isinstance(target, PointerTensor) and outcome[1] is not None:
+        if isinstance(target, cls) and outcome[1] is not None:
             target._rg = outcome[1]  # requires_grad_(), requires_grad = ...
         return None if allowlist.returns_none(name) else target
     _, spec, metas = outcome
     out = [[new_id(), list(shape), dtype_name(dtype), bool(rg)] for shape, dtype, rg in metas]
-    made = _call_async(name, location, args, kwargs, pointers, out=out, metas=metas)
+    made = _call_async(cls, name, location, args, kwargs, pointers, out=out, metas=metas)
     return made[0] if spec.is_leaf() else pytree.tree_unflatten(made, spec)
 
 
@@ -129,7 +132,7 @@ def _leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     return pytree.tree_leaves((args, kwargs))
 
 
-def _common_location(name: str, pointers: list[PointerTensor]) -> Any:
+def _common_location(name: str, pointers: list[Any]) -> Any:
     location = pointers[0].location
     for p in pointers[1:]:
         if p.location is not location and p.location.address != location.address:
@@ -140,52 +143,52 @@ def _common_location(name: str, pointers: list[PointerTensor]) -> Any:
     return location
 
 
-def _to_meta(x: Any) -> Any:
-    if isinstance(x, PointerTensor):
-        return x._meta()
+def _to_meta(x: Any, cls: type) -> Any:
+    if isinstance(x, cls):
+        return x._meta()  # a pointer: its remote metadata, no storage
     if isinstance(x, torch.Tensor):
         t = torch.empty_like(x, device="meta")
         return t.requires_grad_(True) if x.requires_grad else t
     return x
 
 
-def _infer_with_args(func: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+def _infer_with_args(cls: type, func: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
     """Run ``func`` on storage-less stand-ins; return the stand-in arguments and the result."""
-    margs, mkwargs = pytree.tree_map(_to_meta, (args, kwargs))
+    margs, mkwargs = pytree.tree_map(lambda x: _to_meta(x, cls), (args, kwargs))
     return margs, func(*margs, **mkwargs)
 
 
-def _infer(func: Any, args: Any, kwargs: Any) -> Any:
-    return _infer_with_args(func, args, kwargs)[1]
+def _infer(cls: type, func: Any, args: Any, kwargs: Any) -> Any:
+    return _infer_with_args(cls, func, args, kwargs)[1]
 
 
-def _wire(x: Any) -> Any:
-    return ObjRef(x.id_at_location) if isinstance(x, PointerTensor) else x
-
-
-def _wire_args(args: Any, kwargs: Any) -> tuple[Any, Any]:
+def wire_args(cls: type, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """The arguments as they travel: pointers of class ``cls`` as references to their objects."""
     if not _flat(args, kwargs):
-        return pytree.tree_map(_wire, (args, kwargs))
-    wargs = [ObjRef(a.id_at_location) if isinstance(a, PointerTensor) else a for a in args]
-    return wargs, ({k: _wire(v) for k, v in kwargs.items()} if kwargs else {})
+        return pytree.tree_map(lambda x: ObjRef(x.id_at_location) if isinstance(x, cls) else x,
+                               (args, kwargs))
+    wargs = [ObjRef(a.id_at_location) if isinstance(a, cls) else a for a in args]
+    if not kwargs:
+        return wargs, {}
+    return wargs, {k: ObjRef(v.id_at_location) if isinstance(v, cls) else v
+                   for k, v in kwargs.items()}
 
 
-def _call_async(name: str, location: Any, args: Any, kwargs: Any, pointers: list[PointerTensor],
-                out: list[Any] | None, metas: Any = ()) -> list[PointerTensor]:
+def _call_async(cls: type, name: str, location: Any, args: Any, kwargs: Any, pointers: list[Any],
+                out: list[Any] | None, metas: Any = ()) -> list[Any]:
     """Send a CALL whose results get the ids in ``out``; return pointers to them (``metas``:
     their shapes, dtypes and requires_grad)."""
-    client = get_client()
-    wargs, wkwargs = _wire_args(args, kwargs)
-    body = {"fn": name, "args": wargs, "kwargs": wkwargs, "out": out,
-            "grad": torch.is_grad_enabled()}
-    conn = client.conn(location)
+    session = location.session
+    wargs, wkwargs = wire_args(cls, args, kwargs)
+    body = Call(fn=name, args=wargs, kwargs=wkwargs, out=out, grad=torch.is_grad_enabled())
+    conn = session.conn(location)
     keep = tuple(pointers)
-    if not client.cfg.pipeline:
+    if not session.cfg.pipeline:
         req_id = conn.send(Op.CALL, body, keep=keep, what=name)
-        made = _pointers(location, out, metas)  # made while the request is on its way
+        made = _pointers(cls, location, out, metas)  # made while the request is on its way
         conn.wait(req_id)
         return made
-    made = _pointers(location, out, metas)
+    made = _pointers(cls, location, out, metas)
     req_id = conn.send(Op.CALL, body, keep=keep, results=tuple(made), what=name, awaited=False)
     for ptr in made:
         ptr._creator = (conn, req_id)
@@ -194,42 +197,20 @@ def _call_async(name: str, location: Any, args: Any, kwargs: Any, pointers: list
     return made
 
 
-def _pointers(location: Any, out: list[Any] | None, metas: Any) -> list[PointerTensor]:
-    return [PointerTensor(location, spec[0], shape, dtype, rg)
+def _pointers(cls: type, location: Any, out: list[Any] | None, metas: Any) -> list[Any]:
+    return [cls(location, spec[0], shape, dtype, rg)
             for spec, (shape, dtype, rg) in zip(out or (), metas, strict=True)]
 
 
-def _call_sync(name: str, location: Any, args: Any, kwargs: Any, pointers: list[PointerTensor]) -> Any:
-    wargs, wkwargs = _wire_args(args, kwargs)
-    body = {"fn": name, "args": wargs, "kwargs": wkwargs, "out": None,
-            "grad": torch.is_grad_enabled()}
-    reply = get_client().conn(location).request(Op.CALL, body, keep=tuple(pointers), what=name)
+def _call_sync(cls: type, name: str, location: Any, args: Any, kwargs: Any,
+               pointers: list[Any]) -> Any:
+    wargs, wkwargs = wire_args(cls, args, kwargs)
+    body = Call(fn=name, args=wargs, kwargs=wkwargs, out=None, grad=torch.is_grad_enabled())
+    session = location.session
+    reply = session.conn(location).request(Op.CALL, body, keep=tuple(pointers), what=name)
     if allowlist.is_inplace(name):
         return None if allowlist.returns_none(name) else args[0]
-
-    def adopt(x: Any) -> Any:
-        return pointer_from_desc(x) if isinstance(x, PointerDesc) else x
-    return pytree.tree_map(adopt, reply.body.get("result"))
-
-
-def run_remote(worker: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a user function on ``worker`` (cloudpickled: the worker must trust us)."""
-    pointers = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, PointerTensor)]
-    for p in pointers:
-        p._check_usable("run()")
-        if p.location is not worker:
-            raise LocationMismatch(
-                f"run() on worker '{worker.id}' got a pointer to data on '{p.location.id}'; "
-                "move it there first")
-    wargs, wkwargs = _wire_args(args, kwargs)
-    body = {"fn": fn, "args": wargs, "kwargs": wkwargs, "grad": torch.is_grad_enabled()}
-    conn = get_client().conn(worker)
-    reply = conn.wait(conn.send(Op.RUN, body, keep=tuple(pointers), allow_pickle=True,
-                                what=f"run({getattr(fn, '__name__', 'fn')})"))
-
-    def adopt(x: Any) -> Any:
-        return pointer_from_desc(x) if isinstance(x, PointerDesc) else x
-    return pytree.tree_map(adopt, reply.body.get("result"))
+    return session.adopt(CallReply.from_wire(reply.body).result)
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -249,27 +230,27 @@ class _Uncacheable(Exception):
     pass
 
 
-def _sig(x: Any) -> Any:
-    if isinstance(x, PointerTensor):
+def _sig(x: Any, cls: type) -> Any:
+    if isinstance(x, cls):
         return (1, x._shape, x._dtype, x._rg)
     if isinstance(x, torch.Tensor):
         return (2, x.shape, x.dtype, x.requires_grad, x.layout)
     if isinstance(x, _SCALARS):
         return (type(x), x)
     if isinstance(x, slice):
-        return (3, _sig(x.start), _sig(x.stop), _sig(x.step))
+        return (3, _sig(x.start, cls), _sig(x.stop, cls), _sig(x.step, cls))
     if x is Ellipsis:
         return 4
     if isinstance(x, (tuple, list)) and not any(isinstance(e, torch.Tensor) for e in x):
-        return (type(x), tuple(_sig(e) for e in x))
+        return (type(x), tuple(_sig(e, cls) for e in x))
     raise _Uncacheable
 
 
-def _outcome(func: Any, args: Any, kwargs: Any, name: str) -> Any:
+def _outcome(cls: type, func: Any, args: Any, kwargs: Any, name: str) -> Any:
     """What shape inference says about this call, from the cache when it can."""
     try:
-        key = (func, torch.is_grad_enabled(), tuple(_sig(a) for a in args),
-               tuple((k, _sig(v)) for k, v in kwargs.items()))
+        key = (func, torch.is_grad_enabled(), tuple(_sig(a, cls) for a in args),
+               tuple((k, _sig(v, cls)) for k, v in kwargs.items()))
     except _Uncacheable:
         key = None
     if key is not None:
@@ -277,7 +258,7 @@ def _outcome(func: Any, args: Any, kwargs: Any, name: str) -> Any:
         if hit is not None:
             return hit
     try:
-        meta_args, meta_out = _infer_with_args(func, args, kwargs)
+        meta_args, meta_out = _infer_with_args(cls, func, args, kwargs)
     except Exception:  # noqa: BLE001 - the worker will tell the real story
         outcome: Any = _SYNC
     else:

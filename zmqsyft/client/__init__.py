@@ -1,0 +1,14 @@
+"""The caller's half: worker handles, pointers, the session that connects them, the torch hook.
+
+Imports :mod:`zmqsyft.wire` and the top-level modules, never :mod:`zmqsyft.worker`.
+"""
+
+from __future__ import annotations
+
+from .api import WorkerClient
+from .hook import TorchHook
+from .launch import VirtualWorker, connect, get_session, spawn_worker
+from .pointer import PointerTensor
+
+__all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
+           "PointerTensor"]

@@ -1,0 +1,134 @@
+"""The public worker handle: :class:`WorkerClient`, what a user calls on a worker.
+
+``_objects`` (a snapshot of its store), ``search`` (its own data, by tags), ``run`` (a function
+on it), ``stats`` (its traffic), ``ping``, ``sync``; readiness, liveness and teardown come from
+:class:`~zmqsyft.client.handle.WorkerHandle`.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import LocationMismatch
+from ..wire.bodies import (
+    Objects,
+    ObjectsReply,
+    Ping,
+    Run,
+    RunReply,
+    Search,
+    SearchReply,
+    Stats,
+    StatsReply,
+)
+from ..wire.messages import Message, Op, PointerDesc
+from .dispatch import wire_args
+from .handle import WorkerHandle
+from .pointer import PointerTensor
+
+__all__ = ["WorkerClient"]
+
+
+class WorkerClient(WorkerHandle):
+    """A handle to one worker process, local (spawned) or remote (connected).
+
+    Attributes
+    ----------
+    id : str
+        The worker's name (``"bob"``).
+    address : str
+        The endpoint its ROUTER is bound to; waits for a spawned worker to be ready.
+    pid : int
+        The worker's process id (as the worker reports it).
+    """
+
+    def _request(self, op: Op, body: Any, what: str = "") -> Message:
+        self._check_open()
+        return self.session.conn(self).request(op, body, what=what)
+
+    @property
+    def _objects(self) -> dict[int, Any]:
+        """A snapshot of the worker's store: id → tensor, or → pointer for pointers it holds.
+
+        This is a synchronisation point: it reflects every operation and delete issued before it,
+        including deletes cascading through pointer chains. Large tensors are summarised.
+        """
+        return self.objects()
+
+    def objects(self) -> dict[int, Any]:
+        """Same as :attr:`_objects`."""
+        gc.collect()  # a pointer dropped into a reference cycle is dropped too, for the user
+        return self._snapshot()
+
+    def _snapshot(self) -> dict[int, Any]:
+        self.session.sync()
+        reply = ObjectsReply.from_wire(self._request(Op.OBJECTS, Objects(), what="_objects").body)
+        out: dict[int, Any] = {}
+        for key, value in reply.objects.items():
+            if isinstance(value, PointerDesc):
+                value = self.session.pointer_from_desc(value, owner=self.id)
+            out[key] = value
+        return out
+
+    def ping(self) -> float:
+        """Round-trip time of an empty request, in seconds."""
+        start = time.perf_counter()
+        self._request(Op.PING, Ping())
+        return time.perf_counter() - start
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's counters.
+
+        Returns a dict with ``objects`` (how many it holds), ``counters`` (dropped and late
+        messages) and ``peers``: for each peer, by the name it gave (``"alice"``, or
+        ``"client:<host>:<pid>"`` for a program like this one), ``messages_in/out``,
+        ``bytes_in/out`` and ``largest_in/out`` (the largest single message), counted from the
+        worker's side over both the requests it served and the ones it sent.
+        """
+        return StatsReply.from_wire(self._request(Op.STATS, Stats()).body).to_wire()
+
+    def search(self, *tags: str) -> list[PointerTensor]:
+        """Pointers to the worker's own data carrying every one of ``tags`` (``"#diabetes"``).
+
+        The pointers do not own the data: dropping them frees nothing, and they cannot take it
+        with ``.get()`` or ``.move()``; operations on them give results you own.
+        """
+        reply = self._request(Op.SEARCH, Search(tags=list(tags)), what="search")
+        return [self.session.pointer_from_desc(d) for d in SearchReply.from_wire(reply.body).results]
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the worker; pointers to its objects are passed as the
+        objects themselves.
+
+        ``fn`` (and whatever it refers to: a module, an optimizer) travels with cloudpickle, so
+        the worker must trust this program: a spawned worker trusts its parent; a worker started
+        from the shell needs ``--trust-token`` and ``sy.connect(address, trust_token=...)``.
+        Tensor results stay on the worker and come back as pointers; other values as values.
+
+        Raises
+        ------
+        UntrustedPayload
+            If the worker does not trust this program; nothing was run.
+        """
+        pointers = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, PointerTensor)]
+        for p in pointers:
+            p._check_usable("run()")
+            if p.location is not self:
+                raise LocationMismatch(
+                    f"run() on worker '{self.id}' got a pointer to data on '{p.location.id}'; "
+                    "move it there first")
+        wargs, wkwargs = wire_args(PointerTensor, args, kwargs)
+        body = Run(fn=fn, args=wargs, kwargs=wkwargs, grad=torch.is_grad_enabled())
+        conn = self.session.conn(self)
+        reply = conn.wait(conn.send(Op.RUN, body, keep=tuple(pointers), allow_pickle=True,
+                                    what=f"run({getattr(fn, '__name__', 'fn')})"))
+        return self.session.adopt(RunReply.from_wire(reply.body).result)
+
+    def sync(self) -> None:
+        """Wait until everything issued so far has taken effect; raise pipelined errors."""
+        self.session.sync()

@@ -1,0 +1,226 @@
+"""A worker handle: the worker's id and address, its readiness, its liveness, its teardown.
+
+A handle belongs to a session (:mod:`zmqsyft.client.session`), which it reaches through
+``handle.session``; so does every pointer to an object on that worker (``ptr.location.session``).
+The public methods a user calls on a worker (``_objects``, ``search``, ``run``, ``stats``) are
+added by :class:`~zmqsyft.client.api.WorkerClient`.
+
+A spawned worker reports its bound endpoint on a private pipe (the ready handshake) and is shut
+down (then killed, if need be) by ``close()``, by ``with``, and at interpreter exit. The first use
+of a spawned worker's handle waits for the ready signal, so several workers start in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any, Protocol
+
+from ..config import Config
+from ..errors import SpawnError, WorkerUnavailable, ZmqSyftError
+from ..wire.bodies import Shutdown
+from ..wire.messages import Op
+
+__all__ = ["WorkerHandle", "SessionLike"]
+
+
+class SessionLike(Protocol):
+    """What a handle needs of its session."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    def conn(self, worker: Any) -> Any: ...
+
+    def forget(self, worker: Any) -> None: ...
+
+    def drop_connections(self, worker: Any) -> None: ...
+
+
+class WorkerHandle:
+    """A handle to one worker process, local (spawned) or remote (connected).
+
+    Attributes
+    ----------
+    id : str
+        The worker's name (``"bob"``).
+    address : str
+        The endpoint its ROUTER is bound to; waits for a spawned worker to be ready.
+    pid : int
+        The worker's process id (as the worker reports it).
+    session : Session
+        The session this handle, and every pointer to this worker, belongs to.
+    """
+
+    def __init__(self, session: SessionLike, name: str, address_hint: str,
+                 proc: subprocess.Popen[bytes] | None = None, ready_fd: int | None = None) -> None:
+        self.session = session
+        self.id = name
+        self.address_hint = address_hint
+        self._proc = proc
+        self._ready_fd = ready_fd
+        self._ready_lock = threading.Lock()
+        self._ready_address: str | None = None if ready_fd is not None else address_hint
+        self._pid: int | None = proc.pid if proc is not None else None
+        self._spawn_deadline = time.monotonic() + session.cfg.spawn_timeout
+        self.closed = False
+        self.dirty = False  # it may have relayed requests on: sync() must FLUSH it
+        self.trust_token: str | None = None  # presented in HELLO: lets us send pickled code
+        self.private_dir: str | None = None  # the ipc socket's directory, made by spawn_worker
+
+    # ----------------------------------------------------------- readiness
+    @property
+    def address(self) -> str:
+        if self._ready_address is None:
+            with self._ready_lock:  # several threads may make the first use at once
+                if self._ready_address is None:
+                    self._wait_ready()
+        assert self._ready_address is not None
+        return self._ready_address
+
+    @property
+    def ready(self) -> bool:
+        """Whether the worker's address is known (a spawned one has reported ready)."""
+        return self._ready_address is not None
+
+    def at(self, address: str) -> bool:
+        """Whether this open handle stands for the worker bound at ``address``."""
+        return not self.closed and (self._ready_address or self.address_hint) == address
+
+    @property
+    def pid(self) -> int | None:
+        if self._pid is None:
+            self._pid = self.session.conn(self).peer_info().pid
+        return self._pid
+
+    def _wait_ready(self) -> None:
+        fd = self._ready_fd
+        if fd is None:
+            self._check_open()
+            raise SpawnError(f"worker '{self.id}' never reported ready")
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                remaining = self._spawn_deadline - time.monotonic()
+                if remaining <= 0:
+                    self._kill()
+                    self.closed = True
+                    raise SpawnError(
+                        f"worker '{self.id}' did not report ready within "
+                        f"{self.session.cfg.spawn_timeout:g}s; it was killed")
+                readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+                if readable:
+                    chunk = os.read(fd, 4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+        finally:
+            os.close(fd)
+            self._ready_fd = None
+        line = buf.decode(errors="replace").strip()
+        if not line.startswith("READY "):
+            code = self._proc.wait(timeout=5) if self._proc is not None else None
+            self.closed = True
+            raise SpawnError(
+                f"worker '{self.id}' exited (code {code}) before it was ready; its error output "
+                "is above")
+        self._ready_address = line.split()[1]
+
+    def _exit_status(self) -> str | None:
+        """``None`` while the worker may be alive; otherwise why it is not."""
+        if self.closed:
+            return "closed"
+        if self._proc is not None:
+            code = self._proc.poll()
+            if code is not None:
+                return f"its process exited with code {code}"
+        return None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise WorkerUnavailable(f"worker '{self.id}' was closed")
+
+    # ------------------------------------------------------------ teardown
+    def shutdown(self) -> None:
+        """Ask the worker process to exit (also one this process did not spawn)."""
+        if self.closed:
+            return
+        try:
+            self.session.conn(self).request(Op.SHUTDOWN, Shutdown(), what="shutdown")
+        except ZmqSyftError:
+            pass
+        self._teardown()
+
+    def close(self) -> None:
+        """Close the handle. A worker this process spawned is shut down (killed if it hangs)."""
+        if self.closed:
+            return
+        if self._proc is not None:
+            if self._proc.poll() is None and self._ready_fd is None:
+                try:
+                    conn = self.session.conn(self)
+                    conn.wait(conn.send(Op.SHUTDOWN, Shutdown(), what="shutdown"), timeout=1.0)
+                except ZmqSyftError:
+                    pass
+            self._reap(self.session.cfg.close_timeout)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self.session.drop_connections(self)
+        self.closed = True
+        self.session.forget(self)
+        self._remove_private_dir()
+
+    def _remove_private_dir(self) -> None:
+        if self.private_dir is not None and (self._proc is None or self._proc.poll() is not None):
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
+
+    def _reap(self, timeout: float) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def close_at_exit(self) -> None:
+        """Interpreter exit: terminate a spawned worker, reap it (killed if it hangs)."""
+        if self._proc is None or self.closed:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+        self._reap(2.0)
+        self.closed = True
+        self._remove_private_dir()
+
+    def __enter__(self) -> WorkerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self._ready_address or self.address_hint
+        state = " closed" if self.closed else ""
+        pid = f" pid={self._pid}" if self._pid else ""
+        return f"<WorkerClient {self.id} {where}{pid}{state}>"
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other

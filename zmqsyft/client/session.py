@@ -1,0 +1,221 @@
+"""The caller's session: worker handles, per-thread connections, deletes, sync, pointers from
+descriptors.
+
+Sockets belong to one thread: each thread that talks to a worker gets its own
+:class:`~zmqsyft.client.connection.Connection` (a DEALER) to it, so a thread's requests to one
+worker stay in order. Requests are **pipelined**: a request that needs no answer right away (an
+op whose result shape was inferred locally) is sent and the caller goes on; its acknowledgement is
+read later. Queued batches of them are sent by the session's
+:class:`~zmqsyft.client.connection.Outboxes`; the deletes of dropped pointers by its
+:class:`~zmqsyft.client.reaper.Reaper`. Handles and pointers reach their session through the
+objects they hold (``pointer.location.session``); the process has one, :func:`get_session`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..config import Config, get_config
+from ..errors import ZmqSyftError
+from ..wire import transport
+from ..wire.bodies import Flush
+from ..wire.messages import Op, PointerDesc
+from ..wire.tensors import DTYPES
+from .connection import Connection, Outboxes
+from .handle import WorkerHandle
+from .pointer import PointerTensor
+from .reaper import Reaper
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """The process-wide caller: worker handles, per-thread connections, the delete queue.
+
+    Parameters
+    ----------
+    make_handle : callable
+        ``make_handle(session, name, address)``: a handle for a worker met only through a
+        pointer (a chain's next hop, a moved object's new home).
+    config : Config, optional
+        Fixed settings; by default the process-wide ones (:func:`zmqsyft.configure`).
+    """
+
+    def __init__(self, make_handle: Callable[[Session, str, str], WorkerHandle],
+                 config: Config | None = None) -> None:
+        self._cfg = config
+        self._make_handle = make_handle
+        self.name = f"client:{socket.gethostname()}:{os.getpid()}"
+        self.ctx = transport.context()
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._workers: dict[int, WorkerHandle] = {}
+        self._stopping = threading.Event()
+        self.outboxes = Outboxes(self._stopping)
+        self.reaper = Reaper(self, self._stopping)
+        self._deletes = self.reaper.queue  # what connections look at before each send
+        atexit.register(self._at_exit)
+
+    @property
+    def cfg(self) -> Config:
+        """The config in force: the one given, else the process-wide one (``sy.configure``)."""
+        return self._cfg if self._cfg is not None else get_config()
+
+    @property
+    def batch_delay(self) -> float:
+        """Seconds a queued batch of pipelined requests waits before the flusher sends it."""
+        return self.outboxes.delay
+
+    @batch_delay.setter
+    def batch_delay(self, seconds: float) -> None:
+        self.outboxes.delay = seconds
+
+    # ------------------------------------------------------------- workers
+    def register(self, worker: WorkerHandle) -> WorkerHandle:
+        with self._lock:
+            self._workers[id(worker)] = worker
+        return worker
+
+    def find(self, address: str) -> WorkerHandle | None:
+        """The open handle whose worker is bound at ``address``, if any."""
+        with self._lock:
+            for w in self._workers.values():
+                if w.at(address):
+                    return w
+        return None
+
+    def worker_at(self, address: str, name: str) -> WorkerHandle:
+        """The handle for the worker at ``address`` (a connected one is made if unknown)."""
+        with self._lock:
+            worker = self.find(address)
+            if worker is None:
+                worker = self.register(self._make_handle(self, name, address))
+            return worker
+
+    def forget(self, worker: WorkerHandle) -> None:
+        with self._lock:
+            self._workers.pop(id(worker), None)
+
+    def workers(self) -> list[WorkerHandle]:
+        with self._lock:
+            return [w for w in self._workers.values() if not w.closed]
+
+    # ---------------------------------------------------------- connections
+    def conn(self, worker: WorkerHandle) -> Connection:
+        """This thread's connection to ``worker`` (made on first use)."""
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(worker)
+        if conn is None:
+            conn = conns[worker] = Connection(self, worker)
+        return conn
+
+    def thread_conns(self) -> list[Connection]:
+        return list(getattr(self._local, "conns", {}).values())
+
+    def drop_connections(self, worker: WorkerHandle) -> None:
+        """Close this thread's connection to a worker that is being closed."""
+        conn = getattr(self._local, "conns", {}).pop(worker, None)
+        if conn is not None:
+            conn.close()
+
+    def tidy_connections(self) -> None:
+        """Forget this thread's old pipelined errors and its sockets to closed workers."""
+        conns = getattr(self._local, "conns", {})
+        for worker, conn in list(conns.items()):
+            conn.deferred.clear()
+            if worker.closed:  # do not keep sockets to closed workers
+                conns.pop(worker).close()
+
+    # -------------------------------------------------------------- deletes
+    def track(self, ptr: Any, address: str, obj_id: int) -> weakref.ref[Any]:
+        """Free ``obj_id`` at ``address`` when ``ptr`` is garbage collected."""
+        return self.reaper.track(ptr, address, obj_id)
+
+    def untrack(self, ref: weakref.ref[Any] | None) -> None:
+        self.reaper.untrack(ref)
+
+    def free_later(self, address: str, obj_id: int) -> None:
+        """Queue a delete of ``obj_id`` on the worker at ``address``."""
+        self.reaper.free_later(address, obj_id)
+
+    def flush_deletes(self, wait: bool, timeout: float | None = None,
+                      rider: Connection | None = None) -> bytes | None:
+        """Send the queued deletes now (see :meth:`Reaper.flush`)."""
+        return self.reaper.flush(wait, timeout, rider)
+
+    # -------------------------------------------------------------- pointers
+    def pointer_from_desc(self, desc: PointerDesc, owner: str = "me") -> PointerTensor:
+        """Rebuild a pointer from a descriptor a worker sent (ownership as the descriptor says)."""
+        location = self.worker_at(desc.address, desc.location)
+        return PointerTensor(location, desc.id_at_location, desc.shape, DTYPES[desc.dtype],
+                             desc.requires_grad, id=desc.ptr_id, owner=owner,
+                             owned=desc.owned and owner == "me")
+
+    def adopt(self, value: Any) -> Any:
+        """A result from a worker with its pointer descriptors made into pointers (ours)."""
+        def one(x: Any) -> Any:
+            return self.pointer_from_desc(x) if isinstance(x, PointerDesc) else x
+        return pytree.tree_map(one, value)
+
+    # -------------------------------------------------------------- sync
+    def sync(self) -> None:
+        """A synchronisation point: everything this thread issued before has taken effect.
+
+        Waits for every pipelined request of this thread, sends all queued deletes, then asks
+        every worker to flush what it relayed on (recursively along pointer chains). Raises the
+        first error of a pipelined operation that was not reported yet.
+        """
+        # one round trip in all: the deletes and each FLUSH go out right behind the requests
+        # still in flight (a worker handles one connection's messages in order), then we wait
+        self.flush_deletes(wait=False)
+        with self.reaper.lock:
+            pass  # a delete batch the reaper has in flight is acknowledged
+        sent = []
+        for worker in self.workers():
+            if worker.dirty and worker.ready:
+                worker.dirty = False
+                conn = self.conn(worker)
+                sent.append((conn, conn.send(Op.FLUSH, Flush(), what="flush", flush_deletes=False)))
+        conns = self.thread_conns()
+        for conn in conns:
+            if conn.sock is not None:
+                conn.drain()
+        for conn, req_id in sent:
+            conn.wait(req_id)  # answered by now; raises if the flush failed
+        for conn in conns:
+            conn.raise_deferred()
+
+    def _at_exit(self) -> None:
+        self._stopping.set()
+        self.reaper.wake()
+        self.outboxes.wake()
+        try:
+            self.reaper.release_all()  # pointers still alive: free what they own too
+            for conn in self.thread_conns():
+                if conn.sock is not None:
+                    try:
+                        conn.drain(timeout=min(self.cfg.timeout, 5.0))
+                    except ZmqSyftError:
+                        pass
+            self.flush_deletes(wait=True, timeout=min(self.cfg.timeout, 5.0))
+        except Exception:  # noqa: BLE001 - never fail interpreter exit
+            log.debug("zmqsyft exit flush failed", exc_info=True)
+        for worker in list(self._workers.values()):
+            try:
+                worker.close_at_exit()
+            except Exception:  # noqa: BLE001
+                log.debug("closing %s at exit failed", worker, exc_info=True)

@@ -1,0 +1,200 @@
+"""The CALL handler: run an allow-listed op here, or relay it along a pointer chain.
+
+An op whose arguments are all here runs here (:mod:`zmqsyft.worker.executor`). One whose
+arguments are pointers to one other worker is relayed there, renamed into that worker's ids; with
+caller-chosen result ids (``out``) the relay stores pointers to the results the next hop will
+create and answers at once, without waiting for the next hop. A failed op leaves an error marker
+under each result id, so that using the result raises the error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import allowlist
+from ..errors import LocationMismatch, ProtocolError
+from ..ids import new_id
+from ..wire.bodies import Call, CallReply
+from ..wire.exc_codec import encode_exception
+from ..wire.messages import Message, ObjRef, Op, PointerDesc
+from ..wire.tensors import dtype_name
+from . import executor
+from .context import Ctx, Services
+from .objects import resolve
+from .store import ErrorMarker, PointerRecord
+
+__all__ = ["call", "describe", "MAX_HOPS"]
+
+_RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})  # passed to an op as they are
+MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
+
+
+def call(w: Services, ctx: Ctx, body: Call) -> None:
+    name, out = body.fn, body.out
+    try:
+        result = _run(w, ctx, body)
+    except Exception as exc:
+        # the caller may already hold pointers to the results: make their use raise this
+        _poison(w, out, exc, str(name))
+        raise
+    if result is _RELAYED:
+        return
+    if out is not None or allowlist.is_inplace(name):
+        w.reply(ctx)
+    else:
+        w.reply(ctx, CallReply(result=describe(w, result)))
+
+
+def _run(w: Services, ctx: Ctx, body: Call) -> Any:
+    name, args, kwargs, out = body.fn, body.args, body.kwargs, body.out
+    func = allowlist.lookup(name)  # refuse before touching anything
+    if not kwargs:
+        local = _local_args(w, args)
+        if local is not None:  # the common case: tensors held here and plain values
+            return _finish(w, name, executor.run(name, local, kwargs, body.grad, func), out)
+        relay = _remote_args(w, args)
+        if relay is not None:  # the common chain case: pointers to one other worker
+            _forward(w, ctx, body, relay[1], kwargs, relay[0])
+            return _RELAYED
+    resolved = {ref.id: resolve(w, ref.id) for ref in executor.refs_in((args, kwargs))}
+    remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
+    if remote:
+        _relay(w, ctx, body, resolved, remote)
+        return _RELAYED
+    args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+    return _finish(w, name, executor.run(name, args, kwargs, body.grad, func), out)
+
+
+def _local_args(w: Services, args: list[Any]) -> list[Any] | None:
+    """Positional arguments resolved in one pass when each is a tensor stored here or a plain
+    value; ``None`` when anything needs the general path (pointers, containers, missing or
+    failed objects)."""
+    objects = w.store._objects
+    values = []
+    for a in args:
+        kind = type(a)
+        if kind is ObjRef:
+            obj = objects.get(a.id)
+            if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
+                return None
+            values.append(obj)
+        elif kind in _PLAIN:
+            values.append(a)
+        else:
+            return None
+    return values
+
+
+def _remote_args(w: Services, args: list[Any]) -> tuple[PointerRecord, list[Any]] | None:
+    """Positional arguments to forward, in one pass, when each is a pointer record to one and
+    the same other worker or a plain value; ``None`` otherwise (the general path decides)."""
+    objects, target, values = w.store._objects, None, []
+    for a in args:
+        kind = type(a)
+        if kind is ObjRef:
+            obj = objects.get(a.id)
+            if (type(obj) is not PointerRecord or obj.address in w.addresses
+                    or (target is not None and obj.address != target.address)):
+                return None
+            target = obj
+            values.append(ObjRef(obj.id_at_location))
+        elif kind in _PLAIN:
+            values.append(a)
+        else:
+            return None
+    return None if target is None else (target, values)
+
+
+def _finish(w: Services, name: str, result: Any, out: Any) -> Any:
+    if out is not None:
+        tensors = executor.result_tensors(result)
+        executor.check_outputs(name, tensors, out)
+        for spec, t in zip(out, tensors, strict=True):
+            w.store.put(spec[0], t)
+    return result
+
+
+def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -> None:
+    if not isinstance(out, list):
+        return
+    for spec in out:
+        try:
+            w.store.put(spec[0], ErrorMarker(encode_exception(exc, w.id), name))
+        except Exception:  # noqa: BLE001 - a bad id: nothing to poison
+            pass
+
+
+def describe(w: Services, result: Any) -> Any:
+    """Store a result's tensors here; return the result with pointer descriptors in their place."""
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            obj_id = new_id()
+            w.store.put(obj_id, leaf)
+            return PointerDesc(w.id, w.address, obj_id, obj_id, tuple(leaf.shape),
+                               dtype_name(leaf.dtype), leaf.requires_grad, True)
+        return leaf
+    return executor.pytree.tree_map(one, result)
+
+
+def _relay(w: Services, ctx: Ctx, body: Call, resolved: dict[int, Any],
+           remote: list[PointerRecord]) -> None:
+    addresses = {r.address for r in remote}
+    if len(addresses) > 1 or len(remote) < len(resolved):
+        places = sorted({f"'{r.location}'" for r in remote} | (
+            {f"'{w.id}'"} if len(remote) < len(resolved) else set()))
+        raise LocationMismatch(
+            f"{body.fn}: the arguments live on different workers ({', '.join(places)}); "
+            "move them to one worker first")
+    args, kwargs = executor.substitute(
+        (body.args, body.kwargs), lambda ref: type(ref)(resolved[ref.id].id_at_location))
+    _forward(w, ctx, body, args, kwargs, remote[0])
+
+
+def _forward(w: Services, ctx: Ctx, body: Call, args: Any, kwargs: Any,
+             target: PointerRecord) -> None:
+    """Send a CALL on to ``target``'s worker, its arguments already named in ids there."""
+    name, out = body.fn, body.out
+    if body.hops >= MAX_HOPS:
+        raise ProtocolError(
+            f"{name}: the pointer chain is longer than {MAX_HOPS} hops; it probably loops "
+            "back on itself")
+    onward = Call(fn=name, args=args, kwargs=kwargs, out=None, grad=body.grad, hops=body.hops + 1)
+    if out is not None:
+        onward.out = [[new_id(), *spec[1:]] for spec in out]
+        for spec, nxt in zip(out, onward.out, strict=True):
+            w.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
+                                               tuple(spec[1]), spec[2], bool(spec[3]), True))
+        w.reply(ctx)
+        w.answer_now()  # the caller need not wait for the forwarding
+        # no answer wanted: a failure downstream poisons the result ids there (using the
+        # result raises it), and FLUSH orders everything after it; no ack per op to wait for
+        w.peers.request(target.address, Op.CALL, onward, None)
+        return
+
+    def done(msg: Message | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            w.reply_error(ctx, exc)
+        elif allowlist.is_inplace(name):
+            w.reply(ctx)
+        else:
+            try:
+                result = CallReply.from_wire(msg.body).result if msg is not None else None
+                w.reply(ctx, CallReply(result=_adopt(w, result)))
+            except Exception as failure:  # noqa: BLE001 - a peer's malformed reply
+                w.reply_error(ctx, failure)
+    w.peers.request(target.address, Op.CALL, onward, done)
+
+
+def _adopt(w: Services, result: Any) -> Any:
+    """Take ownership of a relayed result: store its pointers here, describe them as ours."""
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, PointerDesc):
+            key = new_id()
+            w.store.put(key, PointerRecord.from_desc(leaf))
+            return PointerDesc(w.id, w.address, key, key, leaf.shape, leaf.dtype,
+                               leaf.requires_grad, True)
+        return leaf
+    return executor.pytree.tree_map(one, result)

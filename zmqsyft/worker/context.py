@@ -1,0 +1,90 @@
+"""What a handler gets: who to answer (:class:`Ctx`) and the worker's services (:class:`Services`).
+
+A handler is a plain function ``handler(worker, ctx, body)``: ``worker`` is the worker's loop seen
+through the :class:`Services` protocol (the only things a handler may use), ``ctx`` says whom to
+answer, and ``body`` is the request's typed body (:mod:`zmqsyft.wire.bodies`). A handler answers
+with ``worker.reply(ctx, ...)`` now or from a continuation later, and raises to answer with an
+error. Handlers never block: whatever needs a peer worker continues in a callback
+(``worker.peers.request(...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..config import Config
+from ..wire.bodies import Body
+from .peers import PeerLinks
+from .store import Store
+from .traffic import Traffic
+
+__all__ = ["Ctx", "Services", "Handler"]
+
+
+class Ctx:
+    """Who to answer: the caller's ROUTER routing id and its request id (0: no answer wanted)."""
+
+    __slots__ = ("ident", "req_id")
+
+    def __init__(self, ident: bytes, req_id: int) -> None:
+        self.ident = ident
+        self.req_id = req_id
+
+    def __repr__(self) -> str:
+        return f"<Ctx caller={self.ident.hex()} req={self.req_id}>"
+
+
+class Services(Protocol):
+    """The worker as its handlers see it.
+
+    Attributes
+    ----------
+    id, address : str
+        The worker's name and the endpoint it is bound to.
+    addresses : set of str
+        Every address this worker is known by (a pointer to one of them points here).
+    cfg : Config
+        The worker's settings.
+    store : Store
+        Its objects.
+    peers : PeerLinks
+        Its links to other workers: ``request``, ``flush``, ``dirty``, ``no_handover``.
+    traffic : Traffic
+        Its counters and the names its peers gave.
+    trust_tokens : frozenset of str
+        Tokens whose presenters may send pickled payloads.
+    trusted, shm_callers : set of bytes
+        Routing ids of the callers that presented a trust token / that share this machine's
+        ``/dev/shm``.
+    """
+
+    id: str
+    address: str
+    addresses: set[str]
+    cfg: Config
+    store: Store
+    peers: PeerLinks
+    traffic: Traffic
+    trust_tokens: frozenset[str]
+    trusted: set[bytes]
+    shm_callers: set[bytes]
+
+    def reply(self, ctx: Ctx, body: Body | None = None) -> None:
+        """Answer ``ctx`` (no body: an acknowledgement, batched with the others of this turn)."""
+
+    def reply_error(self, ctx: Ctx, exc: BaseException) -> None:
+        """Answer ``ctx`` with an error."""
+
+    def answer_now(self) -> None:
+        """Send the batched acknowledgements now unless more requests are waiting to join them."""
+
+    def free_after_replies(self, obj: Any) -> None:
+        """Keep ``obj`` alive until this turn's replies are sent (then free it)."""
+
+    def stop(self) -> None:
+        """Stop serving once this turn is over."""
+
+
+Handler = Callable[[Services, Ctx, Any], None]
+"""``handler(worker, ctx, body)``; ``body`` is the op's typed request body."""

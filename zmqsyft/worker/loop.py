@@ -1,0 +1,317 @@
+"""The worker process's loop: one thread, one ROUTER, a DEALER per peer, an op -> handler table.
+
+:class:`Worker` owns its parts, and hands its handlers only the services they may use (the
+:class:`~zmqsyft.worker.context.Services` protocol): the store (:mod:`~zmqsyft.worker.store`),
+the links to peer workers (:mod:`~zmqsyft.worker.peers`), the traffic counters
+(:mod:`~zmqsyft.worker.traffic`), and the replies, which it sends: batched ``ACKS`` for empty
+answers, always ahead of any other reply to the same caller.
+
+Nothing in a worker ever blocks on a peer. A request that needs another worker (an op on a
+pointer chain, ``move``, ``remote_get``, a cascading delete, ``FLUSH``) is sent on and its
+continuation is parked with a deadline; the loop keeps serving everyone else meanwhile, so pointer
+cycles between workers cannot deadlock.
+
+Every request body is checked against its op's typed body before any handler sees it; every
+handler's failure becomes an ERROR reply; undecodable messages are dropped and counted. A worker
+never dies because of what a peer sent it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..config import Config
+from ..errors import HandoverRefused, ProtocolError, UntrustedPayload
+from ..wire import transport
+from ..wire.bodies import REQUESTS, Acks, Batch, Body
+from ..wire.codec import Frames, ShmPolicy, decode_message, encode_ack, encode_message
+from ..wire.exc_codec import encode_exception
+from ..wire.messages import NO_REPLY, Op, salvage_req_id
+from . import admin, calls, objects, owner
+from .context import Ctx, Handler
+from .peers import PeerLinks
+from .store import Store
+from .traffic import Traffic
+
+__all__ = ["Worker", "HANDLERS"]
+
+log = logging.getLogger("zmqsyft.worker")
+
+_PEER_CHECK_S = 0.02  # how often the liveness of peers with requests in flight is looked at
+_MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
+
+HANDLERS: dict[Op, Handler] = {
+    Op.HELLO: admin.hello, Op.PING: admin.ping, Op.STATS: admin.stats,
+    Op.SHUTDOWN: admin.shutdown,
+    Op.PUT: objects.put, Op.GET: objects.get, Op.DEL: objects.delete, Op.MOVE: objects.move,
+    Op.REMOTE_GET: objects.remote_get, Op.OBJECTS: objects.objects, Op.FLUSH: objects.flush,
+    Op.CALL: calls.call,
+    Op.SEARCH: owner.search, Op.RUN: owner.run,
+}
+"""What a worker does for each request op: ``handler(worker, ctx, typed body)``."""
+
+# op -> (its handler, its typed body), looked up once per request
+_TABLE: dict[Op, tuple[Handler, type[Body]]] = {op: (h, REQUESTS[op]) for op, h in HANDLERS.items()}
+_UNTRUSTED = (
+    "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust "
+    "this sender. A worker started with spawn_worker() trusts its parent; one started from the "
+    "shell trusts only connections made with sy.connect(address, trust_token=T) when it was "
+    "started with --trust-token T. Tensors and pointers need no trust.")
+
+
+class Worker:
+    """A worker: binds ``bind``, serves requests until ``SHUTDOWN`` or its parent dies.
+
+    Parameters
+    ----------
+    worker_id : str
+        The name this worker reports (``"bob"``).
+    bind : str
+        ZeroMQ endpoint to bind (``tcp://127.0.0.1:0`` picks a free port).
+    config : Config
+        Timeouts and socket limits.
+    parent_pid : int, optional
+        Exit when this process is no longer our parent.
+    trust_tokens : frozenset of str
+        A connection whose HELLO presents one of these may send pickled payloads (user
+        functions, modules); every other connection is refused them.
+    """
+
+    def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None,
+                 trust_tokens: frozenset[str] = frozenset()) -> None:
+        self.id = worker_id
+        self.cfg = config
+        self.trust_tokens = frozenset(t for t in trust_tokens if t)
+        self.trusted: set[bytes] = set()  # routing ids that presented a trust token
+        self.shm_callers: set[bytes] = set()  # routing ids on this machine (shared memory)
+        self.ctx = transport.context()
+        self.router, self.address = transport.make_router(self.ctx, bind, config)
+        self.addresses = {self.address, bind}
+        self.store = Store(worker_id)
+        self.traffic = Traffic()
+        self.parent_pid = parent_pid
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic)
+        self._running = False
+        # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
+        self._acks: dict[bytes, list[int]] = {}
+        self._graveyard: list[Any] = []
+        self._rcvtimeo = -1
+        self._shm = ShmPolicy(_yes, config.shm_threshold, 2 * config.timeout)
+
+    # ------------------------------------------------------------------ data owner
+    def load(self, path: str, tags: list[str]) -> list[int]:
+        """Load this worker's own data from a ``torch.save`` file (see :func:`owner.load`)."""
+        return owner.load(self.store, path, tags)
+
+    # ------------------------------------------------------------------ loop
+    def serve_forever(self) -> None:
+        """Serve until shut down; always closes the sockets."""
+        self._running = True
+        next_parent_check = next_peer_check = 0.0
+        peers = self.peers
+        try:
+            while self._running:
+                polling = peers.waiting
+                timeout = 100.0 if polling else 500.0  # peers are checked per turn
+                deadline = peers.next_deadline() if polling else None
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, (deadline - time.monotonic()) * 1000))
+                # no answer awaited from a peer (none, or only relayed ops that want none): only
+                # the ROUTER can bring anything, and a blocking receive costs fewer system calls
+                # than polling every socket; late replies wait on the peers' sockets until then
+                if not polling:
+                    self._serve_router(int(timeout))
+                for sock, _ in self.poller.poll(int(timeout)) if polling else ():
+                    if sock is self.router:
+                        self._drain(sock, self._on_request)
+                    elif sock in peers.by_socket:
+                        self._drain(sock, peers.receive)
+                    if self._acks:
+                        self._flush_acks()
+                peers.expire()
+                now = time.monotonic()
+                if now >= next_peer_check:
+                    next_peer_check = now + _PEER_CHECK_S
+                    peers.check()
+                if self._acks:
+                    self._flush_acks()
+                self._graveyard.clear()  # objects whose freeing waited for the replies to go
+                if self.parent_pid is not None and now >= next_parent_check:
+                    next_parent_check = now + 0.5
+                    if os.getppid() != self.parent_pid:
+                        log.warning("worker %s: parent %d is gone, exiting", self.id, self.parent_pid)
+                        break
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Stop serving once this turn is over."""
+        self._running = False
+
+    def close(self) -> None:
+        self._running = False
+        self._flush_acks()
+        self.peers.close()
+        self.router.close(linger=0)
+
+    def _serve_router(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for a request, then handle what has arrived."""
+        timeout_ms = max(timeout_ms, 1)
+        if timeout_ms != self._rcvtimeo:
+            self.router.rcvtimeo = self._rcvtimeo = timeout_ms
+        try:
+            frames = transport.recv(self.router, 0, 2)
+        except zmq.Again:
+            return
+        self._on_request(self.router, frames)
+        if self._acks:  # it found us idle: its sender may be waiting for this very answer
+            self._flush_acks()
+        self._drain(self.router, self._on_request, _MAX_BATCH - 1)
+        if self._acks:
+            self._flush_acks()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None],
+               limit: int = _MAX_BATCH) -> None:
+        copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
+        for _ in range(limit):
+            if not transport.readable(sock):
+                return
+            try:
+                frames = transport.recv(sock, zmq.NOBLOCK, copied)
+            except zmq.Again:
+                return
+            handle(sock, frames)
+
+    # ------------------------------------------------------------- requests in
+    def _on_request(self, sock: zmq.Socket, frames: list[Any], nested: bool = False) -> None:
+        """Handle one request; ``nested``: it came inside a ``BATCH`` (counted with it)."""
+        if len(frames) < 2:
+            self.traffic.counters["dropped_malformed"] += 1
+            return
+        ident = frames[0]
+        try:
+            msg = decode_message(frames[1:], trusted=ident in self.trusted,
+                                 shm=ident in self.shm_callers)
+        except Exception as exc:  # noqa: BLE001 - malformed input of any kind
+            self._undecodable(ident, frames, exc, nested)
+            return
+        if not nested:
+            self.traffic.count(ident.hex(), "in", frames[1:], msg.shm_bytes)
+        op = msg.op
+        if op is Op.BATCH and not nested and len(frames) == 2:
+            self._on_batch(sock, ident, msg.body)
+            return
+        ctx = Ctx(ident, msg.req_id)
+        try:
+            entry = _TABLE.get(op)
+            if entry is None:
+                if op is Op.BATCH:
+                    raise ProtocolError(f"worker '{self.id}' accepts a BATCH only as a single-"
+                                        "frame message of its own, not inside another batch")
+                raise ProtocolError(f"worker '{self.id}' does not accept {op.name} messages")
+            handler, body_type = entry
+            handler(self, ctx, body_type.from_wire(msg.body))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
+            self.reply_error(ctx, exc)
+
+    def _undecodable(self, ident: bytes, frames: list[Any], exc: Exception, nested: bool) -> None:
+        if not nested:
+            self.traffic.count(ident.hex(), "in", frames[1:])
+        counters = self.traffic.counters
+        if isinstance(exc, UntrustedPayload):
+            counters["refused_untrusted"] += 1
+            exc = UntrustedPayload(_UNTRUSTED.format(self.id))
+        elif isinstance(exc, HandoverRefused):  # the sender retries with a copy
+            counters["handovers_refused"] += 1
+        else:
+            counters["dropped_malformed"] += 1
+            log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
+        req_id = salvage_req_id(frames[1])
+        if req_id:
+            self.reply_error(Ctx(ident, req_id), exc)
+
+    def _on_batch(self, sock: zmq.Socket, ident: bytes, body: dict[str, Any]) -> None:
+        """Handle a ``BATCH``: each message in it, in order, as if it had come on its own."""
+        try:
+            msgs = Batch.from_wire(body).msgs
+        except ProtocolError as exc:
+            self.traffic.counters["dropped_malformed"] += 1
+            log.warning("worker %s: BATCH from %s dropped: %s", self.id, ident.hex(), exc)
+            return
+        for raw in msgs:
+            self._on_request(sock, [ident, raw], nested=True)
+
+    # ------------------------------------------------------------- replies out
+    def reply(self, ctx: Ctx, body: Body | None = None) -> None:
+        """Answer ``ctx``; an empty answer is batched with the others of this loop turn."""
+        if ctx.req_id == NO_REPLY:
+            return
+        if body is None:  # an acknowledgement: batched with the others of this loop turn
+            acks = self._acks.get(ctx.ident)
+            if acks is None:
+                self._acks[ctx.ident] = [ctx.req_id]
+            else:
+                acks.append(ctx.req_id)
+            return
+        try:
+            policy = self._shm if self.cfg.shm_threshold and ctx.ident in self.shm_callers else None
+            frames = encode_message(Op.REPLY, ctx.req_id, body, shm=policy)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result the wire cannot carry
+            self.reply_error(ctx, exc)
+            return
+        self._send_reply(ctx, frames)
+
+    def reply_error(self, ctx: Ctx, exc: BaseException) -> None:
+        """Answer ``ctx`` with an error (encoded with its type and traceback)."""
+        log.debug("worker %s: request %d failed: %r", self.id, ctx.req_id, exc)
+        if ctx.req_id == NO_REPLY:
+            return
+        self._send_reply(ctx, encode_message(Op.ERROR, ctx.req_id,
+                                             {"error": encode_exception(exc, self.id)}))
+
+    def answer_now(self) -> None:
+        """Send the batched acknowledgements now, unless more requests are waiting to join them."""
+        if self._acks and not transport.readable(self.router):
+            self._flush_acks()
+
+    def free_after_replies(self, obj: Any) -> None:
+        """Keep ``obj`` alive until this turn's replies are out (freeing it can take a while)."""
+        self._graveyard.append(obj)
+
+    def _send_reply(self, ctx: Ctx, frames: list[Any]) -> None:
+        if ctx.ident in self._acks:  # acknowledgements first: replies never overtake them
+            self._send_acks(ctx.ident, self._acks.pop(ctx.ident))
+        self._send_to(ctx.ident, frames)
+
+    def _send_to(self, ident: bytes, frames: list[Any]) -> None:
+        try:
+            transport.send(self.router, [ident, *frames])
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
+            self.traffic.counters["unroutable_replies"] += 1
+            log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
+            return
+        self.traffic.count(ident.hex(), "out", frames,
+                           frames.shm_bytes if isinstance(frames, Frames) else 0)
+
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for ident, req_ids in acks.items():
+            self._send_acks(ident, req_ids)
+
+    def _send_acks(self, ident: bytes, req_ids: list[int]) -> None:
+        if len(req_ids) == 1:
+            self._send_to(ident, encode_ack(req_ids[0]))
+        else:
+            self._send_to(ident, encode_message(Op.ACKS, NO_REPLY, Acks(ids=req_ids)))
+
+
+def _yes() -> bool:
+    return True

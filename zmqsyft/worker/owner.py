@@ -1,0 +1,70 @@
+"""What a data owner does with its worker: its own data (``load``, SEARCH) and trusted code (RUN).
+
+A worker can hold data it loaded itself (``zmqsyft worker --load FILE --tag TAG``): the model
+owner finds it with ``search()`` and gets pointers that do not own it. ``run()`` sends a pickled
+function, which only a trusted connection may (the codec refuses pickle from anyone else).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LocationMismatch
+from ..ids import new_id
+from ..wire.bodies import Run, RunReply, Search, SearchReply
+from ..wire.messages import PointerDesc
+from ..wire.tensors import dtype_name
+from . import executor
+from .calls import describe
+from .context import Ctx, Services
+from .objects import resolve
+from .store import PointerRecord, Store
+
+__all__ = ["load", "add", "search", "run"]
+
+
+def load(store: Store, path: str, tags: list[str]) -> list[int]:
+    """Load a tensor, or a dict of tensors, saved with ``torch.save``; store it tagged.
+
+    Loading uses ``torch.load(weights_only=True)``: no code in the file is run. Every tensor
+    gets ``tags``; a dict's entries also get ``#<key>``. Returns the new ids.
+    """
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    items = loaded.items() if isinstance(loaded, dict) else [(None, loaded)]
+    ids = []
+    for key, value in items:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: expected tensors, found {type(value).__name__} under {key!r}")
+        ids.append(add(store, value, [*tags, *([f"#{key}"] if key is not None else [])]))
+    return ids
+
+
+def add(store: Store, tensor: torch.Tensor, tags: list[str]) -> int:
+    """Store a tensor this worker owns (its own data), with search tags; return its id."""
+    obj_id = new_id()
+    store.put(obj_id, tensor)
+    store.tag(obj_id, frozenset(tags))
+    return obj_id
+
+
+def search(w: Services, ctx: Ctx, body: Search) -> None:
+    results = []
+    for obj_id in w.store.search(frozenset(body.tags)):
+        obj = w.store.get(obj_id)
+        if isinstance(obj, torch.Tensor):
+            results.append(PointerDesc(w.id, w.address, obj_id, new_id(), tuple(obj.shape),
+                                       dtype_name(obj.dtype), obj.requires_grad, False))
+    w.reply(ctx, SearchReply(results=results))
+
+
+def run(w: Services, ctx: Ctx, body: Run) -> None:
+    args, kwargs = body.args, body.kwargs
+    resolved = {ref.id: resolve(w, ref.id) for ref in executor.refs_in((args, kwargs))}
+    if any(isinstance(o, PointerRecord) for o in resolved.values()):
+        raise LocationMismatch(
+            f"run() on worker '{w.id}' got a pointer to data on another worker; "
+            "move the data here first")
+    args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+    with torch.set_grad_enabled(body.grad):
+        result = body.fn(*args, **kwargs)
+    w.reply(ctx, RunReply(result=describe(w, result)))

@@ -1,0 +1,244 @@
+"""A worker's links to its peer workers: one DEALER each, requests with continuations, liveness.
+
+:meth:`PeerLinks.request` sends a request to a peer and parks its continuation with a deadline;
+the peer's reply (or ``ACKS``) resumes it. Each link is a :class:`~zmqsyft.wire.rpc.RequestCore`
+of its own, so a reply can only answer a request sent on that link. A peer found dead (socket
+monitor, heartbeats) fails everything waiting on it and loses its socket, so that nothing queued
+for it is delivered to a later process at the same address. A request with large tensors for a
+peer whose HELLO reply has not come yet is parked, in order with what follows it, until the
+reply says whether the two share ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..config import Config
+from ..errors import RequestTimeout, WorkerUnavailable
+from ..wire import transport
+from ..wire.bodies import Body, Flush
+from ..wire.codec import ShmPolicy, encode_message
+from ..wire.messages import NO_REPLY, Message, Op
+from ..wire.rpc import Pending, RequestCore
+from .traffic import Traffic
+
+__all__ = ["Callback", "PeerLink", "PeerLinks"]
+
+log = logging.getLogger("zmqsyft.worker")
+
+Callback = Callable[[Message | None, BaseException | None], None]
+"""A continuation: called once with the reply, or with the error, of a request to a peer."""
+
+
+class _AwaitHello(Exception):  # noqa: N818 - control flow, never seen outside request()
+    """Raised by the shared-memory decider while a peer's HELLO reply is still on its way."""
+
+
+class _Continuation(Pending):
+    __slots__ = ("callback", "op")
+
+    def __init__(self, op: Op, callback: Callback) -> None:
+        super().__init__(op.name)
+        self.op = op
+        self.callback = callback
+
+
+class PeerLink(RequestCore):
+    """This worker's DEALER to one peer worker and the requests in flight on it."""
+
+    def __init__(self, links: PeerLinks, address: str) -> None:
+        super().__init__()
+        self.links = links
+        self.address = address
+        self.sock, self.watch = transport.make_dealer(links.ctx, address, links.cfg)
+        # requests waiting for the HELLO reply (they carry large tensors, or came after one)
+        self.parked: list[tuple[Op, Body | dict[str, Any], Callback | None]] | None = None
+        self.policy = (ShmPolicy(self._shm_decider, links.cfg.shm_threshold, 2 * links.cfg.timeout)
+                       if links.cfg.shm_threshold else None)
+
+    def _shm_decider(self) -> bool:
+        if self.negotiating:
+            raise _AwaitHello
+        return self.shm
+
+    def resolved(self, pending: Any, reply: Message | None, error: BaseException | None) -> None:
+        try:
+            pending.callback(reply, error)
+        except Exception:  # noqa: BLE001 - a continuation must not kill the loop
+            log.exception("worker %s: continuation of %s failed", self.links.worker_id, pending.op.name)
+
+    def late(self, req_id: int) -> None:
+        self.links.traffic.counters["late_replies"] += 1
+
+    def close(self) -> None:
+        self.watch.close(self.sock)
+        self.sock.close(linger=0)
+
+
+class PeerLinks:
+    """All of one worker's peer links; the worker's loop polls their sockets.
+
+    Attributes
+    ----------
+    dirty : set of str
+        Addresses of peers this worker sent requests to since their last ``FLUSH``.
+    no_handover : set of str
+        Peers that could not take over this worker's shared memory: they get copies.
+    """
+
+    def __init__(self, worker_id: str, cfg: Config, ctx: zmq.Context, poller: zmq.Poller,
+                 traffic: Traffic) -> None:
+        self.worker_id = worker_id
+        self.cfg = cfg
+        self.ctx = ctx
+        self.poller = poller
+        self.traffic = traffic
+        self.links: dict[str, PeerLink] = {}
+        self.by_socket: dict[zmq.Socket, PeerLink] = {}
+        self.dirty: set[str] = set()
+        self.no_handover: set[str] = set()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether any answer from a peer is awaited."""
+        for link in self.links.values():
+            if link.inflight:
+                return True
+        return False
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (link.next_deadline() for link in self.links.values()) if d]
+        return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------- outgoing
+    def request(self, address: str, op: Op, body: Body | dict[str, Any],
+                callback: Callback | None) -> None:
+        """Send a request to a peer worker; ``callback(reply, error)`` runs when it is answered.
+
+        Without a callback the request is sent with request id 0: the peer answers nothing, not
+        even an error (for relayed ops whose failures poison their results downstream).
+
+        A request with large tensors for a peer whose HELLO reply has not come yet waits for it
+        (to know whether shared memory can carry them); so do the requests to that peer after it.
+        """
+        try:
+            link = self._link(address)
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed address
+            self._fail(callback, op, address, exc)
+            return
+        if link.parked is not None:
+            link.parked.append((op, body, callback))
+            return
+        req_id = NO_REPLY if callback is None else link.next_id()
+        try:
+            frames = encode_message(op, req_id, body, shm=link.policy)
+            transport.send(link.sock, frames)
+        except _AwaitHello:
+            link.parked = [(op, body, callback)]
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._fail(callback, op, address, exc)
+            return
+        self.traffic.count(address, "out", frames, frames.shm_bytes)
+        if op is not Op.FLUSH:
+            self.dirty.add(address)
+        if callback is not None:
+            link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout)
+
+    def flush(self, address: str, callback: Callback) -> None:
+        """Ask ``address`` to report once it has handled all this worker sent it before."""
+        self.dirty.discard(address)
+        self.request(address, Op.FLUSH, Flush(), callback)
+
+    def _fail(self, callback: Callback | None, op: Op, address: str, exc: BaseException) -> None:
+        if callback is None:
+            log.info("worker %s: could not send %s to %s: %r", self.worker_id, op.name, address, exc)
+            return
+        try:
+            callback(None, exc)
+        except Exception:  # noqa: BLE001
+            log.exception("worker %s: continuation failed", self.worker_id)
+
+    def _link(self, address: str) -> PeerLink:
+        link = self.links.get(address)
+        if link is None:
+            link = self.links[address] = PeerLink(self, address)
+            self.by_socket[link.sock] = link
+            self.poller.register(link.sock, zmq.POLLIN)
+            req_id, hello = link.hello(self.worker_id)
+            frames = encode_message(Op.HELLO, req_id, hello)
+            transport.send(link.sock, frames)
+            self.traffic.count(address, "out", frames)
+            link.track(req_id, _Continuation(Op.HELLO, self._hello_answered(link)),
+                       time.monotonic() + self.cfg.timeout)
+        return link
+
+    def _hello_answered(self, link: PeerLink) -> Callback:
+        def callback(msg: Message | None, exc: BaseException | None) -> None:
+            if link.peer is not None:
+                self.traffic.labels[link.address] = link.peer.id[:64]
+            if self.links.get(link.address) is not link:
+                return  # lost meanwhile; lost() failed what was parked
+            parked, link.parked = link.parked or [], None
+            for op, body, then in parked:
+                self.request(link.address, op, body, then)
+        return callback
+
+    # ------------------------------------------------------------- incoming
+    def receive(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        """A message came on a peer's socket: answer the request it names."""
+        link = self.by_socket[sock]
+        msg = link.receive(frames)
+        if msg is None:
+            self.traffic.count(link.address, "in", frames)
+            self.traffic.counters["dropped_malformed"] += 1
+            return
+        self.traffic.count(link.address, "in", frames, msg.shm_bytes)
+
+    def expire(self) -> None:
+        """Fail the requests whose deadline has passed."""
+        now = time.monotonic()
+        for link in list(self.links.values()):
+            for _, pending in link.expire(now):
+                link.resolved(pending, None, RequestTimeout(
+                    f"worker '{self.worker_id}' got no answer from the worker at {link.address} "
+                    f"to {pending.op.name} within {self.cfg.timeout:g}s; it may have died or be "
+                    "frozen"))
+
+    def check(self) -> None:
+        """Fail the requests waiting on peers that are unreachable (dead, frozen, gone), and drop
+        the sockets (with what is queued on them) of peers we sent unanswered requests to."""
+        for address, link in list(self.links.items()):
+            if link.inflight or address in self.dirty:
+                reason = link.watch.down()
+                if reason is not None:
+                    self.lost(address, reason)
+
+    def lost(self, address: str, reason: str) -> None:
+        """A peer worker is unreachable: fail what waits on it; the next request reconnects."""
+        link = self.links.pop(address, None)
+        self.dirty.discard(address)
+        if link is None:
+            return
+        self.poller.unregister(link.sock)
+        self.by_socket.pop(link.sock, None)
+        link.close()
+        parked, link.parked = link.parked or [], None
+        link.fail_all(lambda pending: WorkerUnavailable(
+            f"worker '{self.worker_id}' cannot reach the worker at {address} ({reason}); "
+            f"{pending.op.name} got no answer"))
+        for op, _, then in parked:
+            self._fail(then, op, address, WorkerUnavailable(
+                f"worker '{self.worker_id}' cannot reach the worker at {address} ({reason}); "
+                f"{op.name} was not sent"))
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        self.by_socket.clear()
