@@ -11,6 +11,7 @@ Every worker is closed at the end and its process reaped (killed if it does not 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import subprocess
@@ -23,7 +24,6 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft import config as config_mod
 from zmqsyft import WorkerClient
 from zmqsyft.wire.transport import ipc_endpoint
 
@@ -133,11 +133,11 @@ def run_script(*args: str, timeout: float = 90, env: dict[str, str] | None = Non
 @pytest.fixture
 def restore_config() -> Iterator[None]:
     """The process-wide config as it was before the test, whatever the test configures."""
-    saved = config_mod._current
+    saved = sy.get_config()
     try:
         yield
     finally:
-        config_mod._current = saved
+        sy.configure(**dataclasses.asdict(saved))
 
 
 def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 60.0) -> None:

@@ -7,6 +7,7 @@ deadlines, process exits are awaited with timeouts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -31,14 +32,14 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from zmqsyft import config as config_mod
-from zmqsyft.client import get_session
-from zmqsyft.wire.codec import Ext, decode_message, encode_message
-from zmqsyft.errors import ObjectNotFound, OpNotAllowed, ProtocolError, UntrustedPayload
 from zmqsyft import WorkerClient
-from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, Summary
-from zmqsyft.wire.exc_codec import decode_exception
+from zmqsyft.client import get_session
+from zmqsyft.errors import ObjectNotFound, OpNotAllowed, ProtocolError, UntrustedPayload
 from zmqsyft.ids import new_id
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.exc_codec import decode_exception
+from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, Summary
+from zmqsyft.wire.values import Ext
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 60.0  # seconds a fresh interpreter may take to import torch and bind (2 slow cores)
@@ -96,12 +97,12 @@ def endpoint_of(line: str) -> str:
 @contextmanager
 def short_timeout(seconds: float) -> Iterator[None]:
     """``sy.configure(timeout=seconds)``, restored afterwards."""
-    saved = config_mod._current
+    saved = sy.get_config()
     try:
         sy.configure(timeout=seconds)
         yield
     finally:
-        config_mod._current = saved
+        sy.configure(**dataclasses.asdict(saved))
 
 
 @contextmanager
@@ -289,7 +290,7 @@ def test_connect_timeout_argument() -> None:
 
 def test_configure_timeout_applies_to_existing_client() -> None:
     client = get_session()  # the client exists (as soon as any worker was used)
-    saved = config_mod._current
+    saved = sy.get_config()
     try:
         sy.configure(timeout=1.0)
         # checked first so that, while the bug stands, the test does not wait the full default
@@ -300,7 +301,7 @@ def test_configure_timeout_applies_to_existing_client() -> None:
                 sy.connect(address)
             elapsed = time.monotonic() - start
     finally:
-        config_mod._current = saved
+        sy.configure(**dataclasses.asdict(saved))
     assert elapsed < 5.0, f"connect took {elapsed:.1f}s with timeout=1.0 configured"
 
 

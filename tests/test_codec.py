@@ -24,7 +24,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmqsyft.wire.codec import DTYPES, Ext, decode_message, dtype_name, encode_message
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.tensors import DTYPES, dtype_name
+from zmqsyft.wire.values import Ext
 from zmqsyft.errors import ProtocolError, SerializationError, UntrustedPayload
 from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, PointerDesc, Summary
 

@@ -19,7 +19,8 @@ import zmq
 
 import zmqsyft as sy
 from zmqsyft.wire import shm
-from zmqsyft.wire.codec import Ext, Handover, ShmPolicy, decode_message, encode_message
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.values import Ext, Handover, ShmPolicy
 from zmqsyft.errors import HandoverRefused, ProtocolError
 from zmqsyft import WorkerClient
 from zmqsyft.wire.messages import PROTOCOL_VERSION, Op

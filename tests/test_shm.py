@@ -14,7 +14,8 @@ import torch
 
 import zmqsyft as sy
 from zmqsyft.wire import shm
-from zmqsyft.wire.codec import Ext, ShmPolicy, decode_message, encode_message
+from zmqsyft.wire.codec import decode_message, encode_message
+from zmqsyft.wire.values import Ext, ShmPolicy
 from zmqsyft.config import Config
 from zmqsyft.errors import ProtocolError
 from zmqsyft import WorkerClient

@@ -12,6 +12,15 @@ from __future__ import annotations
 
 import logging
 
+from .client import (
+    PointerTensor,
+    TorchHook,
+    VirtualWorker,
+    WorkerClient,
+    connect,
+    get_session,
+    spawn_worker,
+)
 from .config import Config, configure, get_config
 from .errors import (
     CommunicationError,
@@ -29,15 +38,6 @@ from .errors import (
     UntrustedPayload,
     WorkerUnavailable,
     ZmqSyftError,
-)
-from .client import (
-    PointerTensor,
-    TorchHook,
-    VirtualWorker,
-    WorkerClient,
-    connect,
-    get_session,
-    spawn_worker,
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

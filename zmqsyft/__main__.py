@@ -32,8 +32,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .wire import shm, transport
     from .config import from_environ
+    from .wire import shm, transport
     from .worker import Worker
 
     if args.parent_pid is not None:

@@ -2,8 +2,9 @@
 
 Values come from the defaults below, then from ``ZMQSYFT_<NAME>`` environment variables (an
 unknown ``ZMQSYFT_`` variable is an error, so that typos do not pass silently), then from
-:func:`configure`. The config is passed explicitly to the layers that need it;
-:func:`get_config` returns the process-wide current one.
+:func:`configure`. The config is handed down explicitly: a worker gets one when it is made, the
+caller's session holds one (and is told by :func:`configure` when it is replaced), and
+everything below reads it from them; :func:`get_config` returns the process-wide current one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["Config", "get_config", "configure", "from_environ"]
+__all__ = ["Config", "get_config", "configure", "from_environ", "on_change"]
 
 _ENV_PREFIX = "ZMQSYFT_"
 # environment variables with this prefix that are not config fields but are still legitimate
@@ -133,6 +135,7 @@ def from_environ(environ: dict[str, str] | None = None) -> Config:
 
 
 _current: Config | None = None
+_listeners: list[Callable[[Config], None]] = []
 
 
 def get_config() -> Config:
@@ -150,4 +153,11 @@ def configure(**changes: Any) -> Config:
     """
     global _current
     _current = replace(get_config(), **changes)
+    for listener in list(_listeners):
+        listener(_current)
     return _current
+
+
+def on_change(listener: Callable[[Config], None]) -> None:
+    """Call ``listener(config)`` whenever :func:`configure` replaces the process-wide config."""
+    _listeners.append(listener)

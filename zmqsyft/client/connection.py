@@ -10,7 +10,7 @@ Pipelined ops issued while earlier requests to the same worker are still unanswe
 ``pipeline_batch`` have queued, before this thread sends or waits for anything else, and
 otherwise after at most about a millisecond, sent by the client's flusher thread. The socket is
 guarded by a lock for that one foreign use; the flusher never blocks on it. The queues of all of
-a session's connections are listed in its :class:`Outboxes`, which owns the flusher thread.
+a session's connections are listed in its :class:`~zmqsyft.client.outbox.Outboxes`, which owns the flusher thread.
 
 Request ids, the requests in flight, replies, ``ACKS``, the ``HELLO`` negotiation and failing
 everything when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`), which a
@@ -32,18 +32,19 @@ from ..config import Config
 from ..errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
 from ..wire import shm, transport
 from ..wire.bodies import Body, HelloReply
-from ..wire.codec import ShmPolicy, encode_message
+from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
+from ..wire.values import ShmPolicy
 from .handle import WorkerHandle
+from .outbox import Outboxes
 
-__all__ = ["Connection", "Outboxes", "BATCH_DELAY"]
+__all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
-BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher thread sends it
 
 
 class _Pending(Pending):
@@ -70,56 +71,6 @@ class Host(Protocol):
 
     def flush_deletes(self, wait: bool, timeout: float | None = None,
                       rider: Connection | None = None) -> bytes | None: ...
-
-
-class Outboxes:
-    """The connections of a session with queued pipelined requests, oldest batch first, and the
-    *flusher* thread that sends a batch nothing else has sent within ``delay`` seconds."""
-
-    def __init__(self, stopping: threading.Event) -> None:
-        self.queued: dict[Connection, None] = {}
-        self.delay = BATCH_DELAY
-        self._stopping = stopping
-        self._wakeup = threading.Event()
-        self._flusher: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def add(self, conn: Connection) -> None:
-        """``conn`` has started a batch: the flusher sends it if nothing else does soon."""
-        self.queued[conn] = None
-        if self._flusher is None and not self._stopping.is_set():
-            with self._lock:
-                if self._flusher is None:
-                    self._flusher = threading.Thread(target=self._flush_stale,
-                                                     name="zmqsyft-flusher", daemon=True)
-                    self._flusher.start()
-        self._wakeup.set()
-
-    def flush_mine(self) -> None:
-        """Send every batch this thread has queued, oldest first."""
-        me = threading.get_ident()
-        for conn in list(self.queued):
-            if conn.thread == me:
-                with conn.lock:
-                    conn.flush_outbox()
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    def _flush_stale(self) -> None:
-        """The flusher thread: sends batches that have waited ``delay`` (never blocks on a
-        socket its owner is using; the owner flushes before it waits for anything)."""
-        while not self._stopping.is_set():
-            self._wakeup.wait()
-            self._wakeup.clear()
-            while self.queued:
-                delay = self.delay
-                if self._stopping.wait(min(delay, 0.05)):
-                    return
-                now = time.monotonic()
-                for conn in list(self.queued):
-                    if now - conn.queued_at >= delay:
-                        conn.flush_foreign(blocking=False)
 
 
 class Connection(RequestCore):

@@ -6,7 +6,7 @@ Sockets belong to one thread: each thread that talks to a worker gets its own
 worker stay in order. Requests are **pipelined**: a request that needs no answer right away (an
 op whose result shape was inferred locally) is sent and the caller goes on; its acknowledgement is
 read later. Queued batches of them are sent by the session's
-:class:`~zmqsyft.client.connection.Outboxes`; the deletes of dropped pointers by its
+:class:`~zmqsyft.client.outbox.Outboxes`; the deletes of dropped pointers by its
 :class:`~zmqsyft.client.reaper.Reaper`. Handles and pointers reach their session through the
 objects they hold (``pointer.location.session``); the process has one, :func:`get_session`.
 """
@@ -22,17 +22,17 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch.utils import _pytree as pytree
 
-from ..config import Config, get_config
+from ..config import Config, get_config, on_change
 from ..errors import ZmqSyftError
 from ..wire import transport
 from ..wire.bodies import Flush
 from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import DTYPES
-from .connection import Connection, Outboxes
+from .connection import Connection
 from .handle import WorkerHandle
+from .outbox import Outboxes
 from .pointer import PointerTensor
 from .reaper import Reaper
 
@@ -50,12 +50,20 @@ class Session:
         ``make_handle(session, name, address)``: a handle for a worker met only through a
         pointer (a chain's next hop, a moved object's new home).
     config : Config, optional
-        Fixed settings; by default the process-wide ones (:func:`zmqsyft.configure`).
+        Fixed settings; by default the process-wide ones, followed as :func:`zmqsyft.configure`
+        replaces them.
+
+    Attributes
+    ----------
+    cfg : Config
+        The settings in force, which connections and handles read.
     """
 
     def __init__(self, make_handle: Callable[[Session, str, str], WorkerHandle],
                  config: Config | None = None) -> None:
-        self._cfg = config
+        self.cfg = config or get_config()
+        if config is None:  # follow sy.configure()
+            on_change(self._reconfigure)
         self._make_handle = make_handle
         self.name = f"client:{socket.gethostname()}:{os.getpid()}"
         self.ctx = transport.context()
@@ -68,10 +76,8 @@ class Session:
         self._deletes = self.reaper.queue  # what connections look at before each send
         atexit.register(self._at_exit)
 
-    @property
-    def cfg(self) -> Config:
-        """The config in force: the one given, else the process-wide one (``sy.configure``)."""
-        return self._cfg if self._cfg is not None else get_config()
+    def _reconfigure(self, config: Config) -> None:
+        self.cfg = config
 
     @property
     def batch_delay(self) -> float:

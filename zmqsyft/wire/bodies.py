@@ -7,139 +7,112 @@ know and raises :class:`~zmqsyft.errors.ProtocolError` naming the op and the key
 the wrong kind. The table in this module's docstring, and so in the docs, is rendered from
 these classes by :func:`wire_table` and a test keeps the two identical.
 
-Requests (a reply of ``-`` is an empty acknowledgement):
+Every request, then ``>`` each key of its body and ``<`` each key of its reply (none: an empty
+acknowledgement); ``key?`` is optional, with a default::
 
-{table}
+    HELLO       The first message of every connection.
+                > peer?: str - the sender's name, for the traffic counters
+                > trust?: str - a trust token: a match lets this connection send pickled payloads
+                > host?: str - the sender's host key: a match lets both ends use shared memory
+                < id: str - the worker's name
+                < pid?: int - its process id (0: not told)
+                < version?: int - its protocol version
+                < address?: str - the endpoint it is bound to
+                < trusted?: bool - whether the trust token matched
+                < host?: str - the worker's host key
+                < shm?: bool - whether it accepts shared-memory tensors from this connection
+    PUT         Store a value.
+                > id: object id - the id to store it under
+                > obj: value - a tensor, a pointer descriptor, a number, ...
+    GET         Take an object away (``get`` is destructive).
+                > id: object id - the object
+                > handover?: object id or 0 - an id the caller chose: a tensor received through
+                    shared memory that nothing else uses comes as a hand-over and is kept under this
+                    id until the caller deletes it
+                < obj?: value - the object (a pointer comes as a descriptor)
+    CALL        Run an allow-listed op where its arguments are.
+                > fn: op name - the allow-listed op name (torch.add, torch.Tensor.__add__, ...)
+                > args?: list - positional arguments; objects here as references
+                > kwargs?: map - keyword arguments
+                > out?: [[id, shape, dtype, requires_grad]] or nil - ids for the tensor results in
+                    flattened order, with the inferred shape, dtype and requires_grad; nil: reply
+                    the result
+                > grad?: bool - the caller's grad mode
+                > hops?: int - how many workers relayed it so far (chains end at 32)
+                < result?: value - when 'out' was nil: the result, tensors as pointer descriptors
+    DEL         Free objects (cascading along the pointers they own).
+                > ids: [object id] - the objects
+    MOVE        Push an object straight to another worker; free it here once that one has it.
+                > id: object id - the object
+                > dest_address: str - the address of the worker to move it to
+                < collapsed?: pointer descriptor or nil - the object was a pointer to
+                    'dest_address': what it pointed to, which is where the data is now
+    REMOTE_GET  The object is a pointer: fetch what it points to and keep that in its place.
+                > id: object id - the pointer
+    OBJECTS     A snapshot of the store (the synchronisation point behind ``_objects``).
+                < objects?: map - id -> value; large tensors summarised
+    FLUSH       Answered once everything relayed before has been handled downstream (recursively).
+    PING        An empty round trip.
+                < id: str - the worker's name
+    STATS       The worker's counters.
+                < id: str - the worker's name
+                < objects: int - how many objects it holds
+                < counters?: map - dropped, refused and late messages, shm bytes
+                < peers?: map - per peer name: messages, bytes, largest message, each way
+    SHUTDOWN    Reply, then exit.
+    SEARCH      Find the worker's own data by tags.
+                > tags: [str] - every tag an object must carry
+                < results?: [pointer descriptor] - non-owning pointer descriptors
+    RUN         Run a user function (trusted senders only: it is pickled).
+                > fn: pickled callable - the function
+                > args?: list - positional arguments; objects here as references
+                > kwargs?: map - keyword arguments
+                > grad?: bool - the caller's grad mode
+                < result?: value - the result, tensors kept here as pointer descriptors
+    ACKS        (request id 0) empty replies to several requests at once.
+                > ids: [request id] - the request ids
+    BATCH       (request id 0) several requests, handled in order as if each had come alone.
+                > msgs: [bytes] - complete single-frame messages (no BATCH among them)
+    ERROR       A failed request's reply.
+                < error: map - the encoded exception (zmqsyft.wire.exc_codec)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+import textwrap
+from dataclasses import MISSING, fields
+from typing import Any
 
-from ..errors import ProtocolError
 from .messages import Op, PointerDesc
+from .schema import (
+    ANY,
+    BOOL,
+    CALLABLE,
+    DESCS,
+    FRAMES,
+    HOLD_ID,
+    IDS,
+    INT,
+    LIST,
+    MAP,
+    OBJ_ID,
+    OP_NAME,
+    OPT_DESC,
+    OUT,
+    REPLIES,
+    REQ_IDS,
+    REQUESTS,
+    STR,
+    TAGS,
+    Body,
+    body,
+    key,
+)
 
 __all__ = ["Body", "REQUESTS", "REPLIES", "wire_table", "Hello", "HelloReply", "Put", "Get",
            "GetReply", "Call", "CallReply", "Del", "Move", "MoveReply", "RemoteGet", "Objects",
            "ObjectsReply", "Flush", "Ping", "PingReply", "Stats", "StatsReply", "Shutdown",
            "Search", "SearchReply", "Run", "RunReply", "Acks", "Batch", "Error"]
-
-B = TypeVar("B", bound="Body")
-
-
-# ------------------------------------------------------------------ the kinds of values
-class Kind:
-    """What a key may hold: a name for the table and a check (value in, value out, or None for
-    a value that does not fit)."""
-
-    __slots__ = ("name", "check")
-
-    def __init__(self, name: str, check: Callable[[Any], bool]) -> None:
-        self.name = name
-        self.check = check
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int
-
-
-ANY = Kind("value", lambda v: True)
-OBJ_ID = Kind("object id", lambda v: type(v) is int and v > 0)
-HOLD_ID = Kind("object id or 0", lambda v: type(v) is int and v >= 0)
-INT = Kind("int", _is_int)
-BOOL = Kind("bool", lambda v: type(v) is bool)
-STR = Kind("str", lambda v: type(v) is str)
-OP_NAME = Kind("op name", lambda v: True)  # the allow-list refuses what is not one, by name
-LIST = Kind("list", lambda v: type(v) is list or type(v) is tuple)
-MAP = Kind("map", lambda v: type(v) is dict)
-IDS = Kind("[object id]", lambda v: type(v) is list and all(type(i) is int for i in v))
-REQ_IDS = Kind("[request id]", lambda v: type(v) is list and all(type(i) is int for i in v))
-TAGS = Kind("[str]", lambda v: type(v) is list and all(type(t) is str for t in v))
-FRAMES = Kind("[bytes]", lambda v: type(v) is list and all(type(m) is bytes for m in v))
-CALLABLE = Kind("pickled callable", callable)
-DESC = Kind("pointer descriptor", lambda v: type(v) is PointerDesc)
-OPT_DESC = Kind("pointer descriptor or nil", lambda v: v is None or type(v) is PointerDesc)
-DESCS = Kind("[pointer descriptor]",
-             lambda v: type(v) is list and all(type(d) is PointerDesc for d in v))
-
-
-def _out_ok(out: Any) -> bool:
-    return out is None or (type(out) is list and all(
-        type(spec) is list and len(spec) == 4 and type(spec[0]) is int and spec[0] > 0
-        and type(spec[1]) is list and all(type(d) is int for d in spec[1])
-        and type(spec[2]) is str and type(spec[3]) is bool for spec in out))
-
-
-OUT = Kind("[[id, shape, dtype, requires_grad]] or nil", _out_ok)
-
-
-def key(kind: Kind, doc: str, default: Any = MISSING) -> Any:
-    """A body key: its kind, its description for the table and its default (none: required)."""
-    if isinstance(default, (list, dict)):
-        empty = type(default)
-        return field(default_factory=empty, metadata={"kind": kind, "doc": doc})
-    return field(default=default, metadata={"kind": kind, "doc": doc})
-
-
-# ------------------------------------------------------------------------- the base
-class Body:
-    """A message body: ``to_wire()`` gives the map to send, ``from_wire(map)`` checks one."""
-
-    __slots__ = ()
-    OP: ClassVar[Op]
-    REPLY: ClassVar[bool] = False
-    _SPEC: ClassVar[tuple[tuple[str, Any, Any, Kind], ...]] = ()
-    _NAMES: ClassVar[tuple[str, ...]] = ()
-
-    def to_wire(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._NAMES}
-
-    @classmethod
-    def from_wire(cls: type[B], body: dict[str, Any]) -> B:
-        """Check a received body and build the typed one; raises ``ProtocolError``."""
-        obj = cls.__new__(cls)
-        setter = object.__setattr__
-        for name, default, factory, kind in cls._SPEC:
-            value = body.get(name, default)
-            if value is MISSING:
-                if factory is MISSING:
-                    raise ProtocolError(f"{cls._what()} needs {name!r} ({kind.name})")
-                value = factory()
-            elif not kind.check(value) and not (value is default is None):
-                raise ProtocolError(f"{cls._what()} key {name!r} takes {kind.name}, "
-                                    f"not {_show(value)}")
-            setter(obj, name, value)
-        return obj
-
-    @classmethod
-    def _what(cls) -> str:
-        return f"a {cls.OP.name} reply's" if cls.REPLY else cls.OP.name
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{type(value).__name__} {text[:50]}..."
-
-
-REQUESTS: dict[Op, type[Body]] = {}
-REPLIES: dict[Op, type[Body]] = {}
-
-
-def body(op: Op, reply: bool = False) -> Callable[[type[B]], type[B]]:
-    """Make a class a body of ``op`` (a dataclass with slots; registered for the table)."""
-    def make(cls: type[B]) -> type[B]:
-        made = dataclass(slots=True)(cls)
-        made.OP = op
-        made.REPLY = reply
-        made._SPEC = tuple((f.name, f.default, f.default_factory, f.metadata["kind"])
-                           for f in fields(made))
-        made._NAMES = tuple(f.name for f in fields(made))
-        (REPLIES if reply else REQUESTS)[op] = made
-        return made
-    return make
-
 
 # ------------------------------------------------------------------------ the bodies
 @body(Op.HELLO)
@@ -330,10 +303,19 @@ def wire_table() -> str:
         rows.append((op.name, doc, _keys(cls), _keys(REPLIES.get(op))))
     width = max(len(r[0]) for r in rows)
     lines = []
+
+    def entry(mark: str, text: str) -> None:
+        lines.extend(textwrap.wrap(text, 96, initial_indent=f"{'':{width}}  {mark} ",
+                                   subsequent_indent=f"{'':{width}}      "))
     for name, doc, req, rep in rows:
-        lines.append(f"{name.ljust(width)}  {doc}")
-        lines += [f"{''.ljust(width)}    > {k}" for k in req if k != "-"]
-        lines += [f"{''.ljust(width)}    < {k}" for k in rep if k != "-"]
-    lines.append(f"{'ERROR'.ljust(width)}  (a reply)")
-    lines += [f"{''.ljust(width)}    < {k}" for k in _keys(Error)]
+        lines.append(f"{name:{width}}  {doc}".rstrip())
+        for k in req:
+            if k != "-":
+                entry(">", k)
+        for k in rep:
+            if k != "-":
+                entry("<", k)
+    lines.append(f"{'ERROR':{width}}  A failed request's reply.")
+    for k in _keys(Error):
+        entry("<", k)
     return "\n".join(lines)

@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ProtocolError
 from . import shm
-from .bodies import Hello, HelloReply
+from .bodies import Error, Hello, HelloReply
 from .codec import ack_id, decode_message, unpack_acks
 from .exc_codec import decode_exception
 from .messages import Message, Op, salvage_req_id
@@ -140,7 +141,11 @@ class RequestCore:
             self.late(req_id)
             return
         if reply is not None and reply.op is Op.ERROR:
-            error, reply = decode_exception(reply.body.get("error")), None
+            try:
+                error = decode_exception(Error.from_wire(reply.body).error)
+            except ProtocolError as exc:
+                error = exc
+            reply = None
         if req_id == self.hello_id and reply is not None:
             try:
                 self.peer = HelloReply.from_wire(reply.body)

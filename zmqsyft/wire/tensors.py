@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import shm as _shm
 from ..errors import ProtocolError, SerializationError
+from . import shm as _shm
 
 __all__ = ["DTYPES", "dtype_name", "tensor_buffer", "tensor_from_buffer", "tensor_over_segment",
            "sole_segment"]

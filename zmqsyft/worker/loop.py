@@ -29,10 +29,11 @@ import zmq
 from ..config import Config
 from ..errors import HandoverRefused, ProtocolError, UntrustedPayload
 from ..wire import transport
-from ..wire.bodies import REQUESTS, Acks, Batch, Body
-from ..wire.codec import Frames, ShmPolicy, decode_message, encode_ack, encode_message
+from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
+from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import NO_REPLY, Op, salvage_req_id
+from ..wire.values import ShmPolicy
 from . import admin, calls, objects, owner
 from .context import Ctx, Handler
 from .peers import PeerLinks
@@ -275,7 +276,7 @@ class Worker:
         if ctx.req_id == NO_REPLY:
             return
         self._send_reply(ctx, encode_message(Op.ERROR, ctx.req_id,
-                                             {"error": encode_exception(exc, self.id)}))
+                                             Error(error=encode_exception(exc, self.id))))
 
     def answer_now(self) -> None:
         """Send the batched acknowledgements now, unless more requests are waiting to join them."""

@@ -28,10 +28,10 @@ from ..wire.bodies import (
     Put,
     RemoteGet,
 )
-from ..wire.codec import Handover
 from ..wire.exc_codec import decode_exception
 from ..wire.messages import Message, Op, PointerDesc, Summary
 from ..wire.tensors import sole_segment
+from ..wire.values import Handover
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
 

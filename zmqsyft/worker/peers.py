@@ -22,9 +22,10 @@ from ..config import Config
 from ..errors import RequestTimeout, WorkerUnavailable
 from ..wire import transport
 from ..wire.bodies import Body, Flush
-from ..wire.codec import ShmPolicy, encode_message
+from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
+from ..wire.values import ShmPolicy
 from .traffic import Traffic
 
 __all__ = ["Callback", "PeerLink", "PeerLinks"]
