@@ -62,20 +62,25 @@ def test_a_burst_goes_out_in_batches_in_order(bob: WorkerClient, hook: sy.TorchH
         x = local.clone().send(bob)
         sy.sync()
         before = messages_from_me(bob)
-        for i in range(300):  # the result depends on the order of every op
-            if i % 3:
-                x.add_(i)
-                local.add_(i)
-            else:
-                x.mul_(-0.5)
-                local.mul_(-0.5)
+        # stopped, the worker is certainly behind, so ops queue behind the first (left running,
+        # it often answered each op before the next was issued, here in 4 runs out of 10, and
+        # 77-193 messages went out)
+        with stopped(bob):
+            for i in range(300):  # the result depends on the order of every op
+                if i % 3:
+                    x.add_(i)
+                    local.add_(i)
+                else:
+                    x.mul_(-0.5)
+                    local.mul_(-0.5)
         sy.sync()
         sent = messages_from_me(bob) - before - 1  # the stats request itself counts too
         assert torch.equal(x.get(), local)
     if batch == 1:
-        assert sent >= 300, "pipeline_batch=1 sends every op on its own"
+        assert 300 <= sent <= 302, f"pipeline_batch=1 sends every op on its own: {sent} messages"
     else:
-        assert 300 // batch <= sent <= 60, f"300 ops took {sent} messages"
+        # the first op at once, then a message per full batch, the rest with the sync
+        assert 300 // batch <= sent <= 300 // batch + 3, f"300 ops took {sent} messages"
 
 
 @pytest.mark.timeout(60)
