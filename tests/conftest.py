@@ -11,12 +11,7 @@ Every worker is closed at the end and its process reaped (killed if it does not 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import os
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,10 +19,9 @@ import pytest
 import torch
 
 import zmqsyft as sy
+from tests.helpers import configured
 from zmqsyft import WorkerClient
 from zmqsyft.wire.transport import ipc_endpoint
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _reap(workers: list[WorkerClient]) -> list[str]:
@@ -122,40 +116,9 @@ def spawn(transport_kind: str, tmp_path: Path, hook: sy.TorchHook) -> Iterator[C
     assert not stuck, f"workers {stuck} were still running after close()"
 
 
-def run_script(*args: str, timeout: float = 90, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a Python script in a fresh interpreter (the way a user would) and capture its output."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=full_env)
-
-
 @pytest.fixture
 def restore_config() -> Iterator[None]:
-    """The process-wide config as it was before the test, whatever the test configures."""
-    saved = sy.get_config()
-    try:
+    """The process-wide config as it was before the test, whatever the test configures (for the
+    tests of ``configure()`` itself; elsewhere use ``with configured(...)``)."""
+    with configured():
         yield
-    finally:
-        sy.configure(**dataclasses.asdict(saved))
-
-
-def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 60.0) -> None:
-    """Run ``work(0)`` ... ``work(n - 1)`` in ``n`` threads at once; the first failure in any of
-    them is raised here, in the test's thread."""
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            work(k)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout)
-    assert not any(t.is_alive() for t in threads), f"a thread was still running after {timeout}s"
-    if errors:
-        raise errors[0]

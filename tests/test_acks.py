@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft.wire.codec import decode_message, encode_message, unpack_acks
+from tests.helpers import alive_check, next_reply, raw_dealer
 from zmqsyft import WorkerClient
+from zmqsyft.wire.codec import decode_message, encode_message, unpack_acks
 from zmqsyft.wire.messages import Op
-
-from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
 
 
 def test_a_burst_is_acknowledged_once_each_and_in_order(bob: WorkerClient) -> None:

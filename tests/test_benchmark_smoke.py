@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import run_script
+from tests.helpers import run_script
 
 
 def test_benchmark_quick_mode_runs() -> None:

@@ -7,20 +7,15 @@ deadlines, process exits are awaited with timeouts.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import re
-import selectors
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,129 +27,34 @@ import torch
 import zmq
 
 import zmqsyft as sy
+from tests.helpers import (
+    ROOT,
+    STARTUP,
+    alive_check,
+    assert_answers_ping,
+    cli_worker,
+    configured,
+    dead_tcp_address,
+    expect_error,
+    next_reply,
+    pk,
+    raw_dealer,
+    read_line,
+    reap,
+    run_cli,
+    run_script,
+)
 from zmqsyft import WorkerClient
 from zmqsyft.client import get_session
 from zmqsyft.errors import ObjectNotFound, OpNotAllowed, ProtocolError, UntrustedPayload
 from zmqsyft.ids import new_id
 from zmqsyft.wire.codec import decode_message, encode_message
 from zmqsyft.wire.exc_codec import decode_exception
-from zmqsyft.wire.messages import PROTOCOL_VERSION, Message, ObjRef, Op, Summary
+from zmqsyft.wire.messages import PROTOCOL_VERSION, ObjRef, Op, Summary
 from zmqsyft.wire.values import Ext
-
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP = 60.0  # seconds a fresh interpreter may take to import torch and bind (2 slow cores)
 
 
 # ------------------------------------------------------------------ helpers
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first line ``proc`` writes on stdout, or fail after ``timeout`` seconds."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no line on stdout within {timeout}s (got {buf!r})")
-            if sel.select(remaining):
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    pytest.fail(f"stdout closed before a full line (exit code {proc.poll()}); got {buf!r}")
-                buf += chunk
-    return buf.split(b"\n", 1)[0].decode()
-
-
-def reap(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=30)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
-@contextmanager
-def cli_worker(*args: str, stderr_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m zmqsyft worker ARGS`` with stdout piped (stderr to a file: it can never block)."""
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "zmqsyft", "worker", *args], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                bufsize=0)
-    try:
-        yield proc
-    finally:
-        reap(proc)
-
-
-def endpoint_of(line: str) -> str:
-    match = re.search(r"listening on (\S+)", line)
-    assert match, line
-    return match.group(1)
-
-
-@contextmanager
-def short_timeout(seconds: float) -> Iterator[None]:
-    """``sy.configure(timeout=seconds)``, restored afterwards."""
-    saved = sy.get_config()
-    try:
-        sy.configure(timeout=seconds)
-        yield
-    finally:
-        sy.configure(**dataclasses.asdict(saved))
-
-
-@contextmanager
-def dead_tcp_address() -> Iterator[str]:
-    """A loopback address where nothing listens, reserved (bound, never listening) meanwhile."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-@contextmanager
-def raw_dealer(address: str) -> Iterator[zmq.Socket]:
-    """A bare DEALER to a worker, bypassing zmqsyft's client entirely."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    try:
-        yield sock
-    finally:
-        sock.close(linger=0)
-        ctx.term()
-
-
-def next_reply(sock: zmq.Socket, timeout: float = 10.0,
-               alive: Callable[[], bool] = lambda: True) -> Message:
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"no reply within {timeout}s")
-        if sock.poll(min(remaining, 0.2) * 1000):
-            return decode_message(sock.recv_multipart(copy=False))
-        if not alive():
-            pytest.fail("the worker died instead of replying")
-
-
-def expect_error(sock: zmq.Socket, req_id: int, error_type: type[BaseException],
-                 alive: Callable[[], bool] = lambda: True) -> BaseException:
-    msg = next_reply(sock, alive=alive)
-    assert msg.req_id == req_id
-    assert msg.op is Op.ERROR, f"expected an ERROR reply, got {msg.op.name}: {msg.body}"
-    exc = decode_exception(msg.body.get("error"))
-    assert type(exc) is error_type, f"{type(exc).__name__}: {exc}"
-    assert exc.worker_id == "bob"  # type: ignore[attr-defined]
-    return exc
-
-
-def pk(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
 def tensor_ext(dtype: str = "float32", shape: list[int] | None = None) -> msgpack.ExtType:
     return msgpack.ExtType(int(Ext.TENSOR), pk([0, dtype, shape or [3], False]))
 
@@ -175,17 +75,12 @@ def free_raw(sock: zmq.Socket, ids: list[int], alive: Callable[[], bool]) -> Non
     assert (msg.op, msg.req_id) == (Op.REPLY, 7777)
 
 
-def alive_check(worker: WorkerClient) -> Callable[[], bool]:
-    proc = worker._proc
-    return (lambda: proc.poll() is None) if proc is not None else (lambda: True)
-
-
 # ---------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("kind", ["tcp", "ipc"])
 def test_cli_worker_serves_and_shuts_down(kind: str, hook: sy.TorchHook, tmp_path: Path) -> None:
     bind = "tcp://127.0.0.1:0" if kind == "tcp" else f"ipc://{tmp_path}/carol.sock"
-    with cli_worker("--id", "carol", "--bind", bind, stderr_path=tmp_path / "stderr") as proc:
-        endpoint = endpoint_of(read_line(proc, STARTUP))
+    with cli_worker("--id", "carol", "--bind", bind) as worker:
+        proc, endpoint = worker.proc, worker.endpoint
         if kind == "tcp":
             assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", endpoint) and not endpoint.endswith(":0")
         else:
@@ -204,13 +99,11 @@ def test_cli_worker_serves_and_shuts_down(kind: str, hook: sy.TorchHook, tmp_pat
             carol.shutdown()
         assert carol.closed
         assert proc.wait(timeout=30) == 0
-    assert (tmp_path / "stderr").read_text() == ""
+        assert worker.stderr() == ""
 
 
 def test_console_script_exists_and_shows_help() -> None:
-    script = shutil.which("zmqsyft", path=os.path.dirname(sys.executable))
-    assert script, f"no zmqsyft console script next to {sys.executable}"
-    proc = subprocess.run([script, "worker", "--help"], capture_output=True, text=True, timeout=60)
+    proc = run_cli("worker", "--help", console_script=True)
     assert proc.returncode == 0, proc.stderr
     for option in ("--id", "--bind", "--insecure", "--timeout", "--log-level"):
         assert option in proc.stdout
@@ -225,52 +118,50 @@ def test_script_ending_right_after_torchhook_exits_cleanly() -> None:
     """
     code = "import torch, zmqsyft as sy; sy.TorchHook(torch)"
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=60)
+        proc = run_script("-c", code, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "terminate" not in proc.stderr
 
 
 def test_console_script_rejects_bad_usage() -> None:
-    script = shutil.which("zmqsyft", path=os.path.dirname(sys.executable))
-    assert script
-    no_id = subprocess.run([script, "worker"], capture_output=True, text=True, timeout=60)
+    no_id = run_cli("worker", console_script=True)
     assert no_id.returncode == 2 and "--id" in no_id.stderr
-    no_command = subprocess.run([script], capture_output=True, text=True, timeout=60)
+    assert "listening" not in no_id.stdout
+    no_command = run_cli(console_script=True)
     assert no_command.returncode == 2
+    assert "required: command" in no_command.stderr and no_command.stdout == ""
 
 
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://[::]:0", "tcp://eth0:0",
                                   "tcp://lo:0"])
 def test_non_loopback_bind_needs_insecure(bind: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "zmqsyft", "worker", "--id", "dave", "--bind", bind],
-                          capture_output=True, text=True, timeout=STARTUP, cwd=ROOT)
+    proc = run_cli("worker", "--id", "dave", "--bind", bind)
     assert proc.returncode == 2
     assert "--insecure" in proc.stderr and bind in proc.stderr
     assert "listening" not in proc.stdout
 
 
-def test_non_loopback_bind_with_insecure_starts(hook: sy.TorchHook, tmp_path: Path) -> None:
+def test_non_loopback_bind_with_insecure_starts(hook: sy.TorchHook) -> None:
     # an interface name counts as exposed (the worker cannot tell), so it needs --insecure; "lo"
     # keeps this test on the loopback interface, as every network test here is
-    with cli_worker("--id", "dave", "--bind", "tcp://lo:0", "--insecure",
-                    stderr_path=tmp_path / "stderr") as proc:
-        endpoint = endpoint_of(read_line(proc, STARTUP))
-        match = re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", endpoint)
-        assert match, endpoint
+    with cli_worker("--id", "dave", "--bind", "tcp://lo:0", "--insecure") as worker:
+        match = re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", worker.endpoint)
+        assert match, worker.endpoint
         dave = sy.connect(f"tcp://127.0.0.1:{match.group(1)}")
         try:
             assert dave.id == "dave"
-            assert dave.ping() >= 0
+            assert dave.pid == worker.proc.pid
+            assert_answers_ping(dave)
         finally:
             dave.close()
-        proc.terminate()  # SIGTERM: a clean exit
-        assert proc.wait(timeout=30) == 0
+        worker.proc.terminate()  # SIGTERM: a clean exit
+        assert worker.proc.wait(timeout=30) == 0
+        assert worker.stderr() == ""
 
 
 @pytest.mark.parametrize("kind", ["tcp", "ipc"])
 def test_connect_to_nothing_raises_within_deadline(kind: str, tmp_path: Path) -> None:
-    with dead_tcp_address() as tcp_address, short_timeout(1.0):
+    with dead_tcp_address() as tcp_address, configured(timeout=1.0):
         address = tcp_address if kind == "tcp" else f"ipc://{tmp_path}/nobody.sock"
         start = time.monotonic()
         with pytest.raises(sy.WorkerUnavailable, match="no zmqsyft worker answered"):
@@ -283,16 +174,17 @@ def test_connect_to_nothing_raises_within_deadline(kind: str, tmp_path: Path) ->
 def test_connect_timeout_argument() -> None:
     with dead_tcp_address() as address:
         start = time.monotonic()
-        with pytest.raises(sy.WorkerUnavailable):
+        with pytest.raises(sy.WorkerUnavailable, match="no zmqsyft worker answered"):
             sy.connect(address, timeout=1.0)
-        assert time.monotonic() - start < 5.0
+        elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 5.0, f"connect gave up after {elapsed:.1f}s with timeout=1.0"
+    assert get_session().find(address) is None
 
 
 def test_configure_timeout_applies_to_existing_client() -> None:
     client = get_session()  # the client exists (as soon as any worker was used)
-    saved = sy.get_config()
-    try:
-        sy.configure(timeout=1.0)
+    default = sy.get_config().timeout
+    with configured(timeout=1.0):
         # checked first so that, while the bug stands, the test does not wait the full default
         assert client.cfg.timeout == 1.0, f"the client still uses timeout={client.cfg.timeout}"
         with dead_tcp_address() as address:
@@ -300,9 +192,8 @@ def test_configure_timeout_applies_to_existing_client() -> None:
             with pytest.raises(sy.WorkerUnavailable):
                 sy.connect(address)
             elapsed = time.monotonic() - start
-    finally:
-        sy.configure(**dataclasses.asdict(saved))
     assert elapsed < 5.0, f"connect took {elapsed:.1f}s with timeout=1.0 configured"
+    assert client.cfg.timeout == default  # and the restored config reaches it too
 
 
 # ------------------------------------------------------------- hostile peers
@@ -447,12 +338,13 @@ def test_deeply_nested_message_does_not_kill_worker(spawn: Callable[..., WorkerC
     frames = [pk([PROTOCOL_VERSION, int(Op.PUT), 301, {"id": 5, "obj": msgpack.ExtType(int(Ext.TUPLE), b"\x91" + data)}])]
     assert len(frames[0]) < 10_000
     alive = alive_check(bob)
-    assert bob.ping() >= 0
+    assert_answers_ping(bob)
     with raw_dealer(bob.address) as sock:
         sock.send_multipart(frames)
-        expect_error(sock, 301, ProtocolError, alive)
+        exc = expect_error(sock, 301, ProtocolError, alive)
     assert alive()
-    assert bob.ping() >= 0
+    assert_answers_ping(bob)
+    assert bob.stats()["objects"] == 0, f"the refused PUT stored something ({exc})"
 
 
 def test_malformed_call_fields_report_protocol_error(bob: WorkerClient) -> None:
@@ -460,7 +352,10 @@ def test_malformed_call_fields_report_protocol_error(bob: WorkerClient) -> None:
     with raw_dealer(bob.address) as sock:
         sock.send_multipart(encode_message(Op.CALL, 401, {"fn": "torch.add", "args": 5,
                                                           "kwargs": {}, "out": 7}))
-        expect_error(sock, 401, ProtocolError, alive)
+        exc = expect_error(sock, 401, ProtocolError, alive)
+        assert "CALL key 'args' takes list, not 5" in str(exc), exc  # the first bad key, named
+    assert alive()
+    assert bob._objects == {}  # nothing was run, nothing was stored
 
 
 def test_pointer_cycle_between_workers_fails_fast(spawn: Callable[..., WorkerClient]) -> None:
@@ -478,8 +373,11 @@ def test_pointer_cycle_between_workers_fails_fast(spawn: Callable[..., WorkerCli
         to_bob.send_multipart(encode_message(Op.CALL, 2, {"fn": "torch.Tensor.add", "args": [ObjRef(a), 1],
                                                           "kwargs": {}, "out": None}))
         msg = next_reply(to_bob, timeout=5.0, alive=alive_check(bob))
-        assert msg.op is Op.ERROR
-        assert not isinstance(decode_exception(msg.body.get("error")), sy.RequestTimeout)
+        assert (msg.op, msg.req_id) == (Op.ERROR, 2)
+        exc = decode_exception(msg.body.get("error"))
+        # the hop limit, not a timeout: a ProtocolError naming the loop, raised where it was seen
+        assert type(exc) is ProtocolError, f"{type(exc).__name__}: {exc}"
+        assert "loops back on itself" in str(exc) and exc.worker_id == "bob"  # type: ignore[attr-defined]
     assert bob.stats()["objects"] == 1 and alice.stats()["objects"] == 1
 
 
@@ -492,7 +390,7 @@ def test_sigkilled_worker_raises_worker_unavailable(spawn: Callable[..., WorkerC
     pid = bob.pid
     assert pid is not None and bob._proc is not None
     os.kill(pid, signal.SIGKILL)
-    with short_timeout(1.0):
+    with configured(timeout=1.0):
         start = time.monotonic()
         with pytest.raises(sy.WorkerUnavailable):
             (x + 1).get()
@@ -504,15 +402,16 @@ def test_sigkilled_worker_raises_worker_unavailable(spawn: Callable[..., WorkerC
     assert bob._proc.wait(timeout=10) == -signal.SIGKILL
 
 
-def test_sigkilled_connected_worker_raises_within_deadline(hook: sy.TorchHook, tmp_path: Path) -> None:
-    with cli_worker("--id", "erin", stderr_path=tmp_path / "stderr") as proc:
-        erin = sy.connect(endpoint_of(read_line(proc, STARTUP)))
+def test_sigkilled_connected_worker_raises_within_deadline(hook: sy.TorchHook) -> None:
+    with cli_worker("--id", "erin") as worker:
+        proc = worker.proc
+        erin = sy.connect(worker.endpoint)
         try:
             x = torch.tensor([5.0]).send(erin)
             assert erin.stats()["objects"] == 1
             os.kill(proc.pid, signal.SIGKILL)
             assert proc.wait(timeout=30) == -signal.SIGKILL
-            with short_timeout(1.0):
+            with configured(timeout=1.0):
                 start = time.monotonic()
                 with pytest.raises(sy.WorkerUnavailable):
                     x.copy().get()

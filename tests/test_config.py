@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft import config as config_mod
-from zmqsyft.config import Config, configure, from_environ, get_config
+from tests.helpers import run_script
 from zmqsyft import WorkerClient
+from zmqsyft.config import Config, configure, from_environ, get_config
+from zmqsyft.wire.messages import Summary
 
 DEFAULTS = {
     "timeout": 60.0,
@@ -165,11 +167,22 @@ def test_from_environ_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatc
         from_environ()
 
 
-def test_get_config_is_cached(restore_config: None) -> None:
-    config_mod._current = None
-    first = get_config()
-    assert isinstance(first, Config) and get_config() is first
-    assert sy.get_config() is first
+def test_get_config_is_cached() -> None:
+    """Built from the environment on first use, then the same object until configure() replaces
+    it. In a fresh interpreter, so that the first use really is the first (nothing private is
+    reset here)."""
+    script = textwrap.dedent("""
+        import zmqsyft as sy
+        from zmqsyft.config import Config, get_config
+        first = get_config()
+        print(type(first) is Config, first.timeout, first.pipeline,
+              get_config() is first, sy.get_config() is first)
+        again = sy.configure(max_inflight=3)
+        print(get_config() is again, sy.get_config() is again, again.timeout)
+    """)
+    result = run_script("-c", script, env={"ZMQSYFT_TIMEOUT": "4.5", "ZMQSYFT_PIPELINE": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True 4.5 False True True", "True True 4.5"]
 
 
 def test_configure_replaces_fields(restore_config: None) -> None:
@@ -215,7 +228,7 @@ def test_spawn_worker_runs_the_worker_with_the_given_config(
     worker = spawn("cfg", config=dataclasses.replace(get_config(), snapshot_max_elements=3))
     ptr = torch.arange(4.0).send(worker)
     (value,) = worker._objects.values()
-    assert not isinstance(value, torch.Tensor), "4 elements > snapshot_max_elements=3: summarised"
-    assert "4" in repr(value)
+    assert type(value) is Summary, "4 elements > snapshot_max_elements=3: summarised"
+    assert repr(value) == "tensor(<4 elements>, shape=(4,), dtype=torch.float32)"
     del ptr
     sy.sync()

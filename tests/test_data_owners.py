@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import zmqsyft as sy
-
-from .conftest import ROOT
+from tests.helpers import cli_worker, run_cli
 
 X = torch.arange(12.0).reshape(6, 2)
 Y = torch.arange(6.0).reshape(6, 1)
@@ -59,30 +56,21 @@ def test_search_pointers_work_in_a_chain(spawn, dataset: Path) -> None:  # type:
 
 
 def test_cli_loads_and_tags(dataset: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqsyft", "worker", "--id", "bob", "--bind", "tcp://127.0.0.1:0",
-         "--load", str(dataset), "--tag", "#diabetes", "--tag", "#train"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on tcp://127.0.0.1:" in line, line
-        bob = sy.connect(line.split()[-1])
+    with cli_worker("--id", "bob", "--bind", "tcp://127.0.0.1:0", "--load", str(dataset),
+                    "--tag", "#diabetes", "--tag", "#train") as worker:
+        assert worker.endpoint.startswith("tcp://127.0.0.1:"), worker.endpoint
+        bob = sy.connect(worker.endpoint)
         (data,) = bob.search("#diabetes", "#train", "#data")
         assert torch.equal(data.mean(dim=0).get(), X.mean(dim=0))
         bob.shutdown()
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert worker.proc.wait(timeout=30) == 0
+        assert worker.stderr() == ""
 
 
 def test_cli_refuses_a_file_that_is_not_tensors(tmp_path: Path) -> None:
     path = tmp_path / "bad.pt"
     torch.save({"data": X, "note": "not a tensor"}, path)
-    result = subprocess.run(
-        [sys.executable, "-m", "zmqsyft", "worker", "--id", "bob", "--load", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = run_cli("worker", "--id", "bob", "--load", str(path))
     assert result.returncode == 1
     assert "cannot load" in result.stderr and "note" in result.stderr
+    assert "listening" not in result.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .conftest import run_script
+from tests.helpers import run_script
 
 
 def test_example_01_pointer_chains() -> None:

@@ -7,13 +7,11 @@ import textwrap
 import time
 
 import torch
-import zmq
 
 import zmqsyft as sy
-from zmqsyft.wire.codec import decode_message, encode_message
+from tests.helpers import next_reply, raw_dealer, run_script
+from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.messages import Op
-
-from .conftest import run_script
 
 
 def test_del_pointer_frees_object(bob: sy.WorkerClient) -> None:
@@ -88,15 +86,11 @@ def test_pointer_sent_back_to_its_own_worker(bob: sy.WorkerClient) -> None:
 
 def _raw_stats(address: str) -> int:
     """Ask a worker how many objects it holds, on a socket of our own (no deletes ride along)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    try:
+    with raw_dealer(address) as sock:
         sock.send_multipart(encode_message(Op.STATS, 1, {}))
-        assert sock.poll(5000), "worker did not answer STATS"
-        return decode_message(sock.recv_multipart(copy=False)).body["objects"]
-    finally:
-        sock.close()
+        reply = next_reply(sock, timeout=5.0)
+        assert (reply.op, reply.req_id) == (Op.REPLY, 1), reply
+        return reply.body["objects"]
 
 
 def test_timer_flushes_deletes_without_further_messages(bob: sy.WorkerClient) -> None:
@@ -123,7 +117,7 @@ def test_deletes_pending_at_exit_reach_the_worker(bob: sy.WorkerClient) -> None:
     """)
     result = run_script("-c", script)
     assert result.returncode == 0, result.stderr
-    assert "sent" in result.stdout
+    assert result.stdout.strip() == "sent"
     assert bob._objects == {}
 
 

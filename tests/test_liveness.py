@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
+from tests.helpers import assert_answers_ping
 
 
 def test_frozen_worker_is_detected_by_heartbeats(spawn) -> None:  # type: ignore[no-untyped-def]
@@ -31,9 +32,9 @@ def test_killed_relay_target_fails_the_chain_fast(spawn) -> None:  # type: ignor
     bob, alice = spawn("bob"), spawn("alice")
     p2p = torch.ones(2).send(bob).send(alice)
     bob._proc.kill()
-    bob._proc.wait()
+    assert bob._proc.wait(timeout=30) == -signal.SIGKILL
     start = time.monotonic()
     with pytest.raises(sy.WorkerUnavailable):
         p2p.remote_get()  # alice asks dead bob
     assert time.monotonic() - start < 8
-    assert alice.ping() < 1.0  # alice is fine and serving
+    assert_answers_ping(alice, within=1.0)  # alice is fine and serving

@@ -50,7 +50,7 @@ def test_remote_forward_matches_local(bob: sy.WorkerClient) -> None:
     out = model(DATA.send(bob))
     assert isinstance(out, PointerTensor) and out.location is bob and out.shape == (4, 1)
     assert torch.allclose(out.get(), expected)
-    assert isinstance(model[0].weight, PointerTensor)
+    assert isinstance(model[0].weight, PointerTensor) and model[0].weight.location is bob
     assert torch.allclose(model[0].weight.data.get(), make_model()[0].weight)
 
 
@@ -165,7 +165,10 @@ def test_copy_of_a_remote_module_is_a_remote_copy(bob: sy.WorkerClient) -> None:
     model = make_model().send(bob)
     twin = model.copy()
     assert len(bob._objects) == 8
-    assert all(isinstance(p, PointerTensor) and p.requires_grad for p in twin.parameters())
+    assert all(isinstance(p, PointerTensor) and p.requires_grad and p.location is bob
+               for p in twin.parameters())
+    twin_ids = {p.id_at_location for p in twin.parameters()}
+    assert len(twin_ids) == 4 and not twin_ids & {p.id_at_location for p in model.parameters()}
     with torch.no_grad():
         for p in twin.parameters():
             p.mul_(0)
@@ -180,7 +183,10 @@ def test_sending_a_remote_module_again_is_refused(bob: sy.WorkerClient, alice: s
     model = make_model().send(bob)
     with pytest.raises(sy.PointerError, match="already on 'bob'"):
         model.send(alice)
+    assert alice._objects == {} and len(bob._objects) == 4  # nothing moved
+    assert all(p.location is bob for p in model.parameters())
     model.get()
+    assert all(torch.equal(a, b) for a, b in zip(params(model), params(make_model()), strict=True))
 
 
 def test_dropping_a_remote_module_frees_its_parameters(bob: sy.WorkerClient) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
+from tests.helpers import configured
 from zmqsyft import PointerTensor
 
 A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -116,13 +117,9 @@ def test_multiple_results_and_iteration(bob: sy.WorkerClient) -> None:
 
 
 def test_blocking_mode_matches_pipelined(bob: sy.WorkerClient) -> None:
-    old = sy.get_config()
-    sy.configure(pipeline=False)
-    try:
+    with configured(pipeline=False):
         a = A.send(bob)
         assert torch.equal(((a + a) * 3).get(), (A + A) * 3)
-    finally:
-        sy.configure(**{"pipeline": old.pipeline})
 
 
 def test_pointers_on_two_workers_raise_naming_both(bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:

@@ -4,24 +4,33 @@ off when configured so, and refused when a peer has not proved it is on this mac
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft.wire import shm
-from zmqsyft.wire.codec import decode_message, encode_message
-from zmqsyft.wire.values import Ext, ShmPolicy
+from tests.helpers import (
+    alive_check,
+    assert_answers_ping,
+    cli_worker,
+    configured,
+    next_reply,
+    raw_dealer,
+    run_script,
+)
+from zmqsyft import WorkerClient
 from zmqsyft.config import Config
 from zmqsyft.errors import ProtocolError
-from zmqsyft import WorkerClient
+from zmqsyft.wire import shm
+from zmqsyft.wire.codec import decode_message, encode_message
 from zmqsyft.wire.messages import PROTOCOL_VERSION, Op
-
-from .test_cli_and_robustness import alive_check, next_reply, raw_dealer
+from zmqsyft.wire.values import Ext, ShmPolicy
 
 pytestmark = pytest.mark.skipif(not shm.host_key(), reason="this machine has no usable /dev/shm")
 
@@ -71,12 +80,9 @@ def test_small_tensors_and_threshold_zero_use_the_socket(spawn: Callable[..., Wo
     bob = spawn("bob", config=cfg)
     small = torch.arange(10.0)
     assert torch.equal(small.send(bob).get(), small)
-    sy.configure(shm_threshold=0)
-    try:
+    with configured(shm_threshold=0):
         data = torch.randn(BIG)
         assert torch.equal(data.send(bob).get(), data)
-    finally:
-        sy.configure(shm_threshold=Config().shm_threshold)
     assert _shm_counters(bob) == (0, 0)
 
 
@@ -216,17 +222,14 @@ def test_first_move_to_a_new_peer_waits_for_its_hello(spawn: Callable[..., Worke
     ptr.move(carol)
     result = ptr + 1
     assert torch.equal(result.get(), data + 1)
-    assert _shm_counters(carol)[0] >= data.numel() * 4
+    assert _shm_counters(carol)[0] == data.numel() * 4  # the moved tensor, once
     del ptr
     sy.sync()
 
 
 def test_orphaned_segments_of_dead_writers_are_swept(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True, timeout=60)
+    dead = run_script("-c", "import os; print(os.getpid())", timeout=60)
+    assert dead.returncode == 0, dead.stderr
     dead_pid = int(dead.stdout)
     old = f"zmqsyft-{dead_pid}-{os.urandom(16).hex()}"
     young = f"zmqsyft-{dead_pid}-{os.urandom(16).hex()}"
@@ -252,9 +255,9 @@ def test_orphaned_segments_of_dead_writers_are_swept(tmp_path: Path) -> None:
 def test_a_dead_receiver_leaves_no_segment_behind(spawn: Callable[..., WorkerClient],
                                                   hook: sy.TorchHook) -> None:
     bob = spawn("bob")
-    bob.ping()
+    assert_answers_ping(bob)
     bob._proc.kill()  # type: ignore[union-attr]
-    bob._proc.wait(10)  # type: ignore[union-attr]
+    assert bob._proc.wait(10) == -signal.SIGKILL  # type: ignore[union-attr]
     with pytest.raises(sy.ZmqSyftError):
         torch.randn(BIG).send(bob)
         sy.sync()
@@ -268,20 +271,10 @@ def test_a_worker_with_a_low_open_files_limit_keeps_many_shared_memory_tensors(
     """Each tensor received through shared memory holds a file descriptor while it lives
     (Python's mmap keeps one). A worker started under ``ulimit -n 48`` failed its 36th 1 MiB
     tensor with EMFILE; it now raises its soft limit to the hard one on the first receive."""
-    import subprocess
-    import sys
-
-    from .test_cli_and_robustness import STARTUP, endpoint_of, read_line, reap
-
     address = f"ipc://{tmp_path}/lim.sock"
-    code = ("import resource, sys; s, h = resource.getrlimit(resource.RLIMIT_NOFILE); "
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (48, h)); "
-            "from zmqsyft.__main__ import main; "
-            f"sys.exit(main(['worker', '--id', 'lim', '--bind', {address!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
-    try:
-        lim = sy.connect(endpoint_of(read_line(proc, STARTUP)))
+    with cli_worker("--id", "lim", "--bind", address, nofile=48) as worker:
+        assert psutil.Process(worker.proc.pid).rlimit(psutil.RLIMIT_NOFILE)[0] == 48
+        lim = sy.connect(worker.endpoint)
         ptrs = [torch.full((1 << 18,), float(i)).send(lim) for i in range(80)]  # 1 MiB each
         stats = lim.stats()
         assert stats["objects"] == 80
@@ -290,16 +283,12 @@ def test_a_worker_with_a_low_open_files_limit_keeps_many_shared_memory_tensors(
         del ptrs
         assert lim._objects == {}
         lim.shutdown()
-        assert proc.wait(timeout=30) == 0
-    finally:
-        reap(proc)
+        assert worker.proc.wait(timeout=30) == 0
 
 
 def test_a_segment_is_read_into_memory_when_no_descriptor_is_left() -> None:
     """With exactly one descriptor free, the segment opens but mmap cannot keep its own copy of
     the descriptor: the bytes are read into ordinary memory instead, and the file is gone."""
-    from .conftest import run_script
-
     script = """
 import os, resource, torch
 from zmqsyft.wire import shm

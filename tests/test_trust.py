@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import copy
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
 
 import zmqsyft as sy
-
-from .conftest import ROOT, run_script
-
-
-@contextmanager
-def shell_worker(name: str, *extra: str) -> Iterator[str]:
-    """A worker started from the shell, as a LAN user would; yields its endpoint."""
-    proc = subprocess.Popen([sys.executable, "-m", "zmqsyft", "worker", "--id", name,
-                             "--bind", "tcp://127.0.0.1:0", *extra],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.split()[-1]
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+from tests.helpers import cli_worker, run_script
 
 
 def test_spawned_worker_trusts_its_parent_with_code_and_modules(bob: sy.WorkerClient) -> None:
@@ -41,8 +21,10 @@ def test_spawned_worker_trusts_its_parent_with_code_and_modules(bob: sy.WorkerCl
     assert isinstance(y, sy.PointerTensor) and y.location is bob
     assert torch.allclose(y.get(), model(x))
 
+    init = nn.Linear(3, 1)  # seeded above: the same start here and on the worker
+
     def train(data: torch.Tensor, steps: int) -> float:  # a whole loop in one message
-        m = nn.Linear(3, 1)
+        m = copy.deepcopy(init)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         for _ in range(steps):
             opt.zero_grad()
@@ -51,12 +33,16 @@ def test_spawned_worker_trusts_its_parent_with_code_and_modules(bob: sy.WorkerCl
             opt.step()
         return loss.item()
 
-    assert isinstance(bob.run(train, x.send(bob), steps=3), float)
+    expected = train(x, steps=3)
+    got = bob.run(train, x.send(bob), steps=3)
+    assert type(got) is float
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9), (got, expected)
+    assert expected < ((init(x) ** 2).mean().item()), "three SGD steps lowered the loss"
 
 
 def test_shell_worker_trusts_nobody_and_keeps_serving() -> None:
-    with shell_worker("carol") as address:
-        carol = sy.connect(address)
+    with cli_worker("--id", "carol", "--bind", "tcp://127.0.0.1:0") as worker:
+        carol = sy.connect(worker.endpoint)
         with pytest.raises(sy.UntrustedPayload, match="--trust-token") as info:
             carol.run(lambda m: m.weight.sum(), nn.Linear(2, 1))
         assert "carol" in str(info.value)
@@ -68,7 +54,9 @@ def test_shell_worker_trusts_nobody_and_keeps_serving() -> None:
 
 
 def test_shell_worker_with_a_trust_token() -> None:
-    with shell_worker("dave", "--trust-token", "s3cret-token") as address:
+    with cli_worker("--id", "dave", "--bind", "tcp://127.0.0.1:0",
+                    "--trust-token", "s3cret-token") as worker:
+        address = worker.endpoint
         wrong = sy.connect(address, trust_token="not-it")
         with pytest.raises(sy.UntrustedPayload):
             wrong.run(len, [1, 2, 3])

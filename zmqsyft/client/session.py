@@ -185,8 +185,20 @@ class Session:
         every worker to flush what it relayed on (recursively along pointer chains). Raises the
         first error of a pipelined operation that was not reported yet.
         """
-        # one round trip in all: the deletes and each FLUSH go out right behind the requests
-        # still in flight (a worker handles one connection's messages in order), then we wait
+        self._settle()
+        # the answers just read may have released pointers (results of pipelined ops nobody
+        # kept), whose deletes are queued now or were sent by the reaper on its own connection
+        # meanwhile: one more round for them, so that what follows sees them done
+        with self.reaper.lock:  # (a reaper batch popped from the queue is counted in `dirty`)
+            again = bool(self._deletes) or any(w.dirty for w in self.workers())
+        if again:
+            self._settle()
+        for conn in self.thread_conns():
+            conn.raise_deferred()
+
+    def _settle(self) -> None:
+        """One round trip: the deletes and each FLUSH go out right behind the requests still in
+        flight (a worker handles one connection's messages in order), then this waits once."""
         self.flush_deletes(wait=False)
         with self.reaper.lock:
             pass  # a delete batch the reaper has in flight is acknowledged
@@ -202,8 +214,6 @@ class Session:
                 conn.drain()
         for conn, req_id in sent:
             conn.wait(req_id)  # answered by now; raises if the flush failed
-        for conn in conns:
-            conn.raise_deferred()
 
     def _at_exit(self) -> None:
         self._stopping.set()

@@ -1,0 +1,262 @@
+"""Helpers shared by the test modules (fixtures live in ``conftest.py``).
+
+Everything here that starts a process or waits for one has a deadline, and every process it
+starts is killed (if still running) and reaped before it returns or leaves its ``with`` block.
+Nothing synchronises with ``time.sleep``: output is read with ``selectors``, replies are polled,
+exits are awaited with timeouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import pytest
+import zmq
+
+import zmqsyft as sy
+from zmqsyft import WorkerClient
+from zmqsyft.client import get_session
+from zmqsyft.wire.codec import decode_message
+from zmqsyft.wire.exc_codec import decode_exception
+from zmqsyft.wire.messages import Message, Op
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP = 60.0  # seconds a fresh interpreter may take to import torch and bind (2 slow cores)
+
+
+# ------------------------------------------------------------------ config
+@contextmanager
+def configured(**changes: Any) -> Iterator[sy.Config]:
+    """``sy.configure(**changes)`` inside the block; the process-wide config as it was before
+    afterwards, whatever the block configured meanwhile. Only the public API is used."""
+    saved = sy.get_config()
+    try:
+        yield sy.configure(**changes)
+    finally:
+        sy.configure(**dataclasses.asdict(saved))
+
+
+# -------------------------------------------------------------- processes
+def run_script(*args: str, timeout: float = 90, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Python script in a fresh interpreter (the way a user would) and capture its output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=full_env)
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``proc`` writes on stdout (unbuffered, binary), or fail after ``timeout``
+    seconds or when stdout closes first."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no line on stdout within {timeout}s (got {buf!r})")
+            if sel.select(remaining):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    pytest.fail(f"stdout closed before a full line (exit code {proc.poll()}); got {buf!r}")
+                buf += chunk
+    return buf.split(b"\n", 1)[0].decode()
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it still runs, wait for it (with a deadline), close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def zmqsyft_command(*args: str, console_script: bool = False) -> list[str]:
+    """The ``zmqsyft ARGS`` command line: ``python -m zmqsyft ARGS`` with this interpreter, or
+    the installed ``zmqsyft`` console script next to it."""
+    if not console_script:
+        return [sys.executable, "-m", "zmqsyft", *args]
+    script = shutil.which("zmqsyft", path=os.path.dirname(sys.executable))
+    assert script, f"no zmqsyft console script next to {sys.executable}"
+    return [script, *args]
+
+
+def run_cli(*args: str, console_script: bool = False, timeout: float = STARTUP) -> subprocess.CompletedProcess[str]:
+    """Run ``zmqsyft ARGS`` to its end (``--help``, bad usage, a worker that refuses to start)
+    and capture its output; a process still running after ``timeout`` seconds is killed and the
+    test fails (``subprocess.TimeoutExpired``)."""
+    return subprocess.run(zmqsyft_command(*args, console_script=console_script), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+@dataclasses.dataclass
+class CliWorker:
+    """A worker started from the shell: its process and the endpoint it printed."""
+
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    _stderr: IO[bytes]
+
+    def stderr(self) -> str:
+        """What the worker wrote on stderr so far (all of it, once it has exited)."""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+
+@contextmanager
+def cli_worker(*args: str, startup: float = STARTUP, nofile: int | None = None) -> Iterator[CliWorker]:
+    """``python -m zmqsyft worker ARGS``, as a user starts one from the shell.
+
+    Waits at most ``startup`` seconds for its ``listening on <endpoint>`` line (failing the test
+    with the worker's stderr otherwise) and yields the process and that endpoint. ``nofile`` sets
+    the worker's soft limit of open files (``ulimit -Sn``) before it starts. On leaving the block
+    the process is killed if it still runs, and reaped. stderr goes to a temporary file, so the
+    worker can never block on it.
+    """
+    command = zmqsyft_command("worker", *args)
+    if nofile is not None:
+        command = ["/bin/sh", "-c", f'ulimit -Sn {int(nofile)} && exec "$0" "$@"', *command]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, bufsize=0)
+        try:
+            worker = CliWorker(proc, "", err)
+            try:
+                line = read_line(proc, startup)
+            except pytest.fail.Exception as exc:
+                reap(proc)
+                pytest.fail(f"{exc}\nworker stderr:\n{worker.stderr()}")
+            match = re.search(r"listening on (\S+)", line)
+            assert match, f"unexpected first line from the worker: {line!r}"
+            worker.endpoint = match.group(1)
+            yield worker
+        finally:
+            reap(proc)
+
+
+def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 60.0) -> None:
+    """Run ``work(0)`` ... ``work(n - 1)`` in ``n`` threads at once; the first failure in any of
+    them is raised here, in the test's thread."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), f"a thread was still running after {timeout}s"
+    if errors:
+        raise errors[0]
+
+
+# ----------------------------------------------------------------- workers
+def alive_check(worker: WorkerClient) -> Callable[[], bool]:
+    """A function telling whether ``worker``'s process still runs (always true for a worker
+    this process did not spawn)."""
+    proc = worker._proc
+    return (lambda: proc.poll() is None) if proc is not None else (lambda: True)
+
+
+def messages_from_me(worker: WorkerClient) -> int:
+    """How many messages ``worker`` has received from this process (this stats request too).
+
+    A spawned worker counts them under this client's name (``client:<host>:<pid>``); a worker
+    reached with ``sy.connect`` under ``"client"``, the name connect()'s own HELLO gives.
+    """
+    peers = worker.stats()["peers"]
+    name = get_session().name
+    return int(peers[name if name in peers else "client"]["messages_in"])
+
+
+def assert_answers_ping(worker: WorkerClient, within: float = 10.0) -> float:
+    """``worker.ping()`` gives a round-trip time in (0, ``within``) seconds, and the worker did
+    serve it: the messages it counts from this process grew by exactly the ping (and the second
+    stats request). Returns the round-trip time."""
+    before = messages_from_me(worker)
+    rtt = worker.ping()
+    after = messages_from_me(worker)
+    assert type(rtt) is float and 0.0 < rtt < within, f"ping took {rtt!r}s"
+    assert after - before == 2, f"{after - before} messages instead of the ping and one stats request"
+    return rtt
+
+
+@contextmanager
+def dead_tcp_address() -> Iterator[str]:
+    """A loopback address where nothing listens, reserved (bound, never listening) meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+# ------------------------------------------------------- raw protocol access
+def pk(value: Any) -> bytes:
+    """``value`` packed as msgpack, the way the wire does."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+@contextmanager
+def raw_dealer(address: str) -> Iterator[zmq.Socket]:
+    """A bare DEALER to a worker, bypassing zmqsyft's client entirely."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def next_reply(sock: zmq.Socket, timeout: float = 10.0,
+               alive: Callable[[], bool] = lambda: True) -> Message:
+    """The next message on ``sock``, decoded; fails after ``timeout`` seconds, or as soon as
+    ``alive()`` says the worker died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"no reply within {timeout}s")
+        if sock.poll(min(remaining, 0.2) * 1000):
+            return decode_message(sock.recv_multipart(copy=False))
+        if not alive():
+            pytest.fail("the worker died instead of replying")
+
+
+def expect_error(sock: zmq.Socket, req_id: int, error_type: type[BaseException],
+                 alive: Callable[[], bool] = lambda: True, worker_id: str = "bob") -> BaseException:
+    """The next reply on ``sock`` answers ``req_id`` with an ERROR of exactly ``error_type``
+    raised on ``worker_id``; returns the rebuilt exception."""
+    msg = next_reply(sock, alive=alive)
+    assert msg.req_id == req_id
+    assert msg.op is Op.ERROR, f"expected an ERROR reply, got {msg.op.name}: {msg.body}"
+    exc = decode_exception(msg.body.get("error"))
+    assert type(exc) is error_type, f"{type(exc).__name__}: {exc}"
+    assert exc.worker_id == worker_id  # type: ignore[attr-defined]
+    return exc
