@@ -95,6 +95,10 @@ def test_cli_worker_serves_and_shuts_down(kind: str, hook: sy.TorchHook, tmp_pat
             assert torch.equal(y.get(), torch.tensor([2.0, 4.0, 6.0]))
             assert torch.equal(x.get(), torch.tensor([1.0, 2.0, 3.0]))
             assert carol.objects() == {}
+            # connecting names this program as its session does (one HELLO per connection),
+            # not as a second, anonymous "client"
+            peers = carol.stats()["peers"]
+            assert list(peers) == [get_session().name], peers
         finally:
             carol.shutdown()
         assert carol.closed

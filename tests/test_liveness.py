@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from tests.helpers import assert_answers_ping
+from tests.helpers import assert_answers_ping, configured
 
 
 def test_frozen_worker_is_detected_by_heartbeats(spawn) -> None:  # type: ignore[no-untyped-def]
@@ -38,3 +38,16 @@ def test_killed_relay_target_fails_the_chain_fast(spawn) -> None:  # type: ignor
         p2p.remote_get()  # alice asks dead bob
     assert time.monotonic() - start < 8
     assert_answers_ping(alice, within=1.0)  # alice is fine and serving
+
+
+def test_closing_a_worker_that_was_never_used_ends_it_at_once(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A spawned worker nobody used has not reported ready, so no SHUTDOWN can reach it; it is
+    terminated, not left for close_timeout and then killed."""
+    with configured(close_timeout=30.0):
+        erin = spawn("erin")
+        start = time.monotonic()
+        erin.close()
+        elapsed = time.monotonic() - start
+    assert erin._proc.poll() is not None, "the process still runs after close()"
+    assert erin._proc.returncode != -signal.SIGKILL, "it was killed after waiting close_timeout"
+    assert elapsed < 15, f"close() took {elapsed:.1f}s"

@@ -55,7 +55,7 @@ def sync() -> None:
 
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
-    "Config", "configure", "get_config", "sync",
+    "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",

@@ -51,8 +51,12 @@ class _Pending(Pending):
     __slots__ = ("keep", "results", "awaited")
 
     def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
-                 awaited: bool) -> None:
-        super().__init__(what)
+                 awaited: bool) -> None:  # (one per op: Pending's fields set here, no super call)
+        self.what = what
+        self.req_id = 0
+        self.done = False
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
         self.awaited = awaited
         self.keep = keep
         self.results = results

@@ -180,7 +180,7 @@ def _call_async(cls: type, name: str, location: Any, args: Any, kwargs: Any, poi
     their shapes, dtypes and requires_grad)."""
     session = location.session
     wargs, wkwargs = wire_args(cls, args, kwargs)
-    body = Call(fn=name, args=wargs, kwargs=wkwargs, out=out, grad=torch.is_grad_enabled())
+    body = Call.pack(fn=name, args=wargs, kwargs=wkwargs, out=out, grad=torch.is_grad_enabled())
     conn = session.conn(location)
     keep = tuple(pointers)
     if not session.cfg.pipeline:

@@ -166,6 +166,8 @@ class WorkerHandle:
                     conn.wait(conn.send(Op.SHUTDOWN, Shutdown(), what="shutdown"), timeout=1.0)
                 except ZmqSyftError:
                     pass
+            elif self._proc.poll() is None:  # never used (not even ready): nothing of ours on it
+                self._proc.terminate()
             self._reap(self.session.cfg.close_timeout)
         self._teardown()
 

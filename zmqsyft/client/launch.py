@@ -31,7 +31,12 @@ _session_lock = threading.Lock()
 
 
 def get_session() -> Session:
-    """The process-wide :class:`~zmqsyft.client.session.Session` (created on first use)."""
+    """The process-wide :class:`~zmqsyft.client.session.Session` (created on first use).
+
+    Every handle from :func:`spawn_worker`, :func:`VirtualWorker` and :func:`connect` belongs to
+    it, and so does every pointer to their objects. Its ``name`` (``"client:<host>:<pid>"``) is
+    how workers list this program in ``worker.stats()``; ``sync()`` is :func:`zmqsyft.sync`.
+    """
     global _session
     if _session is None:
         with _session_lock:

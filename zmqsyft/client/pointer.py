@@ -27,7 +27,7 @@ from ..wire.bodies import Get, GetReply, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import dtype_name
 from .dispatch import torch_function
-from .handle import WorkerHandle as WorkerClient
+from .handle import WorkerHandle
 
 __all__ = ["PointerTensor", "check_worker"]
 
@@ -40,7 +40,7 @@ class PointerTensor(torch.Tensor):
     Prints as ``(Wrapper)>[PointerTensor | me:<id> -> bob:<id_at_location>]``.
     """
 
-    location: WorkerClient
+    location: WorkerHandle
     id_at_location: int
     owner: str
     # what most pointers never change, as class defaults: fewer writes per pointer created
@@ -50,14 +50,14 @@ class PointerTensor(torch.Tensor):
     _creator: tuple[Any, int] | None = None
 
     @staticmethod
-    def __new__(cls, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
+    def __new__(cls, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
                 requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
                 owner: str = "me", owned: bool = True) -> PointerTensor:
         grad_ok = dtype.is_floating_point or dtype.is_complex
         return torch.Tensor._make_wrapper_subclass(
             cls, tuple(shape), dtype=dtype, device=_META, requires_grad=bool(requires_grad and grad_ok))
 
-    def __init__(self, location: WorkerClient, id_at_location: int, shape: Any, dtype: torch.dtype,
+    def __init__(self, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
                  requires_grad: bool = False, *, id: int | None = None,  # noqa: A002
                  owner: str = "me", owned: bool = True) -> None:
         # the remote metadata, kept here (not read from the tensor) so that a tensor turned into a
@@ -107,7 +107,7 @@ class PointerTensor(torch.Tensor):
                            tuple(self._shape), dtype_name(self._dtype), self._rg, owned)
 
     @classmethod
-    def _become(cls, tensor: torch.Tensor, location: WorkerClient, id_at_location: int) -> None:
+    def _become(cls, tensor: torch.Tensor, location: WorkerHandle, id_at_location: int) -> None:
         """Turn a local tensor (a module's parameter or buffer) into an owning pointer in place.
 
         The object keeps its identity, so whatever holds it (the module, an optimizer) now holds
@@ -172,7 +172,7 @@ class PointerTensor(torch.Tensor):
         self._owned = False
         self._released = reason
 
-    def _retarget(self, location: WorkerClient, id_at_location: int) -> None:
+    def _retarget(self, location: WorkerHandle, id_at_location: int) -> None:
         self.location.session.untrack(self._fin)
         self.location = location
         self.id_at_location = id_at_location
@@ -225,7 +225,7 @@ class PointerTensor(torch.Tensor):
             return session.pointer_from_desc(obj)
         return obj
 
-    def send(self, worker: WorkerClient, *more: WorkerClient) -> PointerTensor:
+    def send(self, worker: WorkerHandle, *more: WorkerHandle) -> PointerTensor:
         """Send *this pointer* to ``worker``: it stores it under this pointer's id.
 
         The data stays where it is. The returned pointer (``me -> worker:<this id>``) now owns the
@@ -243,7 +243,7 @@ class PointerTensor(torch.Tensor):
         # we own the pointer object stored on `worker` (whatever it points to)
         return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg)
 
-    def move(self, worker: WorkerClient) -> PointerTensor:
+    def move(self, worker: WorkerHandle) -> PointerTensor:
         """Move the object to ``worker``: its current worker pushes it there directly.
 
         The source frees it once ``worker`` has confirmed; this pointer then points at ``worker``
@@ -284,7 +284,7 @@ def check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:
     """Refuse anything but one worker handle as the target of ``send``/``move``."""
     if more:
         raise NotImplementedError(f"{what}() to several workers at once is not supported yet")
-    if not isinstance(worker, WorkerClient):
+    if not isinstance(worker, WorkerHandle):
         raise TypeError(
             f"{what}() needs a worker handle (from sy.spawn_worker, sy.VirtualWorker or sy.connect), "
             f"not {type(worker).__name__}")

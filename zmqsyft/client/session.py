@@ -74,6 +74,9 @@ class Session:
         self.outboxes = Outboxes(self._stopping)
         self.reaper = Reaper(self, self._stopping)
         self._deletes = self.reaper.queue  # what connections look at before each send
+        # what every owning pointer calls when it is made or lets go (one call, not two)
+        self.track: Callable[[Any, str, int], weakref.ref[Any]] = self.reaper.track
+        self.untrack: Callable[[weakref.ref[Any] | None], None] = self.reaper.untrack
         atexit.register(self._at_exit)
 
     def _reconfigure(self, config: Config) -> None:
@@ -147,13 +150,6 @@ class Session:
                 conns.pop(worker).close()
 
     # -------------------------------------------------------------- deletes
-    def track(self, ptr: Any, address: str, obj_id: int) -> weakref.ref[Any]:
-        """Free ``obj_id`` at ``address`` when ``ptr`` is garbage collected."""
-        return self.reaper.track(ptr, address, obj_id)
-
-    def untrack(self, ref: weakref.ref[Any] | None) -> None:
-        self.reaper.untrack(ref)
-
     def free_later(self, address: str, obj_id: int) -> None:
         """Queue a delete of ``obj_id`` on the worker at ``address``."""
         self.reaper.free_later(address, obj_id)
