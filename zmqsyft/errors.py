@@ -18,7 +18,7 @@
  └─ ``RemoteError``               an exception raised by remote code whose type is not safe to rebuild
 
 Remote exceptions of safe types (builtins, torch errors) are re-raised as their own type with the
-remote traceback attached as a note; see :mod:`zmqsyft.remote_exc`.
+remote traceback attached as a note; see :mod:`zmqsyft.wire.exc_codec`.
 """
 
 from __future__ import annotations
