@@ -35,17 +35,10 @@ __all__ = ["WorkerClient"]
 
 
 class WorkerClient(WorkerHandle):
-    """A handle to one worker process, local (spawned) or remote (connected).
-
-    Attributes
-    ----------
-    id : str
-        The worker's name (``"bob"``).
-    address : str
-        The endpoint its ROUTER is bound to; waits for a spawned worker to be ready.
-    pid : int
-        The worker's process id (as the worker reports it).
-    """
+    """A handle to one worker process, local (spawned) or remote (connected), as users get it
+    from :func:`~zmqsyft.spawn_worker`, :func:`~zmqsyft.VirtualWorker` and
+    :func:`~zmqsyft.connect`: ``id``, ``address``, ``pid``, ``close()`` and ``with`` come from
+    :class:`~zmqsyft.client.handle.WorkerHandle`; this class adds what one asks a worker."""
 
     def _request(self, op: Op, body: Any, what: str = "") -> Message:
         self._check_open()
