@@ -29,6 +29,7 @@ DEFAULTS = {
     "pipeline_batch": 32,
     "gc_interval": 0.05,
     "max_message_size": -1,
+    "max_frames": 65536,
     "heartbeat_ivl": 1.0,
     "snapshot_max_elements": 1000,
     "close_timeout": 5.0,

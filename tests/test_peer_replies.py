@@ -5,49 +5,14 @@ from the test's thread) play the honest peer and the forger."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import msgpack
 import pytest
 import zmq
 
 import zmqsyft as sy
-from tests.helpers import alive_check, next_reply, raw_dealer
+from tests.helpers import alive_check, answer, fake_peer, next_reply, raw_dealer, receive
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.messages import ObjRef, Op, PointerDesc
-
-
-@contextmanager
-def fake_peer() -> Iterator[tuple[zmq.Socket, str]]:
-    """A bare ROUTER standing where a peer worker would, on a free loopback port."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        yield sock, f"tcp://127.0.0.1:{port}"
-    finally:
-        sock.close(linger=0)
-        ctx.term()
-
-
-def receive(sock: zmq.Socket, op: Op, timeout: float = 10.0) -> tuple[bytes, int]:
-    """Wait for a message of ``op`` on a fake peer (skipping others); its sender and request id."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"the fake peer got no {op.name} within {timeout}s")
-        if sock.poll(remaining * 1000):
-            ident, header, *_ = sock.recv_multipart()
-            raw = msgpack.unpackb(header, strict_map_key=False, ext_hook=lambda code, data: None)
-            if raw[1] == int(op):
-                return ident, raw[2]
-
-
-def answer(sock: zmq.Socket, ident: bytes, req_id: int, body: dict) -> None:
-    sock.send_multipart([ident, *encode_message(Op.REPLY, req_id, body)])
 
 
 def late_replies(sock: zmq.Socket, req_id: int) -> int:

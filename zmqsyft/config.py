@@ -52,6 +52,9 @@ class Config:
         message to that worker carried them first.
     max_message_size : int
         Largest message, in bytes, a worker accepts (``ZMQ_MAXMSGSIZE``); -1 for no limit.
+    max_frames : int
+        Most frames one message may have (a header and one per tensor sent through the socket);
+        a worker drops a message with more, and counts it. ``0`` for no limit.
     heartbeat_ivl : float
         Seconds between ZMTP heartbeats on every connection; a peer silent for three intervals
         is taken for dead or frozen.
@@ -72,6 +75,7 @@ class Config:
     pipeline_batch: int = 32
     gc_interval: float = 0.05
     max_message_size: int = -1
+    max_frames: int = 65536
     heartbeat_ivl: float = 1.0
     snapshot_max_elements: int = 1000
     close_timeout: float = 5.0
@@ -86,6 +90,8 @@ class Config:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
         if self.pipeline_batch < 1:
             raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
+        if self.max_frames < 0:
+            raise ValueError("zmqsyft config: max_frames must be >= 0 (0: no limit)")
         if self.shm_threshold < 0:
             raise ValueError("zmqsyft config: shm_threshold must be >= 0 (0 turns shared memory off)")
 

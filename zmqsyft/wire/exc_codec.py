@@ -24,7 +24,7 @@ import torch
 
 from .. import errors
 
-__all__ = ["encode_exception", "decode_exception"]
+__all__ = ["encode_exception", "decode_exception", "clean"]
 
 
 def _safe_types() -> dict[str, type[BaseException]]:
@@ -45,6 +45,16 @@ def _safe_types() -> dict[str, type[BaseException]]:
 
 
 _SAFE = _safe_types()
+
+# control characters (terminal escape sequences), and the marks that reorder text, in a peer's
+# error text are shown escaped: they would act on the terminal the traceback is printed to
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if chr(c) not in "\n\t"}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (*range(0x202a, 0x202f), *range(0x2066, 0x206a))})
+
+
+def clean(text: str) -> str:
+    """``text`` from another process, safe to print: control characters escaped."""
+    return text.translate(_UNPRINTABLE)
 
 
 def encode_exception(exc: BaseException, worker_id: str) -> dict[str, Any]:
@@ -81,11 +91,11 @@ def decode_exception(data: Any) -> BaseException:
     """Rebuild an exception from an ERROR reply's ``error`` map."""
     if not isinstance(data, dict):
         return errors.ProtocolError(f"malformed error reply: {data!r}")
-    type_name = str(data.get("type", ""))
-    message = str(data.get("message", ""))
-    tb_text = str(data.get("traceback", ""))
-    worker = str(data.get("worker", "?"))
-    via = str(data.get("via", worker))
+    type_name = clean(str(data.get("type", "")))
+    message = clean(str(data.get("message", "")))
+    tb_text = clean(str(data.get("traceback", "")))
+    worker = clean(str(data.get("worker", "?")))
+    via = clean(str(data.get("via", worker)))
     cls = _SAFE.get(type_name)
     exc: BaseException
     if cls is not None:

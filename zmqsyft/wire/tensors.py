@@ -56,8 +56,8 @@ def tensor_buffer(t: torch.Tensor) -> Any:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    if not t.is_contiguous() or (t.dim() and t.stride(-1) != 1):  # (x[::5] of 3 elements is
+        t = t.clone(memory_format=torch.contiguous_format)       # "contiguous", stride 5)
     if t.numel() == 0:
         return b""
     return t.reshape(-1).view(torch.uint8).numpy()

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from ..config import Config
+from ..errors import ProtocolError
 
 __all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
            "send", "recv", "readable"]
@@ -133,14 +134,39 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(int(sock.get(_EVENTS)) & _POLLIN)
 
 
-def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list[Any]:
+def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0) -> list[Any]:
     """Receive a multipart message: the first ``copied`` frames (routing id, header) as ``bytes``,
-    the rest (tensor buffers) as zero-copy ``zmq.Frame`` objects."""
+    the rest (tensor buffers) as zero-copy ``zmq.Frame`` objects.
+
+    A message of more than ``max_frames`` frames (``0``: no limit), or one this process has no
+    memory to receive, is read to its end and dropped, so that the next receive starts at the next
+    message; ``ProtocolError`` says why. ``zmq.Again`` passes through.
+    """
     frames: list[Any] = [sock.recv(flags)]
     more = sock.get
-    while more(_RCVMORE):
-        frames.append(sock.recv(copy=len(frames) < copied))
+    try:
+        while more(_RCVMORE):
+            if max_frames and len(frames) >= max_frames:
+                raise ProtocolError(f"a message of more than {max_frames} frames was dropped "
+                                    "(the limit is Config.max_frames)")
+            frames.append(sock.recv(copy=len(frames) < copied))
+    except (ProtocolError, MemoryError) as exc:
+        frames.clear()
+        dropped = _discard_rest(sock)
+        if isinstance(exc, MemoryError):
+            raise ProtocolError(f"a message too large for this process's memory was dropped "
+                                f"({dropped} more frames discarded)") from None
+        raise
     return frames
+
+
+def _discard_rest(sock: zmq.Socket) -> int:
+    """Read the rest of a multipart message without keeping it; how many frames that was."""
+    n = 0
+    while sock.get(_RCVMORE):
+        sock.recv(copy=False)
+        n += 1
+    return n
 
 
 def ipc_endpoint(name: str, directory: str | None = None) -> str:

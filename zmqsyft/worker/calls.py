@@ -45,7 +45,7 @@ def call(w: Services, ctx: Ctx, body: Call) -> None:
     if out is not None or allowlist.is_inplace(name):
         w.reply(ctx)
     else:
-        w.reply(ctx, CallReply(result=describe(w, result)))
+        w.reply(ctx, CallReply(result=describe(w, result, name)))
 
 
 def _run(w: Services, ctx: Ctx, body: Call) -> Any:
@@ -127,8 +127,11 @@ def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -
             pass
 
 
-def describe(w: Services, result: Any) -> Any:
-    """Store a result's tensors here; return the result with pointer descriptors in their place."""
+def describe(w: Services, result: Any, name: str = "the call") -> Any:
+    """Store a result's tensors here; return the result with pointer descriptors in their place.
+    A result with a tensor this worker does not keep stores nothing (``SerializationError``)."""
+    executor.check_keepable(name, executor.result_tensors(result))
+
     def one(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
             obj_id = new_id()

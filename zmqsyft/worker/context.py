@@ -70,8 +70,9 @@ class Services(Protocol):
     trusted: set[bytes]
     shm_callers: set[bytes]
 
-    def reply(self, ctx: Ctx, body: Body | None = None) -> None:
-        """Answer ``ctx`` (no body: an acknowledgement, batched with the others of this turn)."""
+    def reply(self, ctx: Ctx, body: Body | None = None) -> bool:
+        """Answer ``ctx`` (no body: an acknowledgement, batched with the others of this turn);
+        False if the body could not be encoded (the caller was sent that error instead)."""
 
     def reply_error(self, ctx: Ctx, exc: BaseException) -> None:
         """Answer ``ctx`` with an error."""

@@ -15,10 +15,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import allowlist
-from ..errors import ProtocolError
+from ..errors import ProtocolError, SerializationError
 from ..wire.messages import ObjRef
+from ..wire.tensors import DTYPES
 
-__all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs"]
+__all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs", "check_keepable"]
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+_WIRE_DTYPES = frozenset(DTYPES.values())
 
 
 def _flat_call(tree: Any) -> bool:
@@ -74,12 +79,29 @@ def result_tensors(result: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
+def check_keepable(name: str, tensors: list[torch.Tensor]) -> None:
+    """Refuse, before anything is stored, results a worker does not keep: only dense (strided)
+    CPU tensors of the dtypes the wire carries, so that whatever one caller stores can be sent,
+    fetched and listed by every caller."""
+    for t in tensors:
+        if type(t) in _PLAIN_TENSORS and t.layout is _STRIDED and t.device.type == "cpu" \
+                and t.dtype in _WIRE_DTYPES and not t.is_quantized:
+            continue
+        what = (t.layout if t.layout is not _STRIDED else "quantized" if t.is_quantized
+                else t.dtype if t.dtype not in _WIRE_DTYPES else t.device
+                if t.device.type != "cpu" else type(t).__name__)
+        raise SerializationError(
+            f"{name} produced a tensor this worker does not keep ({what}): results must be dense "
+            f"CPU tensors of the dtypes the wire carries ({', '.join(DTYPES)}); nothing was stored")
+
+
 def check_outputs(name: str, tensors: list[torch.Tensor], out: list[Any]) -> None:
-    """Check that an op produced the tensors the caller allocated ids for."""
+    """Check that an op produced the tensors the caller allocated ids for, of a kind kept here."""
     if len(tensors) != len(out):
         raise RuntimeError(
             f"{name} produced {len(tensors)} tensors where {len(out)} were expected"
         )
+    check_keepable(name, tensors)
     for t, spec in zip(tensors, out, strict=True):
         shape = tuple(spec[1])
         if tuple(t.shape) != shape:

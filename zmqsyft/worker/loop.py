@@ -169,10 +169,16 @@ class Worker:
         if timeout_ms != self._rcvtimeo:
             self.router.rcvtimeo = self._rcvtimeo = timeout_ms
         try:
-            frames = transport.recv(self.router, 0, 2)
+            frames = transport.recv(self.router, 0, 2, self.cfg.max_frames)
         except zmq.Again:
             return
-        self._on_request(self.router, frames)
+        except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
+            self._dropped(self.router, exc)
+        else:
+            try:
+                self._on_request(self.router, frames)
+            except Exception as exc:  # noqa: BLE001 - whatever escaped the request's own handling
+                self._dropped(self.router, exc)
         if self._acks:  # it found us idle: its sender may be waiting for this very answer
             self._flush_acks()
         self._drain(self.router, self._on_request, _MAX_BATCH - 1)
@@ -182,14 +188,29 @@ class Worker:
     def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None],
                limit: int = _MAX_BATCH) -> None:
         copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
+        max_frames = self.cfg.max_frames
         for _ in range(limit):
             if not transport.readable(sock):
                 return
             try:
-                frames = transport.recv(sock, zmq.NOBLOCK, copied)
+                frames = transport.recv(sock, zmq.NOBLOCK, copied, max_frames)
             except zmq.Again:
                 return
-            handle(sock, frames)
+            except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
+                self._dropped(sock, exc)
+                continue
+            try:
+                handle(sock, frames)
+            except Exception as exc:  # noqa: BLE001 - whatever escaped the message's own handling
+                self._dropped(sock, exc)
+
+    def _dropped(self, sock: zmq.Socket, exc: Exception) -> None:
+        """A message that could not be received or handled: counted, logged, and the loop goes on
+        (nothing stored is touched: receiving and decoding come before any handler)."""
+        self.traffic.counters["dropped_malformed"] += 1
+        side = "a caller" if sock is self.router else "a peer worker"
+        log.warning("worker %s: a message from %s was dropped: %s: %s", self.id, side,
+                    type(exc).__name__, exc)
 
     # ------------------------------------------------------------- requests in
     def _on_request(self, sock: zmq.Socket, frames: list[Any], nested: bool = False) -> None:
@@ -251,24 +272,28 @@ class Worker:
             self._on_request(sock, [ident, raw], nested=True)
 
     # ------------------------------------------------------------- replies out
-    def reply(self, ctx: Ctx, body: Body | None = None) -> None:
-        """Answer ``ctx``; an empty answer is batched with the others of this loop turn."""
+    def reply(self, ctx: Ctx, body: Body | None = None) -> bool:
+        """Answer ``ctx``; an empty answer is batched with the others of this loop turn.
+
+        Returns False if ``body`` could not be encoded (the caller got that error instead).
+        """
         if ctx.req_id == NO_REPLY:
-            return
+            return True
         if body is None:  # an acknowledgement: batched with the others of this loop turn
             acks = self._acks.get(ctx.ident)
             if acks is None:
                 self._acks[ctx.ident] = [ctx.req_id]
             else:
                 acks.append(ctx.req_id)
-            return
+            return True
         try:
             policy = self._shm if self.cfg.shm_threshold and ctx.ident in self.shm_callers else None
             frames = encode_message(Op.REPLY, ctx.req_id, body, shm=policy)
         except Exception as exc:  # noqa: BLE001 - e.g. a result the wire cannot carry
             self.reply_error(ctx, exc)
-            return
+            return False
         self._send_reply(ctx, frames)
+        return True
 
     def reply_error(self, ctx: Ctx, exc: BaseException) -> None:
         """Answer ``ctx`` with an error (encoded with its type and traceback)."""

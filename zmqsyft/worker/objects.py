@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import HandoverRefused
+from ..errors import HandoverRefused, SerializationError
 from ..wire.bodies import (
     Del,
     Flush,
@@ -32,6 +32,7 @@ from ..wire.exc_codec import decode_exception
 from ..wire.messages import Message, Op, PointerDesc, Summary
 from ..wire.tensors import sole_segment
 from ..wire.values import Handover
+from . import executor
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
 
@@ -92,24 +93,30 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
 
 
 def get(w: Services, ctx: Ctx, body: Get) -> None:
+    """Give the object to the caller; it leaves the store only once its reply is encoded (a get
+    that fails loses nothing)."""
     obj_id = body.id
-    obj = w.store.pop(obj_id)
+    obj = w.store.get(obj_id)
     if isinstance(obj, ErrorMarker):
+        w.store.pop(obj_id)
         raise decode_exception(obj.error)
     if isinstance(obj, PointerRecord):
+        w.store.pop(obj_id)
         desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
         settled(w, ctx, obj.address, lambda: w.reply(ctx, GetReply(obj=desc)))
         return
     hold = body.handover
-    # nothing here uses it any more (the getrefcount argument and `obj` are the references):
-    # a same-host caller may map its memory; it is kept under the caller's `hold` id until
-    # the caller, having mapped it, deletes that (or asks for it again, if it could not)
+    # nothing else here uses it (the store, `obj` and the getrefcount argument are the
+    # references): a same-host caller may map its memory; it is kept under the caller's `hold`
+    # id until the caller, having mapped it, deletes that (or asks for it again, if it could not)
     if (hold and hold not in w.store and type(obj) is torch.Tensor
-            and sys.getrefcount(obj) == 2 and sole_segment(obj) is not None):
-        w.store.put(hold, obj)
-        w.reply(ctx, GetReply(obj=Handover(obj)))
+            and sys.getrefcount(obj) == 3 and sole_segment(obj) is not None):
+        w.store.put(hold, w.store.pop(obj_id))
+        if not w.reply(ctx, GetReply(obj=Handover(obj))):
+            w.store.put(obj_id, w.store.pop(hold))
         return
-    w.reply(ctx, GetReply(obj=obj))
+    if w.reply(ctx, GetReply(obj=obj)):
+        w.store.discard(obj_id)
 
 
 def delete(w: Services, ctx: Ctx, body: Del) -> None:
@@ -192,22 +199,34 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
 
 
 def objects(w: Services, ctx: Ctx, body: Objects) -> None:
+    """A snapshot every caller can read, whatever is stored: anything the wire cannot carry
+    as it is is summarised."""
     snapshot: dict[int, Any] = {}
     limit = w.cfg.snapshot_max_elements
     for key, obj in w.store.items():
-        if isinstance(obj, torch.Tensor):
-            snapshot[key] = obj.detach() if obj.numel() <= limit else Summary(
-                f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, dtype={obj.dtype})")
-        elif isinstance(obj, PointerRecord):
-            snapshot[key] = obj.desc(ptr_id=key, owned=False)
-        elif isinstance(obj, ErrorMarker):
-            snapshot[key] = Summary(f"<failed {obj.op}: {obj.error.get('type')}: "
-                                    f"{obj.error.get('message')}>")
-        elif obj is None or isinstance(obj, (bool, int, float, str)):
-            snapshot[key] = obj
-        else:
-            snapshot[key] = Summary(f"<{type(obj).__module__}.{type(obj).__qualname__}>")
+        try:
+            snapshot[key] = _shown(obj, key, limit)
+        except Exception as exc:  # noqa: BLE001 - one odd object must not hide the others
+            snapshot[key] = Summary(f"<{type(obj).__qualname__}: not shown: {type(exc).__name__}>")
     w.reply(ctx, ObjectsReply(objects=snapshot))
+
+
+def _shown(obj: Any, key: int, limit: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        try:
+            executor.check_keepable("a stored object", [obj])
+        except SerializationError:
+            return Summary(f"<tensor the wire does not carry: {obj.layout}, {obj.dtype}, "
+                           f"{obj.device}>")
+        return obj.detach() if obj.numel() <= limit else Summary(
+            f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, dtype={obj.dtype})")
+    if isinstance(obj, PointerRecord):
+        return obj.desc(ptr_id=key, owned=False)
+    if isinstance(obj, ErrorMarker):
+        return Summary(f"<failed {obj.op}: {obj.error.get('type')}: {obj.error.get('message')}>")
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    return Summary(f"<{type(obj).__module__}.{type(obj).__qualname__}>")
 
 
 def flush(w: Services, ctx: Ctx, body: Flush) -> None:
