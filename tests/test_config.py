@@ -30,6 +30,7 @@ DEFAULTS = {
     "gc_interval": 0.05,
     "max_message_size": -1,
     "max_frames": 65536,
+    "max_peer_links": 256,
     "heartbeat_ivl": 1.0,
     "snapshot_max_elements": 1000,
     "close_timeout": 5.0,

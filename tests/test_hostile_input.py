@@ -109,7 +109,7 @@ def test_a_result_the_wire_cannot_carry_is_refused_and_nothing_is_stored(bob: sy
     assert torch.equal(x.get(), torch.ones(3))
 
 
-def test_a_strided_view_is_fetched_and_a_get_loses_nothing(bob: sy.WorkerClient, hook: sy.TorchHook) -> None:
+def test_strided_views_are_fetched_whole(bob: sy.WorkerClient, hook: sy.TorchHook) -> None:
     x = torch.arange(3.0).send(bob)
     view = x[::5]  # one element, stride 5: "contiguous" to torch, but not a plain buffer
     assert torch.equal(view.get(), torch.tensor([0.0]))

@@ -55,6 +55,9 @@ class Config:
     max_frames : int
         Most frames one message may have (a header and one per tensor sent through the socket);
         a worker drops a message with more, and counts it. ``0`` for no limit.
+    max_peer_links : int
+        Most links (DEALER sockets) a worker keeps to other workers; past it, the oldest idle
+        one is closed, and a request needing one more while all are busy is refused.
     heartbeat_ivl : float
         Seconds between ZMTP heartbeats on every connection; a peer silent for three intervals
         is taken for dead or frozen.
@@ -76,6 +79,7 @@ class Config:
     gc_interval: float = 0.05
     max_message_size: int = -1
     max_frames: int = 65536
+    max_peer_links: int = 256
     heartbeat_ivl: float = 1.0
     snapshot_max_elements: int = 1000
     close_timeout: float = 5.0
@@ -90,6 +94,8 @@ class Config:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
         if self.pipeline_batch < 1:
             raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
+        if self.max_peer_links < 1:
+            raise ValueError("zmqsyft config: max_peer_links must be >= 1")
         if self.max_frames < 0:
             raise ValueError("zmqsyft config: max_frames must be >= 0 (0: no limit)")
         if self.shm_threshold < 0:

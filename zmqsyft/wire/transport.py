@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -22,7 +23,7 @@ from ..config import Config
 from ..errors import ProtocolError
 
 __all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
-           "send", "recv", "readable"]
+           "send", "recv", "readable", "canonical_endpoint"]
 
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
@@ -182,6 +183,49 @@ def ipc_endpoint(name: str, directory: str | None = None) -> str:
         directory = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
         path = os.path.join(directory, f"{safe}.sock")
     return f"ipc://{path}"
+
+
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def canonical_endpoint(address: Any) -> str:
+    """The one spelling of a peer's endpoint (``tcp://HOST:PORT`` with the port as a plain
+    number and an IP address in its short form, or ``ipc://PATH`` normalised), so that one
+    worker is one link however a pointer spells it. Raises ``ProtocolError`` for anything else:
+    a worker reaches its peers over tcp or ipc only."""
+    if type(address) is not str or len(address) > 512:
+        raise ProtocolError(f"a peer address must be a short string, not {_clip(address)}")
+    if address.startswith("tcp://"):
+        host, sep, port = address[len("tcp://"):].rpartition(":")
+        if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+            raise ProtocolError(f"{_clip(address)} is not tcp://HOST:PORT")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            host = host.lower()
+            labels = host.split(".")
+            if labels[-1].isdigit() or labels[-1].startswith("0x"):  # an address, spelled oddly
+                if len(labels) != 4 or not all(x.isascii() and x.isdigit() and int(x) < 256
+                                                for x in labels):
+                    raise ProtocolError(f"{_clip(address)} does not name a host") from None
+                host = ".".join(str(int(x)) for x in labels)
+            elif not _HOSTNAME.fullmatch(host) or len(host) > 253:
+                raise ProtocolError(f"{_clip(address)} does not name a host") from None
+        else:
+            host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+        return f"tcp://{host}:{int(port)}"
+    if address.startswith("ipc://") and len(address) > len("ipc://") and "\x00" not in address:
+        path = address[len("ipc://"):]
+        if path.startswith("/"):
+            path = "/" + os.path.normpath(path).lstrip("/")
+        return f"ipc://{path}"
+    raise ProtocolError(f"{_clip(address)} is not a tcp:// or ipc:// endpoint of a worker")
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def is_loopback(endpoint: str) -> bool:

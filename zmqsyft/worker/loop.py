@@ -93,7 +93,7 @@ class Worker:
         self.shm_callers: set[bytes] = set()  # routing ids on this machine (shared memory)
         self.ctx = transport.context()
         self.router, self.address = transport.make_router(self.ctx, bind, config)
-        self.addresses = {self.address, bind}
+        self.addresses = {transport.canonical_endpoint(a) for a in (self.address, bind)}
         self.store = Store(worker_id)
         self.traffic = Traffic()
         self.parent_pid = parent_pid

@@ -31,6 +31,7 @@ from ..wire.bodies import (
 from ..wire.exc_codec import decode_exception
 from ..wire.messages import Message, Op, PointerDesc, Summary
 from ..wire.tensors import sole_segment
+from ..wire.transport import canonical_endpoint
 from ..wire.values import Handover
 from . import executor
 from .context import Ctx, Services
@@ -129,7 +130,7 @@ def delete(w: Services, ctx: Ctx, body: Del) -> None:
 
 
 def move(w: Services, ctx: Ctx, body: Move) -> None:
-    obj_id, dest = body.id, body.dest_address
+    obj_id, dest = body.id, canonical_endpoint(body.dest_address)
     obj = w.store.get(obj_id)
     if dest in w.addresses:
         w.reply(ctx)
@@ -188,11 +189,11 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
             return
         try:
             obj = GetReply.from_wire(msg.body).obj if msg is not None else None
+            if isinstance(obj, PointerDesc):
+                obj = PointerRecord.from_desc(obj)
         except Exception as failure:  # noqa: BLE001 - a peer's malformed reply
             w.reply_error(ctx, failure)
             return
-        if isinstance(obj, PointerDesc):
-            obj = PointerRecord.from_desc(obj)
         w.store.replace(obj_id, obj)
         w.reply(ctx)
     w.peers.request(record.address, Op.GET, Get(id=record.id_at_location), done)

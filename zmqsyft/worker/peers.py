@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from ..config import Config
-from ..errors import RequestTimeout, WorkerUnavailable
+from ..errors import ProtocolError, RequestTimeout, WorkerUnavailable
 from ..wire import transport
 from ..wire.bodies import Body, Flush
 from ..wire.codec import encode_message
@@ -168,6 +168,8 @@ class PeerLinks:
     def _link(self, address: str) -> PeerLink:
         link = self.links.get(address)
         if link is None:
+            if len(self.links) >= self.cfg.max_peer_links:
+                self._make_room(address)
             link = self.links[address] = PeerLink(self, address)
             self.by_socket[link.sock] = link
             self.poller.register(link.sock, zmq.POLLIN)
@@ -178,6 +180,17 @@ class PeerLinks:
             link.track(req_id, _Continuation(Op.HELLO, self._hello_answered(link)),
                        time.monotonic() + self.cfg.timeout)
         return link
+
+    def _make_room(self, address: str) -> None:
+        """At ``max_peer_links``: close the oldest link nothing waits on, or refuse."""
+        for old, link in self.links.items():  # oldest first
+            if not link.inflight and link.parked is None and old not in self.dirty:
+                self.lost(old, "closed to make room for another peer link")
+                return
+        raise ProtocolError(
+            f"worker '{self.worker_id}' has {len(self.links)} peer links open, all busy, and may "
+            f"not open one to {address} (Config.max_peer_links = {self.cfg.max_peer_links}; "
+            "raise it with ZMQSYFT_MAX_PEER_LINKS or zmqsyft.configure on the worker's side)")
 
     def _hello_answered(self, link: PeerLink) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ObjectNotFound, ProtocolError
 from ..wire.messages import PointerDesc
+from ..wire.transport import canonical_endpoint
 
 __all__ = ["Store", "PointerRecord", "ErrorMarker"]
 
@@ -31,8 +32,10 @@ class PointerRecord:
 
     @classmethod
     def from_desc(cls, desc: PointerDesc) -> PointerRecord:
-        return cls(desc.location, desc.address, desc.id_at_location, desc.shape, desc.dtype,
-                   desc.requires_grad, desc.owned)
+        """The record of a pointer that came over the wire; its address in its one spelling
+        (``ProtocolError`` if it is not a worker's endpoint)."""
+        return cls(desc.location, canonical_endpoint(desc.address), desc.id_at_location,
+                   desc.shape, desc.dtype, desc.requires_grad, desc.owned)
 
     def desc(self, ptr_id: int, owned: bool) -> PointerDesc:
         return PointerDesc(self.location, self.address, self.id_at_location, ptr_id, self.shape,
