@@ -1,19 +1,43 @@
-"""The fixed table of operations a worker will run for a peer.
+"""The fixed, REVIEWED table of operations a worker will run for a peer.
 
 A CALL names its operation by a dotted name such as ``torch.add``, ``torch.Tensor.sum``,
 ``torch.Tensor.__add__`` or ``torch.nn.functional.relu``. The worker resolves it **only** through
-:data:`ALLOWED` (name → callable), built once at import from torch's own list of overridable
-functions (``torch.overrides.get_overridable_functions``): torch functions, tensor methods,
-``torch.nn.functional``, ``torch.linalg``/``fft``/``special``, and the operator dunders listed in
-:data:`OPERATORS`. Nothing from the wire ever reaches ``getattr``. Excluded: any name with a
-private (``_``) component other than the operators, and :data:`DENIED` (raw memory, storage,
-hooks that take callables, pickling, numpy/dlpack export and similar).
+:data:`ALLOWED` (name → callable). Nothing from the wire ever reaches ``getattr``.
+
+The review rule
+---------------
+:data:`ALLOWED` is not "everything torch offers minus a deny-list"; it is the list a person
+reviewed, kept in the repository next to this module:
+
+* ``allowlist.txt``: the names allowed. Dense, strided CPU math only: arithmetic, comparisons,
+  reductions, shape and indexing ops (views of a dense tensor the caller owns are fine), casts
+  among the wire dtypes, ``torch.nn.functional``, linalg/fft/special, autograd (``backward``,
+  ``.grad``), the optimisers' in-place ops, the operator dunders and the attribute getters and
+  setters the client needs (``.grad``, ``.requires_grad``, ``.data``).
+* ``allowlist_refused.txt``: the names reviewed and refused, under the reason. Nothing that
+  changes layout away from dense strided (sparse, quantized, mkldnn, nested), exposes or aliases
+  storage (``set_``, ``as_strided``, ``resize_``, ``indices``, ``values``, ``storage``,
+  ``data_ptr`` ...), returns uninitialised memory (``empty_like``, ``resize_``: the bytes a freed
+  tensor, maybe another client's, left behind), moves data off the CPU, or takes callables.
+
+The table is built once at import: torch's own list of overridable functions
+(``torch.overrides.get_overridable_functions``) maps each ``resolve_name(func)`` to ``func``, and
+only the names in ``allowlist.txt`` are kept. So a name the reviewed file has but this torch lacks
+is simply absent (logged at debug), and a name this torch has that is in neither file, such as a
+new torch version's addition, is refused until someone reviews it. ``tests/test_allowlist.py``
+checks that every name torch offers is in exactly one of the two files.
+
+The few ops that could still leave dense strided CPU memory through their arguments (``to``,
+``type`` and the ``*_like`` factories, e.g. ``device="meta"``) have their result checked.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Iterable
+from importlib import resources
 from typing import Any
 
 import torch
@@ -21,8 +45,13 @@ import torch.overrides
 
 from .errors import OpNotAllowed
 
-__all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "name_of", "lookup", "is_inplace",
-           "returns_none"]
+__all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "REVIEWED", "name_of", "lookup",
+           "is_inplace", "returns_none", "offered", "parse_reviewed", "build"]
+
+log = logging.getLogger(__name__)
+
+ALLOWED_FILE = "allowlist.txt"
+REFUSED_FILE = "allowlist_refused.txt"
 
 _BIN = ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
         "lshift", "rshift", "div")
@@ -34,19 +63,6 @@ OPERATORS: frozenset[str] = frozenset(
        "__gt__", "__ge__", "__getitem__", "__setitem__", "__len__", "__bool__", "__float__",
        "__int__", "__index__", "__complex__", "__contains__", "__reversed__", "__long__",
        "__nonzero__"]
-)
-
-DENIED: frozenset[str] = frozenset(
-    "torch.Tensor." + n
-    for n in (
-        "storage", "untyped_storage", "storage_type", "data_ptr", "const_data_ptr",
-        "share_memory_", "is_shared", "pin_memory", "is_pinned", "numpy", "apply_", "map_",
-        "map2_", "register_hook", "register_post_accumulate_grad_hook", "module_load",
-        "__reduce_ex__", "__setstate__", "__deepcopy__", "__dlpack__", "__dlpack_device__",
-        "__array__", "__array_wrap__", "__format__", "__repr__", "tofile", "cuda", "ipu", "xpu",
-        "mps", "mtia", "hpu", "to_mkldnn", "__cuda_array_interface__.__get__", "name.__get__",
-        "volatile.__get__", "output_nr.__get__", "grad_fn.__get__", "pin_memory",
-    )
 )
 
 # metadata the client knows without asking the worker (it keeps shape and dtype locally)
@@ -62,35 +78,105 @@ LOCAL_META: frozenset[str] = frozenset(
     )
 ) | {"torch.is_complex", "torch.is_floating_point", "torch.numel"}
 
+# ops whose arguments can pick a device (``x.to("meta")``, ``zeros_like(x, device=...)``):
+# their result must still be a dense, strided CPU tensor, or the call is refused
+CHECKED_RESULT: frozenset[str] = frozenset(
+    {"torch.Tensor.to", "torch.Tensor.type", "torch.zeros_like", "torch.ones_like",
+     "torch.full_like"})
 
-def _private(name: str) -> bool:
-    parts = name.split(".")
-    for part in parts[1:]:
-        if part.startswith("_") and part not in OPERATORS and part not in ("__get__",):
-            return True
-    return False
+_NAME = re.compile(r"torch(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
-def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
-    allowed: dict[str, Callable[..., Any]] = {}
-    names: dict[Any, str] = {}
+def parse_reviewed(text: str) -> list[str]:
+    """The op names of a reviewed file: one a line; blank lines and ``#`` comments are ignored.
+
+    A line that is not a dotted ``torch.`` name is an error (a broken review must not load)."""
+    names = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not _NAME.fullmatch(line):
+            raise ValueError(f"reviewed allow-list line {number}: {line!r} is not a torch name")
+        names.append(line)
+    return names
+
+
+def _read(filename: str) -> list[str]:
+    return parse_reviewed(resources.files(__package__ or "zmqsyft").joinpath(filename)
+                          .read_text(encoding="utf-8"))
+
+
+def offered() -> dict[str, Callable[..., Any]]:
+    """Every name torch offers under this version (``resolve_name(func)`` → ``func``): the names
+    a reviewer must have looked at. Attribute setters are not in torch's list; they are reachable
+    only as ``<property>.__set__`` of an offered ``<property>.__get__`` (see :func:`build`)."""
+    table: dict[str, Callable[..., Any]] = {}
     for funcs in torch.overrides.get_overridable_functions().values():
         for func in funcs:
             name = torch.overrides.resolve_name(func)
-            if not name or name in DENIED or _private(name):
-                continue
-            allowed[name] = func
+            if name:
+                table.setdefault(name, func)
+    return table
+
+
+def _setter(name: str, torch_offers: dict[str, Callable[..., Any]]) -> Callable[..., Any] | None:
+    """``torch.Tensor.grad.__set__`` → the setter of the descriptor whose offered ``__get__`` is
+    ``torch.Tensor.grad.__get__`` (no name lookup: the descriptor is the getter's ``__self__``)."""
+    if not name.endswith(".__set__"):
+        return None
+    getter = torch_offers.get(name[: -len("__set__")] + "__get__")
+    descriptor = getattr(getter, "__self__", None)
+    return getattr(descriptor, "__set__", None) if descriptor is not None else None
+
+
+def _dense_cpu(result: Any) -> bool:
+    tensors = result if isinstance(result, (list, tuple)) else (result,)
+    return all(not isinstance(t, torch.Tensor)
+               or (t.layout is torch.strided and t.device.type == "cpu" and not t.is_quantized
+                   and not t.is_nested)
+               for t in tensors)
+
+
+def _checked(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        if not _dense_cpu(result):
+            raise OpNotAllowed(f"{name}: the result would not be a dense, strided CPU tensor; "
+                               "zmqsyft keeps only those, the result was dropped")
+        return result
+    return run
+
+
+def build(allowed_names: Iterable[str], torch_offers: dict[str, Callable[..., Any]],
+          ) -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
+    """The table (name → callable) and its inverse (callable → name) for the reviewed names.
+
+    Only names that ``torch_offers`` has (or setters of its properties) are kept: a reviewed name
+    this torch lacks is skipped, and a name torch offers that was not reviewed is not allowed."""
+    allowed: dict[str, Callable[..., Any]] = {}
+    names: dict[Any, str] = {}
+    for name in allowed_names:
+        func = torch_offers.get(name) or _setter(name, torch_offers)
+        if func is None:
+            log.debug("reviewed op %s does not exist in torch %s; not allowed", name,
+                      torch.__version__)
+            continue
+        allowed[name] = _checked(name, func) if name in CHECKED_RESULT else func
+        try:
             names[func] = name
+        except TypeError:  # unhashable: found by name_of's resolve_name fallback
+            pass
     return allowed, names
 
 
-ALLOWED, _NAMES = _build()
-
-# attribute setters torch routes through __torch_function__ (optimisers set p.grad = None)
-for _attr in ("grad", "requires_grad", "data"):
-    _setter = getattr(torch.Tensor, _attr).__set__
-    ALLOWED[f"torch.Tensor.{_attr}.__set__"] = _setter
-    _NAMES[_setter] = f"torch.Tensor.{_attr}.__set__"
+#: the reviewed names, as read from the two files (allowed, refused)
+REVIEWED: tuple[tuple[str, ...], tuple[str, ...]] = (tuple(_read(ALLOWED_FILE)),
+                                                     tuple(_read(REFUSED_FILE)))
+#: names reviewed and refused (never in :data:`ALLOWED`)
+DENIED: frozenset[str] = frozenset(REVIEWED[1])
+ALLOWED, _NAMES = build((n for n in REVIEWED[0] if n not in DENIED), offered())
 
 
 def name_of(func: Callable[..., Any]) -> str | None:
@@ -115,8 +201,8 @@ def lookup(name: Any) -> Callable[..., Any]:
     func = ALLOWED.get(name) if isinstance(name, str) else None
     if func is None:
         raise OpNotAllowed(
-            f"operation {name!r} is not in zmqsyft's allow-list of remotely executable operations "
-            "(torch functions, tensor methods and operators); nothing was run"
+            f"operation {name!r} is not in zmqsyft's reviewed allow-list of remotely executable "
+            "operations (dense CPU torch math, tensor methods and operators); nothing was run"
         )
     return func
 
