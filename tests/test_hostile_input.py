@@ -147,3 +147,49 @@ def test_a_workers_error_text_cannot_drive_the_callers_terminal(hook: sy.TorchHo
     shown = str(info.value) + "".join(getattr(info.value, "__notes__", []))
     assert "boom" in shown and "\\x1b]0;owned\\x07" in shown
     assert not any(c in shown for c in "\x1b\x07\u202e"), repr(shown)
+
+
+@pytest.mark.timeout(60)
+def test_a_message_over_max_message_size_is_not_kept_and_the_worker_serves_on(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob", config=sy.Config(max_message_size=1 << 20, shm_threshold=0))
+    alive = alive_check(bob)
+    kept = torch.arange(5.0).send(bob)
+    before = peak_rss(bob.pid)
+    with raw_dealer(bob.address) as caller:
+        for i in range(20):  # 20 x 8 MiB, each 8x the limit
+            caller.send_multipart(encode_message(Op.PUT, 10 + i, {"id": 500 + i,
+                                                                 "obj": torch.zeros(2 << 20)}))
+    with raw_dealer(bob.address) as caller:  # a new connection is served
+        caller.send_multipart(encode_message(Op.PING, 1, {}))
+        msg = next_reply(caller, alive=alive)
+        assert (msg.op, msg.req_id) == (Op.REPLY, 1)
+    assert bob.stats()["objects"] == 1, "an oversized PUT was stored"
+    assert (peak_rss(bob.pid) - before) / 2**20 < 64
+    assert torch.equal(kept.get(), torch.arange(5.0))
+
+
+@pytest.mark.timeout(60)
+def test_what_would_pass_max_store_bytes_is_refused_and_nothing_of_it_is_kept(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob", config=sy.Config(max_store_bytes=1 << 20))
+    alive = alive_check(bob)
+    half = torch.ones(1 << 17)  # 512 KiB of float32
+    x = half.send(bob)
+    with raw_dealer(bob.address) as caller:  # from a raw socket: a PUT that does not fit
+        caller.send_multipart(encode_message(Op.PUT, 1, {"id": 77, "obj": torch.ones(3 << 16)}))
+        msg = next_reply(caller, alive=alive)
+        assert msg.op is Op.ERROR
+        exc = decode_exception(msg.body["error"])
+        assert type(exc) is sy.LimitExceeded and "max_store_bytes" in str(exc), exc
+    y = x * 2  # 512 KiB more: exactly the limit
+    z = x + y  # one more result: refused, only its failure is kept
+    objects = bob._objects
+    assert set(objects) == {x.id_at_location, y.id_at_location, z.id_at_location}
+    assert "LimitExceeded" in repr(objects[z.id_at_location])
+    with pytest.raises((sy.PointerError, sy.LimitExceeded), match="max_store_bytes"):
+        z.get()
+    with pytest.raises(sy.LimitExceeded, match="ZMQSYFT_MAX_STORE_BYTES"):
+        bob.run(lambda: torch.zeros(10))  # a trusted function's results count too
+    del y, z
+    w = x - 1  # freed room is room again
+    assert torch.equal(w.get(), half - 1)
+    assert torch.equal(x.get(), half)

@@ -24,6 +24,7 @@ from .client import (
 from .config import Config, configure, get_config
 from .errors import (
     CommunicationError,
+    LimitExceeded,
     LocationMismatch,
     ObjectNotFound,
     OpNotAllowed,
@@ -57,6 +58,6 @@ __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
-    "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload",
+    "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

@@ -51,10 +51,16 @@ class Config:
         Seconds after which queued deletes of dropped pointers are flushed if no other
         message to that worker carried them first.
     max_message_size : int
-        Largest message, in bytes, a worker accepts (``ZMQ_MAXMSGSIZE``); -1 for no limit.
+        Largest message, in bytes, a worker accepts (``ZMQ_MAXMSGSIZE``; a larger one closes the
+        sender's connection and nothing of it is kept); -1 for no limit. Tensors that travel
+        through shared memory do not count: only their names are in the message.
     max_frames : int
         Most frames one message may have (a header and one per tensor sent through the socket);
         a worker drops a message with more, and counts it. ``0`` for no limit.
+    max_store_bytes : int
+        Most tensor bytes a worker holds; a request that would store more is refused with
+        ``LimitExceeded`` and nothing of it is kept. ``0`` (the default): three quarters of the
+        worker machine's memory.
     max_peer_links : int
         Most links (DEALER sockets) a worker keeps to other workers; past it, the oldest idle
         one is closed, and a request needing one more while all are busy is refused.
@@ -77,8 +83,9 @@ class Config:
     max_inflight: int = 10_000
     pipeline_batch: int = 32
     gc_interval: float = 0.05
-    max_message_size: int = -1
+    max_message_size: int = 4 << 30
     max_frames: int = 65536
+    max_store_bytes: int = 0
     max_peer_links: int = 256
     heartbeat_ivl: float = 1.0
     snapshot_max_elements: int = 1000
@@ -94,6 +101,8 @@ class Config:
             raise ValueError("zmqsyft config: max_inflight must be >= 1")
         if self.pipeline_batch < 1:
             raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
+        if self.max_store_bytes < 0:
+            raise ValueError("zmqsyft config: max_store_bytes must be >= 0 (0: 3/4 of memory)")
         if self.max_peer_links < 1:
             raise ValueError("zmqsyft config: max_peer_links must be >= 1")
         if self.max_frames < 0:

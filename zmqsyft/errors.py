@@ -10,7 +10,8 @@
  │   └─ ``HandoverRefused``       a same-host receiver could not take over a moved tensor's memory
  ├─ ``SecurityError``             something was refused on purpose
  │   ├─ ``OpNotAllowed``          an op name outside the allow-list
- │   └─ ``UntrustedPayload``      a pickled payload sent to a worker that does not trust the sender
+ │   ├─ ``UntrustedPayload``      a pickled payload sent to a worker that does not trust the sender
+ │   └─ ``LimitExceeded``         a request would pass one of the worker's limits
  ├─ ``PointerError``              misuse of a pointer
  │   ├─ ``ObjectNotFound``        the object a pointer names is gone (got, freed, never existed)
  │   ├─ ``PointerReleased``       the pointer gave its object away (``.get()``, ``.send()``)
@@ -35,6 +36,7 @@ __all__ = [
     "SecurityError",
     "OpNotAllowed",
     "UntrustedPayload",
+    "LimitExceeded",
     "PointerError",
     "ObjectNotFound",
     "PointerReleased",
@@ -89,6 +91,10 @@ class OpNotAllowed(SecurityError):
 
 class UntrustedPayload(SecurityError):
     """A pickled payload was sent to a worker that does not trust the sender."""
+
+
+class LimitExceeded(SecurityError):
+    """A request would pass one of a worker's limits (memory held, ...); nothing of it was kept."""
 
 
 class PointerError(ZmqSyftError):

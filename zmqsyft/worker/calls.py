@@ -112,6 +112,7 @@ def _finish(w: Services, name: str, result: Any, out: Any) -> Any:
     if out is not None:
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
+        w.store.make_room(sum(t.nbytes for t in tensors), name)
         for spec, t in zip(out, tensors, strict=True):
             w.store.put(spec[0], t)
     return result
@@ -130,7 +131,9 @@ def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -
 def describe(w: Services, result: Any, name: str = "the call") -> Any:
     """Store a result's tensors here; return the result with pointer descriptors in their place.
     A result with a tensor this worker does not keep stores nothing (``SerializationError``)."""
-    executor.check_keepable(name, executor.result_tensors(result))
+    tensors = executor.result_tensors(result)
+    executor.check_keepable(name, tensors)
+    w.store.make_room(sum(t.nbytes for t in tensors), name)
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):

@@ -89,6 +89,8 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
     obj = body.obj
     if isinstance(obj, PointerDesc):
         obj = PointerRecord.from_desc(obj)
+    elif isinstance(obj, torch.Tensor):
+        w.store.make_room(obj.nbytes, "a tensor sent to it")
     w.store.put(body.id, obj)
     w.reply(ctx)
 
@@ -191,7 +193,9 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
             obj = GetReply.from_wire(msg.body).obj if msg is not None else None
             if isinstance(obj, PointerDesc):
                 obj = PointerRecord.from_desc(obj)
-        except Exception as failure:  # noqa: BLE001 - a peer's malformed reply
+            elif isinstance(obj, torch.Tensor):
+                w.store.make_room(obj.nbytes, "remote_get")
+        except Exception as failure:  # noqa: BLE001 - a peer's malformed reply, or no room
             w.reply_error(ctx, failure)
             return
         w.store.replace(obj_id, obj)

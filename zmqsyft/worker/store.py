@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ObjectNotFound, ProtocolError
+import torch
+
+from ..errors import LimitExceeded, ObjectNotFound, ProtocolError
 from ..wire.messages import PointerDesc
 from ..wire.transport import canonical_endpoint
 
@@ -55,13 +58,37 @@ class ErrorMarker:
         self.op = op
 
 
-class Store:
-    """The objects one worker holds, in insertion order."""
+def _size(obj: Any) -> int:
+    """The bytes an object holds, as the store counts them (a view counts as its own bytes)."""
+    return obj.nbytes if isinstance(obj, torch.Tensor) else 0
 
-    def __init__(self, worker_id: str) -> None:
+
+class Store:
+    """The objects one worker holds, in insertion order, and the tensor bytes they hold.
+
+    Parameters
+    ----------
+    worker_id : str
+        For error messages.
+    max_bytes : int
+        The most tensor bytes the store holds; :meth:`make_room` refuses what would pass it.
+    """
+
+    def __init__(self, worker_id: str, max_bytes: int = 0) -> None:
         self.worker_id = worker_id
+        self.max_bytes = max_bytes or _default_max_bytes()
+        self.nbytes = 0
         self._objects: dict[int, Any] = {}
         self._tags: dict[int, frozenset[str]] = {}
+
+    def make_room(self, nbytes: int, what: str) -> None:
+        """Refuse (``LimitExceeded``) to store ``nbytes`` more if that passes ``max_bytes``."""
+        if self.nbytes + nbytes > self.max_bytes:
+            raise LimitExceeded(
+                f"{what} needs {nbytes / 2**20:.1f} MiB on worker '{self.worker_id}', which holds "
+                f"{self.nbytes / 2**20:.1f} MiB of its {self.max_bytes / 2**20:.1f} MiB "
+                "(Config.max_store_bytes); free objects, or start the worker with a larger "
+                "ZMQSYFT_MAX_STORE_BYTES. Nothing was stored")
 
     def tag(self, obj_id: int, tags: frozenset[str]) -> None:
         """Attach search tags (``"#diabetes"``) to a stored object."""
@@ -87,9 +114,13 @@ class Store:
         if obj_id in self._objects:
             raise ProtocolError(f"object id {obj_id} is already in use on worker '{self.worker_id}'")
         self._objects[obj_id] = obj
+        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
+            self.nbytes += obj.nbytes
 
     def replace(self, obj_id: int, obj: Any) -> None:
+        old = self._objects.get(obj_id)
         self._objects[obj_id] = obj
+        self.nbytes += _size(obj) - _size(old)
 
     def get(self, obj_id: Any) -> Any:
         try:
@@ -103,6 +134,8 @@ class Store:
         except (KeyError, TypeError):
             raise ObjectNotFound(self.missing(obj_id)) from None
         self._tags.pop(obj_id, None)
+        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
+            self.nbytes -= obj.nbytes
         return obj
 
     def discard(self, obj_id: Any) -> Any:
@@ -111,8 +144,18 @@ class Store:
         except TypeError:
             return None
         self._tags.pop(obj_id, None)
+        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
+            self.nbytes -= obj.nbytes
         return obj
 
     def missing(self, obj_id: Any) -> str:
         return (f"object {obj_id} does not exist on worker '{self.worker_id}': it was fetched with "
                 ".get(), moved, freed, or never sent there")
+
+
+def _default_max_bytes() -> int:
+    """Three quarters of this machine's memory (the default of ``Config.max_store_bytes``)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+    except (OSError, ValueError):
+        return 1 << 40
