@@ -15,6 +15,7 @@ import zmqsyft as sy
 from tests.helpers import (
     alive_check,
     answer,
+    cli_worker,
     fake_peer,
     next_reply,
     raw_dealer,
@@ -193,3 +194,31 @@ def test_what_would_pass_max_store_bytes_is_refused_and_nothing_of_it_is_kept(sp
     w = x - 1  # freed room is room again
     assert torch.equal(w.get(), half - 1)
     assert torch.equal(x.get(), half)
+
+
+@pytest.mark.timeout(90)
+def test_three_hundred_idle_connections_leave_a_client_served(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Under a soft limit of 128 descriptors, 300 idle connections used to exhaust the worker's
+    descriptors: it spun on accept and nobody else was answered. It raises its soft limit to the
+    hard one at start."""
+    with cli_worker("--id", "bob", "--bind", "tcp://127.0.0.1:0", nofile=128) as worker:
+        ctx = zmq.Context()
+        idle = []
+        try:
+            for _ in range(300):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(worker.endpoint)
+                sock.send_multipart(encode_message(Op.PING, 1, {}))  # answered, then idle
+                idle.append(sock)
+            for sock in idle:  # every one of them was accepted and answered
+                assert sock.poll(30_000), "an idle connection was never answered"
+                sock.recv_multipart()
+            with raw_dealer(worker.endpoint) as caller:
+                caller.send_multipart(encode_message(Op.PING, 7, {}))
+                msg = next_reply(caller, timeout=10)
+                assert (msg.op, msg.req_id) == (Op.REPLY, 7)
+        finally:
+            for sock in idle:
+                sock.close(linger=0)
+            ctx.term()

@@ -44,6 +44,9 @@ def _worker(args: argparse.Namespace) -> int:
               "anyone who can reach it run operations on this worker. Bind 127.0.0.1 or ipc://, "
               "or pass --insecure on a network you trust.", file=sys.stderr)
         return 2
+    # every connection to the worker takes a descriptor, as does every tensor it maps: a soft
+    # limit of a few hundred would let a few hundred idle connections lock everyone else out
+    shm.make_fd_room()
     cfg = from_environ()
     if args.timeout is not None:
         cfg = replace(cfg, timeout=args.timeout)

@@ -52,7 +52,7 @@ from typing import Any
 from ..errors import HandoverRefused, ProtocolError
 
 __all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
-           "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding"]
+           "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding", "make_fd_room"]
 
 DIRECTORY = "/dev/shm"
 _NAME = re.compile(r"zmqsyft-([0-9]{1,10})-[0-9a-f]{32}")
@@ -123,8 +123,9 @@ def write(buf: Any, max_age: float) -> str:
     return name
 
 
-def _make_fd_room() -> None:
-    """Raise the soft limit on open files to the hard one (each received tensor keeps one)."""
+def make_fd_room() -> None:
+    """Raise the soft limit on open files to the hard one (each received tensor keeps one; a
+    worker calls this at start, as every connection to it takes one too)."""
     global _fd_room
     _fd_room = True
     try:
@@ -159,7 +160,7 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap | bytearray:
         raise ProtocolError(f"invalid shared-memory segment name {name!r}")
     path = os.path.join(segment_dir(), name)
     if not _fd_room:
-        _make_fd_room()
+        make_fd_room()
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     except OSError as exc:
@@ -260,7 +261,7 @@ def take_over(pid: Any, fd: Any, name: Any, nbytes: int) -> mmap.mmap | bytearra
         raise ProtocolError(f"invalid shared-memory hand-over {pid!r}, {fd!r}, {name!r}")
     link = f"/proc/{pid}/fd/{fd}"
     if not _fd_room:
-        _make_fd_room()
+        make_fd_room()
     try:
         if os.readlink(link) != _unlinked_path(name):  # checked first: never open anything else
             raise HandoverRefused(f"{link} is not shared-memory segment {name}")
