@@ -222,3 +222,29 @@ def test_three_hundred_idle_connections_leave_a_client_served(tmp_path) -> None:
             for sock in idle:
                 sock.close(linger=0)
             ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_an_op_whose_result_would_not_fit_is_refused_before_it_runs(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """One small request must not make the worker allocate what it may not keep: the result's
+    size is inferred from the arguments' shapes before the op runs."""
+    bob = spawn("bob", config=sy.Config(max_store_bytes=16 << 20))
+    alive = alive_check(bob)
+    x = torch.ones(1).send(bob)
+    before = peak_rss(bob.pid)
+    with raw_dealer(bob.address) as caller:
+        for req_id, out in ((1, [[901, [8192, 8192], "float32", False]]), (2, None)):
+            caller.send_multipart(encode_message(Op.CALL, req_id, {  # 256 MiB from a 4-byte tensor
+                "fn": "torch.Tensor.repeat", "args": [ObjRef(x.id_at_location), 8192, 8192],
+                "kwargs": {}, "out": out}))
+            msg = next_reply(caller, alive=alive)
+            assert (msg.op, msg.req_id) == (Op.ERROR, req_id), msg.body
+            exc = decode_exception(msg.body["error"])
+            assert type(exc) is sy.LimitExceeded and "256.0 MiB" in str(exc), exc
+    grew = (peak_rss(bob.pid) - before) / 2**20
+    assert grew < 64, f"the worker's peak memory grew by {grew:.0f} MiB: the op ran"
+    assert set(bob._objects) == {x.id_at_location, 901}  # 901: the refusal, for its pointer
+    bob.sync()
+    x.location._request(Op.DEL, {"ids": [901]})
+    assert (x.repeat(4, 4)).get().sum().item() == 16.0  # what fits still runs
+    assert torch.equal(x.get(), torch.ones(1))

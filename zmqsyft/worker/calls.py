@@ -54,7 +54,8 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     if not kwargs:
         local = _local_args(w, args)
         if local is not None:  # the common case: tensors held here and plain values
-            return _finish(w, name, executor.run(name, local, kwargs, body.grad, func), out)
+            known = _make_room(w, name, func, local, kwargs, body.grad)
+            return _finish(w, name, executor.run(name, local, kwargs, body.grad, func), out, known)
         relay = _remote_args(w, args)
         if relay is not None:  # the common chain case: pointers to one other worker
             _forward(w, ctx, body, relay[1], kwargs, relay[0])
@@ -65,7 +66,20 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         _relay(w, ctx, body, resolved, remote)
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-    return _finish(w, name, executor.run(name, args, kwargs, body.grad, func), out)
+    known = _make_room(w, name, func, args, kwargs, body.grad)
+    return _finish(w, name, executor.run(name, args, kwargs, body.grad, func), out, known)
+
+
+def _make_room(w: Services, name: str, func: Any, args: Any, kwargs: Any, grad: bool) -> bool:
+    """Refuse an op before it runs when its results, inferred from its arguments' shapes, would
+    not fit in the store: an 80-byte request must not make the worker allocate gigabytes.
+    Returns whether the results' size was known (else it is checked once they exist)."""
+    if not (isinstance(args, (list, tuple)) and isinstance(kwargs, dict)):
+        return False
+    need = executor.result_bytes(name, func, args, kwargs, grad)
+    if need:
+        w.store.make_room(need, name)
+    return need is not None
 
 
 def _local_args(w: Services, args: list[Any]) -> list[Any] | None:
@@ -108,11 +122,12 @@ def _remote_args(w: Services, args: list[Any]) -> tuple[PointerRecord, list[Any]
     return None if target is None else (target, values)
 
 
-def _finish(w: Services, name: str, result: Any, out: Any) -> Any:
+def _finish(w: Services, name: str, result: Any, out: Any, known: bool = False) -> Any:
     if out is not None:
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
-        w.store.make_room(sum(t.nbytes for t in tensors), name)
+        if not known:  # (room for a known size was made before the op ran)
+            w.store.make_room(sum(t.nbytes for t in tensors), name)
         for spec, t in zip(out, tensors, strict=True):
             w.store.put(spec[0], t)
     return result
