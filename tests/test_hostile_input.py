@@ -248,3 +248,32 @@ def test_an_op_whose_result_would_not_fit_is_refused_before_it_runs(spawn, hook:
     x.location._request(Op.DEL, {"ids": [901]})
     assert (x.repeat(4, 4)).get().sum().item() == 16.0  # what fits still runs
     assert torch.equal(x.get(), torch.ones(1))
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_call_with_a_huge_name_and_thousands_of_result_ids_keeps_little(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob")
+    alive = alive_check(bob)
+    name = "torch." + "x" * (256 << 10)  # 256 KiB
+    ids = list(range(10_000, 14_000))
+    with raw_dealer(bob.address) as caller:  # warm up: a first refusal, the same way
+        caller.send_multipart(encode_message(Op.CALL, 9, {
+            "fn": "torch.nope", "args": [], "kwargs": {}, "out": [[9, [1], "float32", False]]}))
+        assert next_reply(caller, alive=alive).op is Op.ERROR
+        caller.send_multipart(encode_message(Op.DEL, 8, {"ids": [9]}))
+        assert next_reply(caller, alive=alive).op is Op.REPLY
+    before = peak_rss(bob.pid)
+    with raw_dealer(bob.address) as caller:
+        caller.send_multipart(encode_message(Op.CALL, 1, {
+            "fn": name, "args": [], "kwargs": {}, "out": [[i, [1], "float32", False] for i in ids]}))
+        msg = next_reply(caller, alive=alive)
+        assert msg.op is Op.ERROR
+        exc = decode_exception(msg.body["error"])
+        assert type(exc) is sy.OpNotAllowed and len(str(exc)) < 1000, len(str(exc))
+        # every id names the refusal, for its pointer's holder; all of them cost one error
+        assert bob.stats()["objects"] == len(ids)
+        grew = (peak_rss(bob.pid) - before) / 2**20
+        assert grew < 48, f"the worker's peak memory grew by {grew:.0f} MiB"
+        caller.send_multipart(encode_message(Op.DEL, 2, {"ids": ids}))
+        assert next_reply(caller, alive=alive).op is Op.REPLY
+    assert bob.stats()["objects"] == 0

@@ -200,8 +200,9 @@ def lookup(name: Any) -> Callable[..., Any]:
     """Resolve an op name from the wire; raise ``OpNotAllowed`` for anything outside the table."""
     func = ALLOWED.get(name) if isinstance(name, str) else None
     if func is None:
+        shown = repr(name) if len(repr(name)) <= 200 else repr(name)[:197] + "..."
         raise OpNotAllowed(
-            f"operation {name!r} is not in zmqsyft's reviewed allow-list of remotely executable "
+            f"operation {shown} is not in zmqsyft's reviewed allow-list of remotely executable "
             "operations (dense CPU torch math, tensor methods and operators); nothing was run"
         )
     return func

@@ -134,11 +134,14 @@ def _finish(w: Services, name: str, result: Any, out: Any, known: bool = False) 
 
 
 def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -> None:
+    """Leave the failure under each result id the caller chose (one marker shared by all of
+    them: a refused request with thousands of ids keeps one copy of its error, not thousands)."""
     if not isinstance(out, list):
         return
+    marker = ErrorMarker(encode_exception(exc, w.id), name[:200])
     for spec in out:
         try:
-            w.store.put(spec[0], ErrorMarker(encode_exception(exc, w.id), name))
+            w.store.put(spec[0], marker)
         except Exception:  # noqa: BLE001 - a bad id: nothing to poison
             pass
 
