@@ -74,8 +74,6 @@ def _make_room(w: Services, name: str, func: Any, args: Any, kwargs: Any, grad: 
     """Refuse an op before it runs when its results, inferred from its arguments' shapes, would
     not fit in the store: an 80-byte request must not make the worker allocate gigabytes.
     Returns whether the results' size was known (else it is checked once they exist)."""
-    if not (isinstance(args, (list, tuple)) and isinstance(kwargs, dict)):
-        return False
     need = executor.result_bytes(name, func, args, kwargs, grad)
     if need:
         w.store.make_room(need, name)

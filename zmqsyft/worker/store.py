@@ -114,8 +114,7 @@ class Store:
         if obj_id in self._objects:
             raise ProtocolError(f"object id {obj_id} is already in use on worker '{self.worker_id}'")
         self._objects[obj_id] = obj
-        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
-            self.nbytes += obj.nbytes
+        self.nbytes += _size(obj)
 
     def replace(self, obj_id: int, obj: Any) -> None:
         old = self._objects.get(obj_id)
@@ -134,8 +133,7 @@ class Store:
         except (KeyError, TypeError):
             raise ObjectNotFound(self.missing(obj_id)) from None
         self._tags.pop(obj_id, None)
-        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
-            self.nbytes -= obj.nbytes
+        self.nbytes -= _size(obj)
         return obj
 
     def discard(self, obj_id: Any) -> Any:
@@ -144,8 +142,7 @@ class Store:
         except TypeError:
             return None
         self._tags.pop(obj_id, None)
-        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
-            self.nbytes -= obj.nbytes
+        self.nbytes -= _size(obj)
         return obj
 
     def missing(self, obj_id: Any) -> str:
