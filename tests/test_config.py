@@ -18,7 +18,7 @@ import torch
 import zmqsyft as sy
 from tests.helpers import run_script
 from zmqsyft import WorkerClient
-from zmqsyft.config import Config, configure, from_environ, get_config
+from zmqsyft.config import Config, configure, from_environ, get_config, parse_int
 from zmqsyft.wire.messages import Summary
 
 DEFAULTS = {
@@ -31,6 +31,9 @@ DEFAULTS = {
     "max_message_size": 4 << 30,
     "max_frames": 65536,
     "max_store_bytes": 0,
+    "max_connection_bytes": 0,
+    "max_op_flops": 10**12,
+    "max_connections": 1024,
     "max_peer_links": 256,
     "heartbeat_ivl": 1.0,
     "snapshot_max_elements": 1000,
@@ -134,7 +137,10 @@ def test_unknown_variable_rejected(var: str) -> None:
     ("ZMQSYFT_MAX_INFLIGHT", "ten"),
     ("ZMQSYFT_MAX_INFLIGHT", "0"),
     ("ZMQSYFT_MAX_INFLIGHT", "-4"),
-    ("ZMQSYFT_MAX_MESSAGE_SIZE", "1e6"),
+    ("ZMQSYFT_MAX_MESSAGE_SIZE", "1e6x"),
+    ("ZMQSYFT_MAX_CONNECTIONS", "0"),
+    ("ZMQSYFT_MAX_OP_FLOPS", "-1"),
+    ("ZMQSYFT_MAX_CONNECTION_BYTES", "-1"),
     ("ZMQSYFT_SNAPSHOT_MAX_ELEMENTS", "many"),
     ("ZMQSYFT_PIPELINE", "maybe"),
     ("ZMQSYFT_PIPELINE", "2"),
@@ -235,3 +241,21 @@ def test_spawn_worker_runs_the_worker_with_the_given_config(
     assert repr(value) == "tensor(<4 elements>, shape=(4,), dtype=torch.float32)"
     del ptr
     sy.sync()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("raw", "value"), [
+    ("65536", 65536), ("4GiB", 4 << 30), ("512 MiB", 512 << 20), ("2G", 2 * 10**9),
+    ("1e12", 10**12), ("10**12", 10**12), ("1_000", 1000), ("-1", -1), ("1.5k", 1500)])
+def test_integer_settings_take_units(raw: str, value: int) -> None:
+    assert parse_int(raw) == value
+    assert from_environ({"ZMQSYFT_MAX_MESSAGE_SIZE": raw}).max_message_size == value
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("raw", ["1.5", "abc", "4XB", "", "1e400"])
+def test_integer_settings_refuse_what_is_not_a_whole_number(raw: str) -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        parse_int(raw)
+    with pytest.raises(ValueError, match="ZMQSYFT_MAX_FRAMES"):
+        from_environ({"ZMQSYFT_MAX_FRAMES": raw})

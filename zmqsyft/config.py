@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["Config", "get_config", "configure", "from_environ", "on_change"]
+__all__ = ["Config", "get_config", "configure", "from_environ", "on_change", "parse_int"]
 
 _ENV_PREFIX = "ZMQSYFT_"
 # environment variables with this prefix that are not config fields but are still legitimate
@@ -61,6 +61,20 @@ class Config:
         Most tensor bytes a worker holds; a request that would store more is refused with
         ``LimitExceeded`` and nothing of it is kept. ``0`` (the default): three quarters of the
         worker machine's memory.
+    max_connection_bytes : int
+        Most tensor bytes the objects one connection stored on a worker may hold (what it sent,
+        what its ops made); past it, that connection's requests are refused with
+        ``LimitExceeded``. ``0`` (the default): half of ``max_store_bytes``, so that one runaway
+        client leaves the other half to everyone else.
+    max_op_flops : int
+        The most work one op may cost, in estimated floating-point operations (matrix products,
+        convolutions, attention, decompositions; estimated on the arguments' shapes before the op
+        runs), so that one request cannot stall the worker for long; past it the op is refused
+        with ``LimitExceeded``. ``0`` for no limit. The default (10**12) is about three seconds
+        of a 4000x4000 matrix product's speed on a 2-core machine.
+    max_connections : int
+        Most connections (clients and peer workers) a worker serves at once; one more is
+        refused during its handshake and its requests fail with ``LimitExceeded``.
     max_peer_links : int
         Most links (DEALER sockets) a worker keeps to other workers; past it, the oldest idle
         one is closed, and a request needing one more while all are busy is refused.
@@ -86,6 +100,9 @@ class Config:
     max_message_size: int = 4 << 30
     max_frames: int = 65536
     max_store_bytes: int = 0
+    max_connection_bytes: int = 0
+    max_op_flops: int = 10**12
+    max_connections: int = 1024
     max_peer_links: int = 256
     heartbeat_ivl: float = 1.0
     snapshot_max_elements: int = 1000
@@ -103,6 +120,11 @@ class Config:
             raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
         if self.max_store_bytes < 0:
             raise ValueError("zmqsyft config: max_store_bytes must be >= 0 (0: 3/4 of memory)")
+        for name in ("max_connection_bytes", "max_op_flops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"zmqsyft config: {name} must be >= 0 (0: see Config's docs)")
+        if self.max_connections < 1:
+            raise ValueError("zmqsyft config: max_connections must be >= 1")
         if self.max_peer_links < 1:
             raise ValueError("zmqsyft config: max_peer_links must be >= 1")
         if self.max_frames < 0:
@@ -114,8 +136,44 @@ class Config:
 _TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
 
 
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS.update({u + "b": v for u, v in list(_UNITS.items()) if u and not u.endswith("b")})
+
+
+def parse_int(raw: str) -> int:
+    """An integer setting as people write it: ``65536``, ``4GiB``, ``512 MiB``, ``2G``, ``1e12``,
+    ``10**12``. Decimal units (k, M, G, T) are powers of ten, binary ones (KiB, MiB, ...) of two.
+
+    Raises ``ValueError`` for anything else (and for a fractional result).
+    """
+    text = raw.strip().replace("_", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = text[len(number):].strip().lower()
+    if unit not in _UNITS or not number:
+        raise ValueError(f"{raw!r} is not a whole number (e.g. 65536, 4GiB, 512MiB, 1e12)")
+    if "**" in number:
+        base, _, exp = number.partition("**")
+        value: float | int = int(base) ** int(exp)
+    elif any(c in number for c in ".eE"):
+        value = float(number)
+    else:
+        value = int(number)
+    value = value * _UNITS[unit]
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{raw!r} is not a whole number")
+    return int(value)
+
+
 def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = _TYPES[str(field.type)]
+    if kind is int:
+        try:
+            return parse_int(raw)
+        except ValueError:
+            raise ValueError(
+                f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a whole number "
+                "(e.g. 65536, 4GiB, 512MiB, 1e12)") from None
     if kind is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
