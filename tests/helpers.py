@@ -176,6 +176,12 @@ def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 60.0) -
 
 
 # ----------------------------------------------------------------- workers
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (``VmHWM``), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def alive_check(worker: WorkerClient) -> Callable[[], bool]:
     """A function telling whether ``worker``'s process still runs (always true for a worker
     this process did not spawn)."""

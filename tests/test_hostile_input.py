@@ -18,6 +18,7 @@ from tests.helpers import (
     cli_worker,
     fake_peer,
     next_reply,
+    peak_rss,
     raw_dealer,
     receive,
 )
@@ -32,11 +33,6 @@ def counters(sock: zmq.Socket, req_id: int) -> dict[str, int]:
     msg = next_reply(sock)
     assert (msg.op, msg.req_id) == (Op.REPLY, req_id), (msg.op, msg.req_id, msg.body)
     return dict(msg.body["counters"])
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 @pytest.mark.timeout(60)

@@ -34,7 +34,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from .config import from_environ
     from .wire import shm, transport
-    from .worker import Worker
+    from .worker import Worker, costs
 
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
@@ -72,6 +72,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
+    costs.warm_up()  # every op's cost is estimated before it runs: load what that needs now
     # torch and the loaded data are here for good: keep them out of the garbage collector's
     # full passes, which would otherwise rescan them every few thousand requests
     gc.freeze()

@@ -130,10 +130,10 @@ def _setter(name: str, torch_offers: dict[str, Callable[..., Any]]) -> Callable[
     return getattr(descriptor, "__set__", None) if descriptor is not None else None
 
 
-def _dense_cpu(result: Any) -> bool:
+def _dense_cpu(result: Any, device: str = "cpu") -> bool:
     tensors = result if isinstance(result, (list, tuple)) else (result,)
     return all(not isinstance(t, torch.Tensor)
-               or (t.layout is torch.strided and t.device.type == "cpu" and not t.is_quantized
+               or (t.layout is torch.strided and t.device.type == device and not t.is_quantized
                    and not t.is_nested)
                for t in tensors)
 
@@ -142,7 +142,10 @@ def _checked(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
         result = func(*args, **kwargs)
-        if not _dense_cpu(result):
+        # a worker estimates an op's cost on meta tensors (it never stores one): meta stays meta
+        device = "meta" if args and isinstance(args[0], torch.Tensor) and args[0].is_meta \
+            else "cpu"
+        if not _dense_cpu(result, device):
             raise OpNotAllowed(f"{name}: the result would not be a dense, strided CPU tensor; "
                                "zmqsyft keeps only those, the result was dropped")
         return result

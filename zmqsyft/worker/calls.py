@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from .. import allowlist
-from ..errors import LocationMismatch, ProtocolError
+from ..errors import LimitExceeded, LocationMismatch, ProtocolError
 from ..ids import new_id
 from ..wire.bodies import Call, CallReply
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
-from . import executor
+from . import costs, executor
 from .context import Ctx, Services
 from .objects import resolve
 from .store import ErrorMarker, PointerRecord
@@ -54,7 +54,7 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     if not kwargs:
         local = _local_args(w, args)
         if local is not None:  # the common case: tensors held here and plain values
-            known = _make_room(w, name, func, local, kwargs, body.grad)
+            known = _admit(w, ctx, name, func, local, kwargs, body.grad)
             return _finish(w, name, executor.run(name, local, kwargs, body.grad, func), out, known)
         relay = _remote_args(w, args)
         if relay is not None:  # the common chain case: pointers to one other worker
@@ -66,18 +66,32 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         _relay(w, ctx, body, resolved, remote)
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-    known = _make_room(w, name, func, args, kwargs, body.grad)
+    known = _admit(w, ctx, name, func, args, kwargs, body.grad)
     return _finish(w, name, executor.run(name, args, kwargs, body.grad, func), out, known)
 
 
-def _make_room(w: Services, name: str, func: Any, args: Any, kwargs: Any, grad: bool) -> bool:
-    """Refuse an op before it runs when its results, inferred from its arguments' shapes, would
-    not fit in the store: an 80-byte request must not make the worker allocate gigabytes.
-    Returns whether the results' size was known (else it is checked once they exist)."""
-    need = executor.result_bytes(name, func, args, kwargs, grad)
-    if need:
-        w.store.make_room(need, name)
-    return need is not None
+def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
+           grad: bool) -> bool:
+    """Refuse an op before it runs when it would cost more than one op may (``max_op_flops``),
+    or when its results would not fit in the store: an 80-byte request must not make the worker
+    compute for minutes or allocate gigabytes. Returns whether the results' size was inferred
+    exactly (else what the op made is checked again once it has run)."""
+    cost = costs.estimate(name, func, args, kwargs, grad)
+    limit = w.cfg.max_op_flops
+    if limit and cost.flops > limit:
+        raise LimitExceeded(
+            f"{name} would cost about {_gflop(cost.flops)} (estimated from its arguments' "
+            f"shapes), more than worker '{w.id}' allows one op (Config.max_op_flops = "
+            f"{_gflop(limit)}); split it into smaller ops, or "
+            "start the worker with a larger --max-op-flops / ZMQSYFT_MAX_OP_FLOPS. "
+            "Nothing was run")
+    if cost.nbytes:
+        w.store.make_room(cost.nbytes, name)
+    return cost.exact
+
+
+def _gflop(flops: int) -> str:
+    return f"{flops / 1e9:,.{0 if flops >= 1e11 else 1}f} GFLOP"
 
 
 def _local_args(w: Services, args: list[Any]) -> list[Any] | None:

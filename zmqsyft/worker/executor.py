@@ -19,8 +19,7 @@ from ..errors import ProtocolError, SerializationError
 from ..wire.messages import ObjRef
 from ..wire.tensors import DTYPES
 
-__all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs", "check_keepable",
-           "result_bytes"]
+__all__ = ["refs_in", "substitute", "run", "result_tensors", "check_outputs", "check_keepable"]
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
@@ -109,61 +108,3 @@ def check_outputs(name: str, tensors: list[torch.Tensor], out: list[Any]) -> Non
             raise RuntimeError(
                 f"{name} produced a tensor of shape {tuple(t.shape)} where {shape} was inferred"
             )
-
-
-# ----------------------------------------------------------------------------- result sizes
-# What an op's results will take, found before it runs by running it on storage-less meta
-# tensors of the same shapes, and cached by op and argument signature (an op in a loop meets the
-# same shapes again and again). None: not known beforehand (a data-dependent shape, no meta
-# kernel): the op runs, and what it made is checked against the store's room afterwards.
-_BOUNDS: dict[Any, int | None] = {}
-_BOUNDS_MAX = 4096
-_SIG_SCALARS = (bool, int, float, complex, str, type(None), torch.dtype)
-
-
-class _NoSig(Exception):
-    pass
-
-
-def _sig(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (x.shape, x.dtype, x.requires_grad)
-    if isinstance(x, _SIG_SCALARS):
-        return (type(x), x)
-    if isinstance(x, (tuple, list)) and len(x) <= 8:
-        return (type(x), tuple(_sig(e) for e in x))
-    raise _NoSig
-
-
-def _meta(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        t = torch.empty(x.shape, dtype=x.dtype, device="meta")
-        return t.requires_grad_(True) if x.requires_grad else t
-    return x
-
-
-def result_bytes(name: str, func: Callable[..., Any], args: Any, kwargs: Any,
-                 grad: bool) -> int | None:
-    """The bytes ``func(*args, **kwargs)``'s tensor results will take, or None if that cannot
-    be known before running it. An in-place op's result is its first argument: 0."""
-    if allowlist.is_inplace(name):
-        return 0
-    try:
-        key: Any = (name, grad, tuple([_sig(a) for a in args]),
-                    tuple([(k, _sig(v)) for k, v in kwargs.items()]) if kwargs else ())
-    except _NoSig:
-        key = None
-    if key is not None and key in _BOUNDS:
-        return _BOUNDS[key]
-    try:
-        margs, mkwargs = pytree.tree_map(_meta, (list(args), dict(kwargs)))
-        with torch.set_grad_enabled(bool(grad)):
-            out = func(*margs, **mkwargs)
-        bound: int | None = sum(t.numel() * t.element_size() for t in result_tensors(out))
-    except Exception:  # noqa: BLE001 - not knowable beforehand; the real run will tell
-        bound = None
-    if key is not None:
-        if len(_BOUNDS) >= _BOUNDS_MAX:
-            _BOUNDS.clear()
-        _BOUNDS[key] = bound
-    return bound
