@@ -167,7 +167,7 @@ def test_a_message_over_max_message_size_is_not_kept_and_the_worker_serves_on(sp
 
 @pytest.mark.timeout(60)
 def test_what_would_pass_max_store_bytes_is_refused_and_nothing_of_it_is_kept(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
-    bob = spawn("bob", config=sy.Config(max_store_bytes=1 << 20))
+    bob = spawn("bob", config=sy.Config(max_store_bytes=1 << 20, max_connection_bytes=1 << 20))
     alive = alive_check(bob)
     half = torch.ones(1 << 17)  # 512 KiB of float32
     x = half.send(bob)

@@ -17,6 +17,17 @@ from dataclasses import replace
 
 __all__ = ["main"]
 
+LIMITS = {  # Config fields a worker's command line sets (see sy.Config for each one's meaning)
+    "max_store_bytes": "most tensor bytes the worker holds (default: 3/4 of memory)",
+    "max_connection_bytes": "most tensor bytes one connection's objects may hold "
+                            "(default: half of --max-store-bytes)",
+    "max_op_flops": "most estimated floating-point operations one op may cost (default 1e12)",
+    "max_connections": "most connections served at once (default 1024)",
+    "max_peer_links": "most links kept to other workers (default 256)",
+    "max_message_size": "largest message accepted, bytes (default 4GiB; -1: no limit)",
+    "max_frames": "most frames in one message (default 65536; 0: no limit)",
+}
+
 
 def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
@@ -47,9 +58,15 @@ def _worker(args: argparse.Namespace) -> int:
     # every connection to the worker takes a descriptor, as does every tensor it maps: a soft
     # limit of a few hundred would let a few hundred idle connections lock everyone else out
     shm.make_fd_room()
-    cfg = from_environ()
-    if args.timeout is not None:
-        cfg = replace(cfg, timeout=args.timeout)
+    try:
+        cfg = from_environ()
+        if args.timeout is not None:
+            cfg = replace(cfg, timeout=args.timeout)
+        cfg = replace(cfg, **{name: value for name in LIMITS
+                              if (value := getattr(args, name)) is not None})
+    except ValueError as exc:
+        print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
     try:
@@ -89,6 +106,15 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(raw: str) -> int:
+    from .config import parse_int
+
+    try:
+        return parse_int(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zmqsyft`` command."""
     parser = argparse.ArgumentParser(prog="zmqsyft", description="zmqsyft worker processes")
@@ -112,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="let connections that present TOKEN (sy.connect(address, trust_token=...)) "
                         "send pickled code and modules; without it this worker accepts no pickle. "
                         "Also read from ZMQSYFT_TRUST_TOKEN")
+    limits = w.add_argument_group(
+        "limits", "what one request, connection or the worker may use; a refusal says which "
+        "limit it met. Whole numbers may be written 8GiB, 512MiB, 2G, 1e12. Also read from "
+        "ZMQSYFT_<NAME> environment variables; a flag wins")
+    for name, meaning in LIMITS.items():
+        limits.add_argument("--" + name.replace("_", "-"), type=_whole, default=None,
+                            metavar="N", help=meaning)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

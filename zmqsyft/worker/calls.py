@@ -42,10 +42,12 @@ def call(w: Services, ctx: Ctx, body: Call) -> None:
         raise
     if result is _RELAYED:
         return
+    if name.endswith(".__set__") and body.args and type(body.args[0]) is ObjRef:
+        w.store.recount(body.args[0].id)  # x.data = y: x may hold more than it did
     if out is not None or allowlist.is_inplace(name):
         w.reply(ctx)
     else:
-        w.reply(ctx, CallReply(result=describe(w, result, name)))
+        w.reply(ctx, CallReply(result=describe(w, result, name, ctx.ident)))
 
 
 def _run(w: Services, ctx: Ctx, body: Call) -> Any:
@@ -55,7 +57,8 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         local = _local_args(w, args)
         if local is not None:  # the common case: tensors held here and plain values
             known = _admit(w, ctx, name, func, local, kwargs, body.grad)
-            return _finish(w, name, executor.run(name, local, kwargs, body.grad, func), out, known)
+            return _finish(w, ctx, name, executor.run(name, local, kwargs, body.grad, func), out,
+                           known)
         relay = _remote_args(w, args)
         if relay is not None:  # the common chain case: pointers to one other worker
             _forward(w, ctx, body, relay[1], kwargs, relay[0])
@@ -67,7 +70,7 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
     known = _admit(w, ctx, name, func, args, kwargs, body.grad)
-    return _finish(w, name, executor.run(name, args, kwargs, body.grad, func), out, known)
+    return _finish(w, ctx, name, executor.run(name, args, kwargs, body.grad, func), out, known)
 
 
 def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
@@ -86,7 +89,7 @@ def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
             "start the worker with a larger --max-op-flops / ZMQSYFT_MAX_OP_FLOPS. "
             "Nothing was run")
     if cost.nbytes:
-        w.store.make_room(cost.nbytes, name)
+        w.store.make_room(cost.nbytes, name, ctx.ident)
     return cost.exact
 
 
@@ -134,14 +137,14 @@ def _remote_args(w: Services, args: list[Any]) -> tuple[PointerRecord, list[Any]
     return None if target is None else (target, values)
 
 
-def _finish(w: Services, name: str, result: Any, out: Any, known: bool = False) -> Any:
+def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool = False) -> Any:
     if out is not None:
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
-            w.store.make_room(sum(t.nbytes for t in tensors), name)
+            w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.ident)
         for spec, t in zip(out, tensors, strict=True):
-            w.store.put(spec[0], t)
+            w.store.put(spec[0], t, ctx.ident)
     return result
 
 
@@ -158,17 +161,18 @@ def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -
             pass
 
 
-def describe(w: Services, result: Any, name: str = "the call") -> Any:
-    """Store a result's tensors here; return the result with pointer descriptors in their place.
-    A result with a tensor this worker does not keep stores nothing (``SerializationError``)."""
+def describe(w: Services, result: Any, name: str = "the call", by: bytes | None = None) -> Any:
+    """Store a result's tensors here, counted against connection ``by``; return the result with
+    pointer descriptors in their place. A result with a tensor this worker does not keep stores
+    nothing (``SerializationError``)."""
     tensors = executor.result_tensors(result)
     executor.check_keepable(name, tensors)
-    w.store.make_room(sum(t.nbytes for t in tensors), name)
+    w.store.make_room(sum(t.nbytes for t in tensors), name, by)
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
             obj_id = new_id()
-            w.store.put(obj_id, leaf)
+            w.store.put(obj_id, leaf, by)
             return PointerDesc(w.id, w.address, obj_id, obj_id, tuple(leaf.shape),
                                dtype_name(leaf.dtype), leaf.requires_grad, True)
         return leaf

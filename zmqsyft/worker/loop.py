@@ -94,7 +94,7 @@ class Worker:
         self.ctx = transport.context()
         self.router, self.address = transport.make_router(self.ctx, bind, config)
         self.addresses = {transport.canonical_endpoint(a) for a in (self.address, bind)}
-        self.store = Store(worker_id, config.max_store_bytes)
+        self.store = Store(worker_id, config.max_store_bytes, config.max_connection_bytes)
         self.traffic = Traffic()
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()

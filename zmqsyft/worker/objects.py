@@ -90,8 +90,8 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
     if isinstance(obj, PointerDesc):
         obj = PointerRecord.from_desc(obj)
     elif isinstance(obj, torch.Tensor):
-        w.store.make_room(obj.nbytes, "a tensor sent to it")
-    w.store.put(body.id, obj)
+        w.store.make_room(obj.nbytes, "a tensor sent to it", ctx.ident)
+    w.store.put(body.id, obj, ctx.ident)
     w.reply(ctx)
 
 
@@ -114,9 +114,9 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
     # id until the caller, having mapped it, deletes that (or asks for it again, if it could not)
     if (hold and hold not in w.store and type(obj) is torch.Tensor
             and sys.getrefcount(obj) == 3 and sole_segment(obj) is not None):
-        w.store.put(hold, w.store.pop(obj_id))
+        w.store.put(hold, w.store.pop(obj_id), ctx.ident)
         if not w.reply(ctx, GetReply(obj=Handover(obj))):
-            w.store.put(obj_id, w.store.pop(hold))
+            w.store.put(obj_id, w.store.pop(hold), ctx.ident)
         return
     if w.reply(ctx, GetReply(obj=obj)):
         w.store.discard(obj_id)
@@ -181,7 +181,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         w.reply(ctx)  # the data is here already
         return
     if record.address in w.addresses:
-        w.store.replace(obj_id, w.store.pop(record.id_at_location))
+        w.store.replace(obj_id, w.store.pop(record.id_at_location), ctx.ident)
         w.reply(ctx)
         return
 
@@ -194,11 +194,11 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
             if isinstance(obj, PointerDesc):
                 obj = PointerRecord.from_desc(obj)
             elif isinstance(obj, torch.Tensor):
-                w.store.make_room(obj.nbytes, "remote_get")
+                w.store.make_room(obj.nbytes, "remote_get", ctx.ident)
         except Exception as failure:  # noqa: BLE001 - a peer's malformed reply, or no room
             w.reply_error(ctx, failure)
             return
-        w.store.replace(obj_id, obj)
+        w.store.replace(obj_id, obj, ctx.ident)
         w.reply(ctx)
     w.peers.request(record.address, Op.GET, Get(id=record.id_at_location), done)
 

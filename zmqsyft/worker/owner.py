@@ -67,4 +67,5 @@ def run(w: Services, ctx: Ctx, body: Run) -> None:
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
     with torch.set_grad_enabled(body.grad):
         result = body.fn(*args, **kwargs)
-    w.reply(ctx, RunReply(result=describe(w, result, f"run({getattr(body.fn, '__name__', 'fn')})")))
+    name = f"run({getattr(body.fn, '__name__', 'fn')})"
+    w.reply(ctx, RunReply(result=describe(w, result, name, ctx.ident)))
