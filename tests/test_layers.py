@@ -20,8 +20,8 @@ ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "allowlist"],
     "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "transport",
              "rpc", "__init__"],
-    "worker": ["store", "executor", "costs", "traffic", "peers", "context", "objects", "calls", "admin",
-               "owner", "loop", "__init__"],
+    "worker": ["store", "executor", "costs", "traffic", "gate", "peers", "context", "objects",
+               "calls", "admin", "owner", "loop", "__init__"],
     "client": ["handle", "outbox", "connection", "reaper", "dispatch", "pointer", "session", "api",
                "launch", "nn", "hook", "__init__"],
 }

@@ -78,7 +78,8 @@ class WorkerClient(WorkerHandle):
         """The worker's counters.
 
         Returns a dict with ``objects`` (how many it holds), ``counters`` (dropped and late
-        messages) and ``peers``: for each peer, by the name it gave (``"alice"``, or
+        messages; ``connections_open`` now and ``connections_refused`` so far, against its
+        ``max_connections``) and ``peers``: for each peer, by the name it gave (``"alice"``, or
         ``"client:<host>:<pid>"`` for a program like this one), ``messages_in/out``,
         ``bytes_in/out`` and ``largest_in/out`` (the largest single message), counted from the
         worker's side over both the requests it served and the ones it sent.

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import zmq
 
 from ..config import Config
-from ..errors import RequestTimeout, WorkerUnavailable, ZmqSyftError
+from ..errors import LimitExceeded, RequestTimeout, WorkerUnavailable, ZmqSyftError
 from ..wire import shm, transport
 from ..wire.bodies import Body, HelloReply
 from ..wire.codec import encode_message
@@ -358,6 +358,11 @@ class Connection(RequestCore):
         dead = self.worker._exit_status()
         if dead is None and self.watch is not None:
             dead = self.watch.down()
+            if self.watch.refused is not None:
+                raise self._fail(LimitExceeded(
+                    f"worker '{self.worker.id}' at {self.worker.address} {transport.REFUSED}; "
+                    f"{what} got no answer (ZAP status {self.watch.refused}). "
+                    f"{transport.REFUSED_ADVICE}."))
         if dead is not None:
             raise self._fail(WorkerUnavailable(
                 f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))

@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from ..config import Config
-from ..errors import SpawnError, WorkerUnavailable
+from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
 from ..wire import transport
 from .api import WorkerClient
 from .session import Session
@@ -133,14 +133,23 @@ def connect(address: str, *, timeout: float | None = None, trust_token: str | No
     ------
     WorkerUnavailable
         If no worker answers at ``address`` within the deadline.
+    LimitExceeded
+        If the worker refuses the connection during the handshake: it serves its
+        ``max_connections`` already (or does not authorise this client).
     """
     session = get_session()
+    known = session.find(address) is not None
     handle = session.worker_at(address, address)
     if trust_token is not None and handle.trust_token != trust_token:
         handle.trust_token = trust_token
         session.drop_connections(handle)  # the next connection presents the token
     try:
         info = session.conn(handle).peer_info(timeout)
+    except LimitExceeded:  # it refused this connection: at its max_connections, or not authorised
+        if not known:
+            session.forget(handle)
+        session.drop_connections(handle)
+        raise
     except WorkerUnavailable as exc:
         session.forget(handle)
         session.drop_connections(handle)

@@ -4,7 +4,9 @@ A worker binds one ROUTER; every peer (the client included) reaches it with a DE
 socket has ``LINGER=0`` (closing never blocks), unlimited high-water marks (flow control is the
 client's in-flight window, so ZeroMQ never drops or blocks on a reply) and ZMTP heartbeats. The
 ROUTER sets ``ROUTER_MANDATORY`` so that a reply to a peer that has gone raises instead of being
-dropped silently, and ``MAXMSGSIZE`` from the config.
+dropped silently, and ``MAXMSGSIZE`` from the config; with a ZAP domain, every connection to it is
+put to the ZAP handler of its context (a worker's gate, :mod:`zmqsyft.worker.gate`) during the
+handshake, and one the handler refuses shows on the connecting DEALER's :class:`PeerWatch`.
 """
 
 from __future__ import annotations
@@ -23,14 +25,28 @@ from ..config import Config
 from ..errors import ProtocolError
 
 __all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
-           "send", "recv", "readable", "canonical_endpoint"]
+           "send", "recv", "readable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
+           "monitor_reader", "REFUSED", "REFUSED_ADVICE"]
 
+_HANDSHAKE_MS = 10_000
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
 def context() -> zmq.Context:
     """The process-wide ZeroMQ context."""
     return zmq.Context.instance()
+
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+"""Where libzmq sends a context's ZAP requests (RFC 27): one handler per context binds it."""
+
+REFUSED = ("refused the connection during the handshake (at its max_connections limit, or not "
+           "authorised)")
+"""What a refused handshake tells the connecting side: the ZAP status text does not reach it."""
+
+REFUSED_ADVICE = ("Close other connections to it, or start the worker with a larger max_connections "
+                  "(ZMQSYFT_MAX_CONNECTIONS=N in its environment, or --max-connections N)")
+"""What to do about a refused connection."""
 
 
 def _common(sock: zmq.Socket, cfg: Config) -> None:
@@ -43,14 +59,28 @@ def _common(sock: zmq.Socket, cfg: Config) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TTL, ivl * 3)
 
 
-def make_router(ctx: zmq.Context, bind: str, cfg: Config) -> tuple[zmq.Socket, str]:
-    """Bind a worker's ROUTER; return it with the endpoint it actually bound (port 0 resolved)."""
+def make_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str = "",
+                monitor: tuple[str, int] | None = None) -> tuple[zmq.Socket, str]:
+    """Bind a worker's ROUTER; return it with the endpoint it actually bound (port 0 resolved).
+
+    ``zap_domain``: if not empty, every connection's handshake asks the context's ZAP handler
+    (with the NULL mechanism libzmq asks only when a domain is set). ``monitor``: an inproc
+    endpoint and the events (``zmq.EVENT_*``) to report there, attached before binding so that no
+    connection is missed.
+    """
     sock = ctx.socket(zmq.ROUTER)
     try:
         _common(sock, cfg)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a connection that never completes its handshake (a bare TCP connect) holds a
+        # descriptor and a place under max_connections: for this long at most, not libzmq's 30 s
+        sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
         if cfg.max_message_size > 0:
             sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+        if zap_domain:
+            sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
+        if monitor is not None:
+            sock.monitor(*monitor)
         if bind.startswith("tcp://") and bind.endswith(":0"):
             sock.bind_to_random_port(bind[: -len(":0")])
         else:
@@ -60,6 +90,30 @@ def make_router(ctx: zmq.Context, bind: str, cfg: Config) -> tuple[zmq.Socket, s
         sock.close(linger=0)
         raise
     return sock, endpoint
+
+
+def bind_zap_handler(ctx: zmq.Context) -> zmq.Socket:
+    """The REP socket answering ``ctx``'s ZAP requests (``zmq.ZMQError`` EADDRINUSE if another
+    socket of ``ctx`` answers them already)."""
+    sock = ctx.socket(zmq.REP)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(ZAP_ENDPOINT)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def monitor_reader(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A PAIR reading the events a socket's monitor reports at ``endpoint`` (inproc; it may be
+    connected before the monitor is attached). No high-water mark: an event dropped under a
+    flood of connections would leave a count wrong for good."""
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> tuple[zmq.Socket, PeerWatch]:
@@ -82,15 +136,20 @@ class PeerWatch:
     frozen stops answering the ZMTP heartbeats and the connection is dropped after the heartbeat
     timeout; one that never accepts the connection (nothing listens there any more) is down once
     ``grace`` seconds passed without a handshake. A busy peer still answers heartbeats (ZeroMQ's
-    I/O thread does, without the GIL), so it is not mistaken for a dead one.
+    I/O thread does, without the GIL), so it is not mistaken for a dead one. A peer that refuses
+    the connection during the handshake (its ZAP handler: at its ``max_connections``, or not
+    authorised) is down at once, for good (ZeroMQ does not retry), and ``refused`` holds the
+    status code it answered (400); nothing else of its answer reaches us.
     """
 
     def __init__(self, sock: zmq.Socket, grace: float) -> None:
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.grace = grace
         self.up = False
         self.ever_up = False
         self.since = time.monotonic()
+        self.refused: int | None = None
 
     def down(self) -> str | None:
         """Drain pending events; a reason if the peer is unreachable now, else ``None``."""
@@ -104,6 +163,10 @@ class PeerWatch:
             self.up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
             self.ever_up = self.ever_up or self.up
             self.since = time.monotonic()
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = int(event["value"])
+        if self.refused is not None:
+            return f"{REFUSED} (ZAP status {self.refused})"
         if self.up:
             return None
         if self.ever_up:

@@ -43,5 +43,8 @@ def shutdown(w: Services, ctx: Ctx, body: Shutdown) -> None:
 
 
 def stats(w: Services, ctx: Ctx, body: Stats) -> None:
-    w.reply(ctx, StatsReply(id=w.id, objects=len(w.store), counters=dict(w.traffic.counters),
+    counters = dict(w.traffic.counters)
+    counters["connections_open"] = w.gate.open_connections  # the gate's thread keeps these
+    counters["connections_refused"] = w.gate.refused
+    w.reply(ctx, StatsReply(id=w.id, objects=len(w.store), counters=counters,
                             peers=w.traffic.by_name()))

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from ..config import Config
 from ..wire.bodies import Body
+from .gate import Gate
 from .peers import PeerLinks
 from .store import Store
 from .traffic import Traffic
@@ -52,6 +53,8 @@ class Services(Protocol):
         Its links to other workers: ``request``, ``flush``, ``dirty``, ``no_handover``.
     traffic : Traffic
         Its counters and the names its peers gave.
+    gate : Gate
+        Who may connect (``max_connections``): its ``open_connections`` and ``refused`` counts.
     trust_tokens : frozenset of str
         Tokens whose presenters may send pickled payloads.
     trusted, shm_callers : set of bytes
@@ -66,6 +69,7 @@ class Services(Protocol):
     store: Store
     peers: PeerLinks
     traffic: Traffic
+    gate: Gate
     trust_tokens: frozenset[str]
     trusted: set[bytes]
     shm_callers: set[bytes]

@@ -1,5 +1,9 @@
 """The worker process's loop: one thread, one ROUTER, a DEALER per peer, an op -> handler table.
 
+Who may connect (``Config.max_connections``) is decided during each connection's handshake by the
+worker's gate (:mod:`~zmqsyft.worker.gate`), in a thread of its own, on a ZeroMQ context of the
+worker's own; the loop never sees a refused connection.
+
 :class:`Worker` owns its parts, and hands its handlers only the services they may use (the
 :class:`~zmqsyft.worker.context.Services` protocol): the store (:mod:`~zmqsyft.worker.store`),
 the links to peer workers (:mod:`~zmqsyft.worker.peers`), the traffic counters
@@ -36,6 +40,7 @@ from ..wire.messages import NO_REPLY, Op, salvage_req_id
 from ..wire.values import ShmPolicy
 from . import admin, calls, objects, owner
 from .context import Ctx, Handler
+from .gate import DOMAIN, EVENTS, Gate
 from .peers import PeerLinks
 from .store import Store
 from .traffic import Traffic
@@ -91,8 +96,16 @@ class Worker:
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
         self.trusted: set[bytes] = set()  # routing ids that presented a trust token
         self.shm_callers: set[bytes] = set()  # routing ids on this machine (shared memory)
-        self.ctx = transport.context()
-        self.router, self.address = transport.make_router(self.ctx, bind, config)
+        self.ctx = zmq.Context()  # its own: the gate is the one ZAP handler of its context
+        self.gate = Gate(self.ctx, worker_id, config.max_connections)
+        try:
+            self.router, self.address = transport.make_router(
+                self.ctx, bind, config, zap_domain=DOMAIN, monitor=(self.gate.monitor_endpoint, EVENTS))
+        except Exception:
+            self.gate.close(None)
+            self.ctx.destroy(linger=0)
+            raise
+        self.gate.start()
         self.addresses = {transport.canonical_endpoint(a) for a in (self.address, bind)}
         self.store = Store(worker_id, config.max_store_bytes, config.max_connection_bytes)
         self.traffic = Traffic()
@@ -158,10 +171,17 @@ class Worker:
         self._running = False
 
     def close(self) -> None:
+        """Stop serving; close the peer links, the gate (its thread joined), the ROUTER and the
+        worker's ZeroMQ context. Closing again does nothing."""
         self._running = False
+        if self.router.closed:
+            return
         self._flush_acks()
         self.peers.close()
+        gate_stopped = self.gate.close(self.router)
         self.router.close(linger=0)
+        if gate_stopped:  # else its sockets are still in use: terminating would wait for them
+            self.ctx.destroy(linger=0)
 
     def _serve_router(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for a request, then handle what has arrived."""

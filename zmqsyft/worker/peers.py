@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from ..config import Config
-from ..errors import ProtocolError, RequestTimeout, WorkerUnavailable
+from ..errors import LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
 from ..wire import transport
 from ..wire.bodies import Body, Flush
 from ..wire.codec import encode_message
@@ -231,10 +231,14 @@ class PeerLinks:
             if link.inflight or address in self.dirty:
                 reason = link.watch.down()
                 if reason is not None:
-                    self.lost(address, reason)
+                    self.lost(address, reason, refused=link.watch.refused is not None)
 
-    def lost(self, address: str, reason: str) -> None:
-        """A peer worker is unreachable: fail what waits on it; the next request reconnects."""
+    def lost(self, address: str, reason: str, refused: bool = False) -> None:
+        """A peer worker is unreachable: fail what waits on it; the next request reconnects.
+
+        ``refused``: it refused the connection during the handshake (at its ``max_connections``,
+        or not authorised): what waits fails with ``LimitExceeded``, else ``WorkerUnavailable``.
+        """
         link = self.links.pop(address, None)
         self.dirty.discard(address)
         if link is None:
@@ -243,13 +247,15 @@ class PeerLinks:
         self.by_socket.pop(link.sock, None)
         link.close()
         parked, link.parked = link.parked or [], None
-        link.fail_all(lambda pending: WorkerUnavailable(
-            f"worker '{self.worker_id}' cannot reach the worker at {address} ({reason}); "
-            f"{pending.op.name} got no answer"))
+        error: type[Exception] = WorkerUnavailable
+        text, advice = f"worker '{self.worker_id}' cannot reach the worker at {address} ({reason})", ""
+        if refused:
+            error = LimitExceeded
+            text = f"worker '{self.worker_id}': the worker at {address} {reason}"
+            advice = f". {transport.REFUSED_ADVICE}."
+        link.fail_all(lambda pending: error(f"{text}; {pending.op.name} got no answer{advice}"))
         for op, _, then in parked:
-            self._fail(then, op, address, WorkerUnavailable(
-                f"worker '{self.worker_id}' cannot reach the worker at {address} ({reason}); "
-                f"{op.name} was not sent"))
+            self._fail(then, op, address, error(f"{text}; {op.name} was not sent{advice}"))
 
     def close(self) -> None:
         for link in self.links.values():
