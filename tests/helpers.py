@@ -182,6 +182,14 @@ def peak_rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def settled_rss(ptr: Any) -> int:
+    """The peak memory of the worker holding ``ptr``, once it has settled: an op on ``ptr`` makes
+    sure the worker has loaded what estimating an op's cost needs (it does so in the background
+    once started: about 70 MiB), so that growth measured from here on is the test's own."""
+    ptr.sum().get()
+    return peak_rss(ptr.location.pid)
+
+
 def alive_check(worker: WorkerClient) -> Callable[[], bool]:
     """A function telling whether ``worker``'s process still runs (always true for a worker
     this process did not spawn)."""

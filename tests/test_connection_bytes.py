@@ -12,7 +12,7 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer
+from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer, settled_rss
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.exc_codec import decode_exception
 from zmqsyft.wire.messages import Message, ObjRef, Op
@@ -76,10 +76,9 @@ def test_repointing_a_small_tensor_at_a_large_one_is_counted(spawn, hook: sy.Tor
     old 4 bytes, this would let one connection grow the worker without bound."""
     bob = spawn("bob", config=sy.Config(max_store_bytes=64 * MiB))
     alive = alive_check(bob)
+    before = settled_rss(torch.ones(1).send(bob))
     with raw_dealer(bob.address) as sock:
         call = Caller(sock, alive)
-        assert call(Op.PING, {}).op is Op.REPLY  # started: torch is loaded
-        before = peak_rss(bob.pid)
         stored = 0
         for i in range(20):  # 160 MiB if nothing counted it
             small = 1000 + i

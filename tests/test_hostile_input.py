@@ -21,6 +21,7 @@ from tests.helpers import (
     peak_rss,
     raw_dealer,
     receive,
+    settled_rss,
 )
 from zmqsyft.errors import OpNotAllowed, SerializationError
 from zmqsyft.wire.codec import encode_message
@@ -71,7 +72,7 @@ def test_a_message_of_a_million_frames_is_dropped_without_keeping_them(spawn, ho
     alive = alive_check(bob)
     kept = torch.arange(4.0).send(bob)
     assert bob.ping() > 0
-    before_rss = peak_rss(bob.pid)
+    before_rss = settled_rss(kept)
     with raw_dealer(bob.address) as caller:
         before = counters(caller, 1).get("dropped_malformed", 0)
         # 2 MB on the wire; kept whole, as zmq.Frame objects, it cost the worker ~270 MiB
@@ -151,7 +152,7 @@ def test_a_message_over_max_message_size_is_not_kept_and_the_worker_serves_on(sp
     bob = spawn("bob", config=sy.Config(max_message_size=1 << 20, shm_threshold=0))
     alive = alive_check(bob)
     kept = torch.arange(5.0).send(bob)
-    before = peak_rss(bob.pid)
+    before = settled_rss(kept)
     with raw_dealer(bob.address) as caller:
         for i in range(20):  # 20 x 8 MiB, each 8x the limit
             caller.send_multipart(encode_message(Op.PUT, 10 + i, {"id": 500 + i,
@@ -227,7 +228,7 @@ def test_an_op_whose_result_would_not_fit_is_refused_before_it_runs(spawn, hook:
     bob = spawn("bob", config=sy.Config(max_store_bytes=16 << 20))
     alive = alive_check(bob)
     x = torch.ones(1).send(bob)
-    before = peak_rss(bob.pid)
+    before = settled_rss(x)
     with raw_dealer(bob.address) as caller:
         for req_id, out in ((1, [[901, [8192, 8192], "float32", False]]), (2, None)):
             caller.send_multipart(encode_message(Op.CALL, req_id, {  # 256 MiB from a 4-byte tensor
@@ -252,6 +253,7 @@ def test_a_refused_call_with_a_huge_name_and_thousands_of_result_ids_keeps_littl
     alive = alive_check(bob)
     name = "torch." + "x" * (256 << 10)  # 256 KiB
     ids = list(range(10_000, 14_000))
+    settled_rss(torch.ones(1).send(bob))
     with raw_dealer(bob.address) as caller:  # warm up: a first refusal, the same way
         caller.send_multipart(encode_message(Op.CALL, 9, {
             "fn": "torch.nope", "args": [], "kwargs": {}, "out": [[9, [1], "float32", False]]}))

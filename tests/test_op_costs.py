@@ -13,7 +13,7 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer
+from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer, settled_rss
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.exc_codec import decode_exception
 from zmqsyft.wire.messages import Message, ObjRef, Op
@@ -41,10 +41,10 @@ def test_a_matmul_of_two_small_tensors_expanded_is_refused_at_once_by_default(sp
     (about ten seconds of this worker, and a 576 MiB result) asked for in one small request."""
     bob = spawn("bob")
     alive = alive_check(bob)
-    view = torch.ones(1).send(bob).expand(12000, 12000)
-    bob.sync()
+    one = torch.ones(1).send(bob)
+    view = one.expand(12000, 12000)
+    before = settled_rss(one)
     objects = set(bob._objects)
-    before = peak_rss(bob.pid)
     with raw_dealer(bob.address) as sock:
         started = time.monotonic()
         exc = refused(call(sock, 1, "torch.matmul", ObjRef(view.id_at_location),
@@ -97,8 +97,7 @@ def test_an_op_whose_result_size_depends_on_its_data_is_refused_before_it_runs(s
     bob = spawn("bob", config=sy.Config(max_store_bytes=96 << 20))
     alive = alive_check(bob)
     x = held.send(bob)
-    bob.sync()
-    before = peak_rss(bob.pid)
+    before = settled_rss(x)
     with raw_dealer(bob.address) as sock:
         refused(call(sock, 1, fn, ObjRef(x.id_at_location), *more, alive=alive),
                 "max_store_bytes")

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import replace
 
 __all__ = ["main"]
@@ -89,7 +90,6 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
-    costs.warm_up()  # every op's cost is estimated before it runs: load what that needs now
     # torch and the loaded data are here for good: keep them out of the garbage collector's
     # full passes, which would otherwise rescan them every few thousand requests
     gc.freeze()
@@ -99,6 +99,8 @@ def _worker(args: argparse.Namespace) -> int:
             ready.write(f"READY {worker.address} {os.getpid()}\n")
     else:
         print(f"zmqsyft worker '{args.id}' listening on {worker.address}", flush=True)
+    # every op's cost is estimated before it runs; load what that needs while nothing is asked yet
+    threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True).start()
     try:
         worker.serve_forever()
     except (KeyboardInterrupt, SystemExit):

@@ -199,9 +199,13 @@ def estimate(name: str, func: Callable[..., Any], args: Any, kwargs: Any, grad: 
 
 
 def warm_up() -> None:
-    """Load what the first estimate needs (torch's meta kernels: about 1 s and 70 MiB, once per
-    process), so that a worker pays it while starting, not on its first request."""
-    estimate("torch.Tensor.mm", torch.mm, [torch.ones(1, 1), torch.ones(1, 1)], {}, False)
+    """Load what the first estimate needs: torch's meta kernels, and sympy behind them (about
+    1 s and 70 MiB, once per process). A worker does it in a thread of its own once it is ready,
+    so that neither its start nor, usually, its first op pays for it (an op that comes sooner
+    waits for the import to finish, as it would have without this)."""
+    meta = torch.ones(1, 1, device="meta")
+    torch.mm(meta, meta)
+    torch.add(meta, meta)
 
 
 # ------------------------------------------------------------- ops whose results need data
