@@ -33,7 +33,8 @@ __all__ = ["Cost", "estimate", "warm_up"]
 
 
 class Cost(NamedTuple):
-    """An op's estimated cost: its results' bytes and its floating-point operations.
+    """An op's estimated cost: the bytes it makes (its results', or its intermediates' if those
+    take more) and its floating-point operations.
 
     ``exact``: the bytes were inferred from the op itself on meta tensors (else they are a
     bound from a rule, and what the op made is checked again once it has run).
@@ -127,11 +128,14 @@ _FORMULAS = _formulas()
 
 
 class _Counting(TorchDispatchMode):
-    """Adds up the flops of the kernels an op reaches (on meta tensors: none of them runs)."""
+    """Adds up the flops of the kernels an op reaches (on meta tensors: none of them runs), and
+    the bytes of every tensor they make that is not a view (a bound on the op's peak memory:
+    a composite op's intermediates count too)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
+        self.made = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -139,6 +143,8 @@ class _Counting(TorchDispatchMode):
         formula = _FORMULAS.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(args, kwargs, out)
+        if not func.is_view:
+            self.made += sum(t.numel() * t.element_size() for t in _tensors(out))
         return out
 
 
@@ -170,7 +176,8 @@ def _on_meta(func: Callable[..., Any], args: Any, kwargs: Any, grad: bool) -> An
         counting = _Counting()
         with torch.set_grad_enabled(bool(grad)), counting:
             out = func(*margs, **mkwargs)
-        return Cost(sum(t.numel() * t.element_size() for t in _tensors(out)), counting.flops, True)
+        kept = sum(t.numel() * t.element_size() for t in _tensors(out))
+        return Cost(max(kept, counting.made), counting.flops, True)
     except Exception:  # noqa: BLE001 - no meta kernel, or a data-dependent shape: rules decide
         return _UNKNOWN
 
