@@ -222,6 +222,29 @@ def _arg(args: Any, kwargs: Any, i: int, name: str, default: Any = None) -> Any:
     return args[i] if len(args) > i else default
 
 
+_HUGE = 1 << 62  # more than any worker holds: a count past it is refused whatever it is exactly
+
+
+def _product(factors: Any) -> int:
+    """The product of whole numbers, stopping at ``_HUGE`` (no big-number arithmetic that a
+    crafted argument could make slow)."""
+    total = 1
+    for f in factors:
+        total *= max(0, int(f))
+        if total >= _HUGE:
+            return _HUGE
+    return total
+
+
+def _comb(n: int, r: int) -> int:
+    """``math.comb(n, r)``, or ``_HUGE`` when that is more (decided on logarithms first)."""
+    if r < 0 or r > n:
+        return 0
+    if math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1) > math.log(_HUGE):
+        return _HUGE
+    return math.comb(n, r)
+
+
 def _int_max(t: Any) -> int:
     """The largest value of an integer tensor (0 if empty)."""
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
@@ -250,7 +273,7 @@ def _histogram(dd: bool) -> Callable[[Any, Any], tuple[int, int]]:
             sizes = list(bins)
         else:  # bin edges given: as many bins as edges
             sizes = [t.numel() for t in _tensors(bins)]
-        return 16 * math.prod(b + 1 for b in sizes), 0
+        return 16 * _product(b + 1 for b in sizes), 0
     return rule
 
 
@@ -277,8 +300,8 @@ def _combinations(args: Any, kwargs: Any) -> tuple[int, int]:
     x, r = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "r", 2)
     again = _arg(args, kwargs, 2, "with_replacement", False)
     n = x.numel()
-    count = math.comb(n + r - 1, r) if again else math.comb(n, r)
-    return count * r * x.element_size(), 0
+    count = _comb(n + r - 1, r) if again else _comb(n, r)
+    return _product([count, r, x.element_size()]), 0
 
 
 def _tolist(args: Any, kwargs: Any) -> tuple[int, int]:  # Python objects: ~40 bytes an element
