@@ -100,11 +100,20 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         print(f"zmqsyft worker '{args.id}' listening on {worker.address}", flush=True)
     # every op's cost is estimated before it runs; load what that needs while nothing is asked yet
-    threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True).start()
+    warm = threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True)
+    warm.start()
     try:
         worker.serve_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
+    finally:
+        # the interpreter must not finalise under a thread still inside torch's imports (it
+        # aborts): a worker stopped in its first second waits for the warm-up to end
+        while warm.is_alive():
+            try:
+                warm.join()
+            except (KeyboardInterrupt, SystemExit):  # a second SIGTERM or Ctrl-C: still wait
+                pass
     return 0
 
 
