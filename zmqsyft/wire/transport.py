@@ -24,7 +24,7 @@ import zmq
 from ..config import Config
 from ..errors import ProtocolError
 
-__all__ = ["context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
+__all__ = ["Dropped", "context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
            "send", "recv", "readable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
            "monitor_reader", "REFUSED", "REFUSED_ADVICE"]
 
@@ -204,24 +204,34 @@ def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0)
 
     A message of more than ``max_frames`` frames (``0``: no limit), or one this process has no
     memory to receive, is read to its end and dropped, so that the next receive starts at the next
-    message; ``ProtocolError`` says why. ``zmq.Again`` passes through.
+    message; :class:`Dropped` says why, and keeps the message's first ``copied`` frames (to
+    answer its sender). ``zmq.Again`` passes through.
     """
     frames: list[Any] = [sock.recv(flags)]
     more = sock.get
     try:
         while more(_RCVMORE):
             if max_frames and len(frames) >= max_frames:
-                raise ProtocolError(f"a message of more than {max_frames} frames was dropped "
-                                    "(the limit is Config.max_frames)")
+                raise Dropped(f"a message of more than {max_frames} frames was dropped (the "
+                              "limit is Config.max_frames: start the worker with a larger "
+                              "--max-frames / ZMQSYFT_MAX_FRAMES to accept it)")
             frames.append(sock.recv(copy=len(frames) < copied))
-    except (ProtocolError, MemoryError) as exc:
+    except (Dropped, MemoryError) as exc:
+        head = frames[:copied]
         frames.clear()
         dropped = _discard_rest(sock)
         if isinstance(exc, MemoryError):
-            raise ProtocolError(f"a message too large for this process's memory was dropped "
-                                f"({dropped} more frames discarded)") from None
-        raise
+            exc = Dropped(f"a message too large for this process's memory was dropped "
+                          f"({dropped} more frames discarded)")
+        exc.head = head
+        raise exc from None
     return frames
+
+
+class Dropped(ProtocolError):
+    """A message received but not kept; ``head``: its first frames (routing id, header)."""
+
+    head: list[Any] = []
 
 
 def _discard_rest(sock: zmq.Socket) -> int:

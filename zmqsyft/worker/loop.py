@@ -226,11 +226,17 @@ class Worker:
 
     def _dropped(self, sock: zmq.Socket, exc: Exception) -> None:
         """A message that could not be received or handled: counted, logged, and the loop goes on
-        (nothing stored is touched: receiving and decoding come before any handler)."""
+        (nothing stored is touched: receiving and decoding come before any handler). A caller
+        whose request was too large to keep is told why, if its header names the request."""
         self.traffic.counters["dropped_malformed"] += 1
         side = "a caller" if sock is self.router else "a peer worker"
         log.warning("worker %s: a message from %s was dropped: %s: %s", self.id, side,
                     type(exc).__name__, exc)
+        head = getattr(exc, "head", None)
+        if sock is self.router and isinstance(exc, transport.Dropped) and head and len(head) > 1:
+            req_id = salvage_req_id(head[1])
+            if req_id:
+                self.reply_error(Ctx(head[0], req_id), exc)
 
     # ------------------------------------------------------------- requests in
     def _on_request(self, sock: zmq.Socket, frames: list[Any], nested: bool = False) -> None:
