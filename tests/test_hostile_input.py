@@ -16,6 +16,7 @@ from tests.helpers import (
     alive_check,
     answer,
     cli_worker,
+    configured,
     fake_peer,
     next_reply,
     peak_rss,
@@ -279,3 +280,18 @@ def test_a_refused_call_with_a_huge_name_and_thousands_of_result_ids_keeps_littl
         caller.send_multipart(encode_message(Op.DEL, 2, {"ids": ids}))
         assert next_reply(caller, alive=alive).op is Op.REPLY
     assert bob.stats()["objects"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_client_is_told_before_sending_what_the_worker_would_not_accept(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A message over the worker's max_message_size would make libzmq close the connection (the
+    caller would see only a lost worker): the client knows the worker's limit from its HELLO and
+    refuses to send it, naming the limit. Through shared memory the tensor's bytes do not count."""
+    bob = spawn("bob", config=sy.Config(max_message_size=1 << 20))
+    big = torch.zeros(2 << 20)  # 8 MiB
+    with configured(shm_threshold=0):  # through the socket
+        with pytest.raises(sy.LimitExceeded, match="max_message_size") as info:
+            big.send(bob)
+        assert "1.0 MiB" in str(info.value) and "--max-message-size" in str(info.value)
+        assert torch.equal(torch.ones(3).send(bob).get(), torch.ones(3))  # still connected
+    assert torch.equal(big.send(bob).get(), big)  # through shared memory: not a big message

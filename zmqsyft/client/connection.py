@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import LimitExceeded, RequestTimeout, WorkerUnavailable, ZmqSyftError
 from ..wire import shm, transport
 from ..wire.bodies import Body, HelloReply
-from ..wire.codec import encode_message
+from ..wire.codec import check_size, encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
 from ..wire.values import ShmPolicy
@@ -44,6 +44,7 @@ __all__ = ["Connection"]
 log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
+_SMALL = 1 << 20  # a message of one frame shorter than this is not measured against the limit
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
 
@@ -150,6 +151,10 @@ class Connection(RequestCore):
             try:
                 frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
                                         shm=self._shm_policy())
+                if len(frames) > 1 or len(frames[0]) > _SMALL:  # refused, or it closes the link
+                    self._shm_out()  # (its HELLO reply tells the worker's limit)
+                    told = self.peer.max_message_size if self.peer is not None else 0
+                    check_size(frames, told or cfg.max_message_size, op.name, self.worker.id)
             except BaseException:
                 if ride is not None:
                     self._flush_all()  # the deletes go all the same

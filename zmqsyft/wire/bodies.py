@@ -21,6 +21,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 < trusted?: bool - whether the trust token matched
                 < host?: str - the worker's host key
                 < shm?: bool - whether it accepts shared-memory tensors from this connection
+                < max_message_size?: int - the largest message it accepts, bytes (-1: any; 0: not
+                    told)
     PUT         Store a value.
                 > id: object id - the id to store it under
                 > obj: value - a tensor, a pointer descriptor, a number, ...
@@ -132,6 +134,8 @@ class HelloReply(Body):
     trusted: bool = key(BOOL, "whether the trust token matched", False)
     host: str = key(STR, "the worker's host key", "")
     shm: bool = key(BOOL, "whether it accepts shared-memory tensors from this connection", False)
+    max_message_size: int = key(INT, "the largest message it accepts, bytes (-1: any; 0: not told)",
+                                0)
 
 
 @body(Op.PUT)

@@ -12,12 +12,13 @@ from typing import Any
 
 import msgpack
 
-from ..errors import ProtocolError, UntrustedPayload
+from ..errors import LimitExceeded, ProtocolError, UntrustedPayload
 from .bodies import Acks
 from .messages import PROTOCOL_VERSION, Message, Op
 from .values import Decoder, Encoder, ShmPolicy
 
-__all__ = ["Frames", "encode_message", "decode_message", "encode_ack", "ack_id", "unpack_acks"]
+__all__ = ["Frames", "encode_message", "decode_message", "check_size", "encode_ack", "ack_id",
+           "unpack_acks"]
 
 _OPS = {int(op): op for op in Op}
 _REPLY = int(Op.REPLY)
@@ -44,6 +45,20 @@ def encode_message(op: Op, req_id: int, body: Any, allow_pickle: bool = False,
     if enc.shm_bytes:
         frames.shm_bytes = enc.shm_bytes
     return frames
+
+
+def check_size(frames: list[Any], limit: int, what: str, worker: str) -> None:
+    """Refuse (``LimitExceeded``) a message over the worker's ``max_message_size`` (``limit``;
+    ``<= 0``: none): the worker's libzmq would close the connection it came on."""
+    if limit <= 0:
+        return
+    size = sum(memoryview(f).nbytes for f in frames)
+    if size > limit:
+        raise LimitExceeded(
+            f"{what} to worker '{worker}' would be a message of {size / 2**20:,.1f} MiB; the "
+            f"worker accepts at most {limit / 2**20:,.1f} MiB (its Config.max_message_size: a "
+            "larger one would close this connection). Send smaller tensors, or start the worker "
+            "with a larger --max-message-size / ZMQSYFT_MAX_MESSAGE_SIZE. Nothing was sent")
 
 
 def encode_ack(req_id: int) -> Frames:

@@ -30,7 +30,8 @@ def hello(w: Services, ctx: Ctx, body: Hello) -> None:
         w.shm_callers.discard(ctx.ident)
     w.reply(ctx, HelloReply(id=w.id, pid=os.getpid(), version=PROTOCOL_VERSION, address=w.address,
                             trusted=ctx.ident in w.trusted, host=host_key(),
-                            shm=ctx.ident in w.shm_callers))
+                            shm=ctx.ident in w.shm_callers,
+                            max_message_size=w.cfg.max_message_size))
 
 
 def ping(w: Services, ctx: Ctx, body: Ping) -> None:
