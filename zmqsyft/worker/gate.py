@@ -15,6 +15,11 @@ connections to the worker, else accepted (200). libzmq then closes the refused c
 ``EVENT_HANDSHAKE_FAILED_AUTH`` with the status (the status text never reaches it) and does not
 retry; a zmqsyft caller turns that into ``LimitExceeded`` (see ``transport.PeerWatch``).
 
+A connection over ipc is also refused when the process at its other end runs as another user:
+libzmq reports the kernel's ``SO_PEERCRED`` of the peer as the request's address
+(``localhost:UID:GID:PID``), which the peer cannot forge. The socket's private directory already
+keeps other users out; this holds even where the socket was bound somewhere they can reach.
+
 **Counting.** A ZAP request does not say which connection it is about (no descriptor, no port),
 and the handshake events do not carry the descriptor either; only ``ACCEPTED`` and
 ``DISCONNECTED`` do. So the gate counts *open* connections: accepted and not yet disconnected,
@@ -44,6 +49,7 @@ couple workers that share nothing else; two context threads per worker are cheap
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -67,6 +73,7 @@ EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
           | zmq.EVENT_MONITOR_STOPPED)
 """The ROUTER's monitor events the gate reads."""
 
+_MY_UID = os.getuid()
 _WARN_EVERY_S = 10.0  # at most one log line about refused connections this often
 _JOIN_S = 5.0
 
@@ -94,6 +101,15 @@ class ZapRequest:
     address: str
     mechanism: str
     credentials: tuple[bytes, ...]
+
+    def peer_uid(self) -> int | None:
+        """The user id of the process at the other end of an ipc connection (libzmq reports
+        ``localhost:UID:GID:PID``, from the kernel's ``SO_PEERCRED``, not from the peer); None
+        for tcp, or where the system does not tell."""
+        parts = self.address.split(":")
+        if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit():
+            return int(parts[1])
+        return None
 
     @classmethod
     def parse(cls, frames: list[bytes]) -> ZapRequest:
@@ -196,6 +212,9 @@ class Gate:
         others = max(len(self._open) - 1, 0)  # it is one of the open ones
         if others >= self.max_connections:
             return Verdict(400, f"too many connections: max_connections = {self.max_connections}")
+        uid = request.peer_uid()
+        if uid is not None and uid != _MY_UID:
+            return Verdict(400, f"a connection over ipc from another user (uid {uid})")
         return Verdict(200, "OK")
 
     # ------------------------------------------------------------- the thread
