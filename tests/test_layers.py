@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
-    "top": ["errors", "config", "ids", "allowlist"],
+    "top": ["errors", "config", "ids", "allowlist", "keys"],
     "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "transport",
              "rpc", "__init__"],
     "worker": ["store", "executor", "costs", "traffic", "gate", "peers", "context", "objects",

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from dataclasses import replace
@@ -43,6 +44,47 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
+def _trust_token(args: argparse.Namespace) -> str:
+    """The token whose presenters may send pickled code: from a file only this user can read,
+    from the pipe a spawning parent wrote it to, or from ``ZMQSYFT_TRUST_TOKEN`` (then taken out
+    of the environment, so that nothing this worker starts inherits it). Never from argv, which
+    every local user reads in ``/proc/<pid>/cmdline``. Raises ``ValueError`` saying what is
+    wrong."""
+    if args.trust_token is not None:
+        raise ValueError(
+            "--trust-token puts the token in this process's command line, which every local user "
+            "can read (/proc/<pid>/cmdline), and the token lets its holder run code as you. Write "
+            "it to a file only you can read (chmod 600 FILE) and pass --trust-token-file FILE")
+    token = os.environ.pop("ZMQSYFT_TRUST_TOKEN", "")
+    if args.token_fd is not None:
+        with os.fdopen(args.token_fd, encoding="utf-8") as pipe:
+            token = pipe.read().strip()
+    if args.trust_token_file is not None:
+        token = _read_private(args.trust_token_file)
+    return token
+
+
+def _read_private(path: str) -> str:
+    """A secret's text from a regular file of this user's that nobody else may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ValueError(f"cannot read the trust token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, encoding="utf-8") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            raise ValueError(f"the trust token file {path} must be a regular file of your own")
+        if info.st_mode & 0o077:
+            raise ValueError(
+                f"the trust token file {path} is readable by others (mode "
+                f"{stat.S_IMODE(info.st_mode):o}): anyone who reads it can run code as you. "
+                f"chmod 600 {path}")
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"the trust token file {path} is empty")
+    return token
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .config import from_environ
     from .wire import shm, transport
@@ -71,7 +113,11 @@ def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
     try:
-        token = args.trust_token or os.environ.get("ZMQSYFT_TRUST_TOKEN", "")
+        token = _trust_token(args)
+    except ValueError as exc:
+        print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
+        return 2
+    try:
         worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid,
                         trust_tokens=frozenset([token]) if token else frozenset())
     except Exception as exc:  # noqa: BLE001 - report, do not trace
@@ -126,6 +172,19 @@ def _whole(raw: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from .keys import load_public, new_keypair
+
+    try:
+        public_file, secret_file = new_keypair(args.name, args.dir)
+    except (ValueError, OSError) as exc:
+        print(f"zmqsyft keys: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key {load_public(public_file).decode()}\n  {public_file}  (give this one to "
+          f"whoever must recognise '{args.name}')\n  {secret_file}  (mode 600: keep it private)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zmqsyft`` command."""
     parser = argparse.ArgumentParser(prog="zmqsyft", description="zmqsyft worker processes")
@@ -145,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                         "data (repeatable); loaded with weights_only=True")
     w.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a search tag for the loaded data, e.g. '#diabetes' (repeatable)")
-    w.add_argument("--trust-token", default=None, metavar="TOKEN",
-                   help="let connections that present TOKEN (sy.connect(address, trust_token=...)) "
-                        "send pickled code and modules; without it this worker accepts no pickle. "
-                        "Also read from ZMQSYFT_TRUST_TOKEN")
+    w.add_argument("--trust-token-file", default=None, metavar="FILE",
+                   help="let connections that present the token in FILE (mode 600; "
+                        "sy.connect(address, trust_token=...)) send pickled code and modules; "
+                        "without it this worker accepts no pickle. Also read from "
+                        "ZMQSYFT_TRUST_TOKEN (then removed from the environment)")
+    w.add_argument("--trust-token", default=None, help=argparse.SUPPRESS)  # refused: argv is public
+    w.add_argument("--token-fd", type=int, default=None, help=argparse.SUPPRESS)
     limits = w.add_argument_group(
         "limits", "what one request, connection or the worker may use; a refusal says which "
         "limit it met. Whole numbers may be written 8GiB, 512MiB, 2G, 1e12. Also read from "
@@ -158,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
                             metavar="N", help=meaning)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    k = sub.add_parser("keys", help="make and show CURVE key pairs")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    new = ksub.add_parser("new", help="make a key pair NAME.key (public) / NAME.key_secret (mode 600)")
+    new.add_argument("name", help="the key's name, e.g. alice")
+    new.add_argument("--dir", default=None, help="where to put it (default ~/.zmqsyft/keys)")
     args = parser.parse_args(argv)
     if args.command == "worker":
         return _worker(args)
+    if args.command == "keys":
+        return _keys(args)
     return 2
 
 

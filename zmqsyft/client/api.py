@@ -101,7 +101,8 @@ class WorkerClient(WorkerHandle):
 
         ``fn`` (and whatever it refers to: a module, an optimizer) travels with cloudpickle, so
         the worker must trust this program: a spawned worker trusts its parent; a worker started
-        from the shell needs ``--trust-token`` and ``sy.connect(address, trust_token=...)``.
+        from the shell needs ``--trust-token-file FILE`` (the token in a mode-600 file) and
+        ``sy.connect(address, trust_token=...)``.
         Tensor results stay on the worker and come back as pointers; other values as values.
 
         Raises

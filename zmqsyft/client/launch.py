@@ -98,18 +98,26 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     for field in dataclasses.fields(cfg):  # the worker runs with this config (it reads ZMQSYFT_*)
         value = getattr(cfg, field.name)
         child_env[f"ZMQSYFT_{field.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
-    token = secrets.token_hex(32)  # the worker trusts its parent (and nobody else) with pickle
-    child_env["ZMQSYFT_TRUST_TOKEN"] = token
     child_env.update(env or {})
+    # the worker trusts its parent (and nobody else) with pickle: a fresh token, handed over in a
+    # pipe, never in argv or the environment (a caller's env= may still set one, or "" for none)
+    token = child_env.pop("ZMQSYFT_TRUST_TOKEN", None)
+    token = secrets.token_hex(32) if token is None else token
+    token_r, token_w = os.pipe()
+    os.write(token_w, token.encode())  # a few bytes: the pipe holds them until the child reads
+    os.close(token_w)
+    cmd += ["--token-fd", str(token_r)]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), env=child_env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, pass_fds=(write_fd, token_r), env=child_env,
+                                stdin=subprocess.DEVNULL)
     except OSError as exc:
         os.close(read_fd)
         raise SpawnError(f"could not start worker '{worker_id}': {exc}") from exc
     finally:
         os.close(write_fd)
+        os.close(token_r)
     handle = WorkerClient(session, worker_id, bind, proc=proc, ready_fd=read_fd)
-    handle.trust_token = child_env["ZMQSYFT_TRUST_TOKEN"] or None
+    handle.trust_token = token or None
     handle.private_dir = private_dir
     session.register(handle)
     return handle

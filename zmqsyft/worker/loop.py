@@ -68,7 +68,8 @@ _UNTRUSTED = (
     "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust "
     "this sender. A worker started with spawn_worker() trusts its parent; one started from the "
     "shell trusts only connections made with sy.connect(address, trust_token=T) when it was "
-    "started with --trust-token T. Tensors and pointers need no trust.")
+    "started with --trust-token-file FILE holding T (mode 600). Tensors and pointers need no "
+    "trust.")
 
 
 class Worker:
