@@ -114,23 +114,23 @@ class Config:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"zmqsyft config: {name} must be a finite number > 0, got {value!r}")
-        if self.max_inflight < 1:
-            raise ValueError("zmqsyft config: max_inflight must be >= 1")
-        if self.pipeline_batch < 1:
-            raise ValueError("zmqsyft config: pipeline_batch must be >= 1 (1 sends every op at once)")
-        if self.max_store_bytes < 0:
-            raise ValueError("zmqsyft config: max_store_bytes must be >= 0 (0: 3/4 of memory)")
-        for name in ("max_connection_bytes", "max_op_flops"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"zmqsyft config: {name} must be >= 0 (0: see Config's docs)")
-        if self.max_connections < 1:
-            raise ValueError("zmqsyft config: max_connections must be >= 1")
-        if self.max_peer_links < 1:
-            raise ValueError("zmqsyft config: max_peer_links must be >= 1")
-        if self.max_frames < 0:
-            raise ValueError("zmqsyft config: max_frames must be >= 0 (0: no limit)")
-        if self.shm_threshold < 0:
-            raise ValueError("zmqsyft config: shm_threshold must be >= 0 (0 turns shared memory off)")
+        for name, (least, note) in _LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"zmqsyft config: {name} must be >= {least}{note}")
+
+
+# the smallest value of each whole-number field, and what its smallest value means
+_LEAST: dict[str, tuple[int, str]] = {
+    "max_inflight": (1, ""),
+    "pipeline_batch": (1, " (1 sends every op at once)"),
+    "max_store_bytes": (0, " (0: 3/4 of memory)"),
+    "max_connection_bytes": (0, " (0: half of max_store_bytes)"),
+    "max_op_flops": (0, " (0: no limit)"),
+    "max_connections": (1, ""),
+    "max_peer_links": (1, ""),
+    "max_frames": (0, " (0: no limit)"),
+    "shm_threshold": (0, " (0 turns shared memory off)"),
+}
 
 
 _TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
