@@ -111,3 +111,21 @@ def test_an_op_whose_result_size_depends_on_its_data_is_refused_before_it_runs(s
     assert grew < 64, f"the worker's peak memory grew by {grew:.0f} MiB: the op ran"
     assert bob.stats()["objects"] == 1
     assert torch.equal(x.get(), held)
+
+
+@pytest.mark.timeout(60)
+def test_an_op_whose_intermediates_would_not_fit_is_refused_before_it_runs(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """Distances between 1024 x 1024 broadcast pairs of 64-vectors: a 4 MiB result, but a
+    256 MiB difference tensor on the way. What an op makes on its way counts, not only what
+    it returns."""
+    bob = spawn("bob", config=sy.Config(max_store_bytes=96 << 20))
+    alive = alive_check(bob)
+    a, b = torch.rand(1024, 1, 64).send(bob), torch.rand(1, 1024, 64).send(bob)
+    before = settled_rss(a)
+    with raw_dealer(bob.address) as sock:
+        refused(call(sock, 1, "torch.nn.functional.pairwise_distance", ObjRef(a.id_at_location),
+                     ObjRef(b.id_at_location), alive=alive), "max_store_bytes")
+    grew = (peak_rss(bob.pid) - before) / 2**20
+    assert grew < 64, f"the worker's peak memory grew by {grew:.0f} MiB: the op ran"
+    small = torch.nn.functional.pairwise_distance(a[:8], b[:, :8])  # what fits still runs
+    assert small.get().shape == (8, 8)
