@@ -142,18 +142,29 @@ def _gen_to_wire(cls: type[Body]) -> Callable[[Body], dict[str, Any]]:
     return _compile(f"def to_wire(self):\n    return {{{items}}}\n", "to_wire", {})
 
 
+def _default(f: Any, i: int, env: dict[str, Any]) -> str | None:
+    """The expression that gives field ``f``'s default in generated code (``env`` gets what it
+    names: ``d{i}``, or ``d{i}()`` for a factory); None for a required field."""
+    if f.default is not MISSING:
+        env[f"d{i}"] = f.default
+        return f"d{i}"
+    if f.default_factory is not MISSING:
+        env[f"d{i}"] = f.default_factory
+        return f"d{i}()"
+    return None
+
+
 def _gen_pack(cls: type[Body]) -> Callable[..., dict[str, Any]]:
     params, lines, env = [], [], {}
     for i, f in enumerate(fields(cls)):
-        if f.default is not MISSING:
-            env[f"d{i}"] = f.default
-            params.append(f"{f.name}=d{i}")
-        elif f.default_factory is not MISSING:
-            env[f"d{i}"] = f.default_factory
-            params.append(f"{f.name}=None")
-            lines.append(f"    if {f.name} is None:\n        {f.name} = d{i}()")
-        else:
+        default = _default(f, i, env)
+        if default is None:
             params.append(f.name)
+        elif default.endswith("()"):  # a fresh one per call, not one shared by all calls
+            params.append(f"{f.name}=None")
+            lines.append(f"    if {f.name} is None:\n        {f.name} = {default}")
+        else:
+            params.append(f"{f.name}={default}")
     items = ", ".join(f"{n!r}: {n}" for n in cls._NAMES)
     lines.append(f"    return {{{items}}}")
     return _compile(f"def pack({', '.join(params)}):\n" + "\n".join(lines) + "\n", "pack", env)
@@ -166,14 +177,9 @@ def _gen_from_wire(cls: type[Body]) -> Callable[..., Body]:
         kind: Kind = f.metadata["kind"]
         lines.append(f"    v = get({f.name!r}, MISSING)")
         lines.append("    if v is MISSING:")
-        if f.default is not MISSING:
-            env[f"d{i}"] = f.default
-            lines.append(f"        v = d{i}")
-        elif f.default_factory is not MISSING:
-            env[f"d{i}"] = f.default_factory
-            lines.append(f"        v = d{i}()")
-        else:
-            lines.append(f"        raise cls._missing({f.name!r})")
+        default = _default(f, i, env)
+        lines.append(f"        v = {default}" if default is not None
+                     else f"        raise cls._missing({f.name!r})")
         if kind.expr != "True":
             allow_none = "v is not None and " if f.default is None else ""
             lines.append(f"    elif {allow_none}not ({kind.expr}):")
