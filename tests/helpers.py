@@ -8,6 +8,7 @@ exits are awaited with timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -31,6 +32,8 @@ import zmq
 import zmqsyft as sy
 from zmqsyft import WorkerClient
 from zmqsyft.client import get_session
+from zmqsyft.keys import KeyPair, new_keypair
+from zmqsyft.wire.bodies import Allow
 from zmqsyft.wire.codec import decode_message, encode_message
 from zmqsyft.wire.exc_codec import decode_exception
 from zmqsyft.wire.messages import Message, Op
@@ -111,11 +114,23 @@ def run_cli(*args: str, console_script: bool = False, timeout: float = STARTUP) 
 
 @dataclasses.dataclass
 class CliWorker:
-    """A worker started from the shell: its process and the endpoint it printed."""
+    """A worker started from the shell: its process, the endpoint and key it printed, and the
+    key pair of a client it was told to accept as its admin (``None`` with ``--insecure``)."""
 
     proc: subprocess.Popen[bytes]
     endpoint: str
     _stderr: IO[bytes]
+    key: str = ""
+    client_keys: KeyPair | None = None
+
+    @property
+    def address(self) -> str:
+        return self.endpoint
+
+    def connect(self, **kwargs: Any) -> Any:
+        """``sy.connect`` to it as its admin client."""
+        return sy.connect(self.endpoint, worker_key=self.key or None, keys=self.client_keys,
+                          **kwargs)
 
     def stderr(self) -> str:
         """What the worker wrote on stderr so far (all of it, once it has exited)."""
@@ -133,6 +148,21 @@ def cli_worker(*args: str, startup: float = STARTUP, nofile: int | None = None) 
     the process is killed if it still runs, and reaped. stderr goes to a temporary file, so the
     worker can never block on it.
     """
+    insecure = "--insecure" in args
+    with contextlib.ExitStack() as stack:
+        client_keys = None
+        if not insecure:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="zmqsyft-test-keys-"))
+            _, secret = new_keypair("test-client", folder)
+            client_keys = KeyPair.load(secret)
+            args = (*args, "--admin", os.path.join(folder, "test-client.key"))
+        worker = stack.enter_context(_cli_worker(args, startup, nofile))
+        worker.client_keys = client_keys
+        yield worker
+
+
+@contextmanager
+def _cli_worker(args: tuple[str, ...], startup: float, nofile: int | None) -> Iterator[CliWorker]:
     command = zmqsyft_command("worker", *args)
     if nofile is not None:
         command = ["/bin/sh", "-c", f'ulimit -Sn {int(nofile)} && exec "$0" "$@"', *command]
@@ -149,6 +179,8 @@ def cli_worker(*args: str, startup: float = STARTUP, nofile: int | None = None) 
             match = re.search(r"listening on (\S+)", line)
             assert match, f"unexpected first line from the worker: {line!r}"
             worker.endpoint = match.group(1)
+            key = re.search(r"with key (\S{40})", line)
+            worker.key = key.group(1) if key else ""
             yield worker
         finally:
             reap(proc)
@@ -197,15 +229,28 @@ def alive_check(worker: WorkerClient) -> Callable[[], bool]:
     return (lambda: proc.poll() is None) if proc is not None else (lambda: True)
 
 
+def peer_row(stats: dict, name: str) -> dict[str, int]:
+    """``stats["peers"]`` summed over the principals named ``name`` (a worker's peers spawned by
+    one session under one name, e.g. the ipc and the tcp ``alice``, are ``alice`` and
+    ``alice (<key prefix>...)``)."""
+    row: dict[str, int] = {}
+    for label, counts in stats["peers"].items():
+        if label == name or label.startswith(f"{name} ("):
+            for k, v in counts.items():
+                row[k] = max(row.get(k, 0), v) if k.startswith("largest_") else row.get(k, 0) + v
+    return row
+
+
 def messages_from_me(worker: WorkerClient) -> int:
     """How many messages ``worker`` has received from this process (this stats request too).
 
-    A spawned worker counts them under this client's name (``client:<host>:<pid>``); a worker
-    reached with ``sy.connect`` under ``"client"``, the name connect()'s own HELLO gives.
+    A spawned worker counts them under the name its spawner gave this client's key
+    (``client:<host>:<pid>``); a :func:`cli_worker` under ``"test-client"``, the name of the key
+    file it was given.
     """
     peers = worker.stats()["peers"]
     name = get_session().name
-    return int(peers[name if name in peers else "client"]["messages_in"])
+    return int(peers[name if name in peers else "test-client"]["messages_in"])
 
 
 def assert_answers_ping(worker: WorkerClient, within: float = 10.0) -> float:
@@ -235,17 +280,36 @@ def pk(value: Any) -> bytes:
 
 
 @contextmanager
-def raw_dealer(address: str) -> Iterator[zmq.Socket]:
-    """A bare DEALER to a worker, bypassing zmqsyft's client entirely."""
+def raw_dealer(worker: Any, keys: KeyPair | None = None) -> Iterator[zmq.Socket]:
+    """A bare DEALER to a worker, bypassing zmqsyft's client entirely.
+
+    ``worker``: a handle (spawned or connected), a :class:`CliWorker`, or a bare address (an
+    insecure worker's). The connection is CURVE to the worker's key, as ``keys`` (default: the
+    key the worker knows this test by: the session's, or the CLI worker's admin client's)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    sock.connect(use_curve(sock, worker, keys))
     try:
         yield sock
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def use_curve(sock: zmq.Socket, worker: Any, keys: KeyPair | None = None) -> str:
+    """Make ``sock`` a CURVE client of ``worker`` (see :func:`raw_dealer`), before it connects;
+    returns the address to connect to."""
+    if isinstance(worker, str):
+        return worker
+    if worker.key:
+        if keys is None:
+            keys = (getattr(worker, "client_keys", None)
+                    or getattr(getattr(worker, "session", None), "keys", None))
+        assert keys is not None
+        sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+        sock.curve_serverkey = worker.key.encode()
+    return str(worker.address)
 
 
 def next_reply(sock: zmq.Socket, timeout: float = 10.0,
@@ -277,15 +341,45 @@ def expect_error(sock: zmq.Socket, req_id: int, error_type: type[BaseException],
 
 
 # ------------------------------------------------------------- fake peers
+def second_client(*workers: Any, name: str = "mallory") -> KeyPair:
+    """A fresh key the ``workers`` accept connections from (no rights beyond that): another
+    client, for a :func:`raw_dealer`."""
+    pair = KeyPair.fresh()
+    for worker in workers:
+        allow(worker, name, pair.text)
+    return pair
+
+
+def key_file(directory: Any, *workers: Any, name: str = "script") -> str:
+    """A key pair ``NAME.key_secret`` in ``directory`` that the ``workers`` accept (no rights
+    beyond that): for another program to ``sy.connect(..., keys=<this path>)``."""
+    _, secret = new_keypair(name, directory)
+    for worker in workers:
+        allow(worker, name, KeyPair.load(secret).text)
+    return str(secret)
+
+
+def allow(worker: Any, name: str, key: str) -> None:
+    """Introduce ``key`` to ``worker`` as ``name`` (we spawned it: we are its admin)."""
+    worker.session.conn(worker).request(Op.ALLOW, Allow(keys={name: key}))
+
+
 @contextmanager
-def fake_peer() -> Iterator[tuple[zmq.Socket, str]]:
-    """A bare ROUTER standing where a peer worker would, on a free loopback port."""
+def fake_peer(*known_by: Any, name: str = "fake") -> Iterator[tuple[zmq.Socket, str, str]]:
+    """A bare ROUTER standing where a peer worker would, on a free loopback port, with a CURVE
+    key of its own (accepting any client key); the workers ``known_by`` are told its key (a
+    worker connects only to peers it knows). Yields the socket, its address and its key."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    pair = KeyPair.fresh()
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
     port = sock.bind_to_random_port("tcp://127.0.0.1")
+    for worker in known_by:
+        allow(worker, name, pair.text)
     try:
-        yield sock, f"tcp://127.0.0.1:{port}"
+        yield sock, f"tcp://127.0.0.1:{port}", pair.text
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -16,7 +16,7 @@ from zmqsyft.wire.messages import Op
 def test_a_burst_is_acknowledged_once_each_and_in_order(bob: WorkerClient) -> None:
     alive = alive_check(bob)
     ids = list(range(1, 41))
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         for req_id in ids:  # 40 PUTs in one burst, then a PING that has a real answer
             sock.send_multipart(encode_message(Op.PUT, req_id, {"id": 1000 + req_id, "obj": torch.ones(2)}))
         sock.send_multipart(encode_message(Op.PING, 99, {}))

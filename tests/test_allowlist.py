@@ -390,7 +390,7 @@ def test_storage_and_layout_attacks_are_refused_by_a_real_worker(
     target = x.id_at_location
     alive = alive_check(bob)
     result = new_id()
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         try:
             for req, out in ((1, [[result, [3], "float32", False]]), (2, None)):
                 body = {"fn": fn, "args": make_args(target), "kwargs": {}, "out": out}
@@ -421,7 +421,7 @@ def test_the_sparse_index_write_exploit_is_refused_at_every_step(
         ("torch.Tensor.__setitem__", [ObjRef(index), [0, 0], 1 << 40], None),
         ("torch.Tensor.to_dense", [ObjRef(sparse)], [[dense, [2, 2], "float32", False]]),
     ]
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         try:
             for req, (fn, args, out) in enumerate(steps, start=1):
                 sock.send_multipart(encode_message(Op.CALL, req, {"fn": fn, "args": args,

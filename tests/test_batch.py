@@ -142,7 +142,7 @@ def _pk(op: int, req_id: int, body: dict) -> bytes:
 def test_malformed_batches_are_refused_and_the_worker_survives(bob: WorkerClient) -> None:
     alive = alive_check(bob)
     dropped = bob.stats()["counters"].get("dropped_malformed", 0)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         put = encode_message(Op.PUT, 6, {"id": 4242, "obj": torch.ones(2)})  # a tensor: 2 frames
         inner = [
             _pk(int(Op.PING), 5, {}),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from tests.helpers import assert_answers_ping, run_in_threads
+from tests.helpers import assert_answers_ping, peer_row, run_in_threads
 from zmqsyft.config import Config
 from zmqsyft.wire.messages import Op
 
@@ -61,7 +61,7 @@ def test_move_sends_data_directly_and_frees_source(bob: sy.WorkerClient, alice: 
     assert p.location is alice and p.id_at_location == obj_id
     # the 4 MB went bob -> alice directly, not through this process
     assert bytes_to_clients(bob) - before < 100_000
-    assert bob.stats()["peers"]["alice"]["bytes_out"] >= 4_000_000
+    assert peer_row(bob.stats(), "alice")["bytes_out"] >= 4_000_000
     assert bob._objects == {}
     assert list(alice._objects) == [obj_id]
     assert torch.equal(p.get(), x)

@@ -43,11 +43,14 @@ from tests.helpers import (
     reap,
     run_cli,
     run_script,
+    second_client,
 )
 from zmqsyft import WorkerClient
 from zmqsyft.client import get_session
+from zmqsyft.config import Config
 from zmqsyft.errors import ObjectNotFound, OpNotAllowed, ProtocolError, UntrustedPayload
 from zmqsyft.ids import new_id
+from zmqsyft.keys import KeyPair
 from zmqsyft.wire.codec import decode_message, encode_message
 from zmqsyft.wire.exc_codec import decode_exception
 from zmqsyft.wire.messages import PROTOCOL_VERSION, ObjRef, Op, Summary
@@ -85,7 +88,7 @@ def test_cli_worker_serves_and_shuts_down(kind: str, hook: sy.TorchHook, tmp_pat
             assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", endpoint) and not endpoint.endswith(":0")
         else:
             assert endpoint == bind
-        carol = sy.connect(endpoint)
+        carol = worker.connect()
         try:
             assert carol.id == "carol"
             assert carol.pid == proc.pid
@@ -95,10 +98,10 @@ def test_cli_worker_serves_and_shuts_down(kind: str, hook: sy.TorchHook, tmp_pat
             assert torch.equal(y.get(), torch.tensor([2.0, 4.0, 6.0]))
             assert torch.equal(x.get(), torch.tensor([1.0, 2.0, 3.0]))
             assert carol.objects() == {}
-            # connecting names this program as its session does (one HELLO per connection),
-            # not as a second, anonymous "client"
+            # this program is known by its key, under the name the worker's operator gave that
+            # key (its file's name), whatever its HELLO says
             peers = carol.stats()["peers"]
-            assert list(peers) == [get_session().name], peers
+            assert list(peers) == ["test-client"], peers
         finally:
             carol.shutdown()
         assert carol.closed
@@ -138,19 +141,36 @@ def test_console_script_rejects_bad_usage() -> None:
 
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://[::]:0", "tcp://eth0:0",
                                   "tcp://lo:0"])
-def test_non_loopback_bind_needs_insecure(bind: str) -> None:
-    proc = run_cli("worker", "--id", "dave", "--bind", bind)
+def test_an_insecure_non_loopback_bind_needs_insecure_network(bind: str) -> None:
+    proc = run_cli("worker", "--id", "dave", "--bind", bind, "--insecure")
     assert proc.returncode == 2
-    assert "--insecure" in proc.stderr and bind in proc.stderr
+    assert "--insecure-network" in proc.stderr and bind in proc.stderr
     assert "listening" not in proc.stdout
 
 
-def test_non_loopback_bind_with_insecure_starts(hook: sy.TorchHook) -> None:
-    # an interface name counts as exposed (the worker cannot tell), so it needs --insecure; "lo"
-    # keeps this test on the loopback interface, as every network test here is
-    with cli_worker("--id", "dave", "--bind", "tcp://lo:0", "--insecure") as worker:
+def test_a_non_loopback_bind_serves_curve_clients_only(hook: sy.TorchHook) -> None:
+    # an interface name counts as exposed (the worker cannot tell); "lo" keeps this test on the
+    # loopback interface, as every network test here is. Without --insecure it starts: every
+    # connection is CURVE, from keys it was given
+    with cli_worker("--id", "dave", "--bind", "tcp://lo:0") as worker:
+        assert re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", worker.endpoint), worker.endpoint
+        assert len(worker.key) == 40
+        dave = worker.connect()
+        try:
+            assert dave.id == "dave" and dave.pid == worker.proc.pid
+            assert_answers_ping(dave)
+        finally:
+            dave.close()
+        with configured(insecure=True), pytest.raises(sy.WorkerUnavailable, match="handshake"):
+            sy.connect(worker.endpoint, timeout=2.0)  # no key: the handshake fails
+
+
+def test_non_loopback_bind_with_insecure_network_starts(hook: sy.TorchHook) -> None:
+    with cli_worker("--id", "dave", "--bind", "tcp://lo:0", "--insecure",
+                    "--insecure-network") as worker, configured(insecure=True):
         match = re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", worker.endpoint)
         assert match, worker.endpoint
+        assert worker.key == ""
         dave = sy.connect(f"tcp://127.0.0.1:{match.group(1)}")
         try:
             assert dave.id == "dave"
@@ -160,7 +180,7 @@ def test_non_loopback_bind_with_insecure_starts(hook: sy.TorchHook) -> None:
             dave.close()
         worker.proc.terminate()  # SIGTERM: a clean exit
         assert worker.proc.wait(timeout=30) == 0
-        assert worker.stderr() == ""
+        assert "INSECURE" in worker.stderr()
 
 
 @pytest.mark.parametrize("kind", ["tcp", "ipc"])
@@ -169,7 +189,7 @@ def test_connect_to_nothing_raises_within_deadline(kind: str, tmp_path: Path) ->
         address = tcp_address if kind == "tcp" else f"ipc://{tmp_path}/nobody.sock"
         start = time.monotonic()
         with pytest.raises(sy.WorkerUnavailable, match="no zmqsyft worker answered"):
-            sy.connect(address)
+            sy.connect(address, worker_key=KeyPair.fresh().text)
         elapsed = time.monotonic() - start
     assert 0.5 <= elapsed < 5.0
     assert get_session().find(address) is None  # the failed handle is not kept
@@ -179,7 +199,7 @@ def test_connect_timeout_argument() -> None:
     with dead_tcp_address() as address:
         start = time.monotonic()
         with pytest.raises(sy.WorkerUnavailable, match="no zmqsyft worker answered"):
-            sy.connect(address, timeout=1.0)
+            sy.connect(address, timeout=1.0, worker_key=KeyPair.fresh().text)
         elapsed = time.monotonic() - start
     assert 0.5 <= elapsed < 5.0, f"connect gave up after {elapsed:.1f}s with timeout=1.0"
     assert get_session().find(address) is None
@@ -194,7 +214,7 @@ def test_configure_timeout_applies_to_existing_client() -> None:
         with dead_tcp_address() as address:
             start = time.monotonic()
             with pytest.raises(sy.WorkerUnavailable):
-                sy.connect(address)
+                sy.connect(address, worker_key=KeyPair.fresh().text)
             elapsed = time.monotonic() - start
     assert elapsed < 5.0, f"connect took {elapsed:.1f}s with timeout=1.0 configured"
     assert client.cfg.timeout == default  # and the restored config reaches it too
@@ -210,7 +230,8 @@ def test_garbage_is_answered_or_dropped_and_worker_survives(bob: WorkerClient, h
     refused_before = before.get("refused_untrusted", 0)
     undecodable = 0
     poisoned = new_id()  # a result id a (pipelining) caller chose for a CALL that fails
-    with raw_dealer(bob.address) as sock:
+    # a client whose key the worker accepts but does not trust with pickle
+    with raw_dealer(bob, keys=second_client(bob)) as sock:
         # messages carrying a request id: each gets an ERROR reply of a sensible type
         cases: list[tuple[list[Any], type[BaseException], bool]] = [
             ([pk([PROTOCOL_VERSION + 1, int(Op.PING), 101, {}])], ProtocolError, True),
@@ -310,7 +331,7 @@ def test_disallowed_call_on_a_real_object_changes_nothing(bob: WorkerClient, hoo
     target = x.id_at_location
     out_ids = [new_id() for _ in DISALLOWED]
     alive = alive_check(bob)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         for i, fn in enumerate(DISALLOWED, start=1):
             for out in (None, [[out_ids[i - 1], [3], "float32", False]]):
                 body = {"fn": fn, "args": [ObjRef(target), str(files / f"f{i}"), 0.0],
@@ -343,7 +364,7 @@ def test_deeply_nested_message_does_not_kill_worker(spawn: Callable[..., WorkerC
     assert len(frames[0]) < 10_000
     alive = alive_check(bob)
     assert_answers_ping(bob)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         sock.send_multipart(frames)
         exc = expect_error(sock, 301, ProtocolError, alive)
     assert alive()
@@ -353,7 +374,7 @@ def test_deeply_nested_message_does_not_kill_worker(spawn: Callable[..., WorkerC
 
 def test_malformed_call_fields_report_protocol_error(bob: WorkerClient) -> None:
     alive = alive_check(bob)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         sock.send_multipart(encode_message(Op.CALL, 401, {"fn": "torch.add", "args": 5,
                                                           "kwargs": {}, "out": 7}))
         exc = expect_error(sock, 401, ProtocolError, alive)
@@ -363,16 +384,21 @@ def test_malformed_call_fields_report_protocol_error(bob: WorkerClient) -> None:
 
 
 def test_pointer_cycle_between_workers_fails_fast(spawn: Callable[..., WorkerClient]) -> None:
+    """A cycle of pointer records between workers is cut by the hop limit. (With ownership, a
+    cycle cannot even be made: each hop relays as itself, and the record it reaches belongs to
+    the previous hop's caller; insecure workers, where everyone owns everything, still need
+    the limit.)"""
     from zmqsyft.wire.messages import PointerDesc
 
-    bob, alice = spawn("bob"), spawn("alice")  # fresh workers: on the bug they never go quiet
+    insecure = Config(insecure=True)  # fresh workers: on the bug they never go quiet
+    bob, alice = spawn("bob", config=insecure), spawn("alice", config=insecure)
     a, b = new_id(), new_id()
-    with raw_dealer(bob.address) as to_bob, raw_dealer(alice.address) as to_alice:
+    with raw_dealer(bob) as to_bob, raw_dealer(alice) as to_alice:
         to_bob.send_multipart(encode_message(Op.PUT, 1, {"id": a, "obj": PointerDesc(
-            "alice", alice.address, b, a, (3,), "float32", False, True)}))
+            "alice", alice.address, b, a, (3,), "float32", False, True, alice.key)}))
         assert next_reply(to_bob).op is Op.REPLY
         to_alice.send_multipart(encode_message(Op.PUT, 1, {"id": b, "obj": PointerDesc(
-            "bob", bob.address, a, b, (3,), "float32", False, True)}))
+            "bob", bob.address, a, b, (3,), "float32", False, True, bob.key)}))
         assert next_reply(to_alice).op is Op.REPLY
         to_bob.send_multipart(encode_message(Op.CALL, 2, {"fn": "torch.Tensor.add", "args": [ObjRef(a), 1],
                                                           "kwargs": {}, "out": None}))
@@ -409,7 +435,7 @@ def test_sigkilled_worker_raises_worker_unavailable(spawn: Callable[..., WorkerC
 def test_sigkilled_connected_worker_raises_within_deadline(hook: sy.TorchHook) -> None:
     with cli_worker("--id", "erin") as worker:
         proc = worker.proc
-        erin = sy.connect(worker.endpoint)
+        erin = worker.connect()
         try:
             x = torch.tensor([5.0]).send(erin)
             assert erin.stats()["objects"] == 1

@@ -14,7 +14,7 @@ from tests.helpers import cli_worker, run_cli
 @pytest.mark.timeout(60)
 def test_limits_given_as_flags_are_enforced(hook: sy.TorchHook) -> None:
     with cli_worker("--id", "bob", "--max-store-bytes", "16MiB", "--max-op-flops", "1e9") as worker:
-        bob = sy.connect(worker.endpoint)
+        bob = worker.connect()
         try:
             small = torch.ones(1 << 20).send(bob)  # 4 MiB
             with pytest.raises(sy.LimitExceeded, match="max_connection_bytes") as info:

@@ -39,6 +39,8 @@ DEFAULTS = {
     "snapshot_max_elements": 1000,
     "close_timeout": 5.0,
     "shm_threshold": 1 << 20,
+    "lease": 60.0,
+    "insecure": False,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer, settled_rss
+from tests.helpers import alive_check, next_reply, peak_rss, raw_dealer, second_client, settled_rss
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.exc_codec import decode_exception
 from zmqsyft.wire.messages import Message, ObjRef, Op
@@ -44,9 +44,10 @@ def limit_error(msg: Message) -> str:
 
 @pytest.mark.timeout(60)
 def test_one_connection_cannot_take_the_whole_worker(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
-    bob = spawn("bob", config=sy.Config(max_store_bytes=64 * MiB))  # 32 MiB a connection
+    """One session (a client's connections, all of them) holds at most max_connection_bytes."""
+    bob = spawn("bob", config=sy.Config(max_store_bytes=64 * MiB))  # 32 MiB a session
     alive = alive_check(bob)
-    with raw_dealer(bob.address) as a_sock, raw_dealer(bob.address) as b_sock:
+    with raw_dealer(bob) as a_sock, raw_dealer(bob, keys=second_client(bob)) as b_sock:
         a, b = Caller(a_sock, alive), Caller(b_sock, alive)
         for i in range(4):
             assert a(Op.PUT, {"id": 100 + i, "obj": CHUNK}).op is Op.REPLY
@@ -62,7 +63,7 @@ def test_one_connection_cannot_take_the_whole_worker(spawn, hook: sy.TorchHook) 
         reply = a(Op.CALL, {"fn": "torch.add", "args": [ObjRef(101), 1.0], "kwargs": {},
                             "out": None})
         assert "max_connection_bytes" in limit_error(reply)
-        assert b(Op.CALL, {"fn": "torch.add", "args": [ObjRef(101), 1.0], "kwargs": {},
+        assert b(Op.CALL, {"fn": "torch.add", "args": [ObjRef(200), 1.0], "kwargs": {},
                            "out": [[300, [2 * MiB], "float32", False]]}).op is Op.REPLY
         # a get hands the bytes back to the worker: the connection has room again
         assert a(Op.GET, {"id": 101}).op is Op.REPLY
@@ -77,7 +78,7 @@ def test_repointing_a_small_tensor_at_a_large_one_is_counted(spawn, hook: sy.Tor
     bob = spawn("bob", config=sy.Config(max_store_bytes=64 * MiB))
     alive = alive_check(bob)
     before = settled_rss(torch.ones(1).send(bob))
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         call = Caller(sock, alive)
         stored = 0
         for i in range(20):  # 160 MiB if nothing counted it

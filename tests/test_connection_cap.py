@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -69,17 +70,21 @@ class Dealer:
 
 
 @contextmanager
-def dealers() -> Iterator[Callable[[str], Dealer]]:
+def dealers() -> Iterator[Callable[[Any], Dealer]]:
     """A factory of bare DEALERs (in a context of their own), all closed on leaving."""
     ctx = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, 4096)
     made: list[Dealer] = []
 
-    def make(address: str) -> Dealer:
+    def make(worker: Any) -> Dealer:
+        """A DEALER to ``worker`` (a handle or a CLI worker), as the client it knows."""
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        keys = getattr(worker, "client_keys", None) or sy.get_session().keys
+        sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+        sock.curve_serverkey = worker.key.encode()
         monitor = sock.get_monitor_socket(_WATCHED)
-        sock.connect(address)
+        sock.connect(worker.address)
         made.append(Dealer(sock, monitor))
         return made[-1]
 
@@ -92,12 +97,12 @@ def dealers() -> Iterator[Callable[[str], Dealer]]:
         ctx.term()
 
 
-def served(make: Callable[[str], Dealer], worker: WorkerClient, n: int) -> list[Dealer]:
+def served(make: Callable[[Any], Dealer], worker: WorkerClient, n: int) -> list[Dealer]:
     """``n`` more connections to ``worker``, each with a PING answered."""
     alive = alive_check(worker)
     out = []
     for k in range(n):
-        dealer = make(worker.address)
+        dealer = make(worker)
         assert dealer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED, f"connection {k} was refused"
         dealer.ping(k + 1, alive)
         out.append(dealer)
@@ -110,13 +115,13 @@ def assert_refused(dealer: Dealer) -> None:
     assert dealer.status == 400
 
 
-def served_after_retries(make: Callable[[str], Dealer], worker: WorkerClient,
+def served_after_retries(make: Callable[[Any], Dealer], worker: WorkerClient,
                          timeout: float = 20.0) -> Dealer:
     """A new connection that is served, retried (each attempt refused and closed) until the
     worker has noticed that a slot came free; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        dealer = make(worker.address)
+        dealer = make(worker)
         if dealer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             dealer.ping(99, alive_check(worker))
             return dealer
@@ -136,7 +141,7 @@ def test_n_connections_are_served_and_the_next_is_refused(spawn: Callable[..., W
     assert_answers_ping(worker)  # this client's own connection: one of the CAP
     with dealers() as make:
         ok = served(make, worker, CAP - 1)
-        extra = make(worker.address)
+        extra = make(worker)
         assert_refused(extra)
         try:
             extra.sock.send_multipart(encode_message(Op.PING, 1, {}), zmq.NOBLOCK)
@@ -155,7 +160,7 @@ def test_n_connections_are_served_and_the_next_is_refused(spawn: Callable[..., W
         for k, dealer in enumerate(ok):
             dealer.ping(20 + k, alive)
         again.ping(30, alive)
-        assert_refused(make(worker.address))  # full again
+        assert_refused(make(worker))  # full again
 
 
 @pytest.mark.timeout(120)
@@ -202,7 +207,7 @@ def test_a_flood_beyond_the_cap_costs_the_worker_no_descriptors(spawn: Callable[
         peak = base
         refused: list[Dealer] = []
         for _ in range(waves):  # 300 attempts, all kept open on this side
-            attempts = [make(worker.address) for _ in range(wave)]
+            attempts = [make(worker) for _ in range(wave)]
             for dealer in attempts:
                 assert_refused(dealer)
             peak = max(peak, descriptors(pid))
@@ -261,6 +266,6 @@ def test_a_connection_that_never_handshakes_is_closed_after_ten_seconds() -> Non
                 pass
             took = time.monotonic() - started
         assert took < 20, f"the worker kept a silent connection {took:.1f}s"
-        with raw_dealer(worker.endpoint) as caller:
+        with raw_dealer(worker) as caller:
             caller.send_multipart(encode_message(Op.PING, 1, {}))
             assert next_reply(caller).op is Op.REPLY

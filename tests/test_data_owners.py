@@ -59,7 +59,7 @@ def test_cli_loads_and_tags(dataset: Path) -> None:
     with cli_worker("--id", "bob", "--bind", "tcp://127.0.0.1:0", "--load", str(dataset),
                     "--tag", "#diabetes", "--tag", "#train") as worker:
         assert worker.endpoint.startswith("tcp://127.0.0.1:"), worker.endpoint
-        bob = sy.connect(worker.endpoint)
+        bob = worker.connect()
         (data,) = bob.search("#diabetes", "#train", "#data")
         assert torch.equal(data.mean(dim=0).get(), X.mean(dim=0))
         bob.shutdown()

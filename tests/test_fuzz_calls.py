@@ -53,7 +53,7 @@ def _descs(value: object) -> list[PointerDesc]:
 def test_random_allowed_calls_are_answered_and_change_nothing_else(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
     bob = spawn("bob")
     alive = alive_check(bob)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         next_id = iter(range(1, 10**9))
 
         def request(op: Op, body: dict) -> object:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 
 import zmqsyft as sy
-from tests.helpers import next_reply, raw_dealer, run_script
+from tests.helpers import key_file, next_reply, raw_dealer, run_script
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.messages import Op
 
@@ -84,9 +85,9 @@ def test_pointer_sent_back_to_its_own_worker(bob: sy.WorkerClient) -> None:
     assert bob._objects == {}
 
 
-def _raw_stats(address: str) -> int:
+def _raw_stats(worker: sy.WorkerClient) -> int:
     """Ask a worker how many objects it holds, on a socket of our own (no deletes ride along)."""
-    with raw_dealer(address) as sock:
+    with raw_dealer(worker) as sock:
         sock.send_multipart(encode_message(Op.STATS, 1, {}))
         reply = next_reply(sock, timeout=5.0)
         assert (reply.op, reply.req_id) == (Op.REPLY, 1), reply
@@ -95,19 +96,19 @@ def _raw_stats(address: str) -> int:
 
 def test_timer_flushes_deletes_without_further_messages(bob: sy.WorkerClient) -> None:
     p = torch.tensor([1.0]).send(bob)
-    assert _raw_stats(bob.address) == 1
+    assert _raw_stats(bob) == 1
     del p
     gc.collect()
     deadline = time.monotonic() + 5
-    while _raw_stats(bob.address) != 0:  # each probe waits for a reply; bounded by the deadline
+    while _raw_stats(bob) != 0:  # each probe waits for a reply; bounded by the deadline
         assert time.monotonic() < deadline, "the delete was not flushed by the timer"
 
 
-def test_deletes_pending_at_exit_reach_the_worker(bob: sy.WorkerClient) -> None:
+def test_deletes_pending_at_exit_reach_the_worker(bob: sy.WorkerClient, tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import torch, zmqsyft as sy
         hook = sy.TorchHook(torch)
-        bob = sy.connect({bob.address!r})
+        bob = sy.connect({bob.address!r}, worker_key={bob.key!r}, keys={key_file(tmp_path, bob)!r})
         kept = [torch.ones(3).send(bob) for _ in range(5)]     # alive at exit
         for i in range(50):
             p = torch.tensor([float(i)]).send(bob)
@@ -122,7 +123,7 @@ def test_deletes_pending_at_exit_reach_the_worker(bob: sy.WorkerClient) -> None:
 
 
 def test_torchhook_freezes_start_up_objects_and_cycles_still_free_pointers(
-        bob: sy.WorkerClient) -> None:
+        bob: sy.WorkerClient, tmp_path: Path) -> None:
     """TorchHook moves the objects alive at that moment out of the collector's full passes
     (freeze_gc=False leaves it alone); a pointer caught in a reference cycle made afterwards is
     still collected and frees its remote object."""
@@ -131,7 +132,7 @@ def test_torchhook_freezes_start_up_objects_and_cycles_still_free_pointers(
         frozen = {{}}
         sy.TorchHook(torch, freeze_gc=FREEZE)
         frozen["count"] = gc.get_freeze_count()
-        bob = sy.connect({bob.address!r})
+        bob = sy.connect({bob.address!r}, worker_key={bob.key!r}, keys={key_file(tmp_path, bob)!r})
         p = torch.ones(3).send(bob)
         cycle = [p]
         cycle.append(cycle)                 # only the cyclic collector can free p now

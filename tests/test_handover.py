@@ -18,9 +18,10 @@ import torch
 import zmq
 
 import zmqsyft as sy
-from tests.helpers import alive_check, configured, next_reply, raw_dealer
+from tests.helpers import alive_check, allow, configured, next_reply, raw_dealer
 from zmqsyft import WorkerClient
 from zmqsyft.errors import HandoverRefused, ProtocolError
+from zmqsyft.keys import KeyPair
 from zmqsyft.wire import shm
 from zmqsyft.wire.codec import decode_message, encode_message
 from zmqsyft.wire.exc_codec import encode_exception
@@ -202,13 +203,19 @@ def test_a_moved_tensor_still_used_on_its_worker_is_copied(use: str, spawn: Call
 
 
 @contextmanager
-def _fake_worker(refuse: bool) -> Iterator[tuple[str, list[int]]]:
-    """A ROUTER that answers like a same-host worker but refuses take-overs; yields its address
-    and the list of the extension codes its PUTs carried."""
+def _fake_worker(refuse: bool, *known_by: WorkerClient) -> Iterator[tuple[str, str, list[int]]]:
+    """A ROUTER that answers like a same-host worker but refuses take-overs, with a CURVE key
+    the workers ``known_by`` are told; yields its address, its key and the list of the extension
+    codes its PUTs carried."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    pair = KeyPair.fresh()
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
     port = sock.bind_to_random_port("tcp://127.0.0.1")
+    for worker in known_by:
+        allow(worker, "fake", pair.text)
     seen: list[int] = []
     stop = [False]
 
@@ -237,7 +244,7 @@ def _fake_worker(refuse: bool) -> Iterator[tuple[str, list[int]]]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"tcp://127.0.0.1:{port}", seen
+        yield f"tcp://127.0.0.1:{port}", pair.text, seen
     finally:
         stop[0] = True
         thread.join(5)
@@ -249,13 +256,14 @@ def test_a_refused_take_over_is_retried_as_a_copy(spawn: Callable[..., WorkerCli
                                                   hook: sy.TorchHook) -> None:
     bob = spawn("bob")
     alive = alive_check(bob)
-    with _fake_worker(refuse=True) as (address, seen), raw_dealer(bob.address) as sock:
+    with _fake_worker(True, bob) as (address, key, seen), raw_dealer(bob) as sock:
         sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
         next_reply(sock, alive=alive)
         for obj_id in (11, 12):
             sock.send_multipart(encode_message(Op.PUT, 2, {"id": obj_id, "obj": torch.ones(BIG)}, shm=ALWAYS))
             assert next_reply(sock, alive=alive).op is Op.REPLY
-            sock.send_multipart(encode_message(Op.MOVE, 3, {"id": obj_id, "dest": "fake", "dest_address": address}))
+            sock.send_multipart(encode_message(Op.MOVE, 3, {"id": obj_id, "dest_address": address,
+                                                            "dest_key": key}))
             reply = next_reply(sock, alive=alive)
             assert reply.op is Op.REPLY, reply.body
         # the first move tried a take-over, then copied; the second copied at once
@@ -270,7 +278,7 @@ def test_a_forged_take_over_is_refused_and_the_worker_survives(bob: WorkerClient
     victim.write_bytes(b"\x00" * 16)
     fd = os.open(victim, os.O_RDWR)
     try:
-        with raw_dealer(bob.address) as sock:
+        with raw_dealer(bob) as sock:
             sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
             next_reply(sock, alive=alive)
             name = f"zmqsyft-{os.getpid()}-{os.urandom(16).hex()}"
@@ -351,7 +359,7 @@ def test_a_get_naming_a_hold_id_in_use_is_answered_with_a_copy(bob: WorkerClient
             if msgpack.unpackb(frames[0])[2] == req_id:
                 return frames
 
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
         next_reply(sock, alive=alive)
         sock.send_multipart(encode_message(Op.PUT, 2, {"id": 31, "obj": data}, shm=ALWAYS))

@@ -20,7 +20,7 @@ ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "allowlist", "keys"],
     "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "transport",
              "rpc", "__init__"],
-    "worker": ["store", "executor", "costs", "traffic", "gate", "peers", "context", "objects",
+    "worker": ["access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "context", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["handle", "outbox", "connection", "reaper", "dispatch", "pointer", "session", "api",
                "launch", "nn", "hook", "__init__"],

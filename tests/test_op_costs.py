@@ -45,7 +45,7 @@ def test_a_matmul_of_two_small_tensors_expanded_is_refused_at_once_by_default(sp
     view = one.expand(12000, 12000)
     before = settled_rss(one)
     objects = set(bob._objects)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         started = time.monotonic()
         exc = refused(call(sock, 1, "torch.matmul", ObjRef(view.id_at_location),
                            ObjRef(view.id_at_location), alive=alive), "max_op_flops")
@@ -64,7 +64,7 @@ def test_max_op_flops_bounds_products_decompositions_and_in_place_ops(spawn, hoo
     small, big = torch.rand(200, 200), torch.rand(1000, 1000)
     s, b = small.send(bob), big.send(bob)
     bob.sync()
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         for req_id, fn, args in [
             (1, "torch.matmul", (b, b)),  # 2e9
             (2, "torch.linalg.svd", (b,)),  # ~40 n^3 = 4e10
@@ -101,7 +101,7 @@ def test_an_op_whose_result_size_depends_on_its_data_is_refused_before_it_runs(s
     alive = alive_check(bob)
     x = held.send(bob)
     before = settled_rss(x)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         started = time.monotonic()
         refused(call(sock, 1, fn, ObjRef(x.id_at_location), *more, alive=alive),
                 "max_store_bytes")
@@ -122,7 +122,7 @@ def test_an_op_whose_intermediates_would_not_fit_is_refused_before_it_runs(spawn
     alive = alive_check(bob)
     a, b = torch.rand(1024, 1, 64).send(bob), torch.rand(1, 1024, 64).send(bob)
     before = settled_rss(a)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         refused(call(sock, 1, "torch.nn.functional.pairwise_distance", ObjRef(a.id_at_location),
                      ObjRef(b.id_at_location), alive=alive), "max_store_bytes")
     grew = (peak_rss(bob.pid) - before) / 2**20

@@ -27,15 +27,16 @@ def late_replies(sock: zmq.Socket, req_id: int) -> int:
 def test_a_peer_cannot_answer_a_request_sent_to_another_peer(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
     bob = spawn("bob")
     alive = alive_check(bob)
-    with fake_peer() as (honest, honest_at), fake_peer() as (forger, forger_at), \
-            raw_dealer(bob.address) as caller:
+    with fake_peer(bob, name="honest") as (honest, honest_at, honest_key), \
+            fake_peer(bob, name="forger") as (forger, forger_at, forger_key), \
+            raw_dealer(bob) as caller:
         def put(req_id: int, obj_id: int, desc: PointerDesc) -> None:
             caller.send_multipart(encode_message(Op.PUT, req_id, {"id": obj_id, "obj": desc}))
             assert next_reply(caller, alive=alive).op is Op.REPLY
 
         # bob holds a pointer to each fake peer
-        put(1, 10, PointerDesc("honest", honest_at, 5, 10, (3,), "float32", False, False))
-        put(2, 11, PointerDesc("forger", forger_at, 6, 11, (3,), "float32", False, True))
+        put(1, 10, PointerDesc("honest", honest_at, 5, 10, (3,), "float32", False, False, honest_key))
+        put(2, 11, PointerDesc("forger", forger_at, 6, 11, (3,), "float32", False, True, forger_key))
         # freeing the owning pointer makes bob open its link to the forger (HELLO, DEL)
         caller.send_multipart(encode_message(Op.DEL, 3, {"ids": [11]}))
         assert next_reply(caller, alive=alive).op is Op.REPLY
@@ -90,13 +91,13 @@ def _serve_until(caller: zmq.Socket, req_id: int, peers: list[zmq.Socket],
 def test_four_hundred_spellings_of_one_address_open_one_link(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
     bob = spawn("bob")
     alive = alive_check(bob)
-    with fake_peer() as (peer, peer_at), raw_dealer(bob.address) as caller:
+    with fake_peer(bob) as (peer, peer_at, peer_key), raw_dealer(bob) as caller:
         host, port = peer_at.rsplit(":", 1)
         ids = list(range(1000, 1400))
         for n, obj_id in enumerate(ids):  # tcp://127.0.0.1:PORT, :0PORT, :00PORT, ...
             spelled = f"{host}:{'0' * n}{port}"
             caller.send_multipart(encode_message(Op.PUT, obj_id, {"id": obj_id, "obj": PointerDesc(
-                "fake", spelled, obj_id, obj_id, (1,), "float32", False, True)}))
+                "fake", spelled, obj_id, obj_id, (1,), "float32", False, True, peer_key)}))
             assert next_reply(caller, alive=alive).op is Op.REPLY
         caller.send_multipart(encode_message(Op.DEL, 1, {"ids": ids}))  # frees them on the peer
         assert next_reply(caller, alive=alive).op is Op.REPLY
@@ -106,7 +107,7 @@ def test_four_hundred_spellings_of_one_address_open_one_link(spawn, hook: sy.Tor
         assert len(set(hellos)) == 1, f"bob opened {len(set(hellos))} links to one address"
         # a spelling that is no worker endpoint is refused, and nothing is stored
         caller.send_multipart(encode_message(Op.PUT, 3, {"id": 5, "obj": PointerDesc(
-            "fake", "tcp://0x7f.1:80", 5, 5, (1,), "float32", False, True)}))
+            "fake", "tcp://0x7f.1:80", 5, 5, (1,), "float32", False, True, peer_key)}))
         msg = next_reply(caller, alive=alive)
         assert msg.op is Op.ERROR and "does not name a host" in msg.body["error"]["message"]
     assert bob.stats()["objects"] == 0
@@ -116,11 +117,11 @@ def test_four_hundred_spellings_of_one_address_open_one_link(spawn, hook: sy.Tor
 def test_peer_links_are_capped_and_an_idle_one_makes_room(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
     bob = spawn("bob", config=sy.Config(max_peer_links=2))
     alive = alive_check(bob)
-    with fake_peer() as (a, a_at), fake_peer() as (b, b_at), fake_peer() as (c, c_at), \
-            raw_dealer(bob.address) as caller:
-        for obj_id, at in ((1, a_at), (2, b_at), (3, c_at)):
+    with fake_peer(bob, name="a") as (a, a_at, a_key), fake_peer(bob, name="b") as (b, b_at, b_key), \
+            fake_peer(bob, name="c") as (c, c_at, c_key), raw_dealer(bob) as caller:
+        for obj_id, at, key in ((1, a_at, a_key), (2, b_at, b_key), (3, c_at, c_key)):
             caller.send_multipart(encode_message(Op.PUT, obj_id, {"id": obj_id, "obj": PointerDesc(
-                "fake", at, 9, obj_id, (1,), "float32", False, False)}))
+                "fake", at, 9, obj_id, (1,), "float32", False, False, key)}))
             assert next_reply(caller, alive=alive).op is Op.REPLY
 
         def call(req_id: int, obj_id: int) -> None:

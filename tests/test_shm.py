@@ -101,7 +101,7 @@ def test_a_peer_without_a_matching_hello_cannot_send_shared_memory(bob: WorkerCl
     alive = alive_check(bob)
     data = torch.arange(BIG, dtype=torch.float32)
     policy = ShmPolicy(lambda: True, 1, 60.0)
-    with raw_dealer(bob.address) as sock:
+    with raw_dealer(bob) as sock:
         # no HELLO at all: the segment is refused (and left for its sender to sweep)
         frames = encode_message(Op.PUT, 1, {"id": 4711, "obj": data}, shm=policy)
         name = msgpack.unpackb(frames[0], ext_hook=lambda c, d: msgpack.unpackb(d))[3]["obj"][0]
@@ -154,7 +154,7 @@ def test_bad_segments_are_refused_and_the_worker_survives(case: str, bob: Worker
     elif case == "empty":
         shape = [0]
     try:
-        with raw_dealer(bob.address) as sock:
+        with raw_dealer(bob) as sock:
             sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "local", "host": shm.host_key()}))
             next_reply(sock, alive=alive)
             header = msgpack.packb([PROTOCOL_VERSION, int(Op.PUT), 2, {"id": 99, "obj": _shm_ext(name, shape)}])
@@ -276,7 +276,7 @@ def test_a_worker_with_a_low_open_files_limit_keeps_many_shared_memory_tensors(
         # started under ulimit -Sn 48, the worker raised its soft limit to the hard one at start
         soft, hard = psutil.Process(worker.proc.pid).rlimit(psutil.RLIMIT_NOFILE)
         assert soft == hard != 48
-        lim = sy.connect(worker.endpoint)
+        lim = worker.connect()
         ptrs = [torch.full((1 << 18,), float(i)).send(lim) for i in range(80)]  # 1 MiB each
         stats = lim.stats()
         assert stats["objects"] == 80

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import zmqsyft as sy
-from tests.helpers import cli_worker, run_cli, run_script
+from tests.helpers import cli_worker, key_file, run_cli, run_script
 
 
 def test_spawned_worker_trusts_its_parent_with_code_and_modules(bob: sy.WorkerClient) -> None:
@@ -44,7 +44,7 @@ def test_spawned_worker_trusts_its_parent_with_code_and_modules(bob: sy.WorkerCl
 
 def test_shell_worker_trusts_nobody_and_keeps_serving() -> None:
     with cli_worker("--id", "carol", "--bind", "tcp://127.0.0.1:0") as worker:
-        carol = sy.connect(worker.endpoint)
+        carol = worker.connect()
         with pytest.raises(sy.UntrustedPayload, match="--trust-token") as info:
             carol.run(lambda m: m.weight.sum(), nn.Linear(2, 1))
         assert "carol" in str(info.value)
@@ -68,19 +68,19 @@ def test_shell_worker_with_a_trust_token(tmp_path: Path) -> None:
                     "--trust-token-file", token_file(tmp_path, "s3cret-token")) as worker:
         with open(f"/proc/{worker.proc.pid}/cmdline", "rb") as f:
             assert b"s3cret-token" not in f.read()  # what every local user can read
-        address = worker.endpoint
-        wrong = sy.connect(address, trust_token="not-it")
+        wrong = worker.connect(trust_token="not-it")
         with pytest.raises(sy.UntrustedPayload):
             wrong.run(len, [1, 2, 3])
-        dave = sy.connect(address, trust_token="s3cret-token")
+        dave = worker.connect(trust_token="s3cret-token")
         assert dave.run(len, [1, 2, 3]) == 3
         dave.close()
 
 
-def test_another_program_cannot_send_pickle_to_my_spawned_worker(bob: sy.WorkerClient) -> None:
+def test_another_program_cannot_send_pickle_to_my_spawned_worker(bob: sy.WorkerClient,
+                                                                tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import torch, zmqsyft as sy
-        bob = sy.connect({bob.address!r})
+        bob = sy.connect({bob.address!r}, worker_key={bob.key!r}, keys={key_file(tmp_path, bob)!r})
         try:
             bob.run(print, "pwned")
         except sy.UntrustedPayload:

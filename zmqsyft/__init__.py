@@ -23,6 +23,7 @@ from .client import (
 )
 from .config import Config, configure, get_config
 from .errors import (
+    AccessDenied,
     CommunicationError,
     LimitExceeded,
     LocationMismatch,
@@ -59,5 +60,6 @@ __all__ = [
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
+    "AccessDenied",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

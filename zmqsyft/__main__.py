@@ -1,8 +1,10 @@
-"""Command line: ``zmqsyft worker --id bob --bind tcp://127.0.0.1:5555``.
+"""Command line: ``zmqsyft worker --id bob --bind tcp://127.0.0.1:5555 --keys DIR --allow DIR``.
 
-The worker prints the endpoint it bound (``port 0`` picks a free one) and serves until it gets a
-``SHUTDOWN``, SIGTERM or Ctrl-C. Binding anything but loopback or ``ipc://`` exposes the worker
-to the network and needs ``--insecure`` until CURVE authentication is configured.
+The worker prints the endpoint it bound (``port 0`` picks a free one) and its public key, and
+serves until it gets a ``SHUTDOWN`` (from an admin), SIGTERM or Ctrl-C. Every connection is
+CURVE (authenticated, encrypted) and accepted only from the keys it was given (``--allow``,
+``--admin``, ``--trust``). ``--insecure`` turns that off, loudly, and only on loopback or ipc
+unless ``--insecure-network`` is given too. ``zmqsyft keys new NAME`` makes key pairs.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
-def _trust_token(args: argparse.Namespace) -> str:
+def _trust_token(args: argparse.Namespace, spawned: dict[str, object]) -> str:
     """The token whose presenters may send pickled code: from a file only this user can read,
     from the pipe a spawning parent wrote it to, or from ``ZMQSYFT_TRUST_TOKEN`` (then taken out
     of the environment, so that nothing this worker starts inherits it). Never from argv, which
@@ -57,8 +59,8 @@ def _trust_token(args: argparse.Namespace) -> str:
             "it to a file only you can read (chmod 600 FILE) and pass --trust-token-file FILE")
     token = os.environ.pop("ZMQSYFT_TRUST_TOKEN", "")
     if args.token_fd is not None:
-        with os.fdopen(args.token_fd, encoding="utf-8") as pipe:
-            token = pipe.read().strip()
+        given = spawned.get("token")
+        token = given if isinstance(given, str) else ""
     if args.trust_token_file is not None:
         token = _read_private(args.trust_token_file)
     return token
@@ -85,19 +87,59 @@ def _read_private(path: str) -> str:
     return token
 
 
+def _spawned(args: argparse.Namespace) -> dict[str, object]:
+    """What a spawning parent wrote to the pipe ``--token-fd``: its trust token, its public key
+    (the worker's admin, trusted) and the keys of its other workers (JSON)."""
+    import json
+
+    with os.fdopen(args.token_fd, encoding="utf-8") as pipe:
+        text = pipe.read()
+    try:
+        got = json.loads(text)
+    except ValueError:
+        raise ValueError("the spawning parent's pipe did not hold what a worker expects") from None
+    if not isinstance(got, dict):
+        raise ValueError("the spawning parent's pipe did not hold what a worker expects")
+    return got
+
+
+def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool) -> object:
+    """The keys the worker accepts, and their rights, from its flags and its parent."""
+    from .keys import load_dir, public_key
+    from .worker.access import Access, Principal
+
+    access = Access(insecure=insecure)
+    if insecure:
+        return access
+    for directory in args.allow:
+        for name, key in load_dir(directory).items():
+            access.allow(Principal(key.decode(), name))
+    for flag, admin, trusted in (("admin", True, False), ("trust", False, True)):
+        for path in getattr(args, flag):
+            name = os.path.basename(path).split(".key")[0]
+            access.allow(Principal(public_key(path).decode(), name, admin=admin, trusted=trusted))
+    parent = spawned.get("key")
+    if isinstance(parent, str) and parent:
+        name = spawned.get("name")
+        access.allow(Principal(public_key(parent).decode(),
+                               name if isinstance(name, str) and name else "parent",
+                               admin=True, trusted=True))
+    peers = spawned.get("peers")
+    for entry in peers if isinstance(peers, list) else ():
+        if isinstance(entry, list) and len(entry) == 2:
+            access.allow(Principal(public_key(str(entry[1])).decode(), str(entry[0])[:64]))
+    return access
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .config import from_environ
+    from .keys import KeyPair
     from .wire import shm, transport
     from .worker import Worker, costs
 
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    if not transport.is_loopback(args.bind) and not args.insecure:
-        print(f"zmqsyft worker: refusing to bind {args.bind} without authentication: it would let "
-              "anyone who can reach it run operations on this worker. Bind 127.0.0.1 or ipc://, "
-              "or pass --insecure on a network you trust.", file=sys.stderr)
-        return 2
     # every connection to the worker takes a descriptor, as does every tensor it maps: a soft
     # limit of a few hundred would let a few hundred idle connections lock everyone else out
     shm.make_fd_room()
@@ -105,21 +147,49 @@ def _worker(args: argparse.Namespace) -> int:
         cfg = from_environ()
         if args.timeout is not None:
             cfg = replace(cfg, timeout=args.timeout)
+        if args.lease is not None:
+            cfg = replace(cfg, lease=args.lease)
+        if args.insecure:
+            cfg = replace(cfg, insecure=True)
         cfg = replace(cfg, **{name: value for name in LIMITS
                               if (value := getattr(args, name)) is not None})
     except ValueError as exc:
         print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
         return 2
+    if cfg.insecure and not transport.is_loopback(args.bind) and not args.insecure_network:
+        print(f"zmqsyft worker '{args.id}': refusing to bind {args.bind} without authentication "
+              "(--insecure): anyone who can reach it could read, change and take every object "
+              "and stop it. Drop --insecure (connections are then CURVE: give clients' keys with "
+              "--allow DIR), or add --insecure-network on a network whose every host you trust.",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
     try:
-        token = _trust_token(args)
-    except ValueError as exc:
-        print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
+        spawned = _spawned(args) if args.token_fd is not None else {}
+        token = _trust_token(args, spawned)
+        access = _access(args, spawned, cfg.insecure)
+        keys = None
+        pair = spawned.get("worker_key")
+        if isinstance(pair, list) and len(pair) == 2 and not cfg.insecure:
+            keys = KeyPair(str(pair[0]).encode("ascii"), str(pair[1]).encode("ascii"))
+        elif args.keys is not None and not cfg.insecure:
+            keys = KeyPair.load(os.path.join(args.keys, f"{args.id}.key_secret"))
+    except (ValueError, OSError) as exc:
+        text = getattr(exc, "strerror", None) or str(exc)
+        if isinstance(exc, OSError) and exc.filename:
+            text = f"{exc.filename}: {text} (make it with: zmqsyft keys new {args.id} --dir {args.keys})"
+        print(f"zmqsyft worker '{args.id}': {text}", file=sys.stderr)
         return 2
+    if cfg.insecure:
+        logging.getLogger("zmqsyft.worker").warning(
+            "worker %s runs INSECURE (--insecure / ZMQSYFT_INSECURE): no authentication, no "
+            "encryption; every connection may read, change and take every object and stop it",
+            args.id)
     try:
         worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid,
-                        trust_tokens=frozenset([token]) if token else frozenset())
+                        trust_tokens=frozenset([token]) if token else frozenset(), keys=keys,
+                        access=access)
     except Exception as exc:  # noqa: BLE001 - report, do not trace
         print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 1
@@ -142,9 +212,11 @@ def _worker(args: argparse.Namespace) -> int:
     shm.sweep_orphans()  # segments of killed processes that no message will ever name again
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as ready:
-            ready.write(f"READY {worker.address} {os.getpid()}\n")
+            ready.write(f"READY {worker.address} {os.getpid()} {worker.key or '-'}\n")
     else:
-        print(f"zmqsyft worker '{args.id}' listening on {worker.address}", flush=True)
+        print(f"zmqsyft worker '{args.id}' listening on {worker.address}"
+              + (f" with key {worker.key}" if worker.key else " INSECURE (no key)")
+              + f"; {len(access)} client keys allowed", flush=True)
     # every op's cost is estimated before it runs; load what that needs while nothing is asked yet
     warm = threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True)
     warm.start()
@@ -194,7 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--bind", default="tcp://127.0.0.1:0",
                    help="endpoint to bind (default tcp://127.0.0.1:0: loopback, a free port)")
     w.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without authentication")
+                   help="no authentication, no encryption: anyone who can connect may do "
+                        "anything (loopback and ipc only, unless --insecure-network)")
+    w.add_argument("--insecure-network", action="store_true",
+                   help="with --insecure: allow binding a non-loopback address")
+    w.add_argument("--keys", default=None, metavar="DIR",
+                   help="the worker's key pair is DIR/ID.key_secret (zmqsyft keys new ID --dir "
+                        "DIR); default: a fresh key each start, printed")
+    w.add_argument("--allow", action="append", default=[], metavar="DIR",
+                   help="accept connections from every public key NAME.key in DIR (clients, peer "
+                        "workers); repeatable")
+    w.add_argument("--admin", action="append", default=[], metavar="KEYFILE",
+                   help="a public key that may also stop the worker, see every object and all "
+                        "statistics (repeatable)")
+    w.add_argument("--trust", action="append", default=[], metavar="KEYFILE",
+                   help="a public key that may also send pickled code (run(), modules), which "
+                        "runs as this worker's user (repeatable)")
+    w.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                   help="how long a disconnected client's objects are kept for it (default 60)")
     w.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT, or 60)")
     w.add_argument("--log-level", default=os.environ.get("ZMQSYFT_LOG", "warning"),

@@ -89,6 +89,16 @@ class Config:
         Tensors of at least this many bytes bound for a process on the same machine (same
         ``/dev/shm``, same user) travel through shared memory: written once, mapped by the
         receiver, no socket copies. ``0`` turns this off (every tensor goes through the socket).
+    lease : float
+        Seconds a worker keeps a session's objects after its last connection closed (a client
+        killed, a notebook restarted, a host gone silent for three heartbeats). A client that
+        reconnects within the lease, with the same key and session, keeps them; after it they
+        are freed, except what the session handed to others.
+    insecure : bool
+        No authentication and no encryption: workers accept any connection (ZeroMQ's NULL
+        mechanism), and every caller is every object's owner and an admin. Only for a machine
+        or network whose every user and host you trust; off by default, when every connection
+        is CURVE (authenticated, encrypted) and every object has an owner.
     """
 
     timeout: float = 60.0
@@ -108,9 +118,12 @@ class Config:
     snapshot_max_elements: int = 1000
     close_timeout: float = 5.0
     shm_threshold: int = 1 << 20
+    lease: float = 60.0
+    insecure: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout"):
+        for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout",
+                     "lease"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"zmqsyft config: {name} must be a finite number > 0, got {value!r}")

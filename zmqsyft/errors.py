@@ -11,6 +11,7 @@
  ├─ ``SecurityError``             something was refused on purpose
  │   ├─ ``OpNotAllowed``          an op name outside the allow-list
  │   ├─ ``UntrustedPayload``      a pickled payload sent to a worker that does not trust the sender
+ │   ├─ ``AccessDenied``          an object or operation that is not the caller's to use that way
  │   └─ ``LimitExceeded``         a request would pass one of the worker's limits
  ├─ ``PointerError``              misuse of a pointer
  │   ├─ ``ObjectNotFound``        the object a pointer names is gone (got, freed, never existed)
@@ -34,6 +35,7 @@ __all__ = [
     "SerializationError",
     "HandoverRefused",
     "SecurityError",
+    "AccessDenied",
     "OpNotAllowed",
     "UntrustedPayload",
     "LimitExceeded",
@@ -83,6 +85,11 @@ class HandoverRefused(ProtocolError):
 
 class SecurityError(ZmqSyftError, PermissionError):
     """A request was refused on purpose (allow-list, trust)."""
+
+
+class AccessDenied(SecurityError):
+    """The object, or the operation, is not the caller's to use that way (another principal owns
+    it, it was shared read-only, or the operation is for the worker's admins)."""
 
 
 class OpNotAllowed(SecurityError):

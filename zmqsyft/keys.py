@@ -13,12 +13,15 @@ import datetime
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
-__all__ = ["DEFAULT_DIR", "new_keypair", "load_public", "load_secret"]
+__all__ = ["DEFAULT_DIR", "KeyPair", "new_keypair", "load_public", "load_secret", "public_key",
+           "load_dir"]
 
 DEFAULT_DIR = Path.home() / ".zmqsyft" / "keys"
 """Where ``zmqsyft keys new`` puts key pairs unless told otherwise (made with mode 700)."""
@@ -97,3 +100,89 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
                          f"{stat.S_IMODE(info.st_mode):o}): whoever reads it can act as you. "
                          f"chmod 600 {path}")
     return public, secret
+
+
+_Z85 = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair in Z85 text (40 bytes each): who a worker or a client is.
+
+    ``repr`` never shows the secret half.
+    """
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def fresh(cls) -> KeyPair:
+        """A new key pair, in memory only (a spawned worker's, a session's)."""
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KeyPair:
+        """The pair in a ``NAME.key_secret`` file (``NAME`` or ``NAME.key`` name it too); see
+        :func:`load_secret` for what is refused."""
+        path = os.path.expanduser(os.fspath(path))
+        if path.endswith(".key"):
+            path += "_secret"
+        elif not path.endswith(".key_secret") and not os.path.exists(path):
+            path += ".key_secret"
+        public, secret = load_secret(path)
+        return cls(public, secret)
+
+    @property
+    def text(self) -> str:
+        """The public key as text (what a worker's principals are named by)."""
+        return self.public.decode("ascii")
+
+    def __repr__(self) -> str:
+        return f"KeyPair(public={self.text!r})"
+
+
+def public_key(value: str | bytes | os.PathLike[str]) -> bytes:
+    """A public key (Z85, 40 bytes) from its text, or from a ``.key`` / ``.key_secret`` file.
+
+    Raises ``ValueError`` if ``value`` is neither."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = os.fspath(value)
+    if not _Z85.fullmatch(text):
+        text = os.path.expanduser(text)
+    if _Z85.fullmatch(text) and not os.path.exists(text):
+        try:
+            zmq.utils.z85.decode(text)
+        except Exception:  # noqa: BLE001 - not Z85 after all
+            pass
+        else:
+            return text.encode("ascii")
+    try:
+        public = load_public(text)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{text!r} is neither a public key (40 characters of Z85) nor a key file "
+                         f"that can be read: {exc}") from None
+    if not public:
+        raise ValueError(f"{text} holds no public key")
+    return public
+
+
+def load_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every public key in ``directory``: ``NAME.key`` -> ``{NAME: key}`` (sorted by name).
+
+    Raises ``ValueError`` if the directory cannot be read or a file in it is not a key file."""
+    folder = Path(directory)
+    try:
+        names = sorted(p for p in folder.iterdir() if p.name.endswith(".key"))
+    except OSError as exc:
+        raise ValueError(f"cannot read the key directory {folder}: {exc.strerror}") from None
+    found: dict[str, bytes] = {}
+    for path in names:
+        try:
+            key = load_public(path)
+        except Exception as exc:  # noqa: BLE001 - say which file
+            raise ValueError(f"{path} is not a key file: {exc}") from None
+        if key:
+            found[path.name[: -len(".key")]] = key
+    return found

@@ -8,9 +8,9 @@ so that late replies are discarded, when the worker turns out to be dead, frozen
 Pipelined ops issued while earlier requests to the same worker are still unanswered are queued
 (Nagle's algorithm, for messages) and go out together as one ``BATCH`` message: once
 ``pipeline_batch`` have queued, before this thread sends or waits for anything else, and
-otherwise after at most about a millisecond, sent by the client's flusher thread. The socket is
-guarded by a lock for that one foreign use; the flusher never blocks on it. The queues of all of
-a session's connections are listed in its :class:`~zmqsyft.client.outbox.Outboxes`, which owns the flusher thread.
+otherwise after at most about a millisecond, sent by the client's flusher thread (owned by the
+session's :class:`~zmqsyft.client.outbox.Outboxes`, which lists every connection's queue). The
+socket is guarded by a lock for that one foreign use; the flusher never blocks on it.
 
 Request ids, the requests in flight, replies, ``ACKS``, the ``HELLO`` negotiation and failing
 everything when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`), which a
@@ -43,8 +43,8 @@ __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 _POLL_SLICE = 0.1  # seconds between liveness checks while waiting
-# requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _SMALL = 1 << 20  # a message of one frame shorter than this is not measured against the limit
+# requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
 
@@ -68,6 +68,8 @@ class Host(Protocol):
 
     name: str
     ctx: zmq.Context
+    keys: Any  # the session's KeyPair (what it is known by), and its id (what it owns for)
+    session_id: str
     outboxes: Outboxes
     _deletes: collections.deque[tuple[str, int]]
 
@@ -107,11 +109,12 @@ class Connection(RequestCore):
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
             self.worker._check_open()
-            self.sock, self.watch = transport.make_dealer(self.host.ctx, self.worker.address,
-                                                          self.host.cfg)
-            # the first message names us, for the worker's per-peer counters (stats())
-            self._take_over = False
-            req_id, hello = self.hello(self.host.name, self.worker.trust_token or "")
+            keys, key = self.worker.client_keys or self.host.keys, self.worker.key
+            self.sock, self.watch = transport.make_dealer(  # (address: waits for a spawned one)
+                self.host.ctx, self.worker.address, self.host.cfg,
+                (keys.public, keys.secret, key.encode("ascii")) if key else None)
+            self._take_over = False  # HELLO first: it names our session (what we store is its)
+            req_id, hello = self.hello(self.host.name, self.worker.trust_token or "", self.host.session_id)
             self._hello = _Pending((), (), "hello", awaited=False)
             self.track(req_id, self._hello)
             transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))

@@ -40,6 +40,8 @@ class SessionLike(Protocol):
 
     def drop_connections(self, worker: Any) -> None: ...
 
+    def introduce(self, worker: Any) -> None: ...
+
 
 class WorkerHandle:
     """A handle to one worker process, local (spawned) or remote (connected).
@@ -71,6 +73,9 @@ class WorkerHandle:
         self.dirty = False  # it may have relayed requests on: sync() must FLUSH it
         self.trust_token: str | None = None  # presented in HELLO: lets us send pickled code
         self.private_dir: str | None = None  # the ipc socket's directory, made by spawn_worker
+        self.key = ""  # the worker's public key (Z85 text; "": insecure)
+        self.client_keys: Any = None  # the KeyPair we present to it (None: the session's)
+        self.spawned = proc is not None  # by this process: we are its admin
 
     # ----------------------------------------------------------- readiness
     @property
@@ -128,7 +133,14 @@ class WorkerHandle:
             raise SpawnError(
                 f"worker '{self.id}' exited (code {code}) before it was ready; its error output "
                 "is above")
-        self._ready_address = line.split()[1]
+        parts = line.split()
+        if self.key and (len(parts) < 4 or parts[3] != self.key):
+            self._kill()
+            self.closed = True
+            raise SpawnError(f"worker '{self.id}' reported ready with another key than the one it "
+                             "was given; it was killed")
+        self._ready_address = parts[1]
+        self.session.introduce(self)
 
     def _exit_status(self) -> str | None:
         """``None`` while the worker may be alive; otherwise why it is not."""

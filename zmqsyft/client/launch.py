@@ -10,6 +10,7 @@ parallel. Every handle belongs to the process-wide session, :func:`get_session`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
+from ..keys import KeyPair, public_key
 from ..wire import transport
 from .api import WorkerClient
 from .session import Session
@@ -99,12 +101,18 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         value = getattr(cfg, field.name)
         child_env[f"ZMQSYFT_{field.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
     child_env.update(env or {})
-    # the worker trusts its parent (and nobody else) with pickle: a fresh token, handed over in a
-    # pipe, never in argv or the environment (a caller's env= may still set one, or "" for none)
+    # the worker's keys, and whom it knows: this process (its admin, trusted with pickle) and the
+    # other workers it spawned, handed over in a pipe, never in argv or the environment; also
+    # a trust token for pickle (a caller's env= may still set one, or "" for none)
     token = child_env.pop("ZMQSYFT_TRUST_TOKEN", None)
     token = secrets.token_hex(32) if token is None else token
+    worker_keys = None if cfg.insecure else KeyPair.fresh()
+    handover = {"token": token, "name": session.name}
+    if worker_keys is not None:
+        handover.update(key=session.keys.text, peers=session.spawned_keys(),
+                        worker_key=[worker_keys.text, worker_keys.secret.decode("ascii")])
     token_r, token_w = os.pipe()
-    os.write(token_w, token.encode())  # a few bytes: the pipe holds them until the child reads
+    os.write(token_w, json.dumps(handover).encode())  # < 1 KiB: the pipe holds it for the child
     os.close(token_w)
     cmd += ["--token-fd", str(token_r)]
     try:
@@ -117,6 +125,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         os.close(write_fd)
         os.close(token_r)
     handle = WorkerClient(session, worker_id, bind, proc=proc, ready_fd=read_fd)
+    handle.key = worker_keys.text if worker_keys is not None else ""
     handle.trust_token = token or None
     handle.private_dir = private_dir
     session.register(handle)
@@ -131,26 +140,67 @@ def VirtualWorker(hook: Any = None, id: str = "worker", **kwargs: Any) -> Worker
     return spawn_worker(id, **kwargs)
 
 
-def connect(address: str, *, timeout: float | None = None, trust_token: str | None = None) -> WorkerClient:
+def connect(address: str, *, worker_key: str | bytes | os.PathLike[str] | None = None,
+            keys: str | os.PathLike[str] | KeyPair | None = None, timeout: float | None = None,
+            trust_token: str | None = None) -> WorkerClient:
     """Connect to a worker that is already running (e.g. started with ``zmqsyft worker``).
 
-    ``trust_token``: the worker's ``--trust-token``, to be allowed to send it pickled code
-    (:meth:`WorkerClient.run`); not needed for tensors and pointers.
+    Parameters
+    ----------
+    address : str
+        Its endpoint (``tcp://192.168.1.20:5555``).
+    worker_key : str or path
+        Its public key: the text it printed at start, or its ``NAME.key`` file. The connection
+        completes only with the holder of the matching secret, and is encrypted. Not needed
+        with ``Config.insecure``.
+    keys : path or KeyPair, optional
+        Who you are to it: your ``NAME.key_secret`` file (``zmqsyft keys new NAME``), whose
+        ``NAME.key`` the worker was given with ``--allow``/``--admin``/``--trust``. Default:
+        this process's own fresh key, which only workers it spawned know.
+    timeout : float, optional
+        Seconds to wait for its answer.
+    trust_token : str, optional
+        The token in the worker's ``--trust-token-file``, to be allowed to send it pickled code
+        (:meth:`WorkerClient.run`); a key given with ``--trust`` needs none.
 
     Raises
     ------
     WorkerUnavailable
-        If no worker answers at ``address`` within the deadline.
+        If no worker answers at ``address`` within the deadline, or the handshake fails (a
+        wrong ``worker_key``).
     LimitExceeded
-        If the worker refuses the connection during the handshake: it serves its
-        ``max_connections`` already (or does not authorise this client).
+        If the worker refuses the connection during the handshake: your key is not one it
+        allows, or it serves its ``max_connections`` already.
+    ValueError
+        If ``worker_key`` is missing (and the config is not insecure) or not a key.
     """
     session = get_session()
-    known = session.find(address) is not None
-    handle = session.worker_at(address, address)
+    key, existing = "", session.find(address)
+    if worker_key is not None:
+        key = public_key(worker_key).decode("ascii")
+    elif existing is not None and existing.key:  # a worker this process knows already
+        key = existing.key
+    elif not session.cfg.insecure:
+        raise ValueError(
+            f"connect({address!r}) needs the worker's public key: worker_key='<40 characters>' "
+            "(the worker prints it when it starts) or worker_key='path/to/NAME.key'. Without "
+            "keys at all, both ends must run insecure (--insecure, sy.configure(insecure=True))")
+    client_keys = keys if isinstance(keys, KeyPair) or keys is None else KeyPair.load(
+        os.path.expanduser(os.fspath(keys)))
+    known = existing is not None
+    if known and existing.spawned and key != existing.key:
+        raise ValueError(f"this process spawned the worker at {address}, whose key is "
+                         f"{existing.key}, not {key}")
+    handle = session.worker_at(address, address, key)
+    redo = False
+    if key and handle.key != key:  # a worker restarted there, with a new key
+        handle.key, redo = key, True
+    if client_keys is not None and handle.client_keys != client_keys:
+        handle.client_keys, redo = client_keys, True
     if trust_token is not None and handle.trust_token != trust_token:
-        handle.trust_token = trust_token
-        session.drop_connections(handle)  # the next connection presents the token
+        handle.trust_token, redo = trust_token, True
+    if redo:
+        session.drop_connections(handle)  # the next connection presents the new credentials
     try:
         info = session.conn(handle).peer_info(timeout)
     except LimitExceeded:  # it refused this connection: at its max_connections, or not authorised

@@ -104,12 +104,13 @@ def module_move(module: nn.Module, worker: Any) -> nn.Module:
         t._check_usable(".move()")
         conn = t.location.session.conn(t.location)
         moving.append((t, conn, conn.send(
-            Op.MOVE, Move(id=t.id_at_location, dest_address=worker.address),
+            Op.MOVE, Move(id=t.id_at_location, dest_address=worker.address, dest_key=worker.key),
             keep=(t,), what=f".move() of parameter {name!r} to '{worker.id}'")))
     for t, conn, req in moving:
         collapsed = MoveReply.from_wire(conn.wait(req).body).collapsed
         if collapsed is not None:
-            t._retarget(worker.session.worker_at(collapsed.address, collapsed.location),
+            t._retarget(worker.session.worker_at(collapsed.address, collapsed.location,
+                                                 collapsed.key),
                         collapsed.id_at_location)
         else:
             t._retarget(worker, t.id_at_location)

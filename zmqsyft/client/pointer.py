@@ -23,7 +23,7 @@ import torch
 
 from ..errors import HandoverRefused, PointerError, PointerReleased
 from ..ids import new_id
-from ..wire.bodies import Get, GetReply, Move, MoveReply, Put, RemoteGet
+from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import dtype_name
 from .dispatch import torch_function
@@ -104,7 +104,8 @@ class PointerTensor(torch.Tensor):
 
     def _desc(self, owned: bool) -> PointerDesc:
         return PointerDesc(self.location.id, self.location.address, self.id_at_location, self.id,
-                           tuple(self._shape), dtype_name(self._dtype), self._rg, owned)
+                           tuple(self._shape), dtype_name(self._dtype), self._rg, owned,
+                           self.location.key)
 
     @classmethod
     def _become(cls, tensor: torch.Tensor, location: WorkerHandle, id_at_location: int) -> None:
@@ -235,7 +236,14 @@ class PointerTensor(torch.Tensor):
         check_worker(worker, more, "send")
         self._check_usable(".send()")
         self._settle()
-        worker.session.conn(worker).request(
+        session = worker.session
+        worker.address  # noqa: B018 - a spawned worker is ready, so its peers know its key
+        if worker.key and self.location.key and worker.address != self.location.address:
+            # the worker holding it lets `worker` own (or read) it first
+            session.conn(self.location).request(
+                Op.GIVE, Give(ids=[self.id_at_location], to=worker.key, read_only=not self._owned),
+                keep=(self,), what=f".send() of a pointer to '{worker.id}'")
+        session.conn(worker).request(
             Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
             what=f".send() of a pointer to '{worker.id}'")
         if self._owned:  # the ownership went with it; a non-owning pointer stays usable
@@ -257,11 +265,12 @@ class PointerTensor(torch.Tensor):
         self._check_owner(".move()")
         session = self.location.session
         reply = session.conn(self.location).request(
-            Op.MOVE, Move(id=self.id_at_location, dest_address=worker.address), keep=(self,),
+            Op.MOVE, Move(id=self.id_at_location, dest_address=worker.address,
+                          dest_key=worker.key), keep=(self,),
             what=f".move() to '{worker.id}'")
         collapsed = MoveReply.from_wire(reply.body).collapsed
         if collapsed is not None:
-            self._retarget(session.worker_at(collapsed.address, collapsed.location),
+            self._retarget(session.worker_at(collapsed.address, collapsed.location, collapsed.key),
                            collapsed.id_at_location)
         else:
             self._retarget(worker, self.id_at_location)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import socket
 import threading
 import weakref
@@ -26,8 +27,9 @@ from torch.utils import _pytree as pytree
 
 from ..config import Config, get_config, on_change
 from ..errors import ZmqSyftError
+from ..keys import KeyPair
 from ..wire import transport
-from ..wire.bodies import Flush
+from ..wire.bodies import Allow, Flush
 from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import DTYPES
 from .connection import Connection
@@ -66,6 +68,8 @@ class Session:
             on_change(self._reconfigure)
         self._make_handle = make_handle
         self.name = f"client:{socket.gethostname()}:{os.getpid()}"
+        self.keys = KeyPair.fresh()  # who this process is to the workers it spawns
+        self.session_id = secrets.token_hex(16)  # what our objects are kept for (leases)
         self.ctx = transport.context()
         self._local = threading.local()
         self._lock = threading.RLock()
@@ -105,13 +109,42 @@ class Session:
                     return w
         return None
 
-    def worker_at(self, address: str, name: str) -> WorkerHandle:
-        """The handle for the worker at ``address`` (a connected one is made if unknown)."""
+    def worker_at(self, address: str, name: str, key: str = "") -> WorkerHandle:
+        """The handle for the worker at ``address`` with public key ``key`` (a connected one is
+        made if unknown)."""
         with self._lock:
             worker = self.find(address)
             if worker is None:
-                worker = self.register(self._make_handle(self, name, address))
+                worker = self._make_handle(self, name, address)
+                worker.key = key
+                self.register(worker)
+            elif key and not worker.key:
+                worker.key = key
             return worker
+
+    def introduce(self, worker: WorkerHandle) -> None:
+        """A worker this process spawned is ready: let the others it spawned accept its
+        connections and connect to it (it knew theirs from its start)."""
+        if not worker.key:
+            return
+        others = [w for w in self.workers() if w is not worker and w.spawned and w.key]
+        sent = []
+        for other in others:
+            try:
+                conn = self.conn(other)
+                sent.append(conn.send(Op.ALLOW, Allow(keys={worker.id: worker.key}),
+                                      what=f"introducing '{worker.id}'"))
+            except ZmqSyftError as exc:  # closed or dead meanwhile: nothing to introduce to
+                log.debug("could not introduce %s to %s: %s", worker.id, other.id, exc)
+                continue
+            try:
+                conn.wait(sent[-1])
+            except ZmqSyftError as exc:
+                log.debug("could not introduce %s to %s: %s", worker.id, other.id, exc)
+
+    def spawned_keys(self) -> list[tuple[str, str]]:
+        """The names and public keys of the workers this process spawned."""
+        return [(w.id, w.key) for w in self.workers() if w.spawned and w.key]
 
     def forget(self, worker: WorkerHandle) -> None:
         with self._lock:
@@ -162,7 +195,7 @@ class Session:
     # -------------------------------------------------------------- pointers
     def pointer_from_desc(self, desc: PointerDesc, owner: str = "me") -> PointerTensor:
         """Rebuild a pointer from a descriptor a worker sent (ownership as the descriptor says)."""
-        location = self.worker_at(desc.address, desc.location)
+        location = self.worker_at(desc.address, desc.location, desc.key)
         return PointerTensor(location, desc.id_at_location, desc.shape, DTYPES[desc.dtype],
                              desc.requires_grad, id=desc.ptr_id, owner=owner,
                              owned=desc.owned and owner == "me")

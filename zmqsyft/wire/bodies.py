@@ -14,6 +14,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 > peer?: str - the sender's name, for the traffic counters
                 > trust?: str - a trust token: a match lets this connection send pickled payloads
                 > host?: str - the sender's host key: a match lets both ends use shared memory
+                > session?: str - the sender's session id: what it stores is kept for the session
+                    while it is connected, and for the lease after
                 < id: str - the worker's name
                 < pid?: int - its process id (0: not told)
                 < version?: int - its protocol version
@@ -23,9 +25,14 @@ acknowledgement); ``key?`` is optional, with a default::
                 < shm?: bool - whether it accepts shared-memory tensors from this connection
                 < max_message_size?: int - the largest message it accepts, bytes (-1: any; 0: not
                     told)
+                < worker_key?: str - its public key ('': insecure)
+                < principal?: str - the name it knows the caller by (its key's)
+                < admin?: bool - whether the caller is one of its admins
     PUT         Store a value.
                 > id: object id - the id to store it under
                 > obj: value - a tensor, a pointer descriptor, a number, ...
+                > owner?: str - a principal's key: store it for that principal instead of the sender
+                    (a move on a client's behalf); '' for the sender
     GET         Take an object away (``get`` is destructive).
                 > id: object id - the object
                 > handover?: object id or 0 - an id the caller chose: a tensor received through
@@ -47,6 +54,7 @@ acknowledgement); ``key?`` is optional, with a default::
     MOVE        Push an object straight to another worker; free it here once that one has it.
                 > id: object id - the object
                 > dest_address: str - the address of the worker to move it to
+                > dest_key?: str - that worker's public key ('': insecure)
                 < collapsed?: pointer descriptor or nil - the object was a pointer to
                     'dest_address': what it pointed to, which is where the data is now
     REMOTE_GET  The object is a pointer: fetch what it points to and keep that in its place.
@@ -60,7 +68,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 < id: str - the worker's name
                 < objects: int - how many objects it holds
                 < counters?: map - dropped, refused and late messages, shm bytes
-                < peers?: map - per peer name: messages, bytes, largest message, each way
+                < peers?: map - per principal: messages, bytes, largest message, each way
+                < principals?: map - per principal: objects, bytes, sessions, connections
     SHUTDOWN    Reply, then exit.
     SEARCH      Find the worker's own data by tags.
                 > tags: [str] - every tag an object must carry
@@ -71,12 +80,19 @@ acknowledgement); ``key?`` is optional, with a default::
                 > kwargs?: map - keyword arguments
                 > grad?: bool - the caller's grad mode
                 < result?: value - the result, tensors kept here as pointer descriptors
+    GIVE        Hand objects to another principal: ownership (the sender's own objects), or read-only use.
+                > ids: [object id] - the objects
+                > to: str - the principal's public key (one the worker knows)
+                > read_only?: bool - share them to compute with instead of giving them away
+    ALLOW       (admins only) Accept connections from more keys: a spawning client's other workers.
+                > keys: map - name -> public key
     ACKS        (request id 0) empty replies to several requests at once.
                 > ids: [request id] - the request ids
     BATCH       (request id 0) several requests, handled in order as if each had come alone.
                 > msgs: [bytes] - complete single-frame messages (no BATCH among them)
     ERROR       A failed request's reply.
                 < error: map - the encoded exception (zmqsyft.wire.exc_codec)
+
 """
 
 from __future__ import annotations
@@ -114,7 +130,7 @@ from .schema import (
 __all__ = ["Body", "REQUESTS", "REPLIES", "wire_table", "Hello", "HelloReply", "Put", "Get",
            "GetReply", "Call", "CallReply", "Del", "Move", "MoveReply", "RemoteGet", "Objects",
            "ObjectsReply", "Flush", "Ping", "PingReply", "Stats", "StatsReply", "Shutdown",
-           "Search", "SearchReply", "Run", "RunReply", "Acks", "Batch", "Error"]
+           "Search", "SearchReply", "Run", "RunReply", "Give", "Allow", "Acks", "Batch", "Error"]
 
 # ------------------------------------------------------------------------ the bodies
 @body(Op.HELLO)
@@ -123,6 +139,8 @@ class Hello(Body):
     peer: str = key(STR, "the sender's name, for the traffic counters", "")
     trust: str = key(STR, "a trust token: a match lets this connection send pickled payloads", "")
     host: str = key(STR, "the sender's host key: a match lets both ends use shared memory", "")
+    session: str = key(STR, "the sender's session id: what it stores is kept for the session "
+                       "while it is connected, and for the lease after", "")
 
 
 @body(Op.HELLO, reply=True)
@@ -136,6 +154,9 @@ class HelloReply(Body):
     shm: bool = key(BOOL, "whether it accepts shared-memory tensors from this connection", False)
     max_message_size: int = key(INT, "the largest message it accepts, bytes (-1: any; 0: not told)",
                                 0)
+    worker_key: str = key(STR, "its public key ('': insecure)", "")
+    principal: str = key(STR, "the name it knows the caller by (its key's)", "")
+    admin: bool = key(BOOL, "whether the caller is one of its admins", False)
 
 
 @body(Op.PUT)
@@ -143,6 +164,8 @@ class Put(Body):
     """Store a value."""
     id: int = key(OBJ_ID, "the id to store it under")
     obj: Any = key(ANY, "a tensor, a pointer descriptor, a number, ...")
+    owner: str = key(STR, "a principal's key: store it for that principal instead of the sender "
+                     "(a move on a client's behalf); '' for the sender", "")
 
 
 @body(Op.GET)
@@ -187,6 +210,7 @@ class Move(Body):
     """Push an object straight to another worker; free it here once that one has it."""
     id: int = key(OBJ_ID, "the object")
     dest_address: str = key(STR, "the address of the worker to move it to")
+    dest_key: str = key(STR, "that worker's public key ('': insecure)", "")
 
 
 @body(Op.MOVE, reply=True)
@@ -236,7 +260,8 @@ class StatsReply(Body):
     id: str = key(STR, "the worker's name")
     objects: int = key(INT, "how many objects it holds")
     counters: dict[str, int] = key(MAP, "dropped, refused and late messages, shm bytes", {})
-    peers: dict[str, Any] = key(MAP, "per peer name: messages, bytes, largest message, each way", {})
+    peers: dict[str, Any] = key(MAP, "per principal: messages, bytes, largest message, each way", {})
+    principals: dict[str, Any] = key(MAP, "per principal: objects, bytes, sessions, connections", {})
 
 
 @body(Op.SHUTDOWN)
@@ -267,6 +292,20 @@ class Run(Body):
 @body(Op.RUN, reply=True)
 class RunReply(Body):
     result: Any = key(ANY, "the result, tensors kept here as pointer descriptors", None)
+
+
+@body(Op.GIVE)
+class Give(Body):
+    """Hand objects to another principal: ownership (the sender's own objects), or read-only use."""
+    ids: list[int] = key(IDS, "the objects")
+    to: str = key(STR, "the principal's public key (one the worker knows)")
+    read_only: bool = key(BOOL, "share them to compute with instead of giving them away", False)
+
+
+@body(Op.ALLOW)
+class Allow(Body):
+    """(admins only) Accept connections from more keys: a spawning client's other workers."""
+    keys: dict[str, str] = key(MAP, "name -> public key")
 
 
 @body(Op.ACKS)

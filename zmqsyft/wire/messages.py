@@ -48,8 +48,9 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 5  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
-# 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name)
+PROTOCOL_VERSION = 6  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+# 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name);
+# 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW
 NO_REPLY = 0
 
 
@@ -74,6 +75,8 @@ class Op(IntEnum):
     RUN = 15
     ACKS = 16
     BATCH = 17
+    GIVE = 18
+    ALLOW = 19
 
 
 def op_name(op: int) -> str:
@@ -121,16 +124,19 @@ class ObjRef:
 class PointerDesc:
     """Everything needed to rebuild a pointer on the receiving side.
 
-    ``location``/``address`` name the worker holding the object ``id_at_location``; ``ptr_id`` is
-    the pointer's own id (the key it is stored under when it is itself sent); ``owned`` says
-    whether the receiver becomes the owner that frees the object.
+    ``location``/``address`` name the worker holding the object ``id_at_location``, and ``key`` is
+    that worker's public key (Z85 text; ``""`` for an insecure worker): whoever connects to
+    ``address`` on the strength of this descriptor talks only to the holder of that key.
+    ``ptr_id`` is the pointer's own id (the key it is stored under when it is itself sent);
+    ``owned`` says whether the receiver becomes the owner that frees the object.
     """
 
     __slots__ = ("location", "address", "id_at_location", "ptr_id", "shape", "dtype",
-                 "requires_grad", "owned")
+                 "requires_grad", "owned", "key")
 
     def __init__(self, location: str, address: str, id_at_location: int, ptr_id: int,
-                 shape: tuple[int, ...], dtype: str, requires_grad: bool, owned: bool) -> None:
+                 shape: tuple[int, ...], dtype: str, requires_grad: bool, owned: bool,
+                 key: str = "") -> None:
         self.location = location
         self.address = address
         self.id_at_location = id_at_location
@@ -139,10 +145,11 @@ class PointerDesc:
         self.dtype = dtype
         self.requires_grad = requires_grad
         self.owned = owned
+        self.key = key
 
     def as_list(self) -> list:
         return [self.location, self.address, self.id_at_location, self.ptr_id, list(self.shape),
-                self.dtype, self.requires_grad, self.owned]
+                self.dtype, self.requires_grad, self.owned, self.key]
 
     def __repr__(self) -> str:
         return (f"PointerDesc({self.location}:{self.id_at_location} @ {self.address}, "

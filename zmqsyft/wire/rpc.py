@@ -91,13 +91,14 @@ class RequestCore:
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, req_id))
 
-    def hello(self, name: str, trust: str = "") -> tuple[int, Hello]:
+    def hello(self, name: str, trust: str = "", session: str = "") -> tuple[int, Hello]:
         """The id and body of this connection's ``HELLO``, its first request (the driver sends
-        it and tracks it like any other)."""
+        it and tracks it like any other); ``session``: the sender's session id."""
         self.hello_id = self.next_id()
         self.peer = None
         self.shm = False
-        return self.hello_id, Hello(peer=name, trust=trust or "", host=shm.host_key())
+        return self.hello_id, Hello(peer=name, trust=trust or "", host=shm.host_key(),
+                                    session=session)
 
     @property
     def negotiating(self) -> bool:

@@ -26,7 +26,7 @@ from ..errors import ProtocolError
 
 __all__ = ["Dropped", "context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
            "send", "recv", "readable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
-           "monitor_reader", "REFUSED", "REFUSED_ADVICE"]
+           "monitor_reader", "REFUSED", "REFUSED_ADVICE", "HANDSHAKE_FAILED", "recv_request"]
 
 _HANDSHAKE_MS = 10_000
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -40,12 +40,20 @@ def context() -> zmq.Context:
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 """Where libzmq sends a context's ZAP requests (RFC 27): one handler per context binds it."""
 
-REFUSED = ("refused the connection during the handshake (at its max_connections limit, or not "
-           "authorised)")
+REFUSED = ("refused the connection during the handshake (at its max_connections limit, or your "
+           "key is not one it allows)")
 """What a refused handshake tells the connecting side: the ZAP status text does not reach it."""
 
-REFUSED_ADVICE = ("Close other connections to it, or start the worker with a larger max_connections "
-                  "(ZMQSYFT_MAX_CONNECTIONS=N in its environment, or --max-connections N)")
+HANDSHAKE_FAILED = (
+    "the connection's handshake failed: the worker's public key given here (worker_key=) is not "
+    "the one it serves with, one end uses CURVE and the other not (--insecure on one side only), "
+    "or it is not a zmqsyft worker")
+"""What a handshake that fails before any authorisation tells the connecting side."""
+
+REFUSED_ADVICE = ("If it serves its max_connections already, close other connections to it, or "
+                  "start it with a larger max_connections (--max-connections N, or "
+                  "ZMQSYFT_MAX_CONNECTIONS=N in its environment); if it does not know your key, "
+                  "give it your public key (zmqsyft worker --allow DIR, your NAME.key in DIR)")
 """What to do about a refused connection."""
 
 
@@ -60,17 +68,23 @@ def _common(sock: zmq.Socket, cfg: Config) -> None:
 
 
 def make_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str = "",
-                monitor: tuple[str, int] | None = None) -> tuple[zmq.Socket, str]:
+                monitor: tuple[str, int] | None = None,
+                curve: tuple[bytes, bytes] | None = None) -> tuple[zmq.Socket, str]:
     """Bind a worker's ROUTER; return it with the endpoint it actually bound (port 0 resolved).
 
     ``zap_domain``: if not empty, every connection's handshake asks the context's ZAP handler
     (with the NULL mechanism libzmq asks only when a domain is set). ``monitor``: an inproc
     endpoint and the events (``zmq.EVENT_*``) to report there, attached before binding so that no
-    connection is missed.
+    connection is missed. ``curve``: the worker's (public, secret) key: every connection must
+    then be a CURVE client that knows the public key (authenticated and encrypted), and the ZAP
+    handler sees each client's public key.
     """
     sock = ctx.socket(zmq.ROUTER)
     try:
         _common(sock, cfg)
+        if curve is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = curve
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a connection that never completes its handshake (a bare TCP connect) holds a
         # descriptor and a place under max_connections: for this long at most, not libzmq's 30 s
@@ -116,13 +130,19 @@ def monitor_reader(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def make_dealer(ctx: zmq.Context, address: str, cfg: Config) -> tuple[zmq.Socket, PeerWatch]:
+def make_dealer(ctx: zmq.Context, address: str, cfg: Config,
+                curve: tuple[bytes, bytes, bytes] | None = None) -> tuple[zmq.Socket, PeerWatch]:
     """A DEALER connected to a peer's ROUTER (fresh random routing id), and its liveness watch.
 
-    The watch is attached before connecting, so that no connection event can be missed.
+    ``curve``: (our public key, our secret key, the peer's public key): the connection is then
+    CURVE, and completes only with the peer that holds the secret of that public key, and only if
+    it accepts ours. The watch is attached before connecting, so that no connection event can be
+    missed.
     """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, cfg)
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
     watch = PeerWatch(sock, 3 * cfg.heartbeat_ivl)
     sock.connect(address)
@@ -144,12 +164,15 @@ class PeerWatch:
 
     def __init__(self, sock: zmq.Socket, grace: float) -> None:
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                                               | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.grace = grace
         self.up = False
         self.ever_up = False
         self.since = time.monotonic()
         self.refused: int | None = None
+        self.failed = 0  # handshakes that failed for another reason (a key mismatch)
 
     def down(self) -> str | None:
         """Drain pending events; a reason if the peer is unreachable now, else ``None``."""
@@ -165,8 +188,13 @@ class PeerWatch:
             self.since = time.monotonic()
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = int(event["value"])
+            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.failed += 1
         if self.refused is not None:
             return f"{REFUSED} (ZAP status {self.refused})"
+        if self.failed and not self.ever_up:
+            return HANDSHAKE_FAILED
         if self.up:
             return None
         if self.ever_up:
@@ -226,6 +254,40 @@ def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0)
         exc.head = head
         raise exc from None
     return frames
+
+
+def recv_request(sock: zmq.Socket, flags: int = 0,
+                 max_frames: int = 0) -> tuple[list[Any], str, zmq.Frame | None]:
+    """Receive one request on a ROUTER: like :func:`recv` with the routing id and the header
+    copied, plus the ``User-Id`` libzmq attached to it (what the ZAP handler named the
+    connection's principal: for CURVE, the client's public key; it cannot be forged; ``""`` if
+    none) and the header frame itself (whose ``get(zmq.SRCFD)`` names the connection)."""
+    ident = sock.recv(flags)
+    if not sock.get(_RCVMORE):
+        return [ident], "", None
+    header = sock.recv(copy=False)
+    try:
+        user = header.get("User-Id")
+    except zmq.ZMQError:  # no such property: no ZAP handler named one
+        user = ""
+    frames: list[Any] = [ident, header.bytes]
+    try:
+        while sock.get(_RCVMORE):
+            if max_frames and len(frames) >= max_frames:
+                raise Dropped(f"a message of more than {max_frames} frames was dropped (the "
+                              "limit is Config.max_frames: start the worker with a larger "
+                              "--max-frames / ZMQSYFT_MAX_FRAMES to accept it)")
+            frames.append(sock.recv(copy=False))
+    except (Dropped, MemoryError) as exc:
+        head = frames[:2]
+        frames.clear()
+        dropped = _discard_rest(sock)
+        if isinstance(exc, MemoryError):
+            exc = Dropped(f"a message too large for this process's memory was dropped "
+                          f"({dropped} more frames discarded)")
+        exc.head = head
+        raise exc from None
+    return frames, user, header
 
 
 class Dropped(ProtocolError):

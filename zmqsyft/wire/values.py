@@ -296,10 +296,10 @@ class Decoder:
         if code == Ext.SHM or code == Ext.HANDOVER:
             return self._shm_tensor(code, payload)
         if code == Ext.PTR:
-            loc, addr, idl, pid, shape, dname, rg, owned = payload
+            loc, addr, idl, pid, shape, dname, rg, owned, key = payload
             _lookup(DTYPES, dname, "dtype")
             return PointerDesc(str(loc), str(addr), _int(idl), _int(pid), tuple(map(_int, shape)),
-                               dname, bool(rg), bool(owned))
+                               dname, bool(rg), bool(owned), str(key)[:64])
         if code == Ext.SLICE:
             return slice(*payload)
         if code == Ext.ELLIPSIS:

@@ -5,6 +5,12 @@ arguments are pointers to one other worker is relayed there, renamed into that w
 caller-chosen result ids (``out``) the relay stores pointers to the results the next hop will
 create and answers at once, without waiting for the next hop. A failed op leaves an error marker
 under each result id, so that using the result raises the error.
+
+**Who may use what.** An op's arguments must be the caller's own objects, or objects shared with
+it read-only (``search()`` results): those can be computed with, but not changed (no in-place op
+on them, not an ``out=`` target), and a result that would share their memory (a view) is made a
+copy, so that what the caller owns never aliases what it may only read. Anything else is
+reported missing, as an id that does not exist. Results belong to the caller's session.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import allowlist
-from ..errors import LimitExceeded, LocationMismatch, ProtocolError
+from ..errors import AccessDenied, LimitExceeded, LocationMismatch, ObjectNotFound, ProtocolError
 from ..ids import new_id
 from ..wire.bodies import Call, CallReply
 from ..wire.exc_codec import encode_exception
@@ -22,7 +28,8 @@ from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
 from . import costs, executor
 from .context import Ctx, Services
-from .objects import resolve
+from .leases import Holder
+from .objects import record, resolve
 from .store import ErrorMarker, PointerRecord
 
 __all__ = ["call", "describe", "MAX_HOPS"]
@@ -38,7 +45,7 @@ def call(w: Services, ctx: Ctx, body: Call) -> None:
         result = _run(w, ctx, body)
     except Exception as exc:
         # the caller may already hold pointers to the results: make their use raise this
-        _poison(w, out, exc, str(name))
+        _poison(w, out, exc, str(name), ctx.holder)
         raise
     if result is _RELAYED:
         return
@@ -47,30 +54,76 @@ def call(w: Services, ctx: Ctx, body: Call) -> None:
     if out is not None or allowlist.is_inplace(name):
         w.reply(ctx)
     else:
-        w.reply(ctx, CallReply(result=describe(w, result, name, ctx.ident)))
+        w.reply(ctx, CallReply(result=describe(w, result, name, ctx.holder)))
 
 
 def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     name, args, kwargs, out = body.fn, body.args, body.kwargs, body.out
     func = allowlist.lookup(name)  # refuse before touching anything
+    key = ctx.who.key
     if not kwargs:
-        local = _local_args(w, args)
-        if local is not None:  # the common case: tensors held here and plain values
+        local = _local_args(w, args, key)
+        if local is not None:  # the common case: the caller's tensors held here, plain values
             known = _admit(w, ctx, name, func, local, kwargs, body.grad)
             return _finish(w, ctx, name, executor.run(name, local, kwargs, body.grad, func), out,
                            known)
-        relay = _remote_args(w, args)
+        relay = _remote_args(w, args, key)
         if relay is not None:  # the common chain case: pointers to one other worker
             _forward(w, ctx, body, relay[1], kwargs, relay[0])
             return _RELAYED
-    resolved = {ref.id: resolve(w, ref.id) for ref in executor.refs_in((args, kwargs))}
+    refs = executor.refs_in((args, kwargs))
+    store, who = w.store, ctx.who
+    for ref in refs:
+        if not store.usable(ref.id, who):
+            raise ObjectNotFound(store.missing(ref.id))
+    shared = [ref.id for ref in refs if store.read_only(ref.id, who)]
+    if shared:
+        _check_writes(w, name, args, kwargs, set(shared))
+    resolved = {ref.id: resolve(w, ref.id, ctx.who) for ref in refs}
     remote = [o for o in resolved.values() if isinstance(o, PointerRecord)]
     if remote:
         _relay(w, ctx, body, resolved, remote)
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
     known = _admit(w, ctx, name, func, args, kwargs, body.grad)
-    return _finish(w, ctx, name, executor.run(name, args, kwargs, body.grad, func), out, known)
+    result = executor.run(name, args, kwargs, body.grad, func)
+    if shared:
+        result = _unshare(result, [resolved[i] for i in shared])
+    return _finish(w, ctx, name, result, out, known)
+
+
+def _writes(name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether an op changes its first argument (in-place ops, setters, ``inplace=True``)."""
+    short = name.rsplit(".", 1)[-1]
+    return (allowlist.is_inplace(name) or (short.endswith("_") and not short.startswith("__"))
+            or kwargs.get("inplace") is True)
+
+
+def _check_writes(w: Services, name: str, args: list[Any], kwargs: dict[str, Any],
+                  shared: set[int]) -> None:
+    """Refuse an op that would change an object the caller may only read."""
+    written = executor.refs_in(kwargs.get("out"))
+    if args and _writes(name, kwargs):
+        written = written + executor.refs_in(args[0])
+    for ref in written:
+        if ref.id in shared:
+            raise AccessDenied(
+                f"{name} would change object {ref.id} on worker '{w.id}', which was shared with "
+                "you read-only (a search() result): compute a new tensor from it instead "
+                "(e.g. x + y, not x.add_(y)). Nothing was run")
+
+
+def _unshare(result: Any, shared: list[Any]) -> Any:
+    """The result with every tensor that shares memory with a read-only argument copied."""
+    ptrs = {t.untyped_storage().data_ptr() for t in shared if isinstance(t, torch.Tensor)}
+    if not ptrs:
+        return result
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() in ptrs:
+            return leaf.clone()
+        return leaf
+    return executor.pytree.tree_map(one, result)
 
 
 def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
@@ -89,7 +142,7 @@ def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
             "start the worker with a larger --max-op-flops / ZMQSYFT_MAX_OP_FLOPS. "
             "Nothing was run")
     if cost.nbytes:
-        w.store.make_room(cost.nbytes, name, ctx.ident)
+        w.store.make_room(cost.nbytes, name, ctx.holder)
     return cost.exact
 
 
@@ -97,17 +150,19 @@ def _gflop(flops: int) -> str:
     return f"{flops / 1e9:,.{0 if flops >= 1e11 else 1}f} GFLOP"
 
 
-def _local_args(w: Services, args: list[Any]) -> list[Any] | None:
-    """Positional arguments resolved in one pass when each is a tensor stored here or a plain
-    value; ``None`` when anything needs the general path (pointers, containers, missing or
-    failed objects)."""
-    objects = w.store._objects
+def _local_args(w: Services, args: list[Any], key: str) -> list[Any] | None:
+    """Positional arguments resolved in one pass when each is a tensor the caller (``key``)
+    owns here or a plain value; ``None`` when anything needs the general path (pointers,
+    containers, missing, failed or shared objects)."""
+    objects, owners = w.store._objects, w.store._owner
     values = []
     for a in args:
         kind = type(a)
         if kind is ObjRef:
             obj = objects.get(a.id)
             if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
+                return None
+            if key and ((h := owners.get(a.id)) is None or h.principal.key != key):
                 return None
             values.append(obj)
         elif kind in _PLAIN:
@@ -117,16 +172,20 @@ def _local_args(w: Services, args: list[Any]) -> list[Any] | None:
     return values
 
 
-def _remote_args(w: Services, args: list[Any]) -> tuple[PointerRecord, list[Any]] | None:
-    """Positional arguments to forward, in one pass, when each is a pointer record to one and
-    the same other worker or a plain value; ``None`` otherwise (the general path decides)."""
-    objects, target, values = w.store._objects, None, []
+def _remote_args(w: Services, args: list[Any],
+                 key: str) -> tuple[PointerRecord, list[Any]] | None:
+    """Positional arguments to forward, in one pass, when each is a pointer record the caller
+    (``key``) owns, to one and the same other worker, or a plain value; ``None`` otherwise (the
+    general path decides)."""
+    objects, owners, target, values = w.store._objects, w.store._owner, None, []
     for a in args:
         kind = type(a)
         if kind is ObjRef:
             obj = objects.get(a.id)
             if (type(obj) is not PointerRecord or obj.address in w.addresses
                     or (target is not None and obj.address != target.address)):
+                return None
+            if key and ((h := owners.get(a.id)) is None or h.principal.key != key):
                 return None
             target = obj
             values.append(ObjRef(obj.id_at_location))
@@ -142,13 +201,14 @@ def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
-            w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.ident)
+            w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.holder)
         for spec, t in zip(out, tensors, strict=True):
-            w.store.put(spec[0], t, ctx.ident)
+            w.store.put(spec[0], t, ctx.holder)
     return result
 
 
-def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -> None:
+def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str,
+            holder: Holder | None) -> None:
     """Leave the failure under each result id the caller chose (one marker shared by all of
     them: a refused request with thousands of ids keeps one copy of its error, not thousands)."""
     if not isinstance(out, list):
@@ -156,13 +216,13 @@ def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str) -
     marker = ErrorMarker(encode_exception(exc, w.id), name[:200])
     for spec in out:
         try:
-            w.store.put(spec[0], marker)
+            w.store.put(spec[0], marker, holder)
         except Exception:  # noqa: BLE001 - a bad id: nothing to poison
             pass
 
 
-def describe(w: Services, result: Any, name: str = "the call", by: bytes | None = None) -> Any:
-    """Store a result's tensors here, counted against connection ``by``; return the result with
+def describe(w: Services, result: Any, name: str = "the call", by: Holder | None = None) -> Any:
+    """Store a result's tensors here, owned by ``by``; return the result with
     pointer descriptors in their place. A result with a tensor this worker does not keep stores
     nothing (``SerializationError``)."""
     tensors = executor.result_tensors(result)
@@ -174,7 +234,7 @@ def describe(w: Services, result: Any, name: str = "the call", by: bytes | None 
             obj_id = new_id()
             w.store.put(obj_id, leaf, by)
             return PointerDesc(w.id, w.address, obj_id, obj_id, tuple(leaf.shape),
-                               dtype_name(leaf.dtype), leaf.requires_grad, True)
+                               dtype_name(leaf.dtype), leaf.requires_grad, True, w.key)
         return leaf
     return executor.pytree.tree_map(one, result)
 
@@ -206,7 +266,8 @@ def _forward(w: Services, ctx: Ctx, body: Call, args: Any, kwargs: Any,
         onward.out = [[new_id(), *spec[1:]] for spec in out]
         for spec, nxt in zip(out, onward.out, strict=True):
             w.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
-                                               tuple(spec[1]), spec[2], bool(spec[3]), True))
+                                               tuple(spec[1]), spec[2], bool(spec[3]), True,
+                                               target.key), ctx.holder)
         w.reply(ctx)
         w.answer_now()  # the caller need not wait for the forwarding
         # no answer wanted: a failure downstream poisons the result ids there (using the
@@ -222,19 +283,20 @@ def _forward(w: Services, ctx: Ctx, body: Call, args: Any, kwargs: Any,
         else:
             try:
                 result = CallReply.from_wire(msg.body).result if msg is not None else None
-                w.reply(ctx, CallReply(result=_adopt(w, result)))
+                w.reply(ctx, CallReply(result=_adopt(w, result, ctx.holder)))
             except Exception as failure:  # noqa: BLE001 - a peer's malformed reply
                 w.reply_error(ctx, failure)
     w.peers.request(target.address, Op.CALL, onward, done)
 
 
-def _adopt(w: Services, result: Any) -> Any:
-    """Take ownership of a relayed result: store its pointers here, describe them as ours."""
+def _adopt(w: Services, result: Any, by: Holder | None) -> Any:
+    """Take ownership of a relayed result: store its pointers here (for ``by``), describe them
+    as ours."""
     def one(leaf: Any) -> Any:
         if isinstance(leaf, PointerDesc):
             key = new_id()
-            w.store.put(key, PointerRecord.from_desc(leaf))
+            w.store.put(key, record(w, leaf), by)
             return PointerDesc(w.id, w.address, key, key, leaf.shape, leaf.dtype,
-                               leaf.requires_grad, True)
+                               leaf.requires_grad, True, w.key)
         return leaf
     return executor.pytree.tree_map(one, result)

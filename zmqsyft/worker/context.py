@@ -15,22 +15,36 @@ from typing import Any, Protocol
 
 from ..config import Config
 from ..wire.bodies import Body
+from .access import Access, Principal
 from .gate import Gate
+from .leases import Holder, Leases
 from .peers import PeerLinks
 from .store import Store
 from .traffic import Traffic
 
-__all__ = ["Ctx", "Services", "Handler"]
+__all__ = ["Ctx", "Services", "Handler", "NOBODY"]
+
+NOBODY = Principal("?", "nobody")
+"""The principal of a request whose sender is not known (an error answered before its session
+was found): owns nothing, may do nothing."""
 
 
 class Ctx:
-    """Who to answer: the caller's ROUTER routing id and its request id (0: no answer wanted)."""
+    """Who asks and who to answer: the caller's ROUTER routing id, its request id (0: no answer
+    wanted), and its session (``holder``: the authenticated principal and the session it named;
+    what it stores is owned by it)."""
 
-    __slots__ = ("ident", "req_id")
+    __slots__ = ("ident", "req_id", "holder")
 
-    def __init__(self, ident: bytes, req_id: int) -> None:
+    def __init__(self, ident: bytes, req_id: int, holder: Holder | None = None) -> None:
         self.ident = ident
         self.req_id = req_id
+        self.holder = holder
+
+    @property
+    def who(self) -> Principal:
+        """The caller's principal (what the checks of ownership and rights compare)."""
+        return self.holder.principal if self.holder is not None else NOBODY
 
     def __repr__(self) -> str:
         return f"<Ctx caller={self.ident.hex()} req={self.req_id}>"
@@ -55,6 +69,14 @@ class Services(Protocol):
         Its counters and the names its peers gave.
     gate : Gate
         Who may connect (``max_connections``): its ``open_connections`` and ``refused`` counts.
+    access : Access
+        The principals (keys) it knows, and their rights.
+    leases : Leases
+        Its sessions (holders of objects), their connections and leases.
+    key : str
+        Its own public key (Z85 text; ``""`` if insecure): pointers to its objects carry it.
+    header : zmq.Frame or None
+        The header frame of the request being handled (names its connection: ``SRCFD``).
     trust_tokens : frozenset of str
         Tokens whose presenters may send pickled payloads.
     trusted, shm_callers : set of bytes
@@ -70,6 +92,10 @@ class Services(Protocol):
     peers: PeerLinks
     traffic: Traffic
     gate: Gate
+    access: Access
+    leases: Leases
+    key: str
+    header: Any
     trust_tokens: frozenset[str]
     trusted: set[bytes]
     shm_callers: set[bytes]

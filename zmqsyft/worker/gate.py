@@ -40,14 +40,23 @@ client) and this gate, and destroys it when it closes. Shared memory does not in
 contexts. The alternative, one gate per context serving several workers by ZAP domain, would
 couple workers that share nothing else; two context threads per worker are cheap.
 
-**Next: CURVE.** Every decision is made in :meth:`Gate.decide`, from a parsed
-:class:`ZapRequest` (its mechanism and credentials: for CURVE the client's public key) to a
-:class:`Verdict` whose ``user_id`` libzmq attaches to every message of the connection as its
-``User-Id`` property. An allow-list of keys, and the key as the request's principal, fit there.
+**Keys.** Every decision is made in :meth:`Gate.decide`, from a parsed :class:`ZapRequest`
+(its mechanism and credentials: for CURVE the client's public key) to a :class:`Verdict`. A
+worker's ROUTER is a CURVE server (unless ``Config.insecure``), so a connection completes its
+handshake only if it knows the worker's public key; the gate then accepts it only if its own key
+is one the worker knows (:class:`~zmqsyft.worker.access.Access`), and names the key as the
+connection's ``user_id``, which libzmq attaches to every message of the connection as its
+``User-Id`` property: the request's principal. An unknown key is refused before it can send
+anything: it gets no answer to any op.
+
+**Closed connections.** The descriptor of every connection that closes is appended to
+``closed`` (a deque the worker's loop drains): a session's lease starts when its last
+connection closed (:mod:`~zmqsyft.worker.leases`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -59,6 +68,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..wire import transport
+from .access import Access
 
 __all__ = ["Gate", "ZapRequest", "Verdict", "DOMAIN", "EVENTS"]
 
@@ -161,11 +171,19 @@ class Gate:
         For the log and the refusal text.
     max_connections : int
         Most connections open at once (``Config.max_connections``).
+    access : Access
+        The keys the worker knows.
+    closed : deque of int, optional
+        Where the descriptors of closed connections are appended.
     """
 
-    def __init__(self, ctx: zmq.Context, worker_id: str, max_connections: int) -> None:
+    def __init__(self, ctx: zmq.Context, worker_id: str, max_connections: int,
+                 access: Access | None = None,
+                 closed: collections.deque[int] | None = None) -> None:
         self.worker_id = worker_id
         self.max_connections = max_connections
+        self.access = access if access is not None else Access(insecure=True)
+        self.closed: collections.deque[int] = closed if closed is not None else collections.deque()
         self.monitor_endpoint = f"inproc://zmqsyft-gate-{uuid.uuid4().hex}"
         self._zap = transport.bind_zap_handler(ctx)
         self._events = transport.monitor_reader(ctx, self.monitor_endpoint)
@@ -206,16 +224,19 @@ class Gate:
     def decide(self, request: ZapRequest) -> Verdict:
         """Whether the connection ``request`` is about may complete its handshake.
 
-        The one place where connections are accepted or refused: a key allow-list (CURVE) and
-        the principal (``Verdict.user_id``) belong here too.
+        The one place where connections are accepted or refused, and named: an accepted
+        CURVE connection's ``user_id`` is its public key, its principal.
         """
-        others = max(len(self._open) - 1, 0)  # it is one of the open ones
-        if others >= self.max_connections:
-            return Verdict(400, f"too many connections: max_connections = {self.max_connections}")
         uid = request.peer_uid()
         if uid is not None and uid != _MY_UID:
             return Verdict(400, f"a connection over ipc from another user (uid {uid})")
-        return Verdict(200, "OK")
+        refusal, user_id = self.access.admit(request.mechanism, request.credentials)
+        if refusal:
+            return Verdict(400, refusal)
+        others = max(len(self._open) - 1, 0)  # it is one of the open ones
+        if others >= self.max_connections:
+            return Verdict(400, f"too many connections: max_connections = {self.max_connections}")
+        return Verdict(200, "OK", user_id)
 
     # ------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -248,7 +269,9 @@ class Gate:
             if kind == zmq.EVENT_ACCEPTED:
                 self._open.add(value)
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-                self._open.discard(value)
+                if value in self._open:
+                    self._open.discard(value)
+                    self.closed.append(value)
             elif kind == zmq.EVENT_MONITOR_STOPPED:
                 return False
 

@@ -32,6 +32,7 @@ import zmq
 
 from ..config import Config
 from ..errors import HandoverRefused, ProtocolError, UntrustedPayload
+from ..keys import KeyPair
 from ..wire import transport
 from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
 from ..wire.codec import Frames, decode_message, encode_ack, encode_message
@@ -39,8 +40,10 @@ from ..wire.exc_codec import encode_exception
 from ..wire.messages import NO_REPLY, Op, salvage_req_id
 from ..wire.values import ShmPolicy
 from . import admin, calls, objects, owner
+from .access import Access
 from .context import Ctx, Handler
 from .gate import DOMAIN, EVENTS, Gate
+from .leases import Holder, Leases
 from .peers import PeerLinks
 from .store import Store
 from .traffic import Traffic
@@ -50,6 +53,7 @@ __all__ = ["Worker", "HANDLERS"]
 log = logging.getLogger("zmqsyft.worker")
 
 _PEER_CHECK_S = 0.02  # how often the liveness of peers with requests in flight is looked at
+_LEASE_CHECK_S = 0.25  # how often sessions whose lease ran out are looked for
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 
 HANDLERS: dict[Op, Handler] = {
@@ -59,6 +63,7 @@ HANDLERS: dict[Op, Handler] = {
     Op.REMOTE_GET: objects.remote_get, Op.OBJECTS: objects.objects, Op.FLUSH: objects.flush,
     Op.CALL: calls.call,
     Op.SEARCH: owner.search, Op.RUN: owner.run,
+    Op.GIVE: objects.give, Op.ALLOW: admin.allow,
 }
 """What a worker does for each request op: ``handler(worker, ctx, typed body)``."""
 
@@ -67,9 +72,9 @@ _TABLE: dict[Op, tuple[Handler, type[Body]]] = {op: (h, REQUESTS[op]) for op, h 
 _UNTRUSTED = (
     "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust "
     "this sender. A worker started with spawn_worker() trusts its parent; one started from the "
-    "shell trusts only connections made with sy.connect(address, trust_token=T) when it was "
-    "started with --trust-token-file FILE holding T (mode 600). Tensors and pointers need no "
-    "trust.")
+    "shell trusts the keys it was given with --trust KEYFILE, and connections made with "
+    "sy.connect(address, ..., trust_token=T) when it was started with --trust-token-file FILE "
+    "holding T (mode 600). Tensors and pointers need no trust.")
 
 
 class Worker:
@@ -87,21 +92,40 @@ class Worker:
         Exit when this process is no longer our parent.
     trust_tokens : frozenset of str
         A connection whose HELLO presents one of these may send pickled payloads (user
-        functions, modules); every other connection is refused them.
+        functions, modules); every other connection is refused them (unless its key is
+        trusted, see ``access``).
+    keys : KeyPair, optional
+        Its CURVE key pair (default: a fresh one): its clients and peers know it by the public key.
+    access : Access, optional
+        The keys it accepts, and their rights (default: none; anyone if ``config.insecure``).
     """
 
     def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None,
-                 trust_tokens: frozenset[str] = frozenset()) -> None:
+                 trust_tokens: frozenset[str] = frozenset(), keys: KeyPair | None = None,
+                 access: Access | None = None) -> None:
         self.id = worker_id
         self.cfg = config
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
         self.trusted: set[bytes] = set()  # routing ids that presented a trust token
         self.shm_callers: set[bytes] = set()  # routing ids on this machine (shared memory)
+        self.access = access if access is not None else Access(insecure=config.insecure)
+        if config.insecure:
+            self.access.insecure = True
+            self.keys: KeyPair | None = None
+            self.key = ""
+        else:
+            self.keys = keys if keys is not None else KeyPair.fresh()
+            self.key = self.keys.text
+        self.leases = Leases(config.lease)
+        self.header: Any = None  # the header frame of the request being handled
         self.ctx = zmq.Context()  # its own: the gate is the one ZAP handler of its context
-        self.gate = Gate(self.ctx, worker_id, config.max_connections)
+        self.gate = Gate(self.ctx, worker_id, config.max_connections, self.access,
+                         self.leases.closed)
+        curve = (self.keys.public, self.keys.secret) if self.keys is not None else None
         try:
             self.router, self.address = transport.make_router(
-                self.ctx, bind, config, zap_domain=DOMAIN, monitor=(self.gate.monitor_endpoint, EVENTS))
+                self.ctx, bind, config, zap_domain=DOMAIN, monitor=(self.gate.monitor_endpoint, EVENTS),
+                curve=curve)
         except Exception:
             self.gate.close(None)
             self.ctx.destroy(linger=0)
@@ -113,7 +137,8 @@ class Worker:
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic)
+        self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic, self.keys,
+                               self.access)
         self._running = False
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
@@ -130,7 +155,7 @@ class Worker:
     def serve_forever(self) -> None:
         """Serve until shut down; always closes the sockets."""
         self._running = True
-        next_parent_check = next_peer_check = 0.0
+        next_parent_check = next_peer_check = next_lease_check = 0.0
         peers = self.peers
         try:
             while self._running:
@@ -146,7 +171,7 @@ class Worker:
                     self._serve_router(int(timeout))
                 for sock, _ in self.poller.poll(int(timeout)) if polling else ():
                     if sock is self.router:
-                        self._drain(sock, self._on_request)
+                        self._drain_router()
                     elif sock in peers.by_socket:
                         self._drain(sock, peers.receive)
                     if self._acks:
@@ -156,6 +181,9 @@ class Worker:
                 if now >= next_peer_check:
                     next_peer_check = now + _PEER_CHECK_S
                     peers.check()
+                if now >= next_lease_check:
+                    next_lease_check = now + _LEASE_CHECK_S
+                    objects.expire(self, now)
                 if self._acks:
                     self._flush_acks()
                 self._graveyard.clear()  # objects whose freeing waited for the replies to go
@@ -189,32 +217,42 @@ class Worker:
         timeout_ms = max(timeout_ms, 1)
         if timeout_ms != self._rcvtimeo:
             self.router.rcvtimeo = self._rcvtimeo = timeout_ms
-        try:
-            frames = transport.recv(self.router, 0, 2, self.cfg.max_frames)
-        except zmq.Again:
+        if not self._take_request(0):
             return
-        except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
-            self._dropped(self.router, exc)
-        else:
-            try:
-                self._on_request(self.router, frames)
-            except Exception as exc:  # noqa: BLE001 - whatever escaped the request's own handling
-                self._dropped(self.router, exc)
         if self._acks:  # it found us idle: its sender may be waiting for this very answer
             self._flush_acks()
-        self._drain(self.router, self._on_request, _MAX_BATCH - 1)
+        self._drain_router(_MAX_BATCH - 1)
         if self._acks:
             self._flush_acks()
 
+    def _take_request(self, flags: int) -> bool:
+        """Receive and handle one request; False if none was waiting."""
+        try:
+            frames, user, header = transport.recv_request(self.router, flags, self.cfg.max_frames)
+        except zmq.Again:
+            return False
+        except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
+            self._dropped(self.router, exc)
+            return True
+        try:
+            self._on_request(frames, user, header)
+        except Exception as exc:  # noqa: BLE001 - whatever escaped the request's own handling
+            self._dropped(self.router, exc)
+        return True
+
+    def _drain_router(self, limit: int = _MAX_BATCH) -> None:
+        for _ in range(limit):
+            if not transport.readable(self.router) or not self._take_request(zmq.NOBLOCK):
+                return
+
     def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[Any]], None],
                limit: int = _MAX_BATCH) -> None:
-        copied = 2 if sock is self.router else 1  # the routing id and the header as bytes
         max_frames = self.cfg.max_frames
         for _ in range(limit):
             if not transport.readable(sock):
                 return
             try:
-                frames = transport.recv(sock, zmq.NOBLOCK, copied, max_frames)
+                frames = transport.recv(sock, zmq.NOBLOCK, 1, max_frames)
             except zmq.Again:
                 return
             except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
@@ -240,25 +278,35 @@ class Worker:
                 self.reply_error(Ctx(head[0], req_id), exc)
 
     # ------------------------------------------------------------- requests in
-    def _on_request(self, sock: zmq.Socket, frames: list[Any], nested: bool = False) -> None:
-        """Handle one request; ``nested``: it came inside a ``BATCH`` (counted with it)."""
+    def _on_request(self, frames: list[Any], user: str, header: Any, nested: bool = False,
+                    holder: Holder | None = None) -> None:
+        """Handle one request from the connection whose principal is ``user`` (the ``User-Id``
+        its messages carry); ``nested``: it came inside a ``BATCH`` of ``holder``'s."""
         if len(frames) < 2:
             self.traffic.counters["dropped_malformed"] += 1
             return
         ident = frames[0]
+        if holder is None:
+            principal = self.access.get(user)
+            if principal is None:  # the gate admitted no such key: nothing to answer
+                self.traffic.counters["dropped_unknown_sender"] += 1
+                return
+            holder = self.leases.holder(ident, principal, header)
+        principal = holder.principal  # (insecure: the name its HELLO gave)
         try:
-            msg = decode_message(frames[1:], trusted=ident in self.trusted,
+            msg = decode_message(frames[1:], trusted=principal.trusted or ident in self.trusted,
                                  shm=ident in self.shm_callers)
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
-            self._undecodable(ident, frames, exc, nested)
+            self._undecodable(ident, frames, exc, nested, holder)
             return
         if not nested:
-            self.traffic.count(ident.hex(), "in", frames[1:], msg.shm_bytes)
+            self.traffic.count(principal.label, "in", frames[1:], msg.shm_bytes)
         op = msg.op
         if op is Op.BATCH and not nested and len(frames) == 2:
-            self._on_batch(sock, ident, msg.body)
+            self._on_batch(ident, msg.body, holder)
             return
-        ctx = Ctx(ident, msg.req_id)
+        self.header = header if not nested else None  # (HELLO notes its connection)
+        ctx = Ctx(ident, msg.req_id, holder)
         try:
             entry = _TABLE.get(op)
             if entry is None:
@@ -271,9 +319,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
             self.reply_error(ctx, exc)
 
-    def _undecodable(self, ident: bytes, frames: list[Any], exc: Exception, nested: bool) -> None:
+    def _undecodable(self, ident: bytes, frames: list[Any], exc: Exception, nested: bool,
+                     holder: Holder) -> None:
         if not nested:
-            self.traffic.count(ident.hex(), "in", frames[1:])
+            self.traffic.count(holder.principal.label, "in", frames[1:])
         counters = self.traffic.counters
         if isinstance(exc, UntrustedPayload):
             counters["refused_untrusted"] += 1
@@ -285,9 +334,9 @@ class Worker:
             log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
         req_id = salvage_req_id(frames[1])
         if req_id:
-            self.reply_error(Ctx(ident, req_id), exc)
+            self.reply_error(Ctx(ident, req_id, holder), exc)
 
-    def _on_batch(self, sock: zmq.Socket, ident: bytes, body: dict[str, Any]) -> None:
+    def _on_batch(self, ident: bytes, body: dict[str, Any], holder: Holder) -> None:
         """Handle a ``BATCH``: each message in it, in order, as if it had come on its own."""
         try:
             msgs = Batch.from_wire(body).msgs
@@ -296,7 +345,7 @@ class Worker:
             log.warning("worker %s: BATCH from %s dropped: %s", self.id, ident.hex(), exc)
             return
         for raw in msgs:
-            self._on_request(sock, [ident, raw], nested=True)
+            self._on_request([ident, raw], "", None, nested=True, holder=holder)
 
     # ------------------------------------------------------------- replies out
     def reply(self, ctx: Ctx, body: Body | None = None) -> bool:
@@ -351,7 +400,7 @@ class Worker:
             self.traffic.counters["unroutable_replies"] += 1
             log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
             return
-        self.traffic.count(ident.hex(), "out", frames,
+        self.traffic.count(self.leases.label(ident), "out", frames,
                            frames.shm_bytes if isinstance(frames, Frames) else 0)
 
     def _flush_acks(self) -> None:

@@ -1,8 +1,16 @@
-"""Handlers of the object ops: PUT GET DEL MOVE REMOTE_GET OBJECTS FLUSH.
+"""Handlers of the object ops: PUT GET DEL MOVE REMOTE_GET OBJECTS FLUSH GIVE.
 
 Each is ``handler(worker, ctx, body)`` (see :mod:`zmqsyft.worker.context`). Whatever needs a peer
 (a pointer's target must be settled before the pointer leaves, a move, a cascading delete, a
 remote get, a flush) continues in a callback; nothing here blocks.
+
+**Ownership.** What a request stores belongs to its sender's session (``ctx.holder``). Only the
+owner may take (GET, MOVE, REMOTE_GET), delete or give away an object (the store's
+:meth:`~zmqsyft.worker.store.Store.owned` says so, or reports the object missing); ``_objects``
+lists only the caller's own objects, unless it is an admin. A pointer that leaves a worker takes
+the ownership of what it points to with it: before a pointer record is handed to its new holder
+(a GET of it, a collapsing MOVE, a MOVE of the record itself), the worker holding the data is
+told to GIVE the object to that holder's principal, and the pointer leaves only once it has.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ from typing import Any
 
 import torch
 
-from ..errors import HandoverRefused, SerializationError
+from ..errors import AccessDenied, HandoverRefused, ObjectNotFound, SerializationError
 from ..wire.bodies import (
     Del,
     Flush,
     Get,
     GetReply,
+    Give,
     Move,
     MoveReply,
     Objects,
@@ -34,23 +43,27 @@ from ..wire.tensors import sole_segment
 from ..wire.transport import canonical_endpoint
 from ..wire.values import Handover
 from . import executor
+from .access import Principal
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
 
-__all__ = ["put", "get", "delete", "move", "remote_get", "objects", "flush", "resolve", "settled"]
+__all__ = ["put", "get", "delete", "move", "remote_get", "objects", "flush", "give", "free",
+           "expire", "resolve", "settled", "record"]
 
 log = logging.getLogger(__name__)
 MAX_DEPTH = 64  # pointers followed on this worker before giving up (a crafted cycle)
 
 
 # ------------------------------------------------------------------------ helpers
-def resolve(w: Services, obj_id: Any) -> Any:
-    """The object behind an id, following pointers that point back at this worker; the error of
-    a failed pipelined op is raised."""
+def resolve(w: Services, obj_id: Any, who: Principal) -> Any:
+    """The object behind an id, following pointers that point back at this worker (each one
+    only to what ``who`` may use); the error of a failed pipelined op is raised."""
     obj = w.store.get(obj_id)
     for _ in range(MAX_DEPTH):
         if not (isinstance(obj, PointerRecord) and obj.address in w.addresses):
             break
+        if not w.store.usable(obj.id_at_location, who):
+            raise ObjectNotFound(w.store.missing(obj.id_at_location))
         obj = w.store.get(obj.id_at_location)
     if isinstance(obj, ErrorMarker):
         raise decode_exception(obj.error)
@@ -75,6 +88,52 @@ def settled(w: Services, ctx: Ctx, address: str, then: Callable[[], None]) -> No
     w.peers.flush(address, done)
 
 
+def record(w: Services, desc: PointerDesc) -> PointerRecord:
+    """The pointer record of a descriptor that came over the wire: its address in its one
+    spelling, and its key one this worker may connect to (``ProtocolError`` /
+    ``AccessDenied`` otherwise; see :meth:`~zmqsyft.worker.peers.PeerLinks.learn`)."""
+    rec = PointerRecord.from_desc(desc)
+    if rec.address not in w.addresses:
+        w.peers.learn(rec.address, rec.key)
+    return rec
+
+
+def hand_over(w: Services, ctx: Ctx, rec: PointerRecord, to: str, then: Callable[[], None]) -> None:
+    """Tell the worker ``rec`` points to that ``to`` (a principal's key) owns the object now (or
+    may read it, for a record that owns nothing), then run ``then``; on failure answer ``ctx``
+    with the error. Nothing to tell on an insecure worker, or when the data is here."""
+    if not to or rec.address in w.addresses:
+        then()
+        return
+
+    def done(msg: Message | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            w.reply_error(ctx, exc)
+        else:
+            then()
+    w.peers.request(rec.address, Op.GIVE, Give(ids=[rec.id_at_location], to=to,
+                                               read_only=not rec.owned), done)
+
+
+def free(w: Services, ids: list[int]) -> None:
+    """Free objects here, and what the pointer records among them own elsewhere."""
+    cascade: dict[str, list[int]] = defaultdict(list)
+    for obj_id in ids:
+        _free(w, obj_id, cascade, 0)
+    for address, targets in cascade.items():
+        w.peers.request(address, Op.DEL, Del(ids=targets), None)  # fire and forget
+
+
+def expire(w: Services, now: float) -> None:
+    """Free what the sessions whose lease ran out held (see :mod:`~zmqsyft.worker.leases`)."""
+    for holder in w.leases.expired(now):
+        if holder.ids:
+            log.info("worker %s: the lease of %s (session %r) ran out: freeing its %d objects",
+                     w.id, holder.principal.label, holder.session, len(holder.ids))
+            w.traffic.counters["objects_freed_by_lease"] += len(holder.ids)
+            free(w, list(holder.ids))
+
+
 def _free(w: Services, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:
     obj = w.store.discard(obj_id)
     if isinstance(obj, PointerRecord) and obj.owned and depth < MAX_DEPTH:
@@ -86,12 +145,19 @@ def _free(w: Services, obj_id: Any, cascade: dict[str, list[int]], depth: int) -
 
 # ----------------------------------------------------------------------- handlers
 def put(w: Services, ctx: Ctx, body: Put) -> None:
+    holder = ctx.holder
+    if body.owner and body.owner != ctx.who.key:  # stored for someone else: a move for a client
+        principal = w.access.get(body.owner)
+        if principal is None:
+            raise AccessDenied(f"PUT for another principal: worker '{w.id}' knows no key "
+                               f"{body.owner[:8]}...")
+        holder = w.leases.session(principal, "")
     obj = body.obj
     if isinstance(obj, PointerDesc):
-        obj = PointerRecord.from_desc(obj)
+        obj = record(w, obj)
     elif isinstance(obj, torch.Tensor):
-        w.store.make_room(obj.nbytes, "a tensor sent to it", ctx.ident)
-    w.store.put(body.id, obj, ctx.ident)
+        w.store.make_room(obj.nbytes, "a tensor sent to it", holder)
+    w.store.put(body.id, obj, holder)
     w.reply(ctx)
 
 
@@ -99,14 +165,18 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
     """Give the object to the caller; it leaves the store only once its reply is encoded (a get
     that fails loses nothing)."""
     obj_id = body.id
-    obj = w.store.get(obj_id)
+    obj = w.store.owned(obj_id, ctx.who, "GET")
     if isinstance(obj, ErrorMarker):
         w.store.pop(obj_id)
         raise decode_exception(obj.error)
     if isinstance(obj, PointerRecord):
-        w.store.pop(obj_id)
         desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
-        settled(w, ctx, obj.address, lambda: w.reply(ctx, GetReply(obj=desc)))
+
+        def handed() -> None:  # the caller owns what it pointed to now: the record goes
+            if obj_id in w.store and w.store.get(obj_id) is obj:
+                w.store.pop(obj_id)
+            w.reply(ctx, GetReply(obj=desc))
+        settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, handed))
         return
     hold = body.handover
     # nothing else here uses it (the store, `obj` and the getrefcount argument are the
@@ -114,38 +184,48 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
     # id until the caller, having mapped it, deletes that (or asks for it again, if it could not)
     if (hold and hold not in w.store and type(obj) is torch.Tensor
             and sys.getrefcount(obj) == 3 and sole_segment(obj) is not None):
-        w.store.put(hold, w.store.pop(obj_id), ctx.ident)
+        w.store.put(hold, w.store.pop(obj_id), ctx.holder)
         if not w.reply(ctx, GetReply(obj=Handover(obj))):
-            w.store.put(obj_id, w.store.pop(hold), ctx.ident)
+            w.store.put(obj_id, w.store.pop(hold), ctx.holder)
         return
     if w.reply(ctx, GetReply(obj=obj)):
         w.store.discard(obj_id)
 
 
 def delete(w: Services, ctx: Ctx, body: Del) -> None:
-    cascade: dict[str, list[int]] = defaultdict(list)
-    for obj_id in body.ids:
-        _free(w, obj_id, cascade, 0)
-    for address, targets in cascade.items():
-        w.peers.request(address, Op.DEL, Del(ids=targets), None)  # fire and forget
+    """Free the caller's objects among ``ids``; ids that are not its own are passed over, as
+    ids that do not exist are (a late delete of something moved or fetched is normal)."""
+    who, store = ctx.who, w.store
+    if who.key:
+        ids = [i for i in body.ids if (h := store.owner(i)) is not None and h.principal.key == who.key]
+    else:
+        ids = body.ids
+    free(w, ids)
     w.reply(ctx)
 
 
 def move(w: Services, ctx: Ctx, body: Move) -> None:
     obj_id, dest = body.id, canonical_endpoint(body.dest_address)
-    obj = w.store.get(obj_id)
+    obj = w.store.owned(obj_id, ctx.who, "MOVE")
     if dest in w.addresses:
         w.reply(ctx)
         return
+    w.peers.learn(dest, body.dest_key)
     if isinstance(obj, ErrorMarker):
         raise decode_exception(obj.error)
     if isinstance(obj, PointerRecord):
         desc = obj.desc(ptr_id=obj_id, owned=obj.owned)
         if obj.address == dest:  # the chain collapses: dest already holds the data
-            w.store.pop(obj_id)
-            settled(w, ctx, obj.address, lambda: w.reply(ctx, MoveReply(collapsed=desc)))
+
+            def collapsed() -> None:
+                if obj_id in w.store and w.store.get(obj_id) is obj:
+                    w.store.pop(obj_id)
+                w.reply(ctx, MoveReply(collapsed=desc))
+            settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, collapsed))
             return
-        settled(w, ctx, obj.address, lambda: _push(w, ctx, obj_id, obj, dest, desc))
+        # dest will hold the record: it must own (or may read) what the record points to
+        settled(w, ctx, obj.address, lambda: hand_over(
+            w, ctx, obj, body.dest_key, lambda: _push(w, ctx, obj_id, obj, dest, desc)))
         return
     # referenced by the store and by `obj` only (and getrefcount's argument): nobody else here
     # will see the tensor again, so a same-host dest may take over its memory instead of a copy
@@ -154,7 +234,8 @@ def move(w: Services, ctx: Ctx, body: Move) -> None:
 
 
 def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any) -> None:
-    """Store ``payload`` on ``dest`` under ``obj_id``; free it here once ``dest`` confirmed."""
+    """Store ``payload`` on ``dest`` under ``obj_id``, for the caller; free it here once
+    ``dest`` confirmed."""
 
     def done(msg: Message | None, exc: BaseException | None) -> None:
         if isinstance(exc, HandoverRefused) and type(payload) is Handover:
@@ -167,21 +248,23 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
             return
         current = w.store.discard(obj_id)
         if current is not None and current is not obj:  # the id was reused meanwhile: keep it
-            w.store.replace(obj_id, current)
+            w.store.replace(obj_id, current, w.store.owner(obj_id))
         else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms)
             w.free_after_replies(current)
         w.reply(ctx)
-    w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload), done)
+    w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key), done)
 
 
 def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
     obj_id = body.id
-    record = w.store.get(obj_id)
-    if not isinstance(record, PointerRecord):
+    rec = w.store.owned(obj_id, ctx.who, "REMOTE_GET")
+    if not isinstance(rec, PointerRecord):
         w.reply(ctx)  # the data is here already
         return
-    if record.address in w.addresses:
-        w.store.replace(obj_id, w.store.pop(record.id_at_location), ctx.ident)
+    if rec.address in w.addresses:
+        w.store.replace(obj_id, w.store.owned(rec.id_at_location, ctx.who, "REMOTE_GET"),
+                        ctx.holder)
+        w.store.discard(rec.id_at_location)
         w.reply(ctx)
         return
 
@@ -192,23 +275,23 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         try:
             obj = GetReply.from_wire(msg.body).obj if msg is not None else None
             if isinstance(obj, PointerDesc):
-                obj = PointerRecord.from_desc(obj)
+                obj = record(w, obj)
             elif isinstance(obj, torch.Tensor):
-                w.store.make_room(obj.nbytes, "remote_get", ctx.ident)
+                w.store.make_room(obj.nbytes, "remote_get", ctx.holder)
         except Exception as failure:  # noqa: BLE001 - a peer's malformed reply, or no room
             w.reply_error(ctx, failure)
             return
-        w.store.replace(obj_id, obj, ctx.ident)
+        w.store.replace(obj_id, obj, ctx.holder)
         w.reply(ctx)
-    w.peers.request(record.address, Op.GET, Get(id=record.id_at_location), done)
+    w.peers.request(rec.address, Op.GET, Get(id=rec.id_at_location), done)
 
 
 def objects(w: Services, ctx: Ctx, body: Objects) -> None:
-    """A snapshot every caller can read, whatever is stored: anything the wire cannot carry
-    as it is is summarised."""
+    """A snapshot of the caller's own objects (an admin's: of all), whatever is stored: anything
+    the wire cannot carry as it is is summarised."""
     snapshot: dict[int, Any] = {}
     limit = w.cfg.snapshot_max_elements
-    for key, obj in w.store.items():
+    for key, obj in w.store.visible(ctx.who):
         try:
             snapshot[key] = _shown(obj, key, limit)
         except Exception as exc:  # noqa: BLE001 - one odd object must not hide the others
@@ -253,3 +336,28 @@ def flush(w: Services, ctx: Ctx, body: Flush) -> None:
                 w.reply(ctx)
     for address in dirty:
         w.peers.flush(address, done)
+
+
+def give(w: Services, ctx: Ctx, body: Give) -> None:
+    """Hand the caller's objects to another principal (``read_only``: let it compute with them,
+    which the caller may do for what was shared with it, too)."""
+    if not w.key:
+        w.reply(ctx)  # insecure: everyone owns everything already
+        return
+    principal = w.access.get(body.to)
+    if principal is None:
+        raise AccessDenied(f"GIVE: worker '{w.id}' knows no principal with key {body.to[:8]}...; "
+                           "it can give objects only to keys it accepts connections from")
+    store, who = w.store, ctx.who
+    for obj_id in body.ids:
+        if body.read_only:
+            if not store.usable(obj_id, who):
+                store.owned(obj_id, who, "GIVE")  # raises: missing for this caller
+            store.share(obj_id, principal.key)
+        else:
+            store.owned(obj_id, who, "GIVE")
+    if not body.read_only:
+        to = w.leases.session(principal, "")
+        for obj_id in body.ids:
+            store.give(obj_id, to)
+    w.reply(ctx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LocationMismatch
+from ..errors import LocationMismatch, ObjectNotFound
 from ..ids import new_id
 from ..wire.bodies import Run, RunReply, Search, SearchReply
 from ..wire.messages import PointerDesc
@@ -48,18 +48,25 @@ def add(store: Store, tensor: torch.Tensor, tags: list[str]) -> int:
 
 
 def search(w: Services, ctx: Ctx, body: Search) -> None:
+    """Non-owning pointers to the worker's own data carrying every tag; the caller may compute
+    with those objects from now on (read-only: no taking, no changing)."""
     results = []
     for obj_id in w.store.search(frozenset(body.tags)):
         obj = w.store.get(obj_id)
         if isinstance(obj, torch.Tensor):
+            w.store.share(obj_id, ctx.who.key)
             results.append(PointerDesc(w.id, w.address, obj_id, new_id(), tuple(obj.shape),
-                                       dtype_name(obj.dtype), obj.requires_grad, False))
+                                       dtype_name(obj.dtype), obj.requires_grad, False, w.key))
     w.reply(ctx, SearchReply(results=results))
 
 
 def run(w: Services, ctx: Ctx, body: Run) -> None:
     args, kwargs = body.args, body.kwargs
-    resolved = {ref.id: resolve(w, ref.id) for ref in executor.refs_in((args, kwargs))}
+    refs = executor.refs_in((args, kwargs))
+    for ref in refs:
+        if not w.store.usable(ref.id, ctx.who):
+            raise ObjectNotFound(w.store.missing(ref.id))
+    resolved = {ref.id: resolve(w, ref.id, ctx.who) for ref in refs}
     if any(isinstance(o, PointerRecord) for o in resolved.values()):
         raise LocationMismatch(
             f"run() on worker '{w.id}' got a pointer to data on another worker; "
@@ -68,4 +75,4 @@ def run(w: Services, ctx: Ctx, body: Run) -> None:
     with torch.set_grad_enabled(body.grad):
         result = body.fn(*args, **kwargs)
     name = f"run({getattr(body.fn, '__name__', 'fn')})"
-    w.reply(ctx, RunReply(result=describe(w, result, name, ctx.ident)))
+    w.reply(ctx, RunReply(result=describe(w, result, name, ctx.holder)))

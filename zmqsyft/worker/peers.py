@@ -7,11 +7,19 @@ monitor, heartbeats) fails everything waiting on it and loses its socket, so tha
 for it is delivered to a later process at the same address. A request with large tensors for a
 peer whose HELLO reply has not come yet is parked, in order with what follows it, until the
 reply says whether the two share ``/dev/shm``.
+
+**Keys.** A worker connects to a peer only with that peer's public key (CURVE: the connection
+completes only with the holder of its secret), and only to a key it knows (a principal of its
+:class:`~zmqsyft.worker.access.Access`: listed with ``--allow``, or introduced by its spawner or
+an admin). The key comes with the address, in the pointer descriptor or ``MOVE`` that names the
+peer, and :meth:`PeerLinks.learn` checks it; an address whose key changes (a worker restarted
+there) gets a fresh link. The worker presents its own key, with which the peer knows it.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,13 +27,15 @@ from typing import Any
 import zmq
 
 from ..config import Config
-from ..errors import LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
+from ..errors import AccessDenied, LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
+from ..keys import KeyPair
 from ..wire import transport
 from ..wire.bodies import Body, Flush
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
 from ..wire.values import ShmPolicy
+from .access import Access
 from .traffic import Traffic
 
 __all__ = ["Callback", "PeerLink", "PeerLinks"]
@@ -56,7 +66,15 @@ class PeerLink(RequestCore):
         super().__init__()
         self.links = links
         self.address = address
-        self.sock, self.watch = transport.make_dealer(links.ctx, address, links.cfg)
+        curve = None
+        if links.keys is not None:
+            key = links.keys_at.get(address)
+            if not key:
+                raise AccessDenied(
+                    f"worker '{links.worker_id}' knows no public key for the worker at {address}, "
+                    "so it does not connect there (a pointer to it must come with its key)")
+            curve = (links.keys.public, links.keys.secret, key.encode("ascii"))
+        self.sock, self.watch = transport.make_dealer(links.ctx, address, links.cfg, curve)
         # requests waiting for the HELLO reply (they carry large tensors, or came after one)
         self.parked: list[tuple[Op, Body | dict[str, Any], Callback | None]] | None = None
         self.policy = (ShmPolicy(self._shm_decider, links.cfg.shm_threshold, 2 * links.cfg.timeout)
@@ -93,12 +111,17 @@ class PeerLinks:
     """
 
     def __init__(self, worker_id: str, cfg: Config, ctx: zmq.Context, poller: zmq.Poller,
-                 traffic: Traffic) -> None:
+                 traffic: Traffic, keys: KeyPair | None = None,
+                 access: Access | None = None) -> None:
         self.worker_id = worker_id
         self.cfg = cfg
         self.ctx = ctx
         self.poller = poller
         self.traffic = traffic
+        self.keys = keys
+        self.access = access if access is not None else Access(insecure=True)
+        self.keys_at: dict[str, str] = {}  # address -> the public key of the worker there
+        self.session = secrets.token_hex(16)  # this worker's session on its peers
         self.links: dict[str, PeerLink] = {}
         self.by_socket: dict[zmq.Socket, PeerLink] = {}
         self.dirty: set[str] = set()
@@ -115,6 +138,27 @@ class PeerLinks:
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (link.next_deadline() for link in self.links.values()) if d]
         return min(deadlines) if deadlines else None
+
+    def learn(self, address: str, key: str) -> None:
+        """Note that the worker at ``address`` (canonical) holds ``key``, before anything is
+        sent there on the strength of a descriptor or a ``MOVE`` naming it.
+
+        Raises ``AccessDenied`` for a key this worker does not know (it does not connect to
+        workers it was not told about), or none; nothing is checked on an insecure worker."""
+        if self.keys is None:
+            return
+        if not key or self.access.get(key) is None:
+            raise AccessDenied(
+                f"worker '{self.worker_id}' does not connect to the worker at {address}: "
+                + ("no public key came with its address" if not key else
+                   f"its key {key[:8]}... is not one it knows") + ". Start this worker with "
+                "--allow DIR holding that worker's NAME.key (workers spawned by one client know "
+                "each other already)")
+        old = self.keys_at.get(address)
+        if old != key:
+            if old is not None:
+                self.lost(address, "the worker there now has another key")
+            self.keys_at[address] = key
 
     # ------------------------------------------------------------- outgoing
     def request(self, address: str, op: Op, body: Body | dict[str, Any],
@@ -173,7 +217,7 @@ class PeerLinks:
             link = self.links[address] = PeerLink(self, address)
             self.by_socket[link.sock] = link
             self.poller.register(link.sock, zmq.POLLIN)
-            req_id, hello = link.hello(self.worker_id)
+            req_id, hello = link.hello(self.worker_id, session=self.session)
             frames = encode_message(Op.HELLO, req_id, hello)
             transport.send(link.sock, frames)
             self.traffic.count(address, "out", frames)
@@ -194,7 +238,11 @@ class PeerLinks:
 
     def _hello_answered(self, link: PeerLink) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:
-            if link.peer is not None:
+            key = self.keys_at.get(link.address, "")
+            principal = self.access.get(key) if key else None
+            if principal is not None and key:
+                self.traffic.labels[link.address] = principal.label
+            elif link.peer is not None:
                 self.traffic.labels[link.address] = link.peer.id[:64]
             if self.links.get(link.address) is not link:
                 return  # lost meanwhile; lost() failed what was parked

@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from ..errors import LimitExceeded, ObjectNotFound, ProtocolError
+from ..errors import AccessDenied, LimitExceeded, ObjectNotFound, ProtocolError
 from ..wire.messages import PointerDesc
 from ..wire.transport import canonical_endpoint
+from .access import Principal
+from .leases import Holder
 
 __all__ = ["Store", "PointerRecord", "ErrorMarker"]
 
@@ -18,13 +20,15 @@ __all__ = ["Store", "PointerRecord", "ErrorMarker"]
 class PointerRecord:
     """A pointer held by a worker: the object ``id_at_location`` on the worker at ``address``.
 
-    ``owned`` records whether this worker frees that object when the record is deleted.
+    ``owned`` records whether this worker frees that object when the record is deleted; ``key``
+    is that worker's public key (``""``: insecure), the only key this worker connects to there.
     """
 
-    __slots__ = ("location", "address", "id_at_location", "shape", "dtype", "requires_grad", "owned")
+    __slots__ = ("location", "address", "id_at_location", "shape", "dtype", "requires_grad", "owned",
+                 "key")
 
     def __init__(self, location: str, address: str, id_at_location: int, shape: tuple[int, ...],
-                 dtype: str, requires_grad: bool, owned: bool) -> None:
+                 dtype: str, requires_grad: bool, owned: bool, key: str = "") -> None:
         self.location = location
         self.address = address
         self.id_at_location = id_at_location
@@ -32,17 +36,18 @@ class PointerRecord:
         self.dtype = dtype
         self.requires_grad = requires_grad
         self.owned = owned
+        self.key = key
 
     @classmethod
     def from_desc(cls, desc: PointerDesc) -> PointerRecord:
         """The record of a pointer that came over the wire; its address in its one spelling
         (``ProtocolError`` if it is not a worker's endpoint)."""
         return cls(desc.location, canonical_endpoint(desc.address), desc.id_at_location,
-                   desc.shape, desc.dtype, desc.requires_grad, desc.owned)
+                   desc.shape, desc.dtype, desc.requires_grad, desc.owned, desc.key)
 
     def desc(self, ptr_id: int, owned: bool) -> PointerDesc:
         return PointerDesc(self.location, self.address, self.id_at_location, ptr_id, self.shape,
-                           self.dtype, self.requires_grad, owned)
+                           self.dtype, self.requires_grad, owned, self.key)
 
     def __repr__(self) -> str:
         return f"PointerRecord(-> {self.location}:{self.id_at_location}, owned={self.owned})"
@@ -63,13 +68,18 @@ def _size(obj: Any) -> int:
     as its own bytes) and its gradient's."""
     if not isinstance(obj, torch.Tensor):
         return 0
-    grad = obj._grad
+    grad = obj._grad if obj.is_leaf or obj.retains_grad else None
     return obj.nbytes if grad is None else obj.nbytes + grad.nbytes
 
 
 class Store:
-    """The objects one worker holds, in insertion order, and the tensor bytes they hold: in all,
-    and per connection that stored them (its routing id; the worker's own data is nobody's).
+    """The objects one worker holds, in insertion order; who owns each (a
+    :class:`~zmqsyft.worker.leases.Holder`: one session of one principal; ``None`` for the
+    worker's own data), who else may read it, and the tensor bytes they hold, in all and per
+    holder.
+
+    Every check of who may do what with an object is made here: :meth:`owned` (take, delete,
+    change, give away), :meth:`usable` (compute with), :meth:`visible` (list).
 
     Parameters
     ----------
@@ -79,8 +89,7 @@ class Store:
         The most tensor bytes the store holds; :meth:`make_room` refuses what would pass it.
         ``0``: three quarters of this machine's memory.
     max_conn_bytes : int
-        The most tensor bytes the objects one connection stored may hold. ``0``: half of
-        ``max_bytes``.
+        The most tensor bytes the objects of one holder may hold. ``0``: half of ``max_bytes``.
     """
 
     def __init__(self, worker_id: str, max_bytes: int = 0, max_conn_bytes: int = 0) -> None:
@@ -88,56 +97,120 @@ class Store:
         self.max_bytes = max_bytes or _default_max_bytes()
         self.max_conn_bytes = max_conn_bytes or self.max_bytes // 2
         self.nbytes = 0
-        self.by_conn: dict[bytes, int] = {}  # routing id -> bytes its objects hold
         self._objects: dict[int, Any] = {}
+        self._owner: dict[int, Holder | None] = {}
+        self._readers: dict[int, set[str]] = {}  # id -> keys it was shared with, read-only
         self._tags: dict[int, frozenset[str]] = {}
-        self._counted: dict[int, tuple[int, bytes | None]] = {}  # id -> (bytes, whose), if any
+        self._counted: dict[int, int] = {}  # id -> bytes counted for it, if any
 
-    def make_room(self, nbytes: int, what: str, by: bytes | None = None) -> None:
-        """Refuse (``LimitExceeded``) to store ``nbytes`` more, for connection ``by``, if that
-        passes ``max_bytes`` or what one connection may hold."""
+    def make_room(self, nbytes: int, what: str, by: Holder | None = None) -> None:
+        """Refuse (``LimitExceeded``) to store ``nbytes`` more, for holder ``by``, if that
+        passes ``max_bytes`` or what one holder may hold."""
         if self.nbytes + nbytes > self.max_bytes:
             raise LimitExceeded(
                 f"{what} needs {nbytes / 2**20:.1f} MiB on worker '{self.worker_id}', which holds "
                 f"{self.nbytes / 2**20:.1f} MiB of its {self.max_bytes / 2**20:.1f} MiB "
                 "(Config.max_store_bytes); free objects, or start the worker with a larger "
                 "--max-store-bytes / ZMQSYFT_MAX_STORE_BYTES. Nothing was stored")
-        held = self.by_conn.get(by, 0) if by is not None else 0
+        held = by.nbytes if by is not None else 0
         if by is not None and held + nbytes > self.max_conn_bytes:
             raise LimitExceeded(
                 f"{what} needs {nbytes / 2**20:.1f} MiB on worker '{self.worker_id}', where "
-                f"this connection's objects hold {held / 2**20:.1f} MiB of the "
-                f"{self.max_conn_bytes / 2**20:.1f} MiB one connection may hold "
+                f"this session's objects hold {held / 2**20:.1f} MiB of the "
+                f"{self.max_conn_bytes / 2**20:.1f} MiB one session may hold "
                 "(Config.max_connection_bytes); free objects, or start the worker with a larger "
                 "--max-connection-bytes / ZMQSYFT_MAX_CONNECTION_BYTES. Nothing was stored")
 
-    def _count(self, obj_id: int, obj: Any, by: bytes | None) -> None:
+    def _count(self, obj_id: int, obj: Any) -> None:
         size = _size(obj)
         if size:
             self.nbytes += size
-            self._counted[obj_id] = (size, by)
+            self._counted[obj_id] = size
+            by = self._owner.get(obj_id)
             if by is not None:
-                self.by_conn[by] = self.by_conn.get(by, 0) + size
+                by.nbytes += size
 
     def _uncount(self, obj_id: Any) -> None:
-        size, by = self._counted.pop(obj_id, (0, None))
+        size = self._counted.pop(obj_id, 0)
         if size:
             self.nbytes -= size
+            by = self._owner.get(obj_id)
             if by is not None:
-                left = self.by_conn[by] - size
-                if left:
-                    self.by_conn[by] = left
-                else:
-                    del self.by_conn[by]
+                by.nbytes -= size
 
     def recount(self, obj_id: Any) -> None:
         """Count an object again after an op may have changed what it holds (``x.data = y``,
-        ``x.grad = y``), charging the connection that stored it."""
+        ``x.grad = y``), charging its holder."""
         if obj_id in self._objects:
-            by = self._counted.get(obj_id, (0, None))[1]
             self._uncount(obj_id)
-            self._count(obj_id, self._objects[obj_id], by)
+            self._count(obj_id, self._objects[obj_id])
 
+    # --------------------------------------------------------------- access
+    def owned(self, obj_id: Any, who: Principal, what: str) -> Any:
+        """The object, if ``who`` owns it (may take, delete, change or give it away).
+
+        An object ``who`` may only read raises ``AccessDenied``; one it may not see at all is
+        reported missing (``ObjectNotFound``), exactly as an id that does not exist."""
+        obj = self.get(obj_id)
+        if who.key:  # (insecure: everyone owns everything)
+            holder = self._owner.get(obj_id)
+            if holder is None or holder.principal.key != who.key:
+                if who.key in self._readers.get(obj_id, ()):
+                    raise AccessDenied(
+                        f"{what}: object {obj_id} on worker '{self.worker_id}' was shared with "
+                        "you read-only (a search() result, or a view of one): compute with it; "
+                        "results are yours, but the object cannot be taken, moved, deleted or "
+                        "changed by you")
+                raise ObjectNotFound(self.missing(obj_id))
+        return obj
+
+    def usable(self, obj_id: Any, who: Principal) -> bool:
+        """Whether ``who`` may compute with the object (owns it, or it was shared with it)."""
+        if not who.key:
+            return obj_id in self._objects
+        holder = self._owner.get(obj_id)
+        if holder is not None and holder.principal.key == who.key:
+            return True
+        return who.key in self._readers.get(obj_id, ()) and obj_id in self._objects
+
+    def read_only(self, obj_id: Any, who: Principal) -> bool:
+        """Whether ``who`` may only read the object (it was shared with it; it does not own it)."""
+        if not who.key:
+            return False
+        holder = self._owner.get(obj_id)
+        return (holder is None or holder.principal.key != who.key) and \
+            who.key in self._readers.get(obj_id, ())
+
+    def visible(self, who: Principal) -> Iterator[tuple[int, Any]]:
+        """The objects ``who`` may list: all of them for an admin, else those it owns."""
+        if who.admin:
+            return self.items()
+        return iter([(i, o) for i, o in self._objects.items()
+                     if (h := self._owner.get(i)) is not None and h.principal.key == who.key])
+
+    def share(self, obj_id: int, key: str) -> None:
+        """Let principal ``key`` compute with the object, read-only."""
+        if key:
+            self._readers.setdefault(obj_id, set()).add(key)
+
+    def owner(self, obj_id: Any) -> Holder | None:
+        return self._owner.get(obj_id)
+
+    def give(self, obj_id: int, to: Holder) -> None:
+        """Make ``to`` the object's owner (its bytes move to ``to``'s account)."""
+        self._uncount(obj_id)
+        self._set_owner(obj_id, to)
+        self._count(obj_id, self._objects[obj_id])
+
+    def _set_owner(self, obj_id: int, by: Holder | None) -> None:
+        old = self._owner.get(obj_id)
+        if old is not None:
+            old.ids.discard(obj_id)
+        self._owner[obj_id] = by
+        if by is not None:
+            by.ids.add(obj_id)
+
+    # --------------------------------------------------------------- tags
     def tag(self, obj_id: int, tags: frozenset[str]) -> None:
         """Attach search tags (``"#diabetes"``) to a stored object."""
         self.get(obj_id)
@@ -156,20 +229,22 @@ class Store:
     def items(self) -> Iterator[tuple[int, Any]]:
         return iter(list(self._objects.items()))
 
-    def put(self, obj_id: int, obj: Any, by: bytes | None = None) -> None:
-        """Store ``obj`` under a new id, its bytes counted against connection ``by``."""
+    def put(self, obj_id: int, obj: Any, by: Holder | None = None) -> None:
+        """Store ``obj`` under a new id, owned by ``by`` (``None``: the worker's own)."""
         if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id <= 0:
             raise ProtocolError(f"invalid object id {obj_id!r}")
         if obj_id in self._objects:
             raise ProtocolError(f"object id {obj_id} is already in use on worker '{self.worker_id}'")
         self._objects[obj_id] = obj
-        self._count(obj_id, obj, by)
+        self._set_owner(obj_id, by)
+        self._count(obj_id, obj)
 
-    def replace(self, obj_id: int, obj: Any, by: bytes | None = None) -> None:
-        """Store ``obj`` under ``obj_id`` in place of what was there."""
+    def replace(self, obj_id: int, obj: Any, by: Holder | None = None) -> None:
+        """Store ``obj`` under ``obj_id`` in place of what was there, owned by ``by``."""
         self._uncount(obj_id)
         self._objects[obj_id] = obj
-        self._count(obj_id, obj, by)
+        self._set_owner(obj_id, by)
+        self._count(obj_id, obj)
 
     def get(self, obj_id: Any) -> Any:
         try:
@@ -182,8 +257,7 @@ class Store:
             obj = self._objects.pop(obj_id)
         except (KeyError, TypeError):
             raise ObjectNotFound(self.missing(obj_id)) from None
-        self._tags.pop(obj_id, None)
-        self._uncount(obj_id)
+        self._forget(obj_id)
         return obj
 
     def discard(self, obj_id: Any) -> Any:
@@ -191,13 +265,20 @@ class Store:
             obj = self._objects.pop(obj_id, None)
         except TypeError:
             return None
-        self._tags.pop(obj_id, None)
-        self._uncount(obj_id)
+        self._forget(obj_id)
         return obj
 
+    def _forget(self, obj_id: Any) -> None:
+        self._tags.pop(obj_id, None)
+        self._readers.pop(obj_id, None)
+        self._uncount(obj_id)
+        holder = self._owner.pop(obj_id, None)
+        if holder is not None:
+            holder.ids.discard(obj_id)
+
     def missing(self, obj_id: Any) -> str:
-        return (f"object {obj_id} does not exist on worker '{self.worker_id}': it was fetched with "
-                ".get(), moved, freed, or never sent there")
+        return (f"object {obj_id} does not exist on worker '{self.worker_id}' for you: it was "
+                "fetched with .get(), moved, freed, never sent there, or it is not yours")
 
 
 def _default_max_bytes() -> int:

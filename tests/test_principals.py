@@ -1,0 +1,265 @@
+"""Who is asking: keys, principals, ownership, capabilities and admin rights, tried as an attacker.
+
+Every attack here speaks the protocol on a raw socket of its own (``raw_dealer``), as a second
+client whose key the worker accepts (``second_client``: it may connect, nothing more), or with a
+key it does not know. Each test asserts what the attacker gets (an error naming the object as
+missing, or as read-only, or the operation as an admin's) and that the victim's objects are
+unchanged. Before issue 12 every connection could list, take, change and delete every object
+and stop the worker (the same requests from a plain socket all succeeded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+import zmqsyft as sy
+from tests.helpers import (
+    alive_check,
+    assert_answers_ping,
+    cli_worker,
+    expect_error,
+    next_reply,
+    raw_dealer,
+    second_client,
+)
+from zmqsyft import WorkerClient
+from zmqsyft.errors import AccessDenied, ObjectNotFound
+from zmqsyft.ids import new_id
+from zmqsyft.keys import KeyPair
+from zmqsyft.wire.codec import encode_message
+from zmqsyft.wire.messages import ObjRef, Op
+
+pytestmark = pytest.mark.timeout(90)
+
+DATA = torch.arange(6.0).reshape(3, 2)
+
+
+def call(fn: str, *args: object, out: list | None = None, **kwargs: object) -> dict:
+    return {"fn": fn, "args": list(args), "kwargs": kwargs, "out": out}
+
+
+def ok(sock: zmq.Socket, req_id: int) -> object:
+    msg = next_reply(sock)
+    assert (msg.op, msg.req_id) == (Op.REPLY, req_id), msg.body
+    return msg.body
+
+
+def test_a_second_client_cannot_list_get_move_change_give_or_delete_my_objects(
+        spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob, alice = spawn("bob"), spawn("alice")
+    mine = torch.tensor([1.0, 2.0, 3.0]).send(bob)
+    target = mine.id_at_location
+    alive = alive_check(bob)
+    mallory = second_client(bob, alice)
+    with raw_dealer(bob, keys=mallory) as sock:
+        sock.send_multipart(encode_message(Op.OBJECTS, 1, {}))
+        assert ok(sock, 1)["objects"] == {}  # it sees none of mine
+        attempts = [
+            (Op.GET, {"id": target}),
+            (Op.MOVE, {"id": target, "dest_address": alice.address, "dest_key": alice.key}),
+            (Op.REMOTE_GET, {"id": target}),
+            (Op.GIVE, {"ids": [target], "to": mallory.text}),
+            (Op.GIVE, {"ids": [target], "to": mallory.text, "read_only": True}),
+            (Op.CALL, call("torch.Tensor.add_", ObjRef(target), 100.0)),  # change it
+            (Op.CALL, call("torch.Tensor.__setitem__", ObjRef(target), 0, 9.0)),
+            (Op.CALL, call("torch.add", ObjRef(target), 1.0)),  # even read it
+            (Op.CALL, call("torch.Tensor.clone", ObjRef(target), out=[[new_id(), [3], "float32",
+                                                                      False]])),
+        ]
+        for req_id, (op, body) in enumerate(attempts, start=10):
+            sock.send_multipart(encode_message(op, req_id, body))
+            exc = expect_error(sock, req_id, ObjectNotFound, alive)
+            assert "not yours" in str(exc)
+        # a delete of what is not its own is passed over, as an unknown id is
+        sock.send_multipart(encode_message(Op.DEL, 30, {"ids": [target]}))
+        ok(sock, 30)
+        # storing under my id is refused, and changes nothing
+        sock.send_multipart(encode_message(Op.PUT, 31, {"id": target, "obj": torch.zeros(3)}))
+        msg = next_reply(sock)
+        assert msg.op is Op.ERROR
+        # not an admin: no SHUTDOWN, no one else's statistics
+        sock.send_multipart(encode_message(Op.SHUTDOWN, 32, {}))
+        exc = expect_error(sock, 32, AccessDenied, alive)
+        assert "admins" in str(exc) and "mallory" in str(exc)
+        sock.send_multipart(encode_message(Op.STATS, 33, {}))
+        stats = ok(sock, 33)
+        # its own: the failure marker left under the result id its refused CALL chose
+        assert stats["objects"] == 1 and stats["counters"] == {}
+        sock.send_multipart(encode_message(Op.OBJECTS, 35, {}))
+        (marker,) = ok(sock, 35)["objects"]
+        sock.send_multipart(encode_message(Op.DEL, 36, {"ids": [marker]}))
+        ok(sock, 36)
+        assert set(stats["principals"]) <= {"mallory"} and set(stats["peers"]) <= {"mallory"}
+        sock.send_multipart(encode_message(Op.ALLOW, 34, {"keys": {"x": KeyPair.fresh().text}}))
+        expect_error(sock, 34, AccessDenied, alive)
+    assert alive()
+    assert_answers_ping(bob)
+    assert list(bob._objects) == [target]  # the admin (its spawner) sees everything
+    assert alice._objects == {}
+    assert torch.equal(mine.get(), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_the_owner_itself_still_may_do_all_of_it(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """The control: the same raw requests from the object's owner succeed."""
+    bob = spawn("bob")
+    mine = torch.tensor([1.0, 2.0, 3.0]).send(bob)
+    target = mine.id_at_location
+    with raw_dealer(bob) as sock:  # this process's key: the spawner, the owner
+        sock.send_multipart(encode_message(Op.OBJECTS, 1, {}))
+        assert list(ok(sock, 1)["objects"]) == [target]
+        sock.send_multipart(encode_message(Op.CALL, 2, call("torch.Tensor.add_", ObjRef(target), 1.0)))
+        ok(sock, 2)
+    assert torch.equal(mine.get(), torch.tensor([2.0, 3.0, 4.0]))
+
+
+def test_an_unknown_key_gets_no_answer(spawn) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob")
+    refused_before = bob.stats()["counters"].get("connections_refused", 0)
+    with raw_dealer(bob, keys=KeyPair.fresh()) as sock:
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                          | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            sock.send_multipart(encode_message(Op.PING, 1, {}))
+            sock.send_multipart(encode_message(Op.SHUTDOWN, 2, {}))
+            assert monitor.poll(10_000), "no handshake event"
+            from zmq.utils.monitor import recv_monitor_message
+            event = recv_monitor_message(monitor)
+            assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and event["value"] == 400
+            assert not sock.poll(500)  # and nothing ever comes back
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+    assert bob.stats()["counters"]["connections_refused"] == refused_before + 1
+    assert_answers_ping(bob)
+
+
+def test_a_connection_with_a_wrong_worker_key_fails_its_handshake() -> None:
+    """A client with a wrong public key for the worker cannot complete the handshake (nobody
+    can stand in for a worker without its secret), and is told what to check."""
+    with cli_worker("--id", "carol", "--bind", "tcp://127.0.0.1:0") as worker:
+        with pytest.raises(sy.WorkerUnavailable, match="worker_key"):
+            sy.connect(worker.endpoint, worker_key=KeyPair.fresh().text,
+                       keys=worker.client_keys, timeout=2.0)
+        carol = worker.connect()  # the right key: served
+        assert_answers_ping(carol)
+        carol.close()
+
+
+@pytest.fixture
+def data_owner(spawn, tmp_path: Path) -> WorkerClient:  # type: ignore[no-untyped-def]
+    path = tmp_path / "data.pt"
+    torch.save({"data": DATA}, path)
+    return spawn("hospital", load=str(path), tags=["#private"])
+
+
+def test_search_pointers_compute_but_cannot_take_or_change_the_data(
+        data_owner: WorkerClient, hook: sy.TorchHook) -> None:
+    owner = data_owner
+    (data,) = owner.search("#data")
+    data_id = data.id_at_location
+    alive = alive_check(owner)
+    with raw_dealer(owner) as sock:  # the searcher itself, bypassing the client's own checks
+        for req_id, (op, body) in enumerate([
+                (Op.GET, {"id": data_id}),
+                (Op.MOVE, {"id": data_id, "dest_address": "tcp://127.0.0.1:9", "dest_key": ""}),
+                (Op.GIVE, {"ids": [data_id], "to": KeyPair.fresh().text}),
+                (Op.CALL, call("torch.Tensor.add_", ObjRef(data_id), 1.0)),
+                (Op.CALL, call("torch.Tensor.__setitem__", ObjRef(data_id), 0, 0.0)),
+                (Op.CALL, {"fn": "torch.add", "args": [1.0, 2.0], "kwargs": {"out": ObjRef(data_id)},
+                           "out": None}),
+                (Op.CALL, call("torch.nn.functional.relu", ObjRef(data_id), inplace=True)),
+        ], start=1):
+            sock.send_multipart(encode_message(op, req_id, body))
+            msg = next_reply(sock, alive=alive)
+            assert (msg.op, msg.req_id) == (Op.ERROR, req_id), (op, msg.body)
+            assert msg.body["error"]["type"] in ("zmqsyft.errors.AccessDenied",
+                                                 "zmqsyft.errors.ObjectNotFound"), msg.body
+        # a view of it is a copy: changing the view leaves the data as it was
+        view = new_id()
+        sock.send_multipart(encode_message(Op.CALL, 20, call(
+            "torch.Tensor.view", ObjRef(data_id), -1, out=[[view, [6], "float32", False]])))
+        ok(sock, 20)
+        sock.send_multipart(encode_message(Op.CALL, 21, call("torch.Tensor.mul_", ObjRef(view), 0.0)))
+        ok(sock, 21)
+        sock.send_multipart(encode_message(Op.DEL, 22, {"ids": [view, data_id]}))
+        ok(sock, 22)
+    # computing with it works, and gives results this process owns
+    assert torch.equal((data * 2).get(), DATA * 2)
+    snapshot = owner._objects
+    assert torch.equal(snapshot[data_id], DATA)  # unchanged, still there
+    with pytest.raises(sy.PointerError):
+        data.get()  # (the client refuses it before asking)
+
+
+def test_a_model_owner_without_search_cannot_even_read_the_data(
+        data_owner: WorkerClient, hook: sy.TorchHook) -> None:
+    (data,) = data_owner.search("#data")
+    mallory = second_client(data_owner)
+    with raw_dealer(data_owner, keys=mallory) as sock:  # never searched: no capability
+        sock.send_multipart(encode_message(Op.CALL, 1, call("torch.add", ObjRef(data.id_at_location), 0.0)))
+        expect_error(sock, 1, ObjectNotFound, worker_id="hospital")
+        sock.send_multipart(encode_message(Op.SEARCH, 2, {"tags": ["#data"]}))
+        found = ok(sock, 2)["results"]
+        assert [d.id_at_location for d in found] == [data.id_at_location]
+        # having searched, it may compute with it (and only that)
+        sock.send_multipart(encode_message(Op.CALL, 3, call("torch.add", ObjRef(data.id_at_location), 0.0)))
+        ok(sock, 3)
+        sock.send_multipart(encode_message(Op.GET, 4, {"id": data.id_at_location}))
+        expect_error(sock, 4, AccessDenied, worker_id="hospital")
+
+
+def test_sending_a_pointer_hands_the_data_to_the_next_hop(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob, alice = spawn("bob"), spawn("alice")
+    on_bob = torch.tensor([1.0, 2.0]).send(bob)
+    data_id = on_bob.id_at_location
+    chain = on_bob.send(alice)  # me -> alice -> bob: alice owns bob's object now
+    alive = alive_check(bob)
+    with raw_dealer(bob) as sock:  # this process no longer owns it on bob
+        sock.send_multipart(encode_message(Op.GET, 1, {"id": data_id}))
+        expect_error(sock, 1, ObjectNotFound, alive)
+        sock.send_multipart(encode_message(Op.OBJECTS, 2, {}))
+        assert ok(sock, 2)["objects"].keys() == {data_id}  # (an admin still sees it)
+    assert torch.equal((chain + chain).get().get(), torch.tensor([2.0, 4.0]))  # relayed by alice
+    inner = chain.get()  # the record leaves alice: bob's object is ours again
+    assert inner.location is bob and inner.owned
+    assert torch.equal(inner.get(), torch.tensor([1.0, 2.0]))
+    assert bob._objects == {} and alice._objects == {}
+
+
+def test_a_forged_descriptor_to_an_unknown_peer_is_refused(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A worker connects only to peers whose key it knows: a pointer naming a stranger's
+    address and key is refused when it arrives, before anything is sent there."""
+    from zmqsyft.wire.messages import PointerDesc
+
+    bob = spawn("bob")
+    stranger = KeyPair.fresh().text
+    with raw_dealer(bob) as sock:
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": 5, "obj": PointerDesc(
+            "eve", "tcp://127.0.0.1:9", 1, 5, (3,), "float32", False, True, stranger)}))
+        exc = expect_error(sock, 1, AccessDenied)
+        assert "is not one it knows" in str(exc)
+        sock.send_multipart(encode_message(Op.PUT, 2, {"id": 6, "obj": PointerDesc(
+            "eve", "tcp://127.0.0.1:9", 1, 6, (3,), "float32", False, True, "")}))
+        exc = expect_error(sock, 2, AccessDenied)
+        assert "no public key" in str(exc)
+    assert bob._objects == {}
+
+
+def test_stats_count_objects_and_bytes_per_principal(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    bob = spawn("bob")
+    kept = [torch.zeros(256).send(bob) for _ in range(3)]
+    mallory = second_client(bob)
+    with raw_dealer(bob, keys=mallory) as sock:
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": new_id(), "obj": torch.zeros(64)}))
+        ok(sock, 1)
+        rows = bob.stats()["principals"]
+        me = sy.get_session().name
+        assert rows[me]["objects"] == 3 and rows[me]["bytes"] == 3 * 256 * 4
+        assert rows["mallory"]["objects"] == 1 and rows["mallory"]["bytes"] == 64 * 4
+        peers = bob.stats()["peers"]
+        assert peers["mallory"]["messages_in"] >= 1  # its traffic, under the name of its key
+    del kept
