@@ -263,3 +263,66 @@ def test_stats_count_objects_and_bytes_per_principal(spawn, hook: sy.TorchHook) 
         peers = bob.stats()["peers"]
         assert peers["mallory"]["messages_in"] >= 1  # its traffic, under the name of its key
     del kept
+
+
+def test_a_pointer_to_someone_elses_object_here_frees_nothing_of_theirs(
+        spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A second client stores an owning pointer record naming my object on the same worker,
+    then deletes it (or uses, moves or gets it): the delete must not cascade into my object."""
+    from zmqsyft.wire.messages import PointerDesc
+
+    bob = spawn("bob")
+    mine = torch.tensor([4.0, 5.0]).send(bob)
+    target = mine.id_at_location
+    alive = alive_check(bob)
+    with raw_dealer(bob, keys=second_client(bob)) as sock:
+        forged = PointerDesc("bob", bob.address, target, 77, (2,), "float32", False, True, bob.key)
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": 77, "obj": forged}))
+        ok(sock, 1)
+        sock.send_multipart(encode_message(Op.CALL, 2, call("torch.neg", ObjRef(77))))
+        expect_error(sock, 2, ObjectNotFound, alive)
+        sock.send_multipart(encode_message(Op.REMOTE_GET, 3, {"id": 77}))
+        expect_error(sock, 3, ObjectNotFound, alive)
+        sock.send_multipart(encode_message(Op.DEL, 4, {"ids": [77]}))
+        ok(sock, 4)
+    assert list(bob._objects) == [target]
+    assert torch.equal(mine.get(), torch.tensor([4.0, 5.0]))
+
+
+def test_a_pointer_to_the_data_owners_data_frees_nothing_of_it(
+        data_owner: WorkerClient, hook: sy.TorchHook) -> None:
+    from zmqsyft.wire.messages import PointerDesc
+
+    (data,) = data_owner.search("#data")
+    with raw_dealer(data_owner, keys=second_client(data_owner)) as sock:
+        forged = PointerDesc("hospital", data_owner.address, data.id_at_location, 78, (3, 2),
+                             "float32", False, True, data_owner.key)
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": 78, "obj": forged}))
+        ok(sock, 1)
+        sock.send_multipart(encode_message(Op.DEL, 2, {"ids": [78]}))
+        ok(sock, 2)
+    assert torch.equal(data_owner._objects[data.id_at_location], DATA)
+
+
+def test_a_server_without_the_peers_secret_cannot_stand_in_for_it(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A descriptor naming a known peer's key, at an address where something else listens: the
+    worker's CURVE handshake there fails, so the impostor never sees a request, and the caller
+    is told the handshake failed."""
+    from tests.helpers import fake_peer
+    from zmqsyft.wire.messages import PointerDesc
+
+    bob, alice = spawn("bob"), spawn("alice")
+    alice.address  # noqa: B018 - ready: bob knows alice's key
+    alive = alive_check(bob)
+    with fake_peer() as (impostor, impostor_at, _), raw_dealer(bob) as sock:
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": 66, "obj": PointerDesc(
+            "alice", impostor_at, 3, 66, (2,), "float32", False, False, alice.key)}))
+        ok(sock, 1)
+        sock.send_multipart(encode_message(Op.CALL, 2, call("torch.neg", ObjRef(66))))
+        msg = next_reply(sock, timeout=30, alive=alive)
+        assert (msg.op, msg.req_id) == (Op.ERROR, 2)
+        assert "handshake failed" in msg.body["error"]["message"], msg.body
+        assert not impostor.poll(0)  # not one message reached it
+        sock.send_multipart(encode_message(Op.DEL, 3, {"ids": [66]}))
+        ok(sock, 3)
+    assert_answers_ping(bob)

@@ -23,8 +23,8 @@ __all__ = ["main"]
 
 LIMITS = {  # Config fields a worker's command line sets (see sy.Config for each one's meaning)
     "max_store_bytes": "most tensor bytes the worker holds (default: 3/4 of memory)",
-    "max_connection_bytes": "most tensor bytes one connection's objects may hold "
-                            "(default: half of --max-store-bytes)",
+    "max_connection_bytes": "most tensor bytes one session's objects may hold (a client, "
+                            "however many connections; default: half of --max-store-bytes)",
     "max_op_flops": "most estimated floating-point operations one op may cost (default 1e12)",
     "max_connections": "most connections served at once (default 1024)",
     "max_peer_links": "most links kept to other workers (default 256)",

@@ -62,10 +62,11 @@ class Config:
         ``LimitExceeded`` and nothing of it is kept. ``0`` (the default): three quarters of the
         worker machine's memory.
     max_connection_bytes : int
-        Most tensor bytes the objects one connection stored on a worker may hold (what it sent,
-        what its ops made); past it, that connection's requests are refused with
-        ``LimitExceeded``. ``0`` (the default): half of ``max_store_bytes``, so that one runaway
-        client leaves the other half to everyone else.
+        Most tensor bytes the objects of one session may hold on a worker (a client process,
+        however many connections it opens: what it sent, what its ops made, what it was given);
+        past it, that session's requests are refused with ``LimitExceeded``. ``0`` (the
+        default): half of ``max_store_bytes``, so that one runaway client leaves the other half
+        to everyone else.
     max_op_flops : int
         The most work one op may cost, in estimated floating-point operations (matrix products,
         convolutions, attention, decompositions; estimated on the arguments' shapes before the op

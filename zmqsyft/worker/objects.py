@@ -135,11 +135,16 @@ def expire(w: Services, now: float) -> None:
 
 
 def _free(w: Services, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:
+    holder = w.store.owner(obj_id)
     obj = w.store.discard(obj_id)
     if isinstance(obj, PointerRecord) and obj.owned and depth < MAX_DEPTH:
         if obj.address in w.addresses:
-            _free(w, obj.id_at_location, cascade, depth + 1)
-        else:
+            # a record naming an object here frees it only if the record's owner owns that too
+            inner = w.store.owner(obj.id_at_location)
+            if (holder is inner if holder is None or inner is None else
+                    not holder.principal.key or inner.principal.key == holder.principal.key):
+                _free(w, obj.id_at_location, cascade, depth + 1)
+        else:  # (there, this worker's DEL frees only what this worker owns)
             cascade[obj.address].append(obj.id_at_location)
 
 
@@ -358,6 +363,8 @@ def give(w: Services, ctx: Ctx, body: Give) -> None:
             store.owned(obj_id, who, "GIVE")
     if not body.read_only:
         to = w.leases.session(principal, "")
+        # what is given counts against the receiver's share: giving cannot fill the store
+        store.make_room(store.held(body.ids), "GIVE", to, total=False)
         for obj_id in body.ids:
             store.give(obj_id, to)
     w.reply(ctx)

@@ -103,10 +103,12 @@ class Store:
         self._tags: dict[int, frozenset[str]] = {}
         self._counted: dict[int, int] = {}  # id -> bytes counted for it, if any
 
-    def make_room(self, nbytes: int, what: str, by: Holder | None = None) -> None:
+    def make_room(self, nbytes: int, what: str, by: Holder | None = None,
+                  total: bool = True) -> None:
         """Refuse (``LimitExceeded``) to store ``nbytes`` more, for holder ``by``, if that
-        passes ``max_bytes`` or what one holder may hold."""
-        if self.nbytes + nbytes > self.max_bytes:
+        passes ``max_bytes`` (unless not ``total``: bytes stored already, changing hands) or
+        what one holder may hold."""
+        if total and self.nbytes + nbytes > self.max_bytes:
             raise LimitExceeded(
                 f"{what} needs {nbytes / 2**20:.1f} MiB on worker '{self.worker_id}', which holds "
                 f"{self.nbytes / 2**20:.1f} MiB of its {self.max_bytes / 2**20:.1f} MiB "
@@ -195,6 +197,10 @@ class Store:
 
     def owner(self, obj_id: Any) -> Holder | None:
         return self._owner.get(obj_id)
+
+    def held(self, ids: list[int]) -> int:
+        """The bytes the objects ``ids`` hold, as counted."""
+        return sum(self._counted.get(i, 0) for i in ids)
 
     def give(self, obj_id: int, to: Holder) -> None:
         """Make ``to`` the object's owner (its bytes move to ``to``'s account)."""
