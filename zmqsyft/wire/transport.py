@@ -235,7 +235,11 @@ def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0)
     message; :class:`Dropped` says why, and keeps the message's first ``copied`` frames (to
     answer its sender). ``zmq.Again`` passes through.
     """
-    frames: list[Any] = [sock.recv(flags)]
+    return _read_rest(sock, [sock.recv(flags)], copied, max_frames)
+
+
+def _read_rest(sock: zmq.Socket, frames: list[Any], copied: int, max_frames: int) -> list[Any]:
+    """The rest of a message whose first ``frames`` were received (see :func:`recv`)."""
     more = sock.get
     try:
         while more(_RCVMORE):
@@ -270,24 +274,7 @@ def recv_request(sock: zmq.Socket, flags: int = 0,
         user = header.get("User-Id")
     except zmq.ZMQError:  # no such property: no ZAP handler named one
         user = ""
-    frames: list[Any] = [ident, header.bytes]
-    try:
-        while sock.get(_RCVMORE):
-            if max_frames and len(frames) >= max_frames:
-                raise Dropped(f"a message of more than {max_frames} frames was dropped (the "
-                              "limit is Config.max_frames: start the worker with a larger "
-                              "--max-frames / ZMQSYFT_MAX_FRAMES to accept it)")
-            frames.append(sock.recv(copy=False))
-    except (Dropped, MemoryError) as exc:
-        head = frames[:2]
-        frames.clear()
-        dropped = _discard_rest(sock)
-        if isinstance(exc, MemoryError):
-            exc = Dropped(f"a message too large for this process's memory was dropped "
-                          f"({dropped} more frames discarded)")
-        exc.head = head
-        raise exc from None
-    return frames, user, header
+    return _read_rest(sock, [ident, header.bytes], 2, max_frames), user, header
 
 
 class Dropped(ProtocolError):

@@ -79,13 +79,17 @@ def settled(w: Services, ctx: Ctx, address: str, then: Callable[[], None]) -> No
     if address not in w.peers.dirty:
         then()
         return
+    w.peers.flush(address, _or_error(w, ctx, then))
 
+
+def _or_error(w: Services, ctx: Ctx, then: Callable[[], None]) -> Callable[..., None]:
+    """A continuation that runs ``then``, or answers ``ctx`` with the peer's error."""
     def done(msg: Message | None, exc: BaseException | None) -> None:
         if exc is not None:
             w.reply_error(ctx, exc)
         else:
             then()
-    w.peers.flush(address, done)
+    return done
 
 
 def record(w: Services, desc: PointerDesc) -> PointerRecord:
@@ -105,14 +109,8 @@ def hand_over(w: Services, ctx: Ctx, rec: PointerRecord, to: str, then: Callable
     if not to or rec.address in w.addresses:
         then()
         return
-
-    def done(msg: Message | None, exc: BaseException | None) -> None:
-        if exc is not None:
-            w.reply_error(ctx, exc)
-        else:
-            then()
     w.peers.request(rec.address, Op.GIVE, Give(ids=[rec.id_at_location], to=to,
-                                               read_only=not rec.owned), done)
+                                               read_only=not rec.owned), _or_error(w, ctx, then))
 
 
 def free(w: Services, ids: list[int]) -> None:
