@@ -81,3 +81,50 @@ def test_the_keys_authenticate_and_encrypt_a_zeromq_connection(tmp_path: Path) -
         assert rep.recv() == b"hello"
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(90)
+def test_a_shell_worker_serves_the_keys_it_was_given_with_their_rights(tmp_path: Path) -> None:
+    """``--keys DIR`` is the worker's own pair; ``--allow DIR`` lets keys in, nothing more;
+    ``--admin`` may stop it; ``--trust`` may send code."""
+    import torch
+    from torch import nn
+
+    import zmqsyft as sy
+    from tests.helpers import cli_worker
+    from zmqsyft.wire.bodies import Shutdown
+    from zmqsyft.wire.messages import Op
+
+    own, allowed = tmp_path / "own", tmp_path / "allowed"
+    for name, where in (("bob", own), ("plain", allowed), ("boss", allowed), ("coder", allowed)):
+        assert run_cli("keys", "new", name, "--dir", str(where)).returncode == 0
+    missing = run_cli("worker", "--id", "nobody", "--keys", str(own))
+    assert missing.returncode == 2 and "zmqsyft keys new nobody" in missing.stderr, missing.stderr
+    sy.TorchHook(torch)
+    with cli_worker("--id", "bob", "--keys", str(own), "--allow", str(allowed),
+                    "--admin", str(allowed / "boss.key"), "--trust", str(allowed / "coder.key")) as worker:
+        assert worker.key == load_public(own / "bob.key").decode()  # the pair it was given
+        connect = lambda name: sy.connect(worker.endpoint, worker_key=own / "bob.key",  # noqa: E731
+                                          keys=allowed / name)
+        plain = connect("plain")
+        p = torch.ones(2).send(plain)
+        assert torch.equal((p + 1).get(), torch.full((2,), 2.0))
+        with pytest.raises(sy.AccessDenied, match="admins"):  # (shutdown() itself hides errors)
+            plain.session.conn(plain).request(Op.SHUTDOWN, Shutdown())
+        with pytest.raises(sy.UntrustedPayload):
+            plain.run(len, [1, 2])
+        assert plain.stats()["counters"] == {}  # not an admin: its own share only
+        plain.close()
+        coder = connect("coder")
+        assert coder.run(lambda m: m.weight.numel(), nn.Linear(2, 3)) == 6
+        coder.close()
+        stranger = tmp_path / "stranger"
+        assert run_cli("keys", "new", "eve", "--dir", str(stranger)).returncode == 0
+        with pytest.raises(sy.LimitExceeded, match="key"):
+            sy.connect(worker.endpoint, worker_key=own / "bob.key", keys=stranger / "eve",
+                       timeout=5.0)
+        boss = connect("boss")
+        assert "counters" in boss.stats() and boss.stats()["counters"]
+        boss.shutdown()
+        assert worker.proc.wait(timeout=30) == 0
+
