@@ -326,3 +326,18 @@ def test_a_server_without_the_peers_secret_cannot_stand_in_for_it(spawn, hook: s
         sock.send_multipart(encode_message(Op.DEL, 3, {"ids": [66]}))
         ok(sock, 3)
     assert_answers_ping(bob)
+
+
+def test_a_failed_connect_with_other_credentials_leaves_a_working_handle_alone() -> None:
+    """Found by the LAN test: a refused sy.connect to a worker this process is connected to
+    already replaced the handle's keys, and every later request of the handle failed."""
+    with cli_worker("--id", "carol", "--bind", "tcp://127.0.0.1:0") as worker:
+        carol = worker.connect()
+        assert_answers_ping(carol)
+        with pytest.raises(ValueError, match="another key"):
+            sy.connect(worker.endpoint, worker_key=worker.key, keys=KeyPair.fresh())
+        with pytest.raises(sy.WorkerUnavailable, match="worker_key"):
+            sy.connect(worker.endpoint, worker_key=KeyPair.fresh().text, timeout=2.0)
+        assert_answers_ping(carol)  # still served, as the key it connected with
+        assert sy.connect(worker.endpoint) is carol
+        carol.close()

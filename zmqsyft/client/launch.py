@@ -191,26 +191,31 @@ def connect(address: str, *, worker_key: str | bytes | os.PathLike[str] | None =
     if known and existing.spawned and key != existing.key:
         raise ValueError(f"this process spawned the worker at {address}, whose key is "
                          f"{existing.key}, not {key}")
+    if known and client_keys is not None and client_keys != (existing.client_keys or session.keys):
+        raise ValueError(
+            f"this process is connected to the worker at {address} already, with another key; "
+            "its handle and pointers act as that key. Close it first (worker.close()) to "
+            "connect as another")
     handle = session.worker_at(address, address, key)
-    redo = False
-    if key and handle.key != key:  # a worker restarted there, with a new key
-        handle.key, redo = key, True
-    if client_keys is not None and handle.client_keys != client_keys:
-        handle.client_keys, redo = client_keys, True
-    if trust_token is not None and handle.trust_token != trust_token:
-        handle.trust_token, redo = trust_token, True
-    if redo:
+    before = (handle.key, handle.client_keys, handle.trust_token)
+    if key:  # (a connected worker restarted there may have a new key)
+        handle.key = key
+    if client_keys is not None:
+        handle.client_keys = client_keys
+    if trust_token is not None:
+        handle.trust_token = trust_token
+    if (handle.key, handle.client_keys, handle.trust_token) != before:
         session.drop_connections(handle)  # the next connection presents the new credentials
     try:
         info = session.conn(handle).peer_info(timeout)
-    except LimitExceeded:  # it refused this connection: at its max_connections, or not authorised
-        if not known:
+    except (LimitExceeded, WorkerUnavailable) as exc:
+        session.drop_connections(handle)
+        if known:  # a handle in use keeps what it had: its next request reconnects with it
+            handle.key, handle.client_keys, handle.trust_token = before
+        else:
             session.forget(handle)
-        session.drop_connections(handle)
-        raise
-    except WorkerUnavailable as exc:
-        session.forget(handle)
-        session.drop_connections(handle)
+        if isinstance(exc, LimitExceeded):  # refused: at its max_connections, or not authorised
+            raise
         raise WorkerUnavailable(f"no zmqsyft worker answered at {address}: {exc}") from exc
     handle.id = info.id
     handle._pid = info.pid
