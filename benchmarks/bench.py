@@ -14,7 +14,9 @@ dies with its parent through ``PR_SET_PDEATHSIG``). Processes synchronise throug
 
 Systems
 -------
-zmqsyft    the library: ``x.send(bob)``, ``p + p``, ``p.get()``, ``p.move(alice)`` ...
+zmqsyft    the library: ``x.send(bob)``, ``p + p``, ``p.get()``, ``p.move(alice)`` ...; every
+           connection CURVE (the default), except the "(no CURVE)" rows' workers, spawned with
+           ``Config(insecure=True)``: a second table gives what CURVE costs (W2, W4 over tcp)
 rpc        ``torch.distributed.rpc`` with the TensorPipe backend: client rank 0, "bob" rank 1,
            "alice" rank 2 (subprocesses, MASTER_ADDR=127.0.0.1, a free port). Remote objects
            are kept in a dict on the owner and named by integer ids (the cheapest faithful
@@ -309,16 +311,40 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         no_shm = replace(get_session().cfg, shm_threshold=0)
         bob_tcp = spawn("bob_tcp", transport_kind="tcp", config=no_shm)
         bob_noshm = spawn("bob_noshm", config=no_shm)
-        for w in (bob, alice, bob_tcp, bob_noshm):
+        # the same as bob and bob_tcp without CURVE (the NULL mechanism): what CURVE costs
+        bob_plain = spawn("bob_plain", config=replace(get_session().cfg, insecure=True))
+        bob_tcp_plain = spawn("bob_tcp_plain", transport_kind="tcp",
+                              config=replace(no_shm, insecure=True))
+        for w in (bob, alice, bob_tcp, bob_noshm, bob_plain, bob_tcp_plain):
             w.ping()  # waits for the ready handshake, then a first round trip
+        if bob_plain.key or bob_tcp_plain.key or not (bob.key and bob_tcp.key):
+            raise RuntimeError("the (no CURVE) rows would be mislabelled: a worker spawned "
+                               "insecure has a key, or a default one has none")
         R.note("workers: bob and alice on ipc:// (spawn_worker's default), bob_tcp on "
                "tcp://127.0.0.1 (the W4 tcp rows, shared memory off: the socket path)")
+        R.note("every zmqsyft connection is CURVE (the default) except in the '(no CURVE)' rows: "
+               "bob_plain (ipc) and bob_tcp_plain (tcp) spawned with Config(insecure=True): "
+               "NULL handshake, no encryption, and no per-object owner checks, so CURVE / no "
+               "CURVE is the whole cost of the secure default; each pair is measured taking "
+               "turns (one latency run or one transfer of each in turn). torch rpc and bare "
+               "pyzmq do not encrypt")
         small: Any = torch.ones(4)  # Any: TorchHook adds .send()
         keep: list[Any] = []
 
         def clear() -> None:
             keep.clear()
             sy.sync()  # queued deletes are sent and acknowledged
+
+        def in_turn(ops: dict[str, Callable[[Any], Any]]) -> None:
+            """Latency of each op (row key -> op), one run of each in turn, ``P.lat_runs`` times,
+            so that a drift in the machine's speed touches every row of the group alike."""
+            one_run = replace(P, lat_runs=1)
+            samples: dict[str, list[float]] = {key: [] for key in ops}
+            for _ in range(P.lat_runs):
+                for key, op in ops.items():
+                    samples[key] += latency(one_run, op, between=clear)
+            for key, values in samples.items():
+                R.add(key, values)
 
         set_pipeline(False)
         a = small.send(bob)
@@ -328,7 +354,12 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         R.add("ping", latency(P, lambda _: bob.ping()))
         # W1: blocking send; the pointers are kept alive during a run (no deletes in the loop)
         R.add("W1", latency(P, lambda _: keep.append(small.send(bob)), between=clear))
-        R.add("W2.blocking", latency(P, lambda _: keep.append(a + a), between=clear))
+
+        def keep_add(x: Any) -> Callable[[Any], None]:
+            """``x + x``, the result kept alive during a run (W2 blocking)."""
+            return lambda _: keep.append(x + x)
+        a_plain = small.send(bob_plain)
+        in_turn({"W2.blocking": keep_add(a), "W2.blocking.plain": keep_add(a_plain)})
 
         def overwrite(_: Any) -> None:
             """``z = a + a`` in a loop: each op also frees the previous result (a delete)."""
@@ -373,20 +404,30 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         # W4: big send / get over ipc and tcp
         big: Any = torch.ones(P.big_bytes // 4, dtype=torch.float32)
         shm_default = get_session().cfg.shm_threshold
-        for kind, w in (("ipc", bob), ("ipc_noshm", bob_noshm), ("tcp", bob_tcp)):
-            sy.configure(shm_threshold=shm_default if kind == "ipc" else 0)
-            sends, gets = [], []
+
+        def w4(workers: dict[str, Any]) -> None:
+            """Send ``big`` to each worker (row suffix -> worker) and get it back: one untimed
+            warm-up each, then ``P.big_reps`` timed ones, the workers taking turns. Shared memory
+            is on (the default) for the "ipc" rows only."""
+            sends: dict[str, list[float]] = {kind: [] for kind in workers}
+            gets: dict[str, list[float]] = {kind: [] for kind in workers}
             for i in range(1 + P.big_reps):
-                ts, p = timed(big.send, w)
-                tg, t = timed(p.get)
-                assert t.shape == big.shape
-                del t, p
-                if i:
-                    sends.append(ts)
-                    gets.append(tg)
-            R.add(f"W4.send.{kind}", sends)
-            R.add(f"W4.get.{kind}", gets)
-        sy.configure(shm_threshold=shm_default)
+                for kind, w in workers.items():
+                    sy.configure(shm_threshold=shm_default if kind == "ipc" else 0)
+                    ts, p = timed(big.send, w)
+                    tg, t = timed(p.get)
+                    assert t.shape == big.shape
+                    del t, p
+                    if i:
+                        sends[kind].append(ts)
+                        gets[kind].append(tg)
+            for kind in workers:
+                R.add(f"W4.send.{kind}", sends[kind])
+                R.add(f"W4.get.{kind}", gets[kind])
+            sy.configure(shm_threshold=shm_default)
+        w4({"ipc": bob})
+        w4({"ipc_noshm": bob_noshm})
+        w4({"tcp": bob_tcp, "tcp.plain": bob_tcp_plain})
         # the same get of a tensor bob computed itself (not received through shared memory:
         # bob writes it into a segment, one copy), the computation not timed
         computed = []
@@ -1013,6 +1054,7 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("ping", "ping: empty request round trip", "us"),
         ("W1", "W1 send 4 x f32 to bob -> pointer", "us"),
         ("W2.blocking", "W2 add 4+4 on bob, blocking [zs: pipeline=False]", "us"),
+        ("W2.blocking.plain", "W2 add 4+4, blocking (no CURVE)", "us"),
         ("W2.sync", "W2 add 4+4 on bob, pipelined + sync() per op", "us"),
         ("W2.dropped", "W2 same, blocking, freeing the previous result", "us"),
         ("W3", "W3 get 4 x f32 back", "us"),
@@ -1023,6 +1065,8 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("W4.get.ipc_noshm", f"W4 get {size}, ipc, shared memory off", "xfer"),
         ("W4.send.tcp", f"W4 send {size}, tcp 127.0.0.1", "xfer"),
         ("W4.get.tcp", f"W4 get {size}, tcp 127.0.0.1", "xfer"),
+        ("W4.send.tcp.plain", f"W4 send {size}, tcp (no CURVE)", "xfer"),
+        ("W4.get.tcp.plain", f"W4 get {size}, tcp (no CURVE)", "xfer"),
         ("W5.move", f"W5 move {size} bob -> alice (client-initiated)", "xfer"),
         ("W5.client_rss", "W5 client peak RSS growth during the move", "mib"),
         ("W6.blocking", "W6 add via chain client->alice->bob, blocking", "us"),
@@ -1094,38 +1138,18 @@ def render_table(P: Params, results: dict[str, Any], systems: list[str]) -> str:
     return "\n".join(out)
 
 
-def ratios(P: Params, results: dict[str, Any]) -> list[tuple[str, float | None, str, bool | None]]:
-    m = lambda s, k: median_of(results, s, k)  # noqa: E731
+Ratio = tuple[str, float | None, str, bool | None]
+"""(name, value, target such as "<= 1.5", met: True, False, or None when a figure is missing)"""
 
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
 
-    def thr(s: str, k: str) -> float | None:  # throughput from a transfer time
-        t = m(s, k)
-        return P.big_bytes / t if t else None
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
-    out: list[tuple[str, float | None, str, float]] = [
-        ("W2 zmqsyft blocking / pyzmq add round trip", div(m("zmqsyft", "W2.blocking"), m("pyzmq", "W2.blocking")), "<=", 1.5),
-        ("W2 zmqsyft pipelined+sync / pyzmq add round trip", div(m("zmqsyft", "W2.sync"), m("pyzmq", "W2.blocking")), "<=", 1.5),
-        ("W2 zmqsyft blocking / torch-rpc", div(m("zmqsyft", "W2.blocking"), m("rpc", "W2.blocking")), "<=", 0.5),
-        ("W2 zmqsyft pipelined+sync / torch-rpc", div(m("zmqsyft", "W2.sync"), m("rpc", "W2.blocking")), "<=", 0.5),
-        ("W6/W2 zmqsyft, blocking (alice acks once relayed)", div(m("zmqsyft", "W6.blocking"), m("zmqsyft", "W2.blocking")), "<=", 1.3),
-        ("W6/W2 zmqsyft, pipelined+sync (done on bob)", div(m("zmqsyft", "W6.sync"), m("zmqsyft", "W2.sync")), "<=", 1.3),
-        ("W7 throughput zmqsyft / torch-rpc", div(m("zmqsyft", "W7"), m("rpc", "W7")), ">=", 5.0),
-        ("W4 send throughput zmqsyft(ipc) / torch-rpc", div(thr("zmqsyft", "W4.send.ipc"), thr("rpc", "W4.send.ipc")), ">=", 1.0),
-        ("W4 get throughput zmqsyft(ipc) / torch-rpc", div(thr("zmqsyft", "W4.get.ipc"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
-        ("W4 get, computed on bob (a copy) / torch-rpc", div(thr("zmqsyft", "W4.get.computed"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
-        ("W4 send throughput tcp zmqsyft / pyzmq", div(thr("zmqsyft", "W4.send.tcp"), thr("pyzmq", "W4.send.tcp")), ">=", 0.9),
-        ("W4 get throughput tcp zmqsyft / pyzmq", div(thr("zmqsyft", "W4.get.tcp"), thr("pyzmq", "W4.get.tcp")), ">=", 0.9),
-        ("W5 move time / W4 send time (zmqsyft, ipc)", div(m("zmqsyft", "W5.move"), m("zmqsyft", "W4.send.ipc")), "<=", 1.2),
-        ("W5 client RSS growth, MiB (zmqsyft)", div(m("zmqsyft", "W5.client_rss"), MiB), "<", 5.0),
-        ("worker RSS growth / payload (zmqsyft)", div(m("zmqsyft", "mem.worker"), P.big_bytes), "<=", 1.2),
-        ("client RSS growth getting / payload (zmqsyft)", div(m("zmqsyft", "mem.client_get"), P.big_bytes), "<=", 1.2),
-        ("start-up / `python -c \"import torch\"` (zmqsyft)", div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch")), "<=", 1.5),
-        ("start-up / import torch until imported (zmqsyft)", div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch_ready")), "<=", 1.5),
-    ]
+
+def _judge(targets: list[tuple[str, float | None, str, float]]) -> list[Ratio]:
+    """Mark each (name, value, comparison, target) as met or missed (None without a value)."""
     final = []
-    for name, value, op, target in out:
+    for name, value, op, target in targets:
         ok = None
         if value is not None:
             ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
@@ -1133,15 +1157,70 @@ def ratios(P: Params, results: dict[str, Any]) -> list[tuple[str, float | None, 
     return final
 
 
-def render_ratios(rs: list[tuple[str, float | None, str, bool | None]]) -> str:
-    width = max(len(r[0]) for r in rs)
-    lines = [f"{'ratio'.ljust(width)}  {'value':>8}  {'target':8}  result",
+def _medians(P: Params, results: dict[str, Any]) -> tuple[Callable[[str, str], float | None],
+                                                          Callable[[str, str], float | None]]:
+    """Two look-ups of a system's row: its median, and the throughput (bytes/s) of a transfer
+    row's median time."""
+    def m(system: str, key: str) -> float | None:
+        return median_of(results, system, key)
+
+    def thr(system: str, key: str) -> float | None:
+        return _div(P.big_bytes, m(system, key))
+    return m, thr
+
+
+def ratios(P: Params, results: dict[str, Any]) -> list[Ratio]:
+    """The targets against torch rpc and bare pyzmq, and zmqsyft's own (W5, memory, start-up)."""
+    m, thr = _medians(P, results)
+    return _judge([
+        ("W2 zmqsyft blocking / pyzmq add round trip", _div(m("zmqsyft", "W2.blocking"), m("pyzmq", "W2.blocking")), "<=", 1.5),
+        ("W2 zmqsyft blocking, no CURVE / pyzmq", _div(m("zmqsyft", "W2.blocking.plain"), m("pyzmq", "W2.blocking")), "<=", 1.5),
+        ("W2 zmqsyft pipelined+sync / pyzmq add round trip", _div(m("zmqsyft", "W2.sync"), m("pyzmq", "W2.blocking")), "<=", 1.5),
+        ("W2 zmqsyft blocking / torch-rpc", _div(m("zmqsyft", "W2.blocking"), m("rpc", "W2.blocking")), "<=", 0.5),
+        ("W2 zmqsyft pipelined+sync / torch-rpc", _div(m("zmqsyft", "W2.sync"), m("rpc", "W2.blocking")), "<=", 0.5),
+        ("W6/W2 zmqsyft, blocking (alice acks once relayed)", _div(m("zmqsyft", "W6.blocking"), m("zmqsyft", "W2.blocking")), "<=", 1.3),
+        ("W6/W2 zmqsyft, pipelined+sync (done on bob)", _div(m("zmqsyft", "W6.sync"), m("zmqsyft", "W2.sync")), "<=", 1.3),
+        ("W7 throughput zmqsyft / torch-rpc", _div(m("zmqsyft", "W7"), m("rpc", "W7")), ">=", 5.0),
+        ("W4 send throughput zmqsyft(ipc) / torch-rpc", _div(thr("zmqsyft", "W4.send.ipc"), thr("rpc", "W4.send.ipc")), ">=", 1.0),
+        ("W4 get throughput zmqsyft(ipc) / torch-rpc", _div(thr("zmqsyft", "W4.get.ipc"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
+        ("W4 get, computed on bob (a copy) / torch-rpc", _div(thr("zmqsyft", "W4.get.computed"), thr("rpc", "W4.get.ipc")), ">=", 1.0),
+        ("W4 send throughput tcp zmqsyft / pyzmq", _div(thr("zmqsyft", "W4.send.tcp"), thr("pyzmq", "W4.send.tcp")), ">=", 0.9),
+        ("W4 get throughput tcp zmqsyft / pyzmq", _div(thr("zmqsyft", "W4.get.tcp"), thr("pyzmq", "W4.get.tcp")), ">=", 0.9),
+        ("W4 send throughput tcp zmqsyft, no CURVE / pyzmq", _div(thr("zmqsyft", "W4.send.tcp.plain"), thr("pyzmq", "W4.send.tcp")), ">=", 0.9),
+        ("W4 get throughput tcp zmqsyft, no CURVE / pyzmq", _div(thr("zmqsyft", "W4.get.tcp.plain"), thr("pyzmq", "W4.get.tcp")), ">=", 0.9),
+        ("W5 move time / W4 send time (zmqsyft, ipc)", _div(m("zmqsyft", "W5.move"), m("zmqsyft", "W4.send.ipc")), "<=", 1.2),
+        ("W5 client RSS growth, MiB (zmqsyft)", _div(m("zmqsyft", "W5.client_rss"), MiB), "<", 5.0),
+        ("worker RSS growth / payload (zmqsyft)", _div(m("zmqsyft", "mem.worker"), P.big_bytes), "<=", 1.2),
+        ("client RSS growth getting / payload (zmqsyft)", _div(m("zmqsyft", "mem.client_get"), P.big_bytes), "<=", 1.2),
+        ("start-up / `python -c \"import torch\"` (zmqsyft)", _div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch")), "<=", 1.5),
+        ("start-up / import torch until imported (zmqsyft)", _div(m("zmqsyft", "startup"), m("zmqsyft", "startup.import_torch_ready")), "<=", 1.5),
+    ])
+
+
+def curve_ratios(P: Params, results: dict[str, Any]) -> list[Ratio]:
+    """What CURVE costs zmqsyft: each row with CURVE (the default) against the same row on a
+    worker spawned ``insecure`` (no CURVE), both measured in the same suite, taking turns."""
+    m, thr = _medians(P, results)
+    return _judge([
+        ("W2 add round trip, blocking: time", _div(m("zmqsyft", "W2.blocking"), m("zmqsyft", "W2.blocking.plain")), "<=", 1.2),
+        ("W4 send tcp (shared memory off): throughput", _div(thr("zmqsyft", "W4.send.tcp"), thr("zmqsyft", "W4.send.tcp.plain")), ">=", 0.7),
+        ("W4 get tcp (shared memory off): throughput", _div(thr("zmqsyft", "W4.get.tcp"), thr("zmqsyft", "W4.get.tcp.plain")), ">=", 0.7),
+    ])
+
+
+def render_ratios(rs: list[Ratio], title: str = "ratio") -> str:
+    width = max([len(title)] + [len(r[0]) for r in rs])
+    lines = [f"{title.ljust(width)}  {'value':>8}  {'target':8}  result",
              f"{'-' * width}  {'-' * 8}  {'-' * 8}  ------"]
     for name, value, target, ok in rs:
         v = f"{value:8.2f}" if value is not None else f"{'n/a':>8}"
         res = "n/a" if ok is None else ("PASS" if ok else "MISS")
         lines.append(f"{name.ljust(width)}  {v}  {target:8}  {res}")
     return "\n".join(lines)
+
+
+def ratios_json(rs: list[Ratio]) -> list[dict[str, Any]]:
+    return [{"name": n, "value": v, "target": t, "pass": ok} for n, v, t, ok in rs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1230,6 +1309,10 @@ def main(argv: list[str] | None = None) -> int:
     out.append("")
     rs = ratios(P, results)
     out.append(render_ratios(rs))
+    cs = curve_ratios(P, results) if "zmqsyft" in systems else []
+    if cs:
+        out.append("")
+        out.append(render_ratios(cs, "CURVE / no CURVE (zmqsyft, same run)"))
     notes = [(s, n) for s in systems for n in results[s].get("notes", [])]
     if notes:
         out.append("")
@@ -1240,13 +1323,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "params": asdict(P), "results": results,
-                       "ratios": [{"name": n, "value": v, "target": t, "pass": ok}
-                                  for n, v, t, ok in rs]}, f, indent=1)
+                       "ratios": ratios_json(rs), "curve_ratios": ratios_json(cs)}, f, indent=1)
     failed = [s for s in systems if not results[s].get("ok")]
     if failed:
         print(f"\nFAILED suites: {', '.join(failed)}", file=sys.stderr)
         return 2
-    if args.strict and any(ok is False for *_, ok in rs):
+    if args.strict and any(ok is False for *_, ok in rs + cs):
         return 1
     return 0
 
