@@ -136,3 +136,31 @@ def test_what_a_dead_relay_owned_is_freed(spawn, hook: sy.TorchHook) -> None:  #
     assert list(bob._objects) == [mine.id_at_location]
     assert torch.equal(mine.get(), torch.ones(3))
     del chain, doubled  # (their worker is gone: nothing to free there)
+
+
+def test_an_idle_client_whose_connection_closed_is_kept_alive_by_its_keepalives(
+        spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A connection ZeroMQ re-made after a blip is the session's only once something is sent on
+    it; an idle client's reaper thread sends a keep-alive every quarter lease. Here this
+    thread's connection is closed outright, and the session's objects outlive another session
+    that left at the same time, by a lease."""
+    bob = spawn("bob", config=Config(lease=LEASE))
+    mine = torch.ones(5).send(bob)
+    assert bob.ping() > 0  # (its HELLO reply told us its lease)
+    other = second_client(bob, name="other")
+    with raw_dealer(bob, keys=other) as sock:
+        sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "x", "session": "s-other"}))
+        assert next_reply(sock).op is Op.REPLY
+        sock.send_multipart(encode_message(Op.PUT, 2, {"id": new_id(), "obj": torch.ones(2)}))
+        assert next_reply(sock).op is Op.REPLY
+    sy.get_session().drop_connections(bob)  # this thread's connection to bob: closed
+    gone = time.monotonic()
+    with raw_dealer(bob) as probe:  # (no HELLO: not our session's, it keeps nothing alive)
+        while True:
+            probe.send_multipart(encode_message(Op.STATS, 3, {}))
+            msg = next_reply(probe)
+            if "other" not in msg.body["principals"]:
+                break
+            assert time.monotonic() - gone < 1.5 * LEASE, "the other session was never freed"
+        assert mine.id_at_location in {k for k in bob._objects}  # ours: kept alive
+    assert torch.equal(mine.get(), torch.ones(5))

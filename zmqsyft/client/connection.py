@@ -12,10 +12,10 @@ otherwise after at most about a millisecond, sent by the client's flusher thread
 session's :class:`~zmqsyft.client.outbox.Outboxes`, which lists every connection's queue). The
 socket is guarded by a lock for that one foreign use; the flusher never blocks on it.
 
-Request ids, the requests in flight, replies, ``ACKS``, the ``HELLO`` negotiation and failing
-everything when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`), which a
-connection extends with what a caller needs: waiting with deadlines, keeping the pointers a
-request names alive until it is answered, and pipelined errors kept for the next sync point.
+Request ids, in-flight requests, replies, ``ACKS``, the ``HELLO`` negotiation and failing all
+when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`); a connection adds
+waiting with deadlines, keeping the pointers a request names alive until it is answered, and
+pipelined errors kept for the next sync point.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from .outbox import Outboxes
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
-_POLL_SLICE = 0.1  # seconds between liveness checks while waiting
-_SMALL = 1 << 20  # a message of one frame shorter than this is not measured against the limit
+_POLL_SLICE, _SMALL = 0.1, 1 << 20  # liveness checks while waiting (s); unmeasured messages (B)
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
@@ -393,6 +392,7 @@ class Connection(RequestCore):
             pending.reply = reply
             if pending.req_id == self.hello_id and self.peer is not None:
                 self._take_over = self.shm and shm.may_take_over(self.peer.pid)
+                self.worker.lease = self.peer.lease_ms / 1000  # (the reaper keeps us alive)
         pending.results = ()
 
     def _fail(self, exc: BaseException) -> BaseException:

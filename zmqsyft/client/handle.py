@@ -76,6 +76,7 @@ class WorkerHandle:
         self.key = ""  # the worker's public key (Z85 text; "": insecure)
         self.client_keys: Any = None  # the KeyPair we present to it (None: the session's)
         self.spawned = proc is not None  # by this process: we are its admin
+        self.lease = 0.0  # how long it keeps our objects once we are disconnected (its HELLO)
 
     # ----------------------------------------------------------- readiness
     @property

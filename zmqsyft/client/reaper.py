@@ -4,6 +4,12 @@ Deletes are never sent from ``__del__``: a dropped pointer only appends ``(addre
 lock-free queue. The queue is flushed, batched per worker, in one message with the next request
 any thread sends to that worker, by the *reaper* thread after ``gc_interval`` seconds, at every
 synchronisation point, and at exit.
+
+The reaper thread also keeps this session's objects alive on every worker it holds pointers to:
+a worker frees a session's objects once none of its connections has been open for its lease
+(``Config.lease``, told in its HELLO reply), and a connection that ZeroMQ re-made after a network
+blip is the session's again only once something is sent on it. Every quarter lease the reaper
+sends a ``PING`` that wants no reply on its own connection to each such worker.
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Protocol
 
 from ..config import Config
 from ..errors import ZmqSyftError
-from ..wire.bodies import Del
+from ..wire.bodies import Del, Ping
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Op
 from .connection import Connection
@@ -70,6 +77,8 @@ class Reaper:
         """
         ref = weakref.ref(ptr, self._release)
         self._tracked[id(ref)] = (ref, (address, obj_id))
+        if self._thread is None:  # (the keep-alives)
+            self._ensure_thread()
         return ref
 
     def untrack(self, ref: weakref.ref[Any] | None) -> None:
@@ -151,18 +160,57 @@ class Reaper:
             self._thread.start()
 
     def _run(self) -> None:
+        last = time.monotonic()  # the last keep-alives
         while not self._stopping.is_set():
-            self._wakeup.wait()
-            self._wakeup.clear()
-            # give the caller's own next message the chance to carry the deletes
-            if self._stopping.wait(self.owner.cfg.gc_interval):
-                return
-            with self.lock:
-                try:
-                    self.flush(wait=True)
-                    self.owner.tidy_connections()
-                except Exception:  # noqa: BLE001 - the reaper must survive anything
-                    log.exception("zmqsyft reaper failed to flush deletes")
+            # (at least once a second: a worker's lease is learnt after this thread started)
+            due = last + self._keepalive_every() - time.monotonic()
+            if self._wakeup.wait(min(1.0, max(0.0, due))):
+                self._wakeup.clear()
+                # give the caller's own next message the chance to carry the deletes
+                if self._stopping.wait(self.owner.cfg.gc_interval):
+                    return
+                with self.lock:
+                    try:
+                        self.flush(wait=True)
+                        self.owner.tidy_connections()
+                    except Exception:  # noqa: BLE001 - the reaper must survive anything
+                        log.exception("zmqsyft reaper failed to flush deletes")
+            if time.monotonic() >= last + self._keepalive_every():
+                last = time.monotonic()
+                with self.lock:
+                    try:
+                        self._keepalive()
+                    except Exception:  # noqa: BLE001
+                        log.exception("zmqsyft reaper failed to send keep-alives")
+
+    def _holding(self) -> set[str]:
+        """The addresses of the workers this session holds objects on."""
+        while True:
+            try:
+                return {target[0] for _, target in self._tracked.values()}
+            except RuntimeError:  # changed size meanwhile (another thread made a pointer)
+                continue
+
+    def _keepalive_every(self) -> float:
+        """A quarter of the shortest lease among the workers this session holds objects on."""
+        lease = self.owner.cfg.lease
+        for address in self._holding():
+            worker = self.owner.find(address)
+            if worker is not None and worker.lease > 0:
+                lease = min(lease, worker.lease)
+        return max(lease / 4, 0.05)
+
+    def _keepalive(self) -> None:
+        for address in self._holding():
+            worker = self.owner.find(address)
+            if worker is None or worker.closed or not worker.ready:
+                continue
+            try:
+                conn = self.owner.conn(worker)
+                conn.send(Op.PING, Ping(), what="keep-alive", flush_deletes=False, silent=True)
+                conn.poll_replies()  # (its HELLO reply, the first time)
+            except ZmqSyftError as exc:
+                log.debug("keep-alive to %s failed: %s", worker.id, exc)
 
     def wake(self) -> None:
         self._wakeup.set()

@@ -28,6 +28,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 < worker_key?: str - its public key ('': insecure)
                 < principal?: str - the name it knows the caller by (its key's)
                 < admin?: bool - whether the caller is one of its admins
+                < lease_ms?: int - how long it keeps a session's objects once its last connection
+                    closed, ms (the caller keeps a connection alive more often)
     PUT         Store a value.
                 > id: object id - the id to store it under
                 > obj: value - a tensor, a pointer descriptor, a number, ...
@@ -157,6 +159,8 @@ class HelloReply(Body):
     worker_key: str = key(STR, "its public key ('': insecure)", "")
     principal: str = key(STR, "the name it knows the caller by (its key's)", "")
     admin: bool = key(BOOL, "whether the caller is one of its admins", False)
+    lease_ms: int = key(INT, "how long it keeps a session's objects once its last connection "
+                        "closed, ms (the caller keeps a connection alive more often)", 0)
 
 
 @body(Op.PUT)

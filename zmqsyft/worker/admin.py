@@ -61,7 +61,8 @@ def hello(w: Services, ctx: Ctx, body: Hello) -> None:
                             trusted=who.trusted or ctx.ident in w.trusted, host=host_key(),
                             shm=ctx.ident in w.shm_callers,
                             max_message_size=w.cfg.max_message_size, worker_key=w.key,
-                            principal=who.name, admin=who.admin))
+                            principal=who.name, admin=who.admin,
+                            lease_ms=int(w.cfg.lease * 1000)))
 
 
 def ping(w: Services, ctx: Ctx, body: Ping) -> None:
