@@ -9,6 +9,7 @@ bounded by 1.5x the lease from the moment the client died; before issue 12 nothi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +165,42 @@ def test_an_idle_client_whose_connection_closed_is_kept_alive_by_its_keepalives(
             assert time.monotonic() - gone < 1.5 * LEASE, "the other session was never freed"
         assert mine.id_at_location in {k for k in bob._objects}  # ours: kept alive
     assert torch.equal(mine.get(), torch.ones(5))
+
+
+def abort_connections_to(port: int) -> None:
+    """Abort every TCP connection to 127.0.0.1:``port``, as a network blip would (``ss -K``:
+    root, and a kernel with socket destruction); skips the test where that cannot be done."""
+    if os.getuid() != 0 or shutil.which("ss") is None:
+        pytest.skip("aborting connections needs root and ss")
+    done = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or f":{port}" not in done.stdout:
+        pytest.skip(f"ss -K could not abort the connections here: {done.stderr.strip()}")
+
+
+def test_a_relay_whose_link_blipped_keeps_what_it_owns(hook: sy.TorchHook) -> None:
+    """A relay's idle link to the worker holding its data is aborted (a network blip): ZeroMQ
+    re-makes the connection, and the relay's keep-alives make it the relay's session again, so
+    what it owns there outlives the lease."""
+    with sy.spawn_worker("bob", transport_kind="tcp", config=Config(lease=LEASE)) as bob, \
+            sy.spawn_worker("relay-13", transport_kind="tcp") as relay:
+        chain = torch.tensor([1.0, 2.0]).send(bob).send(relay)  # the relay owns bob's object
+        assert torch.equal((chain * 1).get().get(), torch.tensor([1.0, 2.0]))  # (link in use)
+        assert rows(bob)["relay-13"]["objects"] == 1
+        other = second_client(bob, name="other")
+        with raw_dealer(bob, keys=other) as sock:  # a session that leaves at the blip
+            sock.send_multipart(encode_message(Op.HELLO, 1, {"peer": "x", "session": "s-other"}))
+            assert next_reply(sock).op is Op.REPLY
+            sock.send_multipart(encode_message(Op.PUT, 2, {"id": new_id(), "obj": torch.ones(2)}))
+            assert next_reply(sock).op is Op.REPLY
+        abort_connections_to(int(bob.address.rsplit(":", 1)[1]))
+        blip = time.monotonic()
+        with raw_dealer(bob) as probe:  # (no HELLO: keeps no session alive)
+            while True:
+                probe.send_multipart(encode_message(Op.STATS, 3, {}))
+                principals = next_reply(probe).body["principals"]
+                if "other" not in principals:
+                    break
+                assert time.monotonic() - blip < 1.5 * LEASE, "the other session was never freed"
+            assert principals["relay-13"]["objects"] == 1  # the relay's: kept alive
+        assert torch.equal(chain.get().get(), torch.tensor([1.0, 2.0]))

@@ -1,8 +1,8 @@
 """The worker process's loop: one thread, one ROUTER, a DEALER per peer, an op -> handler table.
 
-Who may connect (``Config.max_connections``) is decided during each connection's handshake by the
-worker's gate (:mod:`~zmqsyft.worker.gate`), in a thread of its own, on a ZeroMQ context of the
-worker's own; the loop never sees a refused connection.
+Who may connect (known keys, ``max_connections``) is decided in each connection's handshake by the
+worker's gate (:mod:`~zmqsyft.worker.gate`), in a thread of its own; the loop sees every request's
+principal (its ``User-Id``) and never a refused connection.
 
 :class:`Worker` owns its parts, and hands its handlers only the services they may use (the
 :class:`~zmqsyft.worker.context.Services` protocol): the store (:mod:`~zmqsyft.worker.store`),
@@ -16,8 +16,7 @@ continuation is parked with a deadline; the loop keeps serving everyone else mea
 cycles between workers cannot deadlock.
 
 Every request body is checked against its op's typed body before any handler sees it; every
-handler's failure becomes an ERROR reply; undecodable messages are dropped and counted. A worker
-never dies because of what a peer sent it.
+failure becomes an ERROR reply; undecodable messages are dropped and counted.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ __all__ = ["Worker", "HANDLERS"]
 
 log = logging.getLogger("zmqsyft.worker")
 
-_PEER_CHECK_S = 0.02  # how often the liveness of peers with requests in flight is looked at
-_LEASE_CHECK_S = 0.25  # how often sessions whose lease ran out are looked for
+# how often the liveness of peers with requests in flight, and leases that ran out, are looked at
+_PEER_CHECK_S, _LEASE_CHECK_S = 0.02, 0.25
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 
 HANDLERS: dict[Op, Handler] = {
@@ -184,6 +183,7 @@ class Worker:
                 if now >= next_lease_check:
                     next_lease_check = now + _LEASE_CHECK_S
                     objects.expire(self, now)
+                    peers.keepalive(now)  # (what this worker owns on its peers stays)
                 if self._acks:
                     self._flush_acks()
                 self._graveyard.clear()  # objects whose freeing waited for the replies to go

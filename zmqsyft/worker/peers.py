@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import AccessDenied, LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
 from ..keys import KeyPair
 from ..wire import transport
-from ..wire.bodies import Body, Flush
+from ..wire.bodies import Body, Flush, Ping
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
@@ -122,6 +122,8 @@ class PeerLinks:
         self.access = access if access is not None else Access(insecure=True)
         self.keys_at: dict[str, str] = {}  # address -> the public key of the worker there
         self.session = secrets.token_hex(16)  # this worker's session on its peers
+        self._last_keepalive = 0.0
+        self._lost: dict[str, tuple[float, float]] = {}  # address -> (when lost, its lease)
         self.links: dict[str, PeerLink] = {}
         self.by_socket: dict[zmq.Socket, PeerLink] = {}
         self.dirty: set[str] = set()
@@ -194,6 +196,41 @@ class PeerLinks:
             self.dirty.add(address)
         if callback is not None:
             link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout)
+
+    def keepalive_every(self) -> float:
+        """A quarter of the shortest lease among the linked peers (and this worker's own)."""
+        lease = self.cfg.lease
+        for link in self.links.values():
+            if link.peer is not None and link.peer.lease_ms > 0:
+                lease = min(lease, link.peer.lease_ms / 1000)
+        return max(lease / 4, 0.05)
+
+    def keepalive(self, now: float) -> None:
+        """Every :meth:`keepalive_every` seconds, a reply-less PING on every link: a peer keeps
+        what this worker owns there only while one of its connections is open, and a connection
+        ZeroMQ re-made after a blip counts once something is sent on it (see
+        :mod:`~zmqsyft.worker.leases`)."""
+        if now < self._last_keepalive + self.keepalive_every():  # (leases learnt since count)
+            return
+        self._last_keepalive = now
+        # a link lost (a blip, a peer restarting) is made again while what this worker owns
+        # there may still be kept for it: its HELLO names this worker's session again
+        for address, (since, lease) in list(self._lost.items()):
+            if address in self.links or now - since > lease:
+                del self._lost[address]
+                continue
+            try:
+                self._link(address)
+            except Exception as exc:  # noqa: BLE001 - no room, no key: it waits for a request
+                log.debug("worker %s: cannot link to %s again: %s", self.worker_id, address, exc)
+        ping = encode_message(Op.PING, NO_REPLY, Ping())
+        for link in self.links.values():
+            if link.parked is None:
+                try:
+                    transport.send(link.sock, ping)
+                except zmq.ZMQError as exc:
+                    log.debug("worker %s: keep-alive to %s failed: %s", self.worker_id,
+                              link.address, exc)
 
     def flush(self, address: str, callback: Callback) -> None:
         """Ask ``address`` to report once it has handled all this worker sent it before."""
@@ -291,6 +328,8 @@ class PeerLinks:
         self.dirty.discard(address)
         if link is None:
             return
+        if not refused and link.peer is not None:  # re-made by the keep-alives for its lease
+            self._lost[address] = (time.monotonic(), link.peer.lease_ms / 1000)
         self.poller.unregister(link.sock)
         self.by_socket.pop(link.sock, None)
         link.close()
