@@ -216,7 +216,10 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         print(f"zmqsyft worker '{args.id}' listening on {worker.address}"
               + (f" with key {worker.key}" if worker.key else " INSECURE (no key)")
-              + f"; {len(access)} client keys allowed", flush=True)
+              + (f"; {len(access)} client keys allowed" if worker.key else "")
+              + ("" if len(access) or not worker.key else
+                 " (nobody can connect: give clients' public keys with --allow DIR or --admin "
+                 "KEYFILE)"), flush=True)
     # every op's cost is estimated before it runs; load what that needs while nothing is asked yet
     warm = threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True)
     warm.start()
