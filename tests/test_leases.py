@@ -164,6 +164,7 @@ def test_an_idle_client_whose_connection_closed_is_kept_alive_by_its_keepalives(
                 break
             assert time.monotonic() - gone < 1.5 * LEASE, "the other session was never freed"
         assert mine.id_at_location in {k for k in bob._objects}  # ours: kept alive
+    assert bob.stats()["counters"]["keepalives_in"] >= 1  # (counted apart from our messages)
     assert torch.equal(mine.get(), torch.ones(5))
 
 

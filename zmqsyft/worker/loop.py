@@ -69,11 +69,10 @@ HANDLERS: dict[Op, Handler] = {
 # op -> (its handler, its typed body), looked up once per request
 _TABLE: dict[Op, tuple[Handler, type[Body]]] = {op: (h, REQUESTS[op]) for op, h in HANDLERS.items()}
 _UNTRUSTED = (
-    "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust "
-    "this sender. A worker started with spawn_worker() trusts its parent; one started from the "
-    "shell trusts the keys it was given with --trust KEYFILE, and connections made with "
-    "sy.connect(address, ..., trust_token=T) when it was started with --trust-token-file FILE "
-    "holding T (mode 600). Tensors and pointers need no trust.")
+    "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust this "
+    "sender. A worker started with spawn_worker() trusts its parent; one started from the shell "
+    "trusts keys given with --trust KEYFILE, and sy.connect(address, ..., trust_token=T) when "
+    "started with --trust-token-file FILE holding T (mode 600). Tensors and pointers need no trust.")
 
 
 class Worker:
@@ -299,9 +298,11 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
             self._undecodable(ident, frames, exc, nested, holder)
             return
-        if not nested:
-            self.traffic.count(principal.label, "in", frames[1:], msg.shm_bytes)
         op = msg.op
+        if not nested and op is Op.PING and msg.req_id == NO_REPLY:  # a keep-alive: apart
+            self.traffic.counters["keepalives_in"] += 1
+        elif not nested:
+            self.traffic.count(principal.label, "in", frames[1:], msg.shm_bytes)
         if op is Op.BATCH and not nested and len(frames) == 2:
             self._on_batch(ident, msg.body, holder)
             return

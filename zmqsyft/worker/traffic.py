@@ -22,7 +22,8 @@ class Traffic:
     ----------
     counters : dict
         Worker-wide events: ``dropped_malformed``, ``refused_untrusted``, ``late_replies``,
-        ``unroutable_replies``, ``handovers_refused``, ``shm_bytes_in/out``.
+        ``unroutable_replies``, ``handovers_refused``, ``shm_bytes_in/out``, ``keepalives_in``
+        (reply-less PINGs that keep sessions alive: not counted per peer).
     labels : dict
         Routing id (hex) or peer address -> the name that peer gave in its HELLO.
     """
