@@ -185,8 +185,7 @@ def connect(address: str, *, worker_key: str | bytes | os.PathLike[str] | None =
             f"connect({address!r}) needs the worker's public key: worker_key='<40 characters>' "
             "(the worker prints it when it starts) or worker_key='path/to/NAME.key'. Without "
             "keys at all, both ends must run insecure (--insecure, sy.configure(insecure=True))")
-    client_keys = keys if isinstance(keys, KeyPair) or keys is None else KeyPair.load(
-        os.path.expanduser(os.fspath(keys)))
+    client_keys = keys if isinstance(keys, KeyPair) or keys is None else KeyPair.load(keys)
     known = existing is not None
     if known and existing.spawned and key != existing.key:
         raise ValueError(f"this process spawned the worker at {address}, whose key is "

@@ -128,18 +128,12 @@ class Session:
         if not worker.key:
             return
         others = [w for w in self.workers() if w is not worker and w.spawned and w.key]
-        sent = []
         for other in others:
             try:
                 conn = self.conn(other)
-                sent.append(conn.send(Op.ALLOW, Allow(keys={worker.id: worker.key}),
-                                      what=f"introducing '{worker.id}'"))
+                conn.wait(conn.send(Op.ALLOW, Allow(keys={worker.id: worker.key}),
+                                    what=f"introducing '{worker.id}'"))
             except ZmqSyftError as exc:  # closed or dead meanwhile: nothing to introduce to
-                log.debug("could not introduce %s to %s: %s", worker.id, other.id, exc)
-                continue
-            try:
-                conn.wait(sent[-1])
-            except ZmqSyftError as exc:
                 log.debug("could not introduce %s to %s: %s", worker.id, other.id, exc)
 
     def spawned_keys(self) -> list[tuple[str, str]]:
