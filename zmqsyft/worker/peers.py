@@ -198,11 +198,15 @@ class PeerLinks:
             link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout)
 
     def keepalive_every(self) -> float:
-        """A quarter of the shortest lease among the linked peers (and this worker's own)."""
+        """A quarter of the shortest lease among the linked peers, those whose link was lost
+        and is to be made again, and this worker's own."""
         lease = self.cfg.lease
         for link in self.links.values():
             if link.peer is not None and link.peer.lease_ms > 0:
                 lease = min(lease, link.peer.lease_ms / 1000)
+        for _, lost_lease in self._lost.values():
+            if lost_lease > 0:
+                lease = min(lease, lost_lease)
         return max(lease / 4, 0.05)
 
     def keepalive(self, now: float) -> None:
