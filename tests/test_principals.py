@@ -341,3 +341,39 @@ def test_a_failed_connect_with_other_credentials_leaves_a_working_handle_alone()
         assert_answers_ping(carol)  # still served, as the key it connected with
         assert sy.connect(worker.endpoint) is carol
         carol.close()
+
+
+def test_giving_and_storing_for_others_is_bounded_by_the_receivers_share(
+        spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]
+    """A client cannot fill the store by giving its objects away (GIVE) or storing them for
+    someone else (PUT owner): what lands on another principal counts against its share, and
+    only a principal the worker knows can receive anything."""
+    mib = 1 << 20
+    bob = spawn("bob", config=sy.Config(max_store_bytes=64 * mib))  # 32 MiB a session
+    alive = alive_check(bob)
+    mallory, victim = second_client(bob), second_client(bob, name="victim")
+    chunk = torch.zeros(2 * mib)  # 8 MiB
+    with raw_dealer(bob, keys=mallory) as sock:
+        sock.send_multipart(encode_message(Op.PUT, 1, {"id": 50, "obj": chunk,
+                                                       "owner": KeyPair.fresh().text}))
+        expect_error(sock, 1, AccessDenied, alive)  # nobody the worker knows
+        given = []
+        for i in range(8):  # 64 MiB handed to the victim, 8 MiB at a time
+            sock.send_multipart(encode_message(Op.PUT, 10 + i, {"id": 100 + i, "obj": chunk}))
+            ok(sock, 10 + i)
+            sock.send_multipart(encode_message(Op.GIVE, 20 + i, {"ids": [100 + i], "to": victim.text}))
+            msg = next_reply(sock, alive=alive)
+            if msg.op is Op.ERROR:
+                assert "max_connection_bytes" in msg.body["error"]["message"], msg.body
+                break
+            given.append(100 + i)
+        assert len(given) == 4  # 32 MiB: the victim's share is full, the store is not
+        sock.send_multipart(encode_message(Op.PUT, 40, {"id": 200, "obj": chunk, "owner": victim.text}))
+        msg = next_reply(sock, alive=alive)
+        assert msg.op is Op.ERROR and "max_connection_bytes" in msg.body["error"]["message"]
+    rows = bob.stats()["principals"]
+    assert rows["victim"]["bytes"] == 32 * mib and bob.stats()["objects"] <= 5
+    with raw_dealer(bob, keys=victim) as sock:  # what it was given is its own to free
+        sock.send_multipart(encode_message(Op.DEL, 1, {"ids": given}))
+        ok(sock, 1)
+    assert "victim" not in bob.stats()["principals"] or bob.stats()["principals"]["victim"]["bytes"] == 0
