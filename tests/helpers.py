@@ -121,6 +121,7 @@ class CliWorker:
     endpoint: str
     _stderr: IO[bytes]
     key: str = ""
+    line: str = ""  # the line it printed once listening
     client_keys: KeyPair | None = None
 
     @property
@@ -178,6 +179,7 @@ def _cli_worker(args: tuple[str, ...], startup: float, nofile: int | None) -> It
                 pytest.fail(f"{exc}\nworker stderr:\n{worker.stderr()}")
             match = re.search(r"listening on (\S+)", line)
             assert match, f"unexpected first line from the worker: {line!r}"
+            worker.line = line.strip()
             worker.endpoint = match.group(1)
             key = re.search(r"with key (\S{40})", line)
             worker.key = key.group(1) if key else ""

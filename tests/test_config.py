@@ -39,6 +39,7 @@ DEFAULTS = {
     "snapshot_max_elements": 1000,
     "close_timeout": 5.0,
     "shm_threshold": 1 << 20,
+    "sealed_threshold": 1 << 20,
     "lease": 60.0,
     "insecure": False,
 }
@@ -86,6 +87,7 @@ def test_frozen() -> None:
     ("ZMQSYFT_HEARTBEAT_IVL", "3", "heartbeat_ivl", 3.0),
     ("ZMQSYFT_CLOSE_TIMEOUT", "0.25", "close_timeout", 0.25),
     ("ZMQSYFT_SHM_THRESHOLD", "0", "shm_threshold", 0),
+    ("ZMQSYFT_SEALED_THRESHOLD", "4MiB", "sealed_threshold", 4 << 20),
     ("ZMQSYFT_MAX_INFLIGHT", "7", "max_inflight", 7),
     ("ZMQSYFT_MAX_INFLIGHT", " 12 ", "max_inflight", 12),
     ("ZMQSYFT_PIPELINE_BATCH", "1", "pipeline_batch", 1),

@@ -17,8 +17,9 @@ intruder, with a key pair of its own that nobody was given (and the workers' pub
 are public), gets no answer from either worker: each refuses it during the handshake, as the
 workers' refusal counters show. A sniffer on the switch sees every frame of the segment: the
 tensor traffic crosses it, between the laptop and the workers and between the workers, and a
-marker tensor's bytes never appear in it (CURVE), though the same bytes sent in the clear (a UDP
-datagram, the sniffer's positive control) are seen.
+marker tensor's bytes never appear in it (CURVE; and a large tensor of them, sealed with AES-GCM
+on the workers' bulk sockets), though the same bytes sent in the clear (a UDP datagram, the
+sniffer's positive control) are seen.
 
 The hosts share the machine's ``/dev/shm`` in truth, so every process runs with
 ``ZMQSYFT_SHM_THRESHOLD=0``: tensors go over the network, as between real machines.
@@ -186,7 +187,7 @@ workers = {socket.inet_aton(a) for a in sys.argv[3:5]}
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # every frame
 sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: room to drop nothing
 seen = {"frames": 0, "dropped": 0, "worker_tcp_bytes": 0, "peer_tcp_bytes": 0, "marker_in_tcp": 0,
-        "marker_in_udp": 0, "marker_elsewhere": 0}
+        "marker_in_udp": 0, "marker_elsewhere": 0, "bulk_tcp_bytes": 0}
 
 def account(frame):
     seen["frames"] += 1
@@ -199,11 +200,13 @@ def account(frame):
     l4 = frame[14 + ihl:]
     if proto == 6 and len(l4) >= 20:
         sport, dport = struct.unpack("!HH", l4[:4])
+        payload = len(l4) - (l4[12] >> 4) * 4
         if port in (sport, dport):
-            payload = len(l4) - (l4[12] >> 4) * 4
             seen["worker_tcp_bytes"] += payload
             if {frame[26:30], frame[30:34]} == workers:  # alice <-> bob
                 seen["peer_tcp_bytes"] += payload
+        else:  # the workers' bulk sockets: large messages, sealed
+            seen["bulk_tcp_bytes"] += payload
         seen["marker_in_tcp"] += hit
     elif proto in (17, 1):  # the control datagram, and the ICMP "port unreachable" quoting it
         seen["marker_in_udp"] += hit
@@ -250,6 +253,10 @@ out["moved"] = moved.get().tolist()
 secret = torch.frombuffer(bytearray(marker), dtype=torch.uint8)
 back = secret.send(bob).move(alice).get()              # laptop -> bob -> alice -> laptop
 out["marker_back"] = bytes(back.tolist()) == marker
+# a large one (2.2 MB) goes sealed beside the CURVE connections, on every hop
+big = torch.frombuffer(bytearray(marker * 40000), dtype=torch.uint8)
+out["big_back"] = torch.equal(big.send(bob).move(alice).get(), big)
+out["sealed_in"] = [w.stats()["counters"].get("sealed_messages_in", 0) for w in (alice, bob)]
 # the sniffer's positive control: the same bytes in the clear, through the same switch
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
     udp.sendto(marker, (plain_to, 9))
@@ -333,9 +340,11 @@ def test_the_lan_walk_through_over_network_namespaces(tmp_path: Path) -> None:
         for name in ("alice", "bob"):
             line = stack.enter_context(worker(net, name, name, home[name]))
             match = re.fullmatch(rf"zmqsyft worker '{name}' listening on (\S+) with key "
-                                 r"(\S{40}); (\d+) client keys allowed", line)
+                                 r"(\S{40}); (\d+) client keys allowed; large messages sealed "
+                                 r"on (\S+)", line)
             assert match, line
             assert match.group(1) == at[name]
+            assert match.group(4).startswith(at[name].rsplit(":", 1)[0] + ":"), line
             public = (home[name] / "keys" / f"{name}.key").read_text()
             assert f'"{match.group(2)}"' in public, "the worker does not use its --keys pair"
             assert match.group(3) == "2", line  # the notebook's and the other worker's
@@ -366,6 +375,8 @@ def test_the_lan_walk_through_over_network_namespaces(tmp_path: Path) -> None:
     assert out["chain"] == [2, 4, 6, 8]
     assert out["moved_to"] == "alice" and out["moved"] == [1.0, 1.0, 1.0]
     assert out["marker_back"] is True
+    assert out["big_back"] is True
+    assert out["sealed_in"] == [1, 1], out["sealed_in"]  # bob's PUT to alice; ours to bob
     assert out["bob_peers"] == ["alice", "notebook"], out["bob_peers"]
     assert out["left"] == [1, 1], out["left"]
     assert intruder["alice"] in ("LimitExceeded", "WorkerUnavailable"), intruder
@@ -375,4 +386,5 @@ def test_the_lan_walk_through_over_network_namespaces(tmp_path: Path) -> None:
     assert seen["peer_tcp_bytes"] > 2 * len(MARKER), seen  # bob -> alice went over the LAN
     assert seen["worker_tcp_bytes"] > seen["peer_tcp_bytes"], seen
     assert seen["marker_in_udp"] >= 1 and seen["dropped"] == 0, f"the sniffer missed frames: {seen}"
+    assert seen["bulk_tcp_bytes"] > 3 * len(MARKER) * 40000, seen  # in, on, and back out
     assert seen["marker_in_tcp"] == 0 and seen["marker_elsewhere"] == 0, seen

@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "allowlist", "keys"],
     "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "transport",
-             "rpc", "__init__"],
-    "worker": ["access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "context", "objects",
+             "bulk", "channel", "rpc", "__init__"],
+    "worker": ["access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "sealed", "context", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["handle", "outbox", "connection", "reaper", "dispatch", "pointer", "session", "api",
                "launch", "nn", "hook", "__init__"],

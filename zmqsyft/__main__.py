@@ -189,7 +189,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid,
                         trust_tokens=frozenset([token]) if token else frozenset(), keys=keys,
-                        access=access)
+                        access=access, bulk_bind=args.bulk_bind)
     except Exception as exc:  # noqa: BLE001 - report, do not trace
         print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 1
@@ -219,7 +219,9 @@ def _worker(args: argparse.Namespace) -> int:
               + (f"; {len(access)} client keys allowed" if worker.key else "")
               + ("" if len(access) or not worker.key else
                  " (nobody can connect: give clients' public keys with --allow DIR or --admin "
-                 "KEYFILE)"), flush=True)
+                 "KEYFILE)")
+              + (f"; large messages sealed on {worker.sealed.endpoint}" if worker.sealed else ""),
+              flush=True)
     # every op's cost is estimated before it runs; load what that needs while nothing is asked yet
     warm = threading.Thread(target=costs.warm_up, name="zmqsyft-warm-up", daemon=True)
     warm.start()
@@ -268,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--id", required=True, help="the worker's name, e.g. bob")
     w.add_argument("--bind", default="tcp://127.0.0.1:0",
                    help="endpoint to bind (default tcp://127.0.0.1:0: loopback, a free port)")
+    w.add_argument("--bulk-bind", default=None, metavar="ENDPOINT",
+                   help="where to bind the bulk socket, on which large messages travel sealed "
+                        "(AES-256-GCM) beside the CURVE connections; default: the --bind host on "
+                        "a free port (a firewall must let it through too)")
     w.add_argument("--insecure", action="store_true",
                    help="no authentication, no encryption: anyone who can connect may do "
                         "anything (loopback and ipc only, unless --insecure-network)")

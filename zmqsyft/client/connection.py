@@ -27,17 +27,18 @@ import time
 from typing import Any, Protocol
 
 import zmq
+import zmq.utils.z85
 
 from ..config import Config
 from ..errors import LimitExceeded, RequestTimeout, WorkerUnavailable, ZmqSyftError
-from ..wire import shm, transport
+from ..wire import channel, shm, transport
 from ..wire.bodies import Body, HelloReply
 from ..wire.codec import check_size, encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
 from ..wire.values import ShmPolicy
 from .handle import WorkerHandle
-from .outbox import Outboxes
+from .outbox import Batching, Outboxes
 
 __all__ = ["Connection"]
 
@@ -79,7 +80,7 @@ class Host(Protocol):
                       rider: Connection | None = None) -> bytes | None: ...
 
 
-class Connection(RequestCore):
+class Connection(Batching, RequestCore):
     """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
 
     def __init__(self, host: Host, worker: WorkerHandle) -> None:
@@ -104,16 +105,27 @@ class Connection(RequestCore):
         self.lock = threading.RLock()
         self.outbox: list[bytes] = []  # queued pipelined requests (single-frame headers)
         self.queued_at = 0.0
+        # the sealed channel beside the CURVE connection, for large messages (zmqsyft.wire.bulk)
+        self._bulk: channel.CallerChannel | None = None
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
             self.worker._check_open()
+            address = self.worker.address  # (waits for a spawned one, whose readiness may
+            if self.sock is not None:      # introduce it to its siblings on this connection)
+                return self.sock
             keys, key = self.worker.client_keys or self.host.keys, self.worker.key
-            self.sock, self.watch = transport.make_dealer(  # (address: waits for a spawned one)
-                self.host.ctx, self.worker.address, self.host.cfg,
+            self.sock, self.watch = transport.make_dealer(
+                self.host.ctx, address, self.host.cfg,
                 (keys.public, keys.secret, key.encode("ascii")) if key else None)
             self._take_over = False  # HELLO first: it names our session (what we store is its)
-            req_id, hello = self.hello(self.host.name, self.worker.trust_token or "", self.host.session_id)
+            if self._bulk is not None:  # (a new connection, a new channel)
+                self._bulk.close()
+            self._bulk = (channel.CallerChannel() if key and self.host.cfg.sealed_threshold > 0
+                          else None)  # (CURVE: large messages go sealed beside it)
+            req_id, hello = self.hello(self.host.name, self.worker.trust_token or "",
+                                       self.host.session_id,
+                                       self._bulk.secret if self._bulk is not None else "")
             self._hello = _Pending((), (), "hello", awaited=False)
             self.track(req_id, self._hello)
             transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
@@ -161,8 +173,13 @@ class Connection(RequestCore):
                 if ride is not None:
                     self._flush_all()  # the deletes go all the same
                 raise
+            sealed = None  # (frames, blob) sent sealed on the bulk socket, after a marker
+            if self._bulk is not None and len(frames) > 1:
+                marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
+                if marker is not None:
+                    sealed, frames = (frames, marker[1]), marker[0]
             self.track(req_id, _Pending(keep, results, what or op.name, awaited))
-            if len(frames) == 1:
+            if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
                     return req_id
@@ -178,63 +195,37 @@ class Connection(RequestCore):
                 self.inflight.pop(req_id, None)
                 raise self._fail(WorkerUnavailable(
                     f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
+            if sealed is not None:  # (the worker opens the chunks as they come)
+                self._send_sealed(*sealed)
         return req_id
 
-    def _behind(self) -> bool:
-        """Whether the worker has requests of ours still to answer (a new one may then queue)."""
-        if self.outbox:
-            return True
-        if len(self.inflight) and self.sock is not None:
-            self.poll_replies()  # they may have been answered meanwhile
-        return bool(self.inflight)
-
-    def _queue(self, header: bytes, limit: int) -> None:
-        outbox = self.outbox
-        outbox.append(header)
-        if self not in self.outboxes.queued:  # (a delete may be in the outbox, not yet listed)
-            self.queued_at = time.monotonic()
-            self.outboxes.add(self)
-        if len(outbox) >= limit:
-            self.flush_outbox()
-
-    def _flush_all(self) -> None:
-        self.outboxes.flush_mine()
-        self.flush_outbox()  # one the flusher failed to send (no longer listed as queued)
-
-    def flush_foreign(self, blocking: bool) -> None:
-        """Send the queue from a thread that does not own this connection: the flusher (which
-        never waits for the lock), or a thread about to name an object a queued request creates.
-        Never raises: the owning thread meets a failure on its next send."""
-        if not self.lock.acquire(blocking=blocking):
-            return
+    def _send_sealed(self, frames: list[Any], blob: int) -> None:
+        assert self._bulk is not None
         try:
-            self.flush_outbox()
-        except Exception as exc:  # noqa: BLE001 - the outbox was kept for the owner
-            self.outboxes.queued.pop(self, None)
-            log.debug("batch to %s not sent from another thread: %s", self.worker.id, exc)
-        finally:
-            self.lock.release()
-
-    def flush_outbox(self) -> None:
-        """Send the queued requests as one message. The caller holds ``lock``."""
-        outbox = self.outbox
-        if not outbox:
-            return
-        self.outbox = []
-        self.outboxes.queued.pop(self, None)
-        if self.sock is None:
-            return
-        frames: list[Any] = ([outbox[0]] if len(outbox) == 1
-                             else encode_message(Op.BATCH, NO_REPLY, {"msgs": outbox}))
-        try:
-            transport.send(self.sock, frames)
+            self._bulk.send(blob, frames)
         except zmq.ZMQError as exc:
-            if threading.get_ident() != self.thread:  # the flusher: leave it to the owner
-                self.outbox = outbox + self.outbox
-                raise
             raise self._fail(WorkerUnavailable(
-                f"cannot send {len(outbox)} pipelined requests to worker '{self.worker.id}': "
-                f"{exc}")) from exc
+                f"cannot send to worker '{self.worker.id}''s bulk socket: {exc}")) from exc
+
+    def unseal(self, marker: Message) -> list[Any]:
+        """The frames of a reply that came sealed (within this connection's deadline; the
+        worker's liveness is watched meanwhile)."""
+        if self._bulk is None:
+            return super().unseal(marker)
+
+        def dead() -> str | None:
+            why = self.worker._exit_status()
+            return why if why is not None or self.watch is None else self.watch.down()
+        return self._bulk.collect(marker, self._deadline_s, f"worker '{self.worker.id}'", dead)
+
+    def _open_bulk(self) -> None:
+        """The worker's HELLO reply named its bulk socket (or not): connect to it."""
+        if self._bulk is not None and self.peer is not None:
+            try:
+                self._bulk.connect(self.host.ctx, self.host.cfg, self.worker.address,
+                                   self.peer.bulk)
+            except Exception as exc:  # noqa: BLE001 - then everything goes inside the connection
+                log.warning("worker %s: not using its bulk socket: %s", self.worker.id, exc)
 
     def _shm_policy(self) -> ShmPolicy | None:
         cfg = self.host.cfg
@@ -393,6 +384,7 @@ class Connection(RequestCore):
             if pending.req_id == self.hello_id and self.peer is not None:
                 self._take_over = self.shm and shm.may_take_over(self.peer.pid)
                 self.worker.lease = self.peer.lease_ms / 1000  # (the reaper keeps us alive)
+                self._open_bulk()
         pending.results = ()
 
     def _fail(self, exc: BaseException) -> BaseException:
@@ -414,6 +406,9 @@ class Connection(RequestCore):
                 self.sock = None
                 self._take_over = False
                 self._rcvtimeo = -1
+            if self._bulk is not None:
+                self._bulk.close()
+                self._bulk = None
         return exc
 
     def close(self) -> None:

@@ -9,11 +9,21 @@ connection's lock: it never blocks on a socket its owner is using.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Protocol
 
-__all__ = ["Outboxes", "BATCH_DELAY"]
+import zmq
+
+from ..errors import WorkerUnavailable
+from ..wire import transport
+from ..wire.codec import encode_message
+from ..wire.messages import NO_REPLY, Op
+
+__all__ = ["Outboxes", "Batching", "BATCH_DELAY"]
+
+log = logging.getLogger("zmqsyft.client.connection")
 
 BATCH_DELAY = 0.001  # seconds a queued batch waits at most before the flusher thread sends it
 
@@ -28,6 +38,80 @@ class Queueing(Protocol):
     def flush_outbox(self) -> None: ...
 
     def flush_foreign(self, blocking: bool) -> None: ...
+
+
+class Batching:
+    """A connection's own queue of pipelined requests (a mixin of
+    :class:`~zmqsyft.client.connection.Connection`, which owns the attributes named here)."""
+
+    outbox: list[bytes]
+    outboxes: Outboxes
+    queued_at: float
+    thread: int
+    lock: Any
+    sock: zmq.Socket | None
+    inflight: dict[int, Any]
+    worker: Any
+
+    def poll_replies(self) -> None: ...
+
+    def _fail(self, exc: BaseException) -> BaseException: ...
+
+    def _behind(self) -> bool:
+        """Whether the worker has requests of ours still to answer (a new one may then queue)."""
+        if self.outbox:
+            return True
+        if len(self.inflight) and self.sock is not None:
+            self.poll_replies()  # they may have been answered meanwhile
+        return bool(self.inflight)
+
+    def _queue(self, header: bytes, limit: int) -> None:
+        outbox = self.outbox
+        outbox.append(header)
+        if self not in self.outboxes.queued:  # (a delete may be in the outbox, not yet listed)
+            self.queued_at = time.monotonic()
+            self.outboxes.add(self)
+        if len(outbox) >= limit:
+            self.flush_outbox()
+
+    def _flush_all(self) -> None:
+        self.outboxes.flush_mine()
+        self.flush_outbox()  # one the flusher failed to send (no longer listed as queued)
+
+    def flush_foreign(self, blocking: bool) -> None:
+        """Send the queue from a thread that does not own this connection: the flusher (which
+        never waits for the lock), or a thread about to name an object a queued request creates.
+        Never raises: the owning thread meets a failure on its next send."""
+        if not self.lock.acquire(blocking=blocking):
+            return
+        try:
+            self.flush_outbox()
+        except Exception as exc:  # noqa: BLE001 - the outbox was kept for the owner
+            self.outboxes.queued.pop(self, None)
+            log.debug("batch to %s not sent from another thread: %s", self.worker.id, exc)
+        finally:
+            self.lock.release()
+
+    def flush_outbox(self) -> None:
+        """Send the queued requests as one message. The caller holds ``lock``."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.outbox = []
+        self.outboxes.queued.pop(self, None)
+        if self.sock is None:
+            return
+        frames: list[Any] = ([outbox[0]] if len(outbox) == 1
+                             else encode_message(Op.BATCH, NO_REPLY, {"msgs": outbox}))
+        try:
+            transport.send(self.sock, frames)
+        except zmq.ZMQError as exc:
+            if threading.get_ident() != self.thread:  # the flusher: leave it to the owner
+                self.outbox = outbox + self.outbox
+                raise
+            raise self._fail(WorkerUnavailable(
+                f"cannot send {len(outbox)} pipelined requests to worker '{self.worker.id}': "
+                f"{exc}")) from exc
 
 
 class Outboxes:

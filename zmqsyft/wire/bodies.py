@@ -16,6 +16,10 @@ acknowledgement); ``key?`` is optional, with a default::
                 > host?: str - the sender's host key: a match lets both ends use shared memory
                 > session?: str - the sender's session id: what it stores is kept for the session
                     while it is connected, and for the lease after
+                > bulk?: str - a 32-byte secret (Z85) for this connection's sealed bulk channel
+                    (zmqsyft.wire.bulk); '' for none
+                > sealed_replies?: bool - whether large replies may come sealed on that channel too
+                    (a peer link sends sealed requests only)
                 < id: str - the worker's name
                 < pid?: int - its process id (0: not told)
                 < version?: int - its protocol version
@@ -30,6 +34,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 < admin?: bool - whether the caller is one of its admins
                 < lease_ms?: int - how long it keeps a session's objects once its last connection
                     closed, ms (the caller keeps a connection alive more often)
+                < bulk?: str - its bulk endpoint, where large messages go sealed ('': none, send
+                    them on this connection)
     PUT         Store a value.
                 > id: object id - the id to store it under
                 > obj: value - a tensor, a pointer descriptor, a number, ...
@@ -92,6 +98,10 @@ acknowledgement); ``key?`` is optional, with a default::
                 > ids: [request id] - the request ids
     BATCH       (request id 0) several requests, handled in order as if each had come alone.
                 > msgs: [bytes] - complete single-frame messages (no BATCH among them)
+    BULK        (either way) stands for a large message sent sealed on the receiver's bulk socket.
+                > blob: int - the blob holding the message's frames (zmqsyft.wire.bulk)
+                > frames: int - how many frames it has
+                > nbytes: int - how many bytes they hold
     ERROR       A failed request's reply.
                 < error: map - the encoded exception (zmqsyft.wire.exc_codec)
 
@@ -132,7 +142,8 @@ from .schema import (
 __all__ = ["Body", "REQUESTS", "REPLIES", "wire_table", "Hello", "HelloReply", "Put", "Get",
            "GetReply", "Call", "CallReply", "Del", "Move", "MoveReply", "RemoteGet", "Objects",
            "ObjectsReply", "Flush", "Ping", "PingReply", "Stats", "StatsReply", "Shutdown",
-           "Search", "SearchReply", "Run", "RunReply", "Give", "Allow", "Acks", "Batch", "Error"]
+           "Search", "SearchReply", "Run", "RunReply", "Give", "Allow", "Acks", "Batch", "Bulk",
+           "Error"]
 
 # ------------------------------------------------------------------------ the bodies
 @body(Op.HELLO)
@@ -143,6 +154,10 @@ class Hello(Body):
     host: str = key(STR, "the sender's host key: a match lets both ends use shared memory", "")
     session: str = key(STR, "the sender's session id: what it stores is kept for the session "
                        "while it is connected, and for the lease after", "")
+    bulk: str = key(STR, "a 32-byte secret (Z85) for this connection's sealed bulk channel "
+                    "(zmqsyft.wire.bulk); '' for none", "")
+    sealed_replies: bool = key(BOOL, "whether large replies may come sealed on that channel too "
+                               "(a peer link sends sealed requests only)", True)
 
 
 @body(Op.HELLO, reply=True)
@@ -161,6 +176,8 @@ class HelloReply(Body):
     admin: bool = key(BOOL, "whether the caller is one of its admins", False)
     lease_ms: int = key(INT, "how long it keeps a session's objects once its last connection "
                         "closed, ms (the caller keeps a connection alive more often)", 0)
+    bulk: str = key(STR, "its bulk endpoint, where large messages go sealed ('': none, send "
+                    "them on this connection)", "")
 
 
 @body(Op.PUT)
@@ -322,6 +339,14 @@ class Acks(Body):
 class Batch(Body):
     """(request id 0) several requests, handled in order as if each had come alone."""
     msgs: list[bytes] = key(FRAMES, "complete single-frame messages (no BATCH among them)")
+
+
+@body(Op.BULK)
+class Bulk(Body):
+    """(either way) stands for a large message sent sealed on the receiver's bulk socket."""
+    blob: int = key(INT, "the blob holding the message's frames (zmqsyft.wire.bulk)")
+    frames: int = key(INT, "how many frames it has")
+    nbytes: int = key(INT, "how many bytes they hold")
 
 
 @body(Op.ERROR, reply=True)

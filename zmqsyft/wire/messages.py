@@ -39,6 +39,11 @@ the worker was still busy with earlier ones. The receiver handles them one by on
 exactly as if they had come as separate messages from the same sender (a batch inside a batch
 is refused). One message instead of dozens saves a wake-up of both ends' I/O threads and a turn
 of the worker's loop per op.
+
+``BULK`` (either way; the request id of the message it stands for) takes the place of a large
+message whose frames travel sealed (AES-256-GCM) on the receiver's bulk socket instead
+(:mod:`zmqsyft.wire.bulk`): the receiver handles the message, once its blob is complete, at the
+marker's place in the connection's order.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 6  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+PROTOCOL_VERSION = 7  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
 # 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name);
-# 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW
+# 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW;
+# 7: BULK (large messages sealed beside the CURVE connection, zmqsyft.wire.bulk)
 NO_REPLY = 0
 
 
@@ -77,6 +83,7 @@ class Op(IntEnum):
     BATCH = 17
     GIVE = 18
     ALLOW = 19
+    BULK = 20
 
 
 def op_name(op: int) -> str:

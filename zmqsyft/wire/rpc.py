@@ -91,14 +91,17 @@ class RequestCore:
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, req_id))
 
-    def hello(self, name: str, trust: str = "", session: str = "") -> tuple[int, Hello]:
+    def hello(self, name: str, trust: str = "", session: str = "", bulk: str = "",
+              sealed_replies: bool = True) -> tuple[int, Hello]:
         """The id and body of this connection's ``HELLO``, its first request (the driver sends
-        it and tracks it like any other); ``session``: the sender's session id."""
+        it and tracks it like any other); ``session``: the sender's session id; ``bulk``: its
+        bulk channel's secret (Z85), if it wants one, and ``sealed_replies``: whether large
+        replies may come on it too."""
         self.hello_id = self.next_id()
         self.peer = None
         self.shm = False
         return self.hello_id, Hello(peer=name, trust=trust or "", host=shm.host_key(),
-                                    session=session)
+                                    session=session, bulk=bulk, sealed_replies=sealed_replies)
 
     @property
     def negotiating(self) -> bool:
@@ -120,6 +123,8 @@ class RequestCore:
                 return ACKED
         try:
             msg = decode_message(frames, shm=self.shm)
+            if msg.op is Op.BULK:  # it came sealed on the bulk socket
+                msg = decode_message(self.unseal(msg), shm=self.shm)
             if msg.op is Op.ACKS:
                 for req_id in unpack_acks(msg):
                     self.answer(req_id, ACKED, None)
@@ -161,6 +166,11 @@ class RequestCore:
         pending.done = True
         pending.reply = reply
         pending.error = error
+
+    def unseal(self, marker: Message) -> list[Any]:
+        """The frames of the message a ``BULK`` marker stands for (drivers with a bulk channel
+        collect them from it; here there is none)."""
+        raise ProtocolError("a BULK message on a connection with no bulk channel")
 
     def late(self, req_id: int) -> None:
         """A reply to a request not in flight on this connection (drivers count it)."""

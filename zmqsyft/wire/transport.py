@@ -26,9 +26,11 @@ from ..errors import ProtocolError
 
 __all__ = ["Dropped", "context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
            "send", "recv", "readable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
-           "monitor_reader", "REFUSED", "REFUSED_ADVICE", "HANDSHAKE_FAILED", "recv_request"]
+           "monitor_reader", "REFUSED", "REFUSED_ADVICE", "HANDSHAKE_FAILED", "recv_request",
+           "make_bulk_router", "make_bulk_dealer", "clip"]
 
 _HANDSHAKE_MS = 10_000
+_BULK_QUEUE = 64  # chunk messages (of at most 1 MiB) a bulk socket holds per connection
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
@@ -104,6 +106,49 @@ def make_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str = "",
         sock.close(linger=0)
         raise
     return sock, endpoint
+
+
+def make_bulk_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str,
+                     monitor: tuple[str, int], max_message: int) -> tuple[zmq.Socket, str]:
+    """Bind a worker's bulk socket (sealed large messages, :mod:`zmqsyft.wire.bulk`): a ROUTER
+    taking PLAIN connections that its ZAP handler admits, each message at most ``max_message``
+    bytes (one chunk). Returns it with the endpoint it bound."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _common(sock, cfg)
+        # a bounded queue per connection: past it, libzmq stops reading that connection (TCP
+        # pushes back on its sender) until the worker has opened what came; the worker opens
+        # chunks while a marker waits for them, and every quarter second otherwise
+        sock.setsockopt(zmq.RCVHWM, _BULK_QUEUE)
+        sock.plain_server = True
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+        sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
+        sock.monitor(*monitor)
+        if bind.startswith("tcp://") and bind.endswith(":0"):
+            sock.bind_to_random_port(bind[: -len(":0")])
+        else:
+            sock.bind(bind)
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock, endpoint
+
+
+def make_bulk_dealer(ctx: zmq.Context, address: str, cfg: Config, user: bytes, password: bytes,
+                     max_message: int) -> zmq.Socket:
+    """A DEALER to a worker's bulk socket (PLAIN, with a channel's ticket); what comes back on it
+    is at most ``max_message`` bytes a message."""
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, cfg)
+    sock.plain_username = user
+    sock.plain_password = password
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+    sock.connect(address)
+    return sock
 
 
 def bind_zap_handler(ctx: zmq.Context) -> zmq.Socket:
@@ -316,11 +361,11 @@ def canonical_endpoint(address: Any) -> str:
     worker is one link however a pointer spells it. Raises ``ProtocolError`` for anything else:
     a worker reaches its peers over tcp or ipc only."""
     if type(address) is not str or len(address) > 512:
-        raise ProtocolError(f"a peer address must be a short string, not {_clip(address)}")
+        raise ProtocolError(f"a peer address must be a short string, not {clip(address)}")
     if address.startswith("tcp://"):
         host, sep, port = address[len("tcp://"):].rpartition(":")
         if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
-            raise ProtocolError(f"{_clip(address)} is not tcp://HOST:PORT")
+            raise ProtocolError(f"{clip(address)} is not tcp://HOST:PORT")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
             ip = ipaddress.ip_address(host)
@@ -330,10 +375,10 @@ def canonical_endpoint(address: Any) -> str:
             if labels[-1].isdigit() or labels[-1].startswith("0x"):  # an address, spelled oddly
                 if len(labels) != 4 or not all(x.isascii() and x.isdigit() and int(x) < 256
                                                 for x in labels):
-                    raise ProtocolError(f"{_clip(address)} does not name a host") from None
+                    raise ProtocolError(f"{clip(address)} does not name a host") from None
                 host = ".".join(str(int(x)) for x in labels)
             elif not _HOSTNAME.fullmatch(host) or len(host) > 253:
-                raise ProtocolError(f"{_clip(address)} does not name a host") from None
+                raise ProtocolError(f"{clip(address)} does not name a host") from None
         else:
             host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
         return f"tcp://{host}:{int(port)}"
@@ -342,10 +387,11 @@ def canonical_endpoint(address: Any) -> str:
         if path.startswith("/"):
             path = "/" + os.path.normpath(path).lstrip("/")
         return f"ipc://{path}"
-    raise ProtocolError(f"{_clip(address)} is not a tcp:// or ipc:// endpoint of a worker")
+    raise ProtocolError(f"{clip(address)} is not a tcp:// or ipc:// endpoint of a worker")
 
 
-def _clip(value: Any) -> str:
+def clip(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters (for error messages about what a peer sent)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -52,6 +52,8 @@ def hello(w: Services, ctx: Ctx, body: Hello) -> None:
     ctx.holder = w.leases.hello(ctx.ident, who, body.session, w.header)
     if body.trust and any(hmac.compare_digest(body.trust, t) for t in w.trust_tokens):
         w.trusted.add(ctx.ident)
+    sealed = (w.sealed.hello(ctx.ident, body.bulk, body.sealed_replies) if w.sealed is not None
+              else False)
     if shm_match(body.host):  # a peer on this machine may hand us large tensors in shared memory
         w.shm_callers.add(ctx.ident)
     else:
@@ -62,7 +64,8 @@ def hello(w: Services, ctx: Ctx, body: Hello) -> None:
                             shm=ctx.ident in w.shm_callers,
                             max_message_size=w.cfg.max_message_size, worker_key=w.key,
                             principal=who.name, admin=who.admin,
-                            lease_ms=int(w.cfg.lease * 1000)))
+                            lease_ms=int(w.cfg.lease * 1000),
+                            bulk=w.sealed.endpoint if sealed and w.sealed is not None else ""))
 
 
 def ping(w: Services, ctx: Ctx, body: Ping) -> None:

@@ -19,6 +19,7 @@ from .access import Access, Principal
 from .gate import Gate
 from .leases import Holder, Leases
 from .peers import PeerLinks
+from .sealed import Sealed
 from .store import Store
 from .traffic import Traffic
 
@@ -82,6 +83,10 @@ class Services(Protocol):
     trusted, shm_callers : set of bytes
         Routing ids of the callers that presented a trust token / that share this machine's
         ``/dev/shm``.
+    sealed : Sealed or None
+        Its bulk socket and its connections' sealed channels (None: insecure, or turned off).
+    router : zmq.Socket
+        Its ROUTER, where its callers' requests come in.
     """
 
     id: str
@@ -99,6 +104,8 @@ class Services(Protocol):
     trust_tokens: frozenset[str]
     trusted: set[bytes]
     shm_callers: set[bytes]
+    sealed: Sealed | None
+    router: Any
 
     def reply(self, ctx: Ctx, body: Body | None = None) -> bool:
         """Answer ``ctx`` (no body: an acknowledgement, batched with the others of this turn);

@@ -49,6 +49,14 @@ connection's ``user_id``, which libzmq attaches to every message of the connecti
 ``User-Id`` property: the request's principal. An unknown key is refused before it can send
 anything: it gets no answer to any op.
 
+**The bulk socket.** A worker that takes large messages sealed (:mod:`zmqsyft.wire.bulk`)
+binds a second ROUTER with the ZAP domain :data:`BULK_DOMAIN` and its monitor on
+``bulk_monitor_endpoint``. Its connections use the PLAIN mechanism with credentials derived from a
+channel secret that only a CURVE connection's HELLO could have brought (``tickets``: user name ->
+password, kept by the worker's loop): anyone else is refused in the handshake, and they are
+counted apart, at most ``max_connections`` of them too. Nothing on that socket is believed
+because of the handshake, though: every chunk must open with its channel's key.
+
 **Closed connections.** The descriptor of every connection that closes is appended to
 ``closed`` (a deque the worker's loop drains): a session's lease starts when its last
 connection closed (:mod:`~zmqsyft.worker.leases`).
@@ -57,6 +65,7 @@ connection closed (:mod:`~zmqsyft.worker.leases`).
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import os
 import threading
@@ -70,12 +79,15 @@ from zmq.utils.monitor import parse_monitor_message
 from ..wire import transport
 from .access import Access
 
-__all__ = ["Gate", "ZapRequest", "Verdict", "DOMAIN", "EVENTS"]
+__all__ = ["Gate", "ZapRequest", "Verdict", "DOMAIN", "BULK_DOMAIN", "EVENTS"]
 
 log = logging.getLogger("zmqsyft.worker")
 
 DOMAIN = "zmqsyft"
 """The ZAP domain of a worker's ROUTER (any non-empty one makes libzmq ask the gate)."""
+
+BULK_DOMAIN = "zmqsyft-bulk"
+"""The ZAP domain of a worker's bulk socket (sealed large messages)."""
 
 EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
           | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -187,7 +199,12 @@ class Gate:
         self.monitor_endpoint = f"inproc://zmqsyft-gate-{uuid.uuid4().hex}"
         self._zap = transport.bind_zap_handler(ctx)
         self._events = transport.monitor_reader(ctx, self.monitor_endpoint)
+        self.bulk_monitor_endpoint = f"inproc://zmqsyft-gate-bulk-{uuid.uuid4().hex}"
+        self._bulk_events = transport.monitor_reader(ctx, self.bulk_monitor_endpoint)
         self._open: set[int] = set()  # descriptors of the connections open now
+        self._open_bulk: set[int] = set()  # the same, of the bulk socket
+        self.tickets: dict[bytes, bytes] = {}
+        """The bulk socket's PLAIN credentials: user name -> password (the loop adds them)."""
         self.refused = 0
         """How many connections were refused so far."""
         self._last_warning = 0.0
@@ -230,6 +247,8 @@ class Gate:
         uid = request.peer_uid()
         if uid is not None and uid != _MY_UID:
             return Verdict(400, f"a connection over ipc from another user (uid {uid})")
+        if request.domain == BULK_DOMAIN:
+            return self._decide_bulk(request)
         refusal, user_id = self.access.admit(request.mechanism, request.credentials)
         if refusal:
             return Verdict(400, refusal)
@@ -238,11 +257,24 @@ class Gate:
             return Verdict(400, f"too many connections: max_connections = {self.max_connections}")
         return Verdict(200, "OK", user_id)
 
+    def _decide_bulk(self, request: ZapRequest) -> Verdict:
+        creds = request.credentials
+        if request.mechanism != "PLAIN" or len(creds) != 2:
+            return Verdict(400, "the bulk socket takes PLAIN connections with a channel's ticket")
+        password = self.tickets.get(creds[0])
+        if password is None or not hmac.compare_digest(password, creds[1]):
+            return Verdict(400, "a bulk connection with no channel's ticket")
+        if max(len(self._open_bulk) - 1, 0) >= self.max_connections:
+            return Verdict(400, f"too many bulk connections: max_connections = "
+                           f"{self.max_connections}")
+        return Verdict(200, "OK")
+
     # ------------------------------------------------------------- the thread
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
+        poller.register(self._bulk_events, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(500))
@@ -259,6 +291,7 @@ class Gate:
 
     def _read_events(self) -> bool:
         """Take in every pending monitor event; False once the monitor has stopped."""
+        self._read_bulk_events()
         while True:
             try:
                 frames = self._events.recv_multipart(zmq.NOBLOCK)
@@ -274,6 +307,18 @@ class Gate:
                     self.closed.append(value)
             elif kind == zmq.EVENT_MONITOR_STOPPED:
                 return False
+
+    def _read_bulk_events(self) -> None:
+        while True:
+            try:
+                frames = self._bulk_events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._open_bulk.add(event["value"])
+            elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self._open_bulk.discard(event["value"])
 
     def _answer_all(self) -> None:
         """Answer the pending ZAP requests, one at a time, each after the latest events."""
@@ -305,3 +350,4 @@ class Gate:
     def _close_sockets(self) -> None:
         self._zap.close(linger=0)
         self._events.close(linger=0)
+        self._bulk_events.close(linger=0)

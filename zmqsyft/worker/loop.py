@@ -30,20 +30,21 @@ from typing import Any
 import zmq
 
 from ..config import Config
-from ..errors import HandoverRefused, ProtocolError, UntrustedPayload
+from ..errors import ProtocolError
 from ..keys import KeyPair
 from ..wire import transport
 from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
 from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
-from ..wire.messages import NO_REPLY, Op, salvage_req_id
+from ..wire.messages import NO_REPLY, Op
 from ..wire.values import ShmPolicy
-from . import admin, calls, objects, owner
+from . import admin, calls, intake, objects, owner
 from .access import Access
 from .context import Ctx, Handler
 from .gate import DOMAIN, EVENTS, Gate
 from .leases import Holder, Leases
 from .peers import PeerLinks
+from .sealed import open_sealed
 from .store import Store
 from .traffic import Traffic
 
@@ -68,11 +69,7 @@ HANDLERS: dict[Op, Handler] = {
 
 # op -> (its handler, its typed body), looked up once per request
 _TABLE: dict[Op, tuple[Handler, type[Body]]] = {op: (h, REQUESTS[op]) for op, h in HANDLERS.items()}
-_UNTRUSTED = (
-    "worker '{}' refused a pickled payload (code, a module, an optimizer): it does not trust this "
-    "sender. A worker started with spawn_worker() trusts its parent; one started from the shell "
-    "trusts keys given with --trust KEYFILE, and sy.connect(address, ..., trust_token=T) when "
-    "started with --trust-token-file FILE holding T (mode 600). Tensors and pointers need no trust.")
+
 
 
 class Worker:
@@ -96,11 +93,14 @@ class Worker:
         Its CURVE key pair (default: a fresh one): its clients and peers know it by the public key.
     access : Access, optional
         The keys it accepts, and their rights (default: none; anyone if ``config.insecure``).
+    bulk_bind : str, optional
+        Where to bind its bulk socket, for large messages sealed beside the CURVE connections
+        (default: beside ``bind``: the same host on a free port, or the same directory).
     """
 
     def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None,
                  trust_tokens: frozenset[str] = frozenset(), keys: KeyPair | None = None,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, bulk_bind: str | None = None) -> None:
         self.id = worker_id
         self.cfg = config
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
@@ -115,6 +115,7 @@ class Worker:
             self.keys = keys if keys is not None else KeyPair.fresh()
             self.key = self.keys.text
         self.leases = Leases(config.lease)
+        self.traffic = Traffic()
         self.header: Any = None  # the header frame of the request being handled
         self.ctx = zmq.Context()  # its own: the gate is the one ZAP handler of its context
         self.gate = Gate(self.ctx, worker_id, config.max_connections, self.access,
@@ -124,17 +125,19 @@ class Worker:
             self.router, self.address = transport.make_router(
                 self.ctx, bind, config, zap_domain=DOMAIN, monitor=(self.gate.monitor_endpoint, EVENTS),
                 curve=curve)
+            self.sealed = open_sealed(self, bulk_bind)  # large messages, beside the connections
         except Exception:
             self.gate.close(None)
-            self.ctx.destroy(linger=0)
+            self.ctx.destroy(linger=0)  # (closes the ROUTER, if it was made)
             raise
         self.gate.start()
         self.addresses = {transport.canonical_endpoint(a) for a in (self.address, bind)}
         self.store = Store(worker_id, config.max_store_bytes, config.max_connection_bytes)
-        self.traffic = Traffic()
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        if self.sealed is not None:
+            self.poller.register(self.sealed.sock, zmq.POLLIN)
         self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic, self.keys,
                                self.access)
         self._running = False
@@ -157,7 +160,7 @@ class Worker:
         peers = self.peers
         try:
             while self._running:
-                polling = peers.waiting
+                polling = peers.waiting or bool(self.sealed and self.sealed.parked)
                 timeout = 100.0 if polling else 500.0  # peers are checked per turn
                 deadline = peers.next_deadline() if polling else None
                 if deadline is not None:
@@ -172,6 +175,8 @@ class Worker:
                         self._drain_router()
                     elif sock in peers.by_socket:
                         self._drain(sock, peers.receive)
+                    elif self.sealed is not None and sock is self.sealed.sock:
+                        self.sealed.arrived()
                     if self._acks:
                         self._flush_acks()
                 peers.expire()
@@ -179,9 +184,13 @@ class Worker:
                 if now >= next_peer_check:
                     next_peer_check = now + _PEER_CHECK_S
                     peers.check()
+                    if self.sealed is not None and self.sealed.parked:
+                        self.sealed.tick(now)
                 if now >= next_lease_check:
                     next_lease_check = now + _LEASE_CHECK_S
                     objects.expire(self, now)
+                    if self.sealed is not None:
+                        self.sealed.housekeeping(now)
                     peers.keepalive(now)  # (what this worker owns on its peers stays)
                 if self._acks:
                     self._flush_acks()
@@ -206,6 +215,8 @@ class Worker:
             return
         self._flush_acks()
         self.peers.close()
+        if self.sealed is not None:
+            self.sealed.close()
         gate_stopped = self.gate.close(self.router)
         self.router.close(linger=0)
         if gate_stopped:  # else its sockets are still in use: terminating would wait for them
@@ -231,12 +242,14 @@ class Worker:
         except zmq.Again:
             return False
         except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
-            self._dropped(self.router, exc)
+            intake.dropped(self, self.router, exc)
             return True
+        if self.sealed is not None and self.sealed.parked and self.sealed.hold(frames, user, header):
+            return True  # (behind a sealed message still coming)
         try:
             self._on_request(frames, user, header)
         except Exception as exc:  # noqa: BLE001 - whatever escaped the request's own handling
-            self._dropped(self.router, exc)
+            intake.dropped(self, self.router, exc)
         return True
 
     def _drain_router(self, limit: int = _MAX_BATCH) -> None:
@@ -255,32 +268,19 @@ class Worker:
             except zmq.Again:
                 return
             except Exception as exc:  # noqa: BLE001 - too many frames, no memory: dropped
-                self._dropped(sock, exc)
+                intake.dropped(self, sock, exc)
                 continue
             try:
                 handle(sock, frames)
             except Exception as exc:  # noqa: BLE001 - whatever escaped the message's own handling
-                self._dropped(sock, exc)
-
-    def _dropped(self, sock: zmq.Socket, exc: Exception) -> None:
-        """A message that could not be received or handled: counted, logged, and the loop goes on
-        (nothing stored is touched: receiving and decoding come before any handler). A caller
-        whose request was too large to keep is told why, if its header names the request."""
-        self.traffic.counters["dropped_malformed"] += 1
-        side = "a caller" if sock is self.router else "a peer worker"
-        log.warning("worker %s: a message from %s was dropped: %s: %s", self.id, side,
-                    type(exc).__name__, exc)
-        head = getattr(exc, "head", None)
-        if sock is self.router and isinstance(exc, transport.Dropped) and head and len(head) > 1:
-            req_id = salvage_req_id(head[1])
-            if req_id:
-                self.reply_error(Ctx(head[0], req_id), exc)
+                intake.dropped(self, sock, exc)
 
     # ------------------------------------------------------------- requests in
     def _on_request(self, frames: list[Any], user: str, header: Any, nested: bool = False,
-                    holder: Holder | None = None) -> None:
+                    holder: Holder | None = None, sealed: bool = False) -> None:
         """Handle one request from the connection whose principal is ``user`` (the ``User-Id``
-        its messages carry); ``nested``: it came inside a ``BATCH`` of ``holder``'s."""
+        its messages carry); ``nested``: it came inside a ``BATCH`` of ``holder``'s;
+        ``sealed``: it came sealed on the bulk socket, for a ``BULK`` marker of ``holder``'s."""
         if len(frames) < 2:
             self.traffic.counters["dropped_malformed"] += 1
             return
@@ -296,9 +296,12 @@ class Worker:
             msg = decode_message(frames[1:], trusted=principal.trusted or ident in self.trusted,
                                  shm=ident in self.shm_callers)
         except Exception as exc:  # noqa: BLE001 - malformed input of any kind
-            self._undecodable(ident, frames, exc, nested, holder)
+            intake.undecodable(self, ident, frames, exc, nested, holder)
             return
         op = msg.op
+        if op is Op.BULK and not nested and not sealed and self.sealed is not None:
+            self.sealed.on_marker(ident, msg.req_id, msg.body, user, header, holder)
+            return  # (a large message, sealed beside)
         if not nested and op is Op.PING and msg.req_id == NO_REPLY:  # a keep-alive: apart
             self.traffic.counters["keepalives_in"] += 1
         elif not nested:
@@ -319,23 +322,6 @@ class Worker:
             handler(self, ctx, body_type.from_wire(msg.body))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
             self.reply_error(ctx, exc)
-
-    def _undecodable(self, ident: bytes, frames: list[Any], exc: Exception, nested: bool,
-                     holder: Holder) -> None:
-        if not nested:
-            self.traffic.count(holder.principal.label, "in", frames[1:])
-        counters = self.traffic.counters
-        if isinstance(exc, UntrustedPayload):
-            counters["refused_untrusted"] += 1
-            exc = UntrustedPayload(_UNTRUSTED.format(self.id))
-        elif isinstance(exc, HandoverRefused):  # the sender retries with a copy
-            counters["handovers_refused"] += 1
-        else:
-            counters["dropped_malformed"] += 1
-            log.warning("worker %s: undecodable message from %s: %s", self.id, ident.hex(), exc)
-        req_id = salvage_req_id(frames[1])
-        if req_id:
-            self.reply_error(Ctx(ident, req_id, holder), exc)
 
     def _on_batch(self, ident: bytes, body: dict[str, Any], holder: Holder) -> None:
         """Handle a ``BATCH``: each message in it, in order, as if it had come on its own."""
@@ -372,6 +358,9 @@ class Worker:
         self._send_reply(ctx, frames)
         return True
 
+    def _fail(self, ident: bytes, req_id: int, holder: Holder | None, exc: BaseException) -> None:
+        self.reply_error(Ctx(ident, req_id, holder), exc)
+
     def reply_error(self, ctx: Ctx, exc: BaseException) -> None:
         """Answer ``ctx`` with an error (encoded with its type and traceback)."""
         log.debug("worker %s: request %d failed: %r", self.id, ctx.req_id, exc)
@@ -392,15 +381,22 @@ class Worker:
     def _send_reply(self, ctx: Ctx, frames: list[Any]) -> None:
         if ctx.ident in self._acks:  # acknowledgements first: replies never overtake them
             self._send_acks(ctx.ident, self._acks.pop(ctx.ident))
+        if len(frames) > 1 and self.sealed is not None and self.sealed.reply(ctx.ident, ctx.req_id,
+                                                                             frames):
+            return  # (sent sealed, after a marker in its place)
         self._send_to(ctx.ident, frames)
 
-    def _send_to(self, ident: bytes, frames: list[Any]) -> None:
+    def _send_to(self, ident: bytes, frames: list[Any], counted: list[Any] | None = None) -> None:
+        """Send ``frames`` to ``ident``; the traffic counters count ``counted`` (what a BULK
+        marker stands for) if given."""
         try:
             transport.send(self.router, [ident, *frames])
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             self.traffic.counters["unroutable_replies"] += 1
             log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
             return
+        if counted is not None:
+            frames = counted
         self.traffic.count(self.leases.label(ident), "out", frames,
                            frames.shm_bytes if isinstance(frames, Frames) else 0)
 

@@ -14,6 +14,11 @@ completes only with the holder of its secret), and only to a key it knows (a pri
 an admin). The key comes with the address, in the pointer descriptor or ``MOVE`` that names the
 peer, and :meth:`PeerLinks.learn` checks it; an address whose key changes (a worker restarted
 there) gets a fresh link. The worker presents its own key, with which the peer knows it.
+
+**Large requests** (a ``MOVE``'s ``PUT``, a relayed op's tensors) go sealed on the peer's bulk
+socket, as a client's do (:mod:`zmqsyft.wire.bulk`), once the peer's HELLO reply named it; the
+link asks for its replies inside the connection (``sealed_replies=False``), which its
+continuations read as they come.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import zmq
 from ..config import Config
 from ..errors import AccessDenied, LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
 from ..keys import KeyPair
-from ..wire import transport
+from ..wire import channel, transport
 from ..wire.bodies import Body, Flush, Ping
+from ..wire.bulk import blob_size
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
@@ -79,6 +85,43 @@ class PeerLink(RequestCore):
         self.parked: list[tuple[Op, Body | dict[str, Any], Callback | None]] | None = None
         self.policy = (ShmPolicy(self._shm_decider, links.cfg.shm_threshold, 2 * links.cfg.timeout)
                        if links.cfg.shm_threshold else None)
+        # the sealed channel for large requests (zmqsyft.wire.bulk); its socket once the HELLO
+        # reply names the peer's bulk socket
+        self.bulk: channel.CallerChannel | None = None
+
+    def hello_secret(self) -> str:
+        """A fresh bulk channel secret for this link's HELLO (Z85; ``""`` without CURVE)."""
+        if self.links.keys is None or self.links.cfg.sealed_threshold <= 0:
+            return ""
+        if self.bulk is not None:
+            self.bulk.close()
+        self.bulk = channel.CallerChannel(replies=False)
+        return self.bulk.secret
+
+    def open_bulk(self) -> None:
+        """The HELLO reply came: connect to the peer's bulk socket, if it named one."""
+        if self.bulk is not None and self.peer is not None:
+            try:
+                self.bulk.connect(self.links.ctx, self.links.cfg, self.address, self.peer.bulk)
+            except Exception as exc:  # noqa: BLE001 - large requests go inside the connection
+                log.warning("worker %s: not using the bulk socket of %s: %s",
+                            self.links.worker_id, self.address, exc)
+
+    def large(self, frames: list[Any]) -> bool:
+        """Whether a message would go sealed on this link's bulk channel (if it has one)."""
+        return (self.bulk is not None and len(frames) > 1
+                and blob_size(frames) >= self.links.cfg.sealed_threshold)
+
+    def send(self, req_id: int, frames: list[Any]) -> None:
+        """Send a request: a large one sealed on the bulk socket, after its marker."""
+        sealed = (self.bulk.marker(req_id, frames, self.links.cfg.sealed_threshold)
+                  if self.bulk is not None else None)
+        if sealed is None:
+            transport.send(self.sock, frames)
+            return
+        assert self.bulk is not None
+        transport.send(self.sock, sealed[0])
+        self.bulk.send(sealed[1], frames)
 
     def _shm_decider(self) -> bool:
         if self.negotiating:
@@ -97,6 +140,8 @@ class PeerLink(RequestCore):
     def close(self) -> None:
         self.watch.close(self.sock)
         self.sock.close(linger=0)
+        if self.bulk is not None:
+            self.bulk.close()
 
 
 class PeerLinks:
@@ -184,7 +229,9 @@ class PeerLinks:
         req_id = NO_REPLY if callback is None else link.next_id()
         try:
             frames = encode_message(op, req_id, body, shm=link.policy)
-            transport.send(link.sock, frames)
+            if link.negotiating and link.large(frames):
+                raise _AwaitHello  # (it goes sealed once the HELLO reply names the bulk socket)
+            link.send(req_id, frames)
         except _AwaitHello:
             link.parked = [(op, body, callback)]
             return
@@ -258,7 +305,8 @@ class PeerLinks:
             link = self.links[address] = PeerLink(self, address)
             self.by_socket[link.sock] = link
             self.poller.register(link.sock, zmq.POLLIN)
-            req_id, hello = link.hello(self.worker_id, session=self.session)
+            req_id, hello = link.hello(self.worker_id, session=self.session,
+                                       bulk=link.hello_secret(), sealed_replies=False)
             frames = encode_message(Op.HELLO, req_id, hello)
             transport.send(link.sock, frames)
             self.traffic.count(address, "out", frames)
@@ -279,6 +327,8 @@ class PeerLinks:
 
     def _hello_answered(self, link: PeerLink) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:
+            if msg is not None and self.links.get(link.address) is link:
+                link.open_bulk()
             key = self.keys_at.get(link.address, "")
             principal = self.access.get(key) if key else None
             if principal is not None and key:
