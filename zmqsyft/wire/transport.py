@@ -97,15 +97,20 @@ def make_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str = "",
             sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
         if monitor is not None:
             sock.monitor(*monitor)
-        if bind.startswith("tcp://") and bind.endswith(":0"):
-            sock.bind_to_random_port(bind[: -len(":0")])
-        else:
-            sock.bind(bind)
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoint = _bind(sock, bind)
     except Exception:
         sock.close(linger=0)
         raise
     return sock, endpoint
+
+
+def _bind(sock: zmq.Socket, bind: str) -> str:
+    """Bind ``sock`` (``tcp://HOST:0``: a free port); the endpoint it bound."""
+    if bind.startswith("tcp://") and bind.endswith(":0"):
+        sock.bind_to_random_port(bind[: -len(":0")])
+    else:
+        sock.bind(bind)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def make_bulk_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str,
@@ -126,11 +131,7 @@ def make_bulk_router(ctx: zmq.Context, bind: str, cfg: Config, zap_domain: str,
         sock.setsockopt(zmq.MAXMSGSIZE, max_message)
         sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
         sock.monitor(*monitor)
-        if bind.startswith("tcp://") and bind.endswith(":0"):
-            sock.bind_to_random_port(bind[: -len(":0")])
-        else:
-            sock.bind(bind)
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoint = _bind(sock, bind)
     except Exception:
         sock.close(linger=0)
         raise
