@@ -269,3 +269,27 @@ def test_a_connection_that_never_handshakes_is_closed_after_ten_seconds() -> Non
         with raw_dealer(worker) as caller:
             caller.send_multipart(encode_message(Op.PING, 1, {}))
             assert next_reply(caller).op is Op.REPLY
+
+
+@pytest.mark.timeout(60)
+def test_sending_on_a_connection_refused_meanwhile_fails_at_once(spawn: Callable[..., WorkerClient]) -> None:
+    """A connection whose handshake the worker refused has no peer left to queue a message for
+    (libzmq does not retry it): a send there must fail at once, saying why, never block for
+    ever (a worker's close() at a test's teardown used to hang there)."""
+    from zmqsyft.wire.bodies import Ping
+    worker = spawn("capped", config=sy.Config(max_connections=1))
+    address = worker.address
+    with dealers() as make:
+        served(make, worker, 1)  # the one place taken
+        conn = worker.session.conn(worker)
+        conn._socket()  # connects, HELLO queued, nothing waited for
+        deadline = time.monotonic() + 10.0
+        while conn.watch.refused is None:  # the handshake's refusal, as the monitor reports it
+            assert time.monotonic() < deadline, "the connection was not refused"
+            conn.watch.monitor.poll(100)
+            conn.watch.down()
+        start = time.monotonic()  # (over ipc the send itself fails; over tcp libzmq queues it
+        with pytest.raises(sy.LimitExceeded, match="max_connections") as info:  # for a retry)
+            conn.wait(conn.send(Op.PING, Ping()), timeout=30)
+        assert time.monotonic() - start < 5.0
+        assert address in str(info.value)

@@ -193,11 +193,21 @@ class Connection(Batching, RequestCore):
                 transport.send(sock, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
-                raise self._fail(WorkerUnavailable(
-                    f"cannot send {op.name} to worker '{self.worker.id}': {exc}")) from exc
+                raise self._fail(self._unsendable(op.name, exc)) from exc
             if sealed is not None:  # (the worker opens the chunks as they come)
                 self._send_sealed(*sealed)
         return req_id
+
+    def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
+        """Why nothing can be sent on this connection: the worker refused it during the
+        handshake, or it is lost (libzmq has no peer to queue the message for)."""
+        why = self.watch.down() if self.watch is not None else None
+        if self.watch is not None and self.watch.refused is not None:
+            return LimitExceeded(f"worker '{self.worker.id}' at {self.worker.address} "
+                                 f"{transport.REFUSED}; {what} was not sent (ZAP status "
+                                 f"{self.watch.refused}). {transport.REFUSED_ADVICE}.")
+        return WorkerUnavailable(f"cannot send {what} to worker '{self.worker.id}': "
+                                 f"{why or exc}")
 
     def _send_sealed(self, frames: list[Any], blob: int) -> None:
         assert self._bulk is not None

@@ -85,7 +85,7 @@ class CallerChannel:
         assert self.sock is not None and self._sealer is not None
         sock = self.sock
         for chunk in self._sealer.seal(blob, frames):
-            sock.send(chunk, copy=False)
+            sock.send(chunk, zmq.NOBLOCK, copy=False)  # (Again: no connection to queue it for)
 
     def collect(self, marker: Message, timeout: float, what: str,
                 dead: Callable[[], str | None]) -> list[Any]:

@@ -256,15 +256,21 @@ class PeerWatch:
 
 _COPY_BELOW = 65536  # smaller frames are copied: cheaper than a zero-copy zmq.Frame
 # plain ints: pyzmq's enum constants cost an enum construction per use on the hot path
-_SNDMORE, _RCVMORE, _EVENTS, _POLLIN = (int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN))
+_SNDMORE, _RCVMORE, _EVENTS, _POLLIN, _NOBLOCK = (
+    int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK))
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
-    """Send a multipart message: small frames copied, large ones (tensor buffers) without a copy."""
+    """Send a multipart message: small frames copied, large ones (tensor buffers) without a copy.
+
+    Never blocks: with no high-water mark, a socket can only refuse a message when it has no
+    peer to queue it for (a DEALER whose connection was refused during its handshake, which
+    libzmq does not retry), and then ``zmq.Again`` says so at once instead of waiting for ever.
+    """
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         small = type(frame) is bytes and len(frame) < _COPY_BELOW
-        sock.send(frame, _SNDMORE if i < last else 0, copy=small)
+        sock.send(frame, (_SNDMORE | _NOBLOCK) if i < last else _NOBLOCK, copy=small)
 
 
 def readable(sock: zmq.Socket) -> bool:
