@@ -5,17 +5,14 @@ keeps every request in flight until its reply comes, together with the pointers 
 names (so that a delete can never overtake it), and fails them all at once, closing the socket
 so that late replies are discarded, when the worker turns out to be dead, frozen or gone.
 
-Pipelined ops issued while earlier requests to the same worker are still unanswered are queued
-(Nagle's algorithm, for messages) and go out together as one ``BATCH`` message: once
-``pipeline_batch`` have queued, before this thread sends or waits for anything else, and
-otherwise after at most about a millisecond, sent by the client's flusher thread (owned by the
-session's :class:`~zmqsyft.client.outbox.Outboxes`, which lists every connection's queue). The
-socket is guarded by a lock for that one foreign use; the flusher never blocks on it.
+Pipelined ops issued while earlier requests are unanswered queue (Nagle's algorithm, for
+messages) and go out together as one ``BATCH``: once ``pipeline_batch`` have queued, before
+this thread sends or waits for anything else, or after about a millisecond, sent by the
+flusher thread of :class:`~zmqsyft.client.outbox.Outboxes` (the socket's lock exists for that).
 
-Request ids, in-flight requests, replies, ``ACKS``, the ``HELLO`` negotiation and failing all
-when the worker is lost are the request core's (:mod:`zmqsyft.wire.rpc`); a connection adds
-waiting with deadlines, keeping the pointers a request names alive until it is answered, and
-pipelined errors kept for the next sync point.
+Request ids, replies, ``ACKS``, ``HELLO`` and failing all are the request core's
+(:mod:`zmqsyft.wire.rpc`); a connection adds deadlines, keeps named pointers alive until
+answered, and keeps pipelined errors for the next sync point.
 """
 
 from __future__ import annotations
@@ -191,11 +188,11 @@ class Connection(Batching, RequestCore):
                 self._flush_all()  # what this thread queued before goes first
             try:
                 transport.send(sock, frames)
+                if sealed is not None and self._bulk is not None:  # (opened as they come)
+                    self._bulk.send(sealed[1], sealed[0])
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc
-            if sealed is not None:  # (the worker opens the chunks as they come)
-                self._send_sealed(*sealed)
         return req_id
 
     def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
@@ -208,14 +205,6 @@ class Connection(Batching, RequestCore):
                                  f"{self.watch.refused}). {transport.REFUSED_ADVICE}.")
         return WorkerUnavailable(f"cannot send {what} to worker '{self.worker.id}': "
                                  f"{why or exc}")
-
-    def _send_sealed(self, frames: list[Any], blob: int) -> None:
-        assert self._bulk is not None
-        try:
-            self._bulk.send(blob, frames)
-        except zmq.ZMQError as exc:
-            raise self._fail(WorkerUnavailable(
-                f"cannot send to worker '{self.worker.id}''s bulk socket: {exc}")) from exc
 
     def unseal(self, marker: Message) -> list[Any]:
         """The frames of a reply that came sealed (within this connection's deadline; the
