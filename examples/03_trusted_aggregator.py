@@ -9,7 +9,9 @@ diabetes data from a file when it starts, and this program only ever finds it wi
 ``search()``; it never holds it. Each round, a copy of the model is trained on bob's and on
 alice's worker, both copies are moved straight to ``secure_worker`` (bob and alice push them
 there; they do not pass through this program), averaged there, and only the average comes back.
-So the model owner never sees anyone's data, nor either worker's model. The training loop is the
+So the model owner never sees anyone's data, nor either worker's model: each data owner's
+worker enforces it (its ``sy.Policy``: the data may go only to ``secure_worker``, and only
+losses and averages over both owners may leave), as the end of the run shows. The training loop is the
 tutorial's, with only the import, the worker and the data lines changed. At the end the test
 error is printed beside a centrally trained model's, and the loss curves are saved as a PNG.
 """
@@ -43,9 +45,12 @@ def main() -> None:
         # what each data owner has on its own disk
         torch.save({"data": x_train[:half], "target": y_train[:half]}, f"{tmp}/bob.pt")
         torch.save({"data": x_train[half:], "target": y_train[half:]}, f"{tmp}/alice.pt")
-        bob = sy.spawn_worker("bob", load=f"{tmp}/bob.pt", tags=["#diabetes"])
-        alice = sy.spawn_worker("alice", load=f"{tmp}/alice.pt", tags=["#diabetes"])
+        # each data owner's rules, enforced by its worker: its data may go only to the
+        # aggregator, only single numbers (losses) and averages over both owners come back
         secure_worker = sy.spawn_worker("secure_worker")
+        policy = sy.Policy(trust=[secure_worker], allow=["scalar"])
+        bob = sy.spawn_worker("bob", load=f"{tmp}/bob.pt", tags=["#diabetes"], policy=policy)
+        alice = sy.spawn_worker("alice", load=f"{tmp}/alice.pt", tags=["#diabetes"], policy=policy)
         with bob, alice, secure_worker:
             bobs_data, = bob.search("#diabetes", "#data")
             bobs_target, = bob.search("#diabetes", "#target")
@@ -89,6 +94,19 @@ def main() -> None:
                 to_me = owner.stats()["peers"][me]
                 print(f"{owner.id} sent this program {to_me['bytes_out']} bytes in all, its "
                       f"largest message {to_me['largest_out']} bytes (acknowledgements and losses)")
+
+            # the tutorial's point, enforced: neither one model nor anyone's data leaves
+            for attempt, take in (("bobs_model.get()", bobs_model.get),
+                                  ("bobs_data.get()", bobs_data.get),
+                                  ("(bobs_data + 0).get()", lambda: (bobs_data + 0).get())):
+                try:
+                    take()
+                    print(f"{attempt}: NOT REFUSED")
+                except sy.PrivacyError as refused:
+                    print(f"{attempt} refused by worker '{refused.worker_id}': "
+                          f"{str(refused).split(': ', 1)[-1][:90]}...")
+                except sy.PointerError as refused:  # (the client knows it holds no ownership)
+                    print(f"{attempt} refused: {str(refused)[:90]}...")
 
     central, central_losses = train_central(x_train, y_train, args.rounds * args.worker_iters, args.lr)
     curves["central (every local step)"] = central_losses[args.worker_iters - 1::args.worker_iters]

@@ -14,6 +14,12 @@ X = torch.arange(12.0).reshape(6, 2)
 Y = torch.arange(6.0).reshape(6, 1)
 
 
+def mine() -> sy.Policy:
+    """This process owns the data its workers load in these tests (see tests/test_privacy.py
+    for a model owner that does not)."""
+    return sy.Policy(owner=sy.get_session().keys)
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     path = tmp_path / "bob.pt"
@@ -22,7 +28,7 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def test_search_finds_the_workers_own_data(spawn, dataset: Path) -> None:  # type: ignore[no-untyped-def]
-    bob = spawn("bob", load=str(dataset), tags=["#diabetes"])
+    bob = spawn("bob", load=str(dataset), tags=["#diabetes"], policy=mine())
     both = bob.search("#diabetes")
     assert [tuple(p.shape) for p in both] == [(6, 2), (6, 1)]
     (data,) = bob.search("#diabetes", "#data")
@@ -45,7 +51,7 @@ def test_search_finds_the_workers_own_data(spawn, dataset: Path) -> None:  # typ
 
 
 def test_search_pointers_work_in_a_chain(spawn, dataset: Path) -> None:  # type: ignore[no-untyped-def]
-    bob = spawn("bob", load=str(dataset), tags=["#diabetes"])
+    bob = spawn("bob", load=str(dataset), tags=["#diabetes"], policy=mine())
     alice = spawn("alice")
     (data,) = bob.search("#data")
     on_alice = data.send(alice)  # alice holds a non-owning pointer to bob's data
@@ -55,9 +61,11 @@ def test_search_pointers_work_in_a_chain(spawn, dataset: Path) -> None:  # type:
     assert len(bob._objects) == 2  # the data owner's data is untouched
 
 
-def test_cli_loads_and_tags(dataset: Path) -> None:
+def test_cli_loads_and_tags(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text('name = "bob\'s clinic"\nallow = ["any"]  # public data\n')
     with cli_worker("--id", "bob", "--bind", "tcp://127.0.0.1:0", "--load", str(dataset),
-                    "--tag", "#diabetes", "--tag", "#train") as worker:
+                    "--tag", "#diabetes", "--tag", "#train",
+                    "--policy", str(tmp_path / "policy.toml")) as worker:
         assert worker.endpoint.startswith("tcp://127.0.0.1:"), worker.endpoint
         bob = worker.connect()
         (data,) = bob.search("#diabetes", "#train", "#data")

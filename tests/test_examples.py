@@ -51,4 +51,8 @@ def test_example_03_trusted_aggregator(tmp_path) -> None:  # type: ignore[no-unt
         # never data: acknowledgements, losses and the HELLO reply (~300 bytes: keys, names,
         # the bulk endpoint)
         assert largest < 400
+    # the data owners' workers refuse the model owner their model and their data
+    assert "NOT REFUSED" not in result.stdout
+    for attempt in ("bobs_model.get()", "bobs_data.get()", "(bobs_data + 0).get()"):
+        assert f"{attempt} refused" in result.stdout
     assert (tmp_path / "03_trusted_aggregator.png").read_bytes()[:4] == b"\x89PNG"

@@ -153,7 +153,9 @@ def test_a_connection_with_a_wrong_worker_key_fails_its_handshake() -> None:
 def data_owner(spawn, tmp_path: Path) -> WorkerClient:  # type: ignore[no-untyped-def]
     path = tmp_path / "data.pt"
     torch.save({"data": DATA}, path)
-    return spawn("hospital", load=str(path), tags=["#private"])
+    # this process is the data owner here (it may see its data): these tests are about capabilities
+    return spawn("hospital", load=str(path), tags=["#private"],
+                 policy=sy.Policy(owner=sy.get_session().keys))
 
 
 def test_search_pointers_compute_but_cannot_take_or_change_the_data(

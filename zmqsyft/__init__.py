@@ -31,6 +31,7 @@ from .errors import (
     OpNotAllowed,
     PointerError,
     PointerReleased,
+    PrivacyError,
     ProtocolError,
     RemoteError,
     RequestTimeout,
@@ -41,6 +42,7 @@ from .errors import (
     WorkerUnavailable,
     ZmqSyftError,
 )
+from .privacy import Policy
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -60,6 +62,6 @@ __all__ = [
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
-    "AccessDenied",
+    "AccessDenied", "PrivacyError", "Policy",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

@@ -103,6 +103,20 @@ def _spawned(args: argparse.Namespace) -> dict[str, object]:
     return got
 
 
+def _policy(args: argparse.Namespace, spawned: dict[str, object]) -> object:
+    """The loaded data's policy: ``--policy``, or the spawning client's, with ``--owner``."""
+    from .keys import public_key
+    from .privacy import Policy
+
+    policy = Policy.from_file(args.policy) if args.policy else None
+    given = spawned.get("policy")
+    if policy is None and isinstance(given, dict):
+        policy = Policy(**given)
+    if args.owner:
+        policy = replace(policy or Policy(), owner=public_key(args.owner).decode("ascii"))
+    return policy
+
+
 def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool) -> object:
     """The keys the worker accepts, and their rights, from its flags and its parent."""
     from .keys import load_dir, public_key
@@ -175,6 +189,7 @@ def _worker(args: argparse.Namespace) -> int:
             keys = KeyPair(str(pair[0]).encode("ascii"), str(pair[1]).encode("ascii"))
         elif args.keys is not None and not cfg.insecure:
             keys = KeyPair.load(os.path.join(args.keys, f"{args.id}.key_secret"))
+        policy = _policy(args, spawned)
     except (ValueError, OSError) as exc:
         text = getattr(exc, "strerror", None) or str(exc)
         if isinstance(exc, OSError) and exc.filename:
@@ -189,7 +204,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         worker = Worker(args.id, args.bind, cfg, parent_pid=args.parent_pid,
                         trust_tokens=frozenset([token]) if token else frozenset(), keys=keys,
-                        access=access, bulk_bind=args.bulk_bind)
+                        access=access, bulk_bind=args.bulk_bind, policy=policy)
     except Exception as exc:  # noqa: BLE001 - report, do not trace
         print(f"zmqsyft worker '{args.id}': cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 1
@@ -302,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                         "data (repeatable); loaded with weights_only=True")
     w.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a search tag for the loaded data, e.g. '#diabetes' (repeatable)")
+    w.add_argument("--policy", default=None, metavar="FILE",
+                   help="the data owner's release rules for the loaded data (TOML: name, owner, "
+                        "k, trust, allow; see the README). Default: private to this worker")
+    w.add_argument("--owner", default=None, metavar="KEYFILE",
+                   help="the public key of the loaded data's owner, who may take it raw "
+                        "(overrides the policy's owner)")
     w.add_argument("--trust-token-file", default=None, metavar="FILE",
                    help="let connections that present the token in FILE (mode 600; "
                         "sy.connect(address, trust_token=...)) send pickled code and modules; "

@@ -12,7 +12,8 @@
  │   ├─ ``OpNotAllowed``          an op name outside the allow-list
  │   ├─ ``UntrustedPayload``      a pickled payload sent to a worker that does not trust the sender
  │   ├─ ``AccessDenied``          an object or operation that is not the caller's to use that way
- │   └─ ``LimitExceeded``         a request would pass one of the worker's limits
+ │   ├─ ``LimitExceeded``         a request would pass one of the worker's limits
+ │   └─ ``PrivacyError``          data would leave against its data owner's policy
  ├─ ``PointerError``              misuse of a pointer
  │   ├─ ``ObjectNotFound``        the object a pointer names is gone (got, freed, never existed)
  │   ├─ ``PointerReleased``       the pointer gave its object away (``.get()``, ``.send()``)
@@ -39,6 +40,7 @@ __all__ = [
     "OpNotAllowed",
     "UntrustedPayload",
     "LimitExceeded",
+    "PrivacyError",
     "PointerError",
     "ObjectNotFound",
     "PointerReleased",
@@ -102,6 +104,12 @@ class UntrustedPayload(SecurityError):
 
 class LimitExceeded(SecurityError):
     """A request would pass one of a worker's limits (memory held, ...); nothing of it was kept."""
+
+
+class PrivacyError(SecurityError):
+    """Data would leave a worker against its data owner's policy (see :mod:`zmqsyft.privacy`):
+    released to someone who is not its owner, or moved to a worker the owner does not trust.
+    Nothing was released or moved."""
 
 
 class PointerError(ZmqSyftError):

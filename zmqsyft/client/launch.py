@@ -21,6 +21,7 @@ from typing import Any
 from ..config import Config
 from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
 from ..keys import KeyPair, public_key
+from ..privacy import Policy
 from ..wire import transport
 from .api import WorkerClient
 from .session import Session
@@ -49,7 +50,8 @@ def get_session() -> Session:
 
 def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | None = None,
                  config: Config | None = None, env: dict[str, str] | None = None,
-                 load: str | list[str] | None = None, tags: list[str] | None = None) -> WorkerClient:
+                 load: str | list[str] | None = None, tags: list[str] | None = None,
+                 policy: Policy | None = None) -> WorkerClient:
     """Start a worker process on this machine and return its handle.
 
     Parameters
@@ -70,6 +72,10 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         its own data, found with ``worker.search(tag)``; this process never holds it.
     tags : list of str, optional
         Tags for the loaded data (``["#diabetes"]``); a dict's entries also get ``#<key>``.
+    policy : Policy, optional
+        The data owner's release rules for the loaded data (:class:`zmqsyft.Policy`: who owns
+        it, which workers may hold it, ``k``, which results may leave). Default: private to the
+        worker: only aggregates of 2 owners' data computed on it, and nothing else, may leave.
 
     Returns
     -------
@@ -107,7 +113,9 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     token = child_env.pop("ZMQSYFT_TRUST_TOKEN", None)
     token = secrets.token_hex(32) if token is None else token
     worker_keys = None if cfg.insecure else KeyPair.fresh()
-    handover = {"token": token, "name": session.name}
+    handover: dict[str, Any] = {"token": token, "name": session.name}
+    if policy is not None:
+        handover["policy"] = policy.to_wire()
     if worker_keys is not None:
         handover.update(key=session.keys.text, peers=session.spawned_keys(),
                         worker_key=[worker_keys.text, worker_keys.secret.decode("ascii")])

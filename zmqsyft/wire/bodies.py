@@ -41,12 +41,16 @@ acknowledgement); ``key?`` is optional, with a default::
                 > obj: value - a tensor, a pointer descriptor, a number, ...
                 > owner?: str - a principal's key: store it for that principal instead of the sender
                     (a move on a client's behalf); '' for the sender
+                > labels?: [policy] - the policies of the data owners whose private data it derives
+                    from (zmqsyft.privacy)
     GET         Take an object away (``get`` is destructive).
                 > id: object id - the object
                 > handover?: object id or 0 - an id the caller chose: a tensor received through
                     shared memory that nothing else uses comes as a hand-over and is kept under this
                     id until the caller deletes it
                 < obj?: value - the object (a pointer comes as a descriptor)
+                < labels?: [policy] - to a worker the data's owners trust: the policies of the
+                    owners whose private data it derives from
     CALL        Run an allow-listed op where its arguments are.
                 > fn: op name - the allow-listed op name (torch.add, torch.Tensor.__add__, ...)
                 > args?: list - positional arguments; objects here as references
@@ -123,6 +127,7 @@ from .schema import (
     HOLD_ID,
     IDS,
     INT,
+    LABELS,
     LIST,
     MAP,
     OBJ_ID,
@@ -187,6 +192,8 @@ class Put(Body):
     obj: Any = key(ANY, "a tensor, a pointer descriptor, a number, ...")
     owner: str = key(STR, "a principal's key: store it for that principal instead of the sender "
                      "(a move on a client's behalf); '' for the sender", "")
+    labels: list[Any] = key(LABELS, "the policies of the data owners whose private data it "
+                            "derives from (zmqsyft.privacy)", [])
 
 
 @body(Op.GET)
@@ -201,6 +208,8 @@ class Get(Body):
 @body(Op.GET, reply=True)
 class GetReply(Body):
     obj: Any = key(ANY, "the object (a pointer comes as a descriptor)", None)
+    labels: list[Any] = key(LABELS, "to a worker the data's owners trust: the policies of the "
+                            "owners whose private data it derives from", [])
 
 
 @body(Op.CALL)

@@ -47,6 +47,7 @@ REQ_IDS = Kind("[request id]", "type(v) is list and all(type(i) is int for i in 
 TAGS = Kind("[str]", "type(v) is list and all(type(t) is str for t in v)")
 FRAMES = Kind("[bytes]", "type(v) is list and all(type(m) is bytes for m in v)")
 CALLABLE = Kind("pickled callable", "callable(v)")
+LABELS = Kind("[policy]", "type(v) is list and all(type(p) is dict for p in v)")
 DESC = Kind("pointer descriptor", "type(v) is PointerDesc")
 OPT_DESC = Kind("pointer descriptor or nil", "v is None or type(v) is PointerDesc")
 DESCS = Kind("[pointer descriptor]", "type(v) is list and all(type(d) is PointerDesc for d in v)")

@@ -15,18 +15,27 @@ reported missing, as an id that does not exist. Results belong to the caller's s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from .. import allowlist
-from ..errors import AccessDenied, LimitExceeded, LocationMismatch, ObjectNotFound, ProtocolError
+from ..errors import (
+    AccessDenied,
+    LimitExceeded,
+    LocationMismatch,
+    ObjectNotFound,
+    ProtocolError,
+    ZmqSyftError,
+)
 from ..ids import new_id
+from ..privacy import EMPTY, Labels
 from ..wire.bodies import Call, CallReply
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
-from . import costs, executor
+from . import costs, executor, labels
 from .context import Ctx, Services
 from .leases import Holder
 from .objects import record, resolve
@@ -34,6 +43,7 @@ from .store import ErrorMarker, PointerRecord
 
 __all__ = ["call", "describe", "MAX_HOPS"]
 
+log = logging.getLogger(__name__)
 _RELAYED = object()  # a CALL sent on to the next hop: its reply is on its way
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})  # passed to an op as they are
 MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles end here)
@@ -42,22 +52,28 @@ MAX_HOPS = 32  # longest pointer chain a CALL is relayed along (crafted cycles e
 def call(w: Services, ctx: Ctx, body: Call) -> None:
     name, out = body.fn, body.out
     try:
-        result = _run(w, ctx, body)
+        outcome = _run(w, ctx, body)
     except Exception as exc:
         # the caller may already hold pointers to the results: make their use raise this
+        if w.store._labels and not isinstance(exc, ZmqSyftError) and labels.of_refs(
+                w, [r.id for r in executor.refs_in((body.args, body.kwargs))]):
+            exc.args = (labels.redact(str(exc)),)  # (its message may quote private values)
         _poison(w, out, exc, str(name), ctx.holder)
         raise
-    if result is _RELAYED:
+    if outcome is _RELAYED:
         return
+    result, labelled = outcome
     if name.endswith(".__set__") and body.args and type(body.args[0]) is ObjRef:
         w.store.recount(body.args[0].id)  # x.data = y: x may hold more than it did
     if out is not None or allowlist.is_inplace(name):
         w.reply(ctx)
     else:
-        w.reply(ctx, CallReply(result=describe(w, result, name, ctx.holder)))
+        labels.check_values(w, ctx.who.key, labelled, result, name)
+        w.reply(ctx, CallReply(result=describe(w, result, name, ctx.holder, labelled)))
 
 
 def _run(w: Services, ctx: Ctx, body: Call) -> Any:
+    """``(result, its labels)``, or ``_RELAYED``."""
     name, args, kwargs, out = body.fn, body.args, body.kwargs, body.out
     func = allowlist.lookup(name)  # refuse before touching anything
     key = ctx.who.key
@@ -65,8 +81,9 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         local = _local_args(w, args, key)
         if local is not None:  # the common case: the caller's tensors held here, plain values
             known = _admit(w, ctx, name, func, local, kwargs, body.grad)
-            return _finish(w, ctx, name, executor.run(name, local, kwargs, body.grad, func), out,
-                           known)
+            labelled = (labels.of_refs(w, [a.id for a in args if type(a) is ObjRef])
+                        if w.store._labels else EMPTY)
+            return _labelled(w, ctx, name, func, local, kwargs, body.grad, out, known, labelled)
         relay = _remote_args(w, args, key)
         if relay is not None:  # the common chain case: pointers to one other worker
             _forward(w, ctx, body, relay[1], kwargs, relay[0])
@@ -86,10 +103,28 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
     known = _admit(w, ctx, name, func, args, kwargs, body.grad)
-    result = executor.run(name, args, kwargs, body.grad, func)
+    labelled = labels.of_refs(w, resolved)
+    return _labelled(w, ctx, name, func, args, kwargs, body.grad, out, known, labelled,
+                     [resolved[i] for i in shared])
+
+
+def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any, grad: bool,
+              out: Any, known: bool, labelled: Labels, shared: list[Any] | None = None
+              ) -> tuple[Any, Labels]:
+    """Run the op; what it changed gains its inputs' labels; its results carry them."""
+    changes = labels.Changes(w, name, [*args, *kwargs.values()]) if labelled else None
+    read = [(t, t._version) for t in shared or () if isinstance(t, torch.Tensor)]
+    result = executor.run(name, args, kwargs, grad, func)
+    if changes is not None:
+        changes.label(w, labelled)
+    if any(t._version != v for t, v in read):  # an op that writes where no list says it does
+        log.error("worker %s: %s changed an argument shared read-only with its caller", w.id, name)
+        raise AccessDenied(f"{name} changed an object on worker '{w.id}' that was shared with you "
+                           "read-only (the worker did not know this op writes there: a zmqsyft "
+                           "bug, please report it); its result was discarded")
     if shared:
-        result = _unshare(result, [resolved[i] for i in shared])
-    return _finish(w, ctx, name, result, out, known)
+        result = _unshare(result, shared)
+    return _finish(w, ctx, name, result, out, known, labelled), labelled
 
 
 def _writes(name: str, kwargs: dict[str, Any]) -> bool:
@@ -99,12 +134,25 @@ def _writes(name: str, kwargs: dict[str, Any]) -> bool:
             or kwargs.get("inplace") is True)
 
 
+# ops that change arguments other than the first: name -> (positions, keywords)
+_ALSO_WRITES: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+    "torch.nn.functional.batch_norm": ((1, 2), ("running_mean", "running_var")),
+    "torch.nn.functional.instance_norm": ((1, 2), ("running_mean", "running_var")),
+    "torch.batch_norm": ((3, 4), ("running_mean", "running_var")),
+    "torch.instance_norm": ((3, 4), ("running_mean", "running_var")),
+    "torch.nn.functional.embedding": ((1,), ("weight",)),  # (renormalised with max_norm)
+}
+
+
 def _check_writes(w: Services, name: str, args: list[Any], kwargs: dict[str, Any],
                   shared: set[int]) -> None:
     """Refuse an op that would change an object the caller may only read."""
     written = executor.refs_in(kwargs.get("out"))
     if args and _writes(name, kwargs):
         written = written + executor.refs_in(args[0])
+    positions, keywords = _ALSO_WRITES.get(name, ((), ()))
+    written = written + executor.refs_in(
+        [args[i] for i in positions if i < len(args)] + [kwargs.get(k) for k in keywords])
     for ref in written:
         if ref.id in shared:
             raise AccessDenied(
@@ -196,14 +244,15 @@ def _remote_args(w: Services, args: list[Any],
     return None if target is None else (target, values)
 
 
-def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool = False) -> Any:
+def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool = False,
+            labelled: Labels = EMPTY) -> Any:
     if out is not None:
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
             w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.holder)
         for spec, t in zip(out, tensors, strict=True):
-            w.store.put(spec[0], t, ctx.holder)
+            w.store.put(spec[0], t, ctx.holder, labelled)
     return result
 
 
@@ -221,8 +270,10 @@ def _poison(w: Services, out: list[Any] | None, exc: BaseException, name: str,
             pass
 
 
-def describe(w: Services, result: Any, name: str = "the call", by: Holder | None = None) -> Any:
-    """Store a result's tensors here, owned by ``by``; return the result with
+def describe(w: Services, result: Any, name: str = "the call", by: Holder | None = None,
+             labelled: Labels = EMPTY) -> Any:
+    """Store a result's tensors here, owned by ``by`` and labelled ``labelled``; return the
+    result with
     pointer descriptors in their place. A result with a tensor this worker does not keep stores
     nothing (``SerializationError``)."""
     tensors = executor.result_tensors(result)
@@ -232,7 +283,7 @@ def describe(w: Services, result: Any, name: str = "the call", by: Holder | None
     def one(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
             obj_id = new_id()
-            w.store.put(obj_id, leaf, by)
+            w.store.put(obj_id, leaf, by, labelled)
             return PointerDesc(w.id, w.address, obj_id, obj_id, tuple(leaf.shape),
                                dtype_name(leaf.dtype), leaf.requires_grad, True, w.key)
         return leaf

@@ -4,16 +4,13 @@ Who may connect (known keys, ``max_connections``) is decided in each connection'
 worker's gate (:mod:`~zmqsyft.worker.gate`), in a thread of its own; the loop sees every request's
 principal (its ``User-Id``) and never a refused connection.
 
-:class:`Worker` owns its parts, and hands its handlers only the services they may use (the
-:class:`~zmqsyft.worker.context.Services` protocol): the store (:mod:`~zmqsyft.worker.store`),
-the links to peer workers (:mod:`~zmqsyft.worker.peers`), the traffic counters
-(:mod:`~zmqsyft.worker.traffic`), and the replies, which it sends: batched ``ACKS`` for empty
+:class:`Worker` owns its parts and hands its handlers only the services they may use
+(:class:`~zmqsyft.worker.context.Services`); it sends the replies: batched ``ACKS`` for empty
 answers, always ahead of any other reply to the same caller.
 
-Nothing in a worker ever blocks on a peer. A request that needs another worker (an op on a
-pointer chain, ``move``, ``remote_get``, a cascading delete, ``FLUSH``) is sent on and its
-continuation is parked with a deadline; the loop keeps serving everyone else meanwhile, so pointer
-cycles between workers cannot deadlock.
+Nothing in a worker ever blocks on a peer: a request that needs another worker (a pointer chain,
+``move``, ``remote_get``, a cascading delete, ``FLUSH``) is sent on and its continuation parked
+with a deadline, so pointer cycles between workers cannot deadlock.
 
 Every request body is checked against its op's typed body before any handler sees it; every
 failure becomes an ERROR reply; undecodable messages are dropped and counted.
@@ -32,6 +29,7 @@ import zmq
 from ..config import Config
 from ..errors import ProtocolError
 from ..keys import KeyPair
+from ..privacy import Policy
 from ..wire import transport
 from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
 from ..wire.codec import Frames, decode_message, encode_ack, encode_message
@@ -72,7 +70,7 @@ _TABLE: dict[Op, tuple[Handler, type[Body]]] = {op: (h, REQUESTS[op]) for op, h 
 
 
 
-class Worker:
+class Worker(owner.DataOwner):
     """A worker: binds ``bind``, serves requests until ``SHUTDOWN`` or its parent dies.
 
     Parameters
@@ -96,11 +94,15 @@ class Worker:
     bulk_bind : str, optional
         Where to bind its bulk socket, for large messages sealed beside the CURVE connections
         (default: beside ``bind``: the same host on a free port, or the same directory).
+    policy : Policy, optional
+        Its data owner's rules for the data it loads (:mod:`zmqsyft.privacy`; default: private
+        to the worker itself, aggregates of 2 owners released only where it is).
     """
 
     def __init__(self, worker_id: str, bind: str, config: Config, parent_pid: int | None = None,
                  trust_tokens: frozenset[str] = frozenset(), keys: KeyPair | None = None,
-                 access: Access | None = None, bulk_bind: str | None = None) -> None:
+                 access: Access | None = None, bulk_bind: str | None = None,
+                 policy: Policy | None = None) -> None:
         self.id = worker_id
         self.cfg = config
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
@@ -114,6 +116,9 @@ class Worker:
         else:
             self.keys = keys if keys is not None else KeyPair.fresh()
             self.key = self.keys.text
+        # the data owner's rules for what this worker loads (zmqsyft.privacy)
+        self.policy = (policy or Policy()).bind(worker_id, self.key, self.key)
+        self.labels = frozenset({self.policy})
         self.leases = Leases(config.lease)
         self.traffic = Traffic()
         self.header: Any = None  # the header frame of the request being handled
@@ -146,11 +151,6 @@ class Worker:
         self._graveyard: list[Any] = []
         self._rcvtimeo = -1
         self._shm = ShmPolicy(_yes, config.shm_threshold, 2 * config.timeout)
-
-    # ------------------------------------------------------------------ data owner
-    def load(self, path: str, tags: list[str]) -> list[int]:
-        """Load this worker's own data from a ``torch.save`` file (see :func:`owner.load`)."""
-        return owner.load(self.store, path, tags)
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:

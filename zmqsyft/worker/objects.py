@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import AccessDenied, HandoverRefused, ObjectNotFound, SerializationError
+from ..privacy import EMPTY, labels_from_wire, labels_to_wire
 from ..wire.bodies import (
     Del,
     Flush,
@@ -42,7 +43,7 @@ from ..wire.messages import Message, Op, PointerDesc, Summary
 from ..wire.tensors import sole_segment
 from ..wire.transport import canonical_endpoint
 from ..wire.values import Handover
-from . import executor
+from . import executor, labels
 from .access import Principal
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
@@ -156,11 +157,12 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
                                f"{body.owner[:8]}...")
         holder = w.leases.session(principal, "")
     obj = body.obj
+    labelled = labels_from_wire(body.labels) if body.labels else EMPTY
     if isinstance(obj, PointerDesc):
         obj = record(w, obj)
     elif isinstance(obj, torch.Tensor):
         w.store.make_room(obj.nbytes, "a tensor sent to it", holder)
-    w.store.put(body.id, obj, holder)
+    w.store.put(body.id, obj, holder, labelled)
     w.reply(ctx)
 
 
@@ -181,18 +183,34 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
             w.reply(ctx, GetReply(obj=desc))
         settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, handed))
         return
+    tagged = _leaving(w, ctx, obj_id, obj)
     hold = body.handover
     # nothing else here uses it (the store, `obj` and the getrefcount argument are the
     # references): a same-host caller may map its memory; it is kept under the caller's `hold`
     # id until the caller, having mapped it, deletes that (or asks for it again, if it could not)
     if (hold and hold not in w.store and type(obj) is torch.Tensor
             and sys.getrefcount(obj) == 3 and sole_segment(obj) is not None):
+        kept = w.store.labels(obj_id)
         w.store.put(hold, w.store.pop(obj_id), ctx.holder)
-        if not w.reply(ctx, GetReply(obj=Handover(obj))):
-            w.store.put(obj_id, w.store.pop(hold), ctx.holder)
+        if not w.reply(ctx, GetReply(obj=Handover(obj), labels=tagged)):
+            w.store.put(obj_id, w.store.pop(hold), ctx.holder, kept)
         return
-    if w.reply(ctx, GetReply(obj=obj)):
+    if w.reply(ctx, GetReply(obj=obj, labels=tagged)):
         w.store.discard(obj_id)
+
+
+def _leaving(w: Services, ctx: Ctx, obj_id: int, obj: Any) -> list[Any]:
+    """Before the object goes to the requester: the labels it keeps if that is a worker its
+    data owners trust (it moves there), else nothing, once it is checked that it may be
+    released to the requester (``PrivacyError`` if not)."""
+    labelled = w.store.labels(obj_id)
+    if not labelled:
+        return []
+    who = ctx.who.key
+    if {p.owner for p in labelled} != {who} and labels.may_move(w, labelled, who):
+        return labels_to_wire(labelled)
+    labels.check_release(w, who, labelled, obj, f"object {obj_id}")
+    return []
 
 
 def delete(w: Services, ctx: Ctx, body: Del) -> None:
@@ -230,6 +248,7 @@ def move(w: Services, ctx: Ctx, body: Move) -> None:
         settled(w, ctx, obj.address, lambda: hand_over(
             w, ctx, obj, body.dest_key, lambda: _push(w, ctx, obj_id, obj, dest, desc)))
         return
+    labels.check_move(w, w.store.labels(obj_id), body.dest_key, dest, f"object {obj_id}")
     # referenced by the store and by `obj` only (and getrefcount's argument): nobody else here
     # will see the tensor again, so a same-host dest may take over its memory instead of a copy
     sole = sys.getrefcount(obj) == 3 and dest not in w.peers.no_handover
@@ -239,6 +258,7 @@ def move(w: Services, ctx: Ctx, body: Move) -> None:
 def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any) -> None:
     """Store ``payload`` on ``dest`` under ``obj_id``, for the caller; free it here once
     ``dest`` confirmed."""
+    labelled = w.store.labels(obj_id)
 
     def done(msg: Message | None, exc: BaseException | None) -> None:
         if isinstance(exc, HandoverRefused) and type(payload) is Handover:
@@ -249,13 +269,15 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
         if exc is not None:
             w.reply_error(ctx, exc)
             return
+        kept, holder = w.store.labels(obj_id), w.store.owner(obj_id)
         current = w.store.discard(obj_id)
         if current is not None and current is not obj:  # the id was reused meanwhile: keep it
-            w.store.replace(obj_id, current, w.store.owner(obj_id))
+            w.store.replace(obj_id, current, holder, kept)
         else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms)
             w.free_after_replies(current)
         w.reply(ctx)
-    w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key), done)
+    w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key,
+                                      labels=labels_to_wire(labelled)), done)
 
 
 def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
@@ -266,7 +288,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         return
     if rec.address in w.addresses:
         w.store.replace(obj_id, w.store.owned(rec.id_at_location, ctx.who, "REMOTE_GET"),
-                        ctx.holder)
+                        ctx.holder, labels.of_refs(w, [rec.id_at_location]))
         w.store.discard(rec.id_at_location)
         w.reply(ctx)
         return
@@ -276,7 +298,8 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
             w.reply_error(ctx, exc)
             return
         try:
-            obj = GetReply.from_wire(msg.body).obj if msg is not None else None
+            reply = GetReply.from_wire(msg.body) if msg is not None else GetReply()
+            obj, labelled = reply.obj, labels_from_wire(reply.labels)
             if isinstance(obj, PointerDesc):
                 obj = record(w, obj)
             elif isinstance(obj, torch.Tensor):
@@ -284,7 +307,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         except Exception as failure:  # noqa: BLE001 - a peer's malformed reply, or no room
             w.reply_error(ctx, failure)
             return
-        w.store.replace(obj_id, obj, ctx.holder)
+        w.store.replace(obj_id, obj, ctx.holder, labelled)
         w.reply(ctx)
     w.peers.request(rec.address, Op.GET, Get(id=rec.id_at_location), done)
 
@@ -295,6 +318,10 @@ def objects(w: Services, ctx: Ctx, body: Objects) -> None:
     snapshot: dict[int, Any] = {}
     limit = w.cfg.snapshot_max_elements
     for key, obj in w.store.visible(ctx.who):
+        private = labels.withheld(w, ctx.who.key, w.store.labels(key), obj)
+        if private:
+            snapshot[key] = Summary(private)
+            continue
         try:
             snapshot[key] = _shown(obj, key, limit)
         except Exception as exc:  # noqa: BLE001 - one odd object must not hide the others

@@ -11,20 +11,23 @@ import torch
 
 from ..errors import LocationMismatch, ObjectNotFound
 from ..ids import new_id
+from ..privacy import EMPTY, Labels
 from ..wire.bodies import Run, RunReply, Search, SearchReply
 from ..wire.messages import PointerDesc
 from ..wire.tensors import dtype_name
 from . import executor
 from .calls import describe
 from .context import Ctx, Services
+from .labels import check_values, of_refs
 from .objects import resolve
 from .store import PointerRecord, Store
 
-__all__ = ["load", "add", "search", "run"]
+__all__ = ["load", "add", "search", "run", "DataOwner"]
 
 
-def load(store: Store, path: str, tags: list[str]) -> list[int]:
-    """Load a tensor, or a dict of tensors, saved with ``torch.save``; store it tagged.
+def load(store: Store, path: str, tags: list[str], labels: Labels = EMPTY) -> list[int]:
+    """Load a tensor, or a dict of tensors, saved with ``torch.save``; store it tagged, and
+    labelled private to its owner (``labels``: the worker's bound policy).
 
     Loading uses ``torch.load(weights_only=True)``: no code in the file is run. Every tensor
     gets ``tags``; a dict's entries also get ``#<key>``. Returns the new ids.
@@ -35,16 +38,32 @@ def load(store: Store, path: str, tags: list[str]) -> list[int]:
     for key, value in items:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: expected tensors, found {type(value).__name__} under {key!r}")
-        ids.append(add(store, value, [*tags, *([f"#{key}"] if key is not None else [])]))
+        ids.append(add(store, value, [*tags, *([f"#{key}"] if key is not None else [])], labels))
     return ids
 
 
-def add(store: Store, tensor: torch.Tensor, tags: list[str]) -> int:
-    """Store a tensor this worker owns (its own data), with search tags; return its id."""
+def add(store: Store, tensor: torch.Tensor, tags: list[str], labels: Labels = EMPTY) -> int:
+    """Store a tensor this worker owns (its own data), with search tags and the labels of its
+    owner's policy; return its id."""
     obj_id = new_id()
-    store.put(obj_id, tensor)
+    store.put(obj_id, tensor, None, labels)
     store.tag(obj_id, frozenset(tags))
     return obj_id
+
+
+class DataOwner:
+    """A worker's methods for its operator's own data (private to its owner: ``labels``)."""
+
+    store: Store
+    labels: Labels
+
+    def load(self, path: str, tags: list[str]) -> list[int]:
+        """Load this worker's own data from a ``torch.save`` file (see :func:`load`)."""
+        return load(self.store, path, tags, self.labels)
+
+    def add(self, tensor: torch.Tensor, tags: list[str]) -> int:
+        """Store a tensor as this worker's own private data (see :func:`add`)."""
+        return add(self.store, tensor, tags, self.labels)
 
 
 def search(w: Services, ctx: Ctx, body: Search) -> None:
@@ -72,7 +91,9 @@ def run(w: Services, ctx: Ctx, body: Run) -> None:
             f"run() on worker '{w.id}' got a pointer to data on another worker; "
             "move the data here first")
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
+    labelled = of_refs(w, resolved)  # (trusted code: see the README's threat model)
     with torch.set_grad_enabled(body.grad):
         result = body.fn(*args, **kwargs)
     name = f"run({getattr(body.fn, '__name__', 'fn')})"
-    w.reply(ctx, RunReply(result=describe(w, result, name, ctx.holder)))
+    check_values(w, ctx.who.key, labelled, result, name)
+    w.reply(ctx, RunReply(result=describe(w, result, name, ctx.holder, labelled)))

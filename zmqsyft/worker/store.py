@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import AccessDenied, LimitExceeded, ObjectNotFound, ProtocolError
+from ..privacy import EMPTY, Labels, union
 from ..wire.messages import PointerDesc
 from ..wire.transport import canonical_endpoint
 from .access import Principal
@@ -101,6 +102,7 @@ class Store:
         self._owner: dict[int, Holder | None] = {}
         self._readers: dict[int, set[str]] = {}  # id -> keys it was shared with, read-only
         self._tags: dict[int, frozenset[str]] = {}
+        self._labels: dict[int, Labels] = {}  # id -> whose private data it derives from
         self._counted: dict[int, int] = {}  # id -> bytes counted for it, if any
 
     def make_room(self, nbytes: int, what: str, by: Holder | None = None,
@@ -216,6 +218,23 @@ class Store:
         if by is not None:
             by.ids.add(obj_id)
 
+    # --------------------------------------------------------------- privacy labels
+    def labels(self, obj_id: Any) -> Labels:
+        """The data owners' policies of what the object derives from (:mod:`zmqsyft.privacy`)."""
+        return self._labels.get(obj_id, EMPTY)
+
+    def label(self, obj_id: Any, labels: Labels) -> None:
+        """Add ``labels`` to a stored object's (it derives from that data too now)."""
+        if labels and obj_id in self._objects:
+            old = self._labels.get(obj_id, EMPTY)
+            new = union(old, labels)
+            if new is not old:
+                self._labels[obj_id] = new
+
+    def labelled(self) -> int:
+        """How many objects carry labels."""
+        return len(self._labels)
+
     # --------------------------------------------------------------- tags
     def tag(self, obj_id: int, tags: frozenset[str]) -> None:
         """Attach search tags (``"#diabetes"``) to a stored object."""
@@ -235,8 +254,10 @@ class Store:
     def items(self) -> Iterator[tuple[int, Any]]:
         return iter(list(self._objects.items()))
 
-    def put(self, obj_id: int, obj: Any, by: Holder | None = None) -> None:
-        """Store ``obj`` under a new id, owned by ``by`` (``None``: the worker's own)."""
+    def put(self, obj_id: int, obj: Any, by: Holder | None = None,
+            labels: Labels = EMPTY) -> None:
+        """Store ``obj`` under a new id, owned by ``by`` (``None``: the worker's own), derived
+        from the private data ``labels`` name."""
         if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id <= 0:
             raise ProtocolError(f"invalid object id {obj_id!r}")
         if obj_id in self._objects:
@@ -244,11 +265,19 @@ class Store:
         self._objects[obj_id] = obj
         self._set_owner(obj_id, by)
         self._count(obj_id, obj)
+        if labels:
+            self._labels[obj_id] = labels
 
-    def replace(self, obj_id: int, obj: Any, by: Holder | None = None) -> None:
-        """Store ``obj`` under ``obj_id`` in place of what was there, owned by ``by``."""
+    def replace(self, obj_id: int, obj: Any, by: Holder | None = None,
+                labels: Labels = EMPTY) -> None:
+        """Store ``obj`` under ``obj_id`` in place of what was there, owned by ``by``, with
+        ``labels`` in place of its labels."""
         self._uncount(obj_id)
         self._objects[obj_id] = obj
+        if labels:
+            self._labels[obj_id] = labels
+        else:
+            self._labels.pop(obj_id, None)
         self._set_owner(obj_id, by)
         self._count(obj_id, obj)
 
@@ -277,6 +306,7 @@ class Store:
     def _forget(self, obj_id: Any) -> None:
         self._tags.pop(obj_id, None)
         self._readers.pop(obj_id, None)
+        self._labels.pop(obj_id, None)
         self._uncount(obj_id)
         holder = self._owner.pop(obj_id, None)
         if holder is not None:
