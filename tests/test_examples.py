@@ -56,3 +56,24 @@ def test_example_03_trusted_aggregator(tmp_path) -> None:  # type: ignore[no-unt
     for attempt in ("bobs_model.get()", "bobs_data.get()", "(bobs_data + 0).get()"):
         assert f"{attempt} refused" in result.stdout
     assert (tmp_path / "03_trusted_aggregator.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_04_secure_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_script("examples/04_secure_aggregation.py", "--rounds", "3", "--out", str(tmp_path),
+                        timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert len(re.findall(r"round +\d+ +bob loss [\d.]+ +alice loss [\d.]+", out)) == 3
+    # the same model as plaintext federated averaging, within fixed-point tolerance
+    diff = float(re.search(r"difference ([\d.]+)", out).group(1))
+    assert diff < 1e-3, out
+    assert "NOT REFUSED" not in out
+    for what in ("bob's update alone, reconstructed", "bob's trained model",
+                 "alice's share of a new sharing of bob's update"):
+        assert f"{what}: refused by worker" in out
+    # each owner's worker sent others only fresh shares of its data, never anything whole
+    for owner in ("bob", "alice"):
+        sent = re.search(rf"{owner} sent other workers (\d+) fresh shares of its data and (\d+) "
+                         "objects derived from it whole", out)
+        assert sent and int(sent.group(1)) >= 6 and int(sent.group(2)) == 0, out
+    assert (tmp_path / "04_secure_aggregation.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 
 from .client import (
+    AdditiveSharingTensor,
+    FixedPrecisionTensor,
     PointerTensor,
     TorchHook,
     VirtualWorker,
@@ -42,6 +44,7 @@ from .errors import (
     WorkerUnavailable,
     ZmqSyftError,
 )
+from .keys import KeyPair
 from .privacy import Policy
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -59,9 +62,10 @@ def sync() -> None:
 
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
+    "FixedPrecisionTensor", "AdditiveSharingTensor",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
-    "AccessDenied", "PrivacyError", "Policy",
+    "AccessDenied", "PrivacyError", "Policy", "KeyPair",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

@@ -43,9 +43,10 @@ from typing import Any
 import torch
 import torch.overrides
 
+from . import secret
 from .errors import OpNotAllowed
 
-__all__ = ["ALLOWED", "OPERATORS", "DENIED", "LOCAL_META", "REVIEWED", "name_of", "lookup",
+__all__ = ["ALLOWED", "OWN", "OPERATORS", "DENIED", "LOCAL_META", "REVIEWED", "name_of", "lookup",
            "is_inplace", "returns_none", "offered", "parse_reviewed", "build"]
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,10 @@ DENIED: frozenset[str] = frozenset(REVIEWED[1])
 ALLOWED, _NAMES = build((n for n in REVIEWED[0] if n not in DENIED), offered())
 
 
+#: zmqsyft's own operations (secret sharing, :mod:`zmqsyft.secret`), by name
+OWN: dict[str, Callable[..., Any]] = dict(secret.OPS)
+
+
 def name_of(func: Callable[..., Any]) -> str | None:
     """The allow-list name of a torch callable, or ``None`` if it is not allow-listed."""
     try:
@@ -201,7 +206,7 @@ def name_of(func: Callable[..., Any]) -> str | None:
 
 def lookup(name: Any) -> Callable[..., Any]:
     """Resolve an op name from the wire; raise ``OpNotAllowed`` for anything outside the table."""
-    func = ALLOWED.get(name) if isinstance(name, str) else None
+    func = (ALLOWED.get(name) or OWN.get(name)) if isinstance(name, str) else None
     if func is None:
         shown = repr(name) if len(repr(name)) <= 200 else repr(name)[:197] + "..."
         raise OpNotAllowed(

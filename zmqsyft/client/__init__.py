@@ -6,9 +6,11 @@ Imports :mod:`zmqsyft.wire` and the top-level modules, never :mod:`zmqsyft.worke
 from __future__ import annotations
 
 from .api import WorkerClient
+from .fixed import FixedPrecisionTensor
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
 from .pointer import PointerTensor
+from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
-           "PointerTensor"]
+           "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor"]

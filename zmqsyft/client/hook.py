@@ -1,7 +1,7 @@
 """``TorchHook``: the only module that patches torch.
 
-It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy`` and
-``remote_get``, and every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
+It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy``,
+``remote_get``, ``fix_precision``/``float_precision`` and ``share`` (:mod:`zmqsyft.client.smpc`), and every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
 (:mod:`zmqsyft.client.nn`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
 tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
 ``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
@@ -20,8 +20,10 @@ import torch
 from ..ids import new_id
 from ..wire.bodies import Put
 from ..wire.messages import Op
+from .fixed import fix_precision, float_precision
 from .nn import module_copy, module_get, module_move, module_send
 from .pointer import PointerTensor, check_worker
+from .smpc import share
 
 __all__ = ["TorchHook", "send_tensor"]
 
@@ -86,6 +88,12 @@ class TorchHook:
                 torch.Tensor.get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.remote_get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.copy = _copy_local  # type: ignore[attr-defined]
+                # fixed precision and secret sharing (PySyft's names, short forms too)
+                torch.Tensor.fix_precision = fix_precision  # type: ignore[attr-defined]
+                torch.Tensor.fix_prec = fix_precision  # type: ignore[attr-defined]
+                torch.Tensor.float_precision = float_precision  # type: ignore[attr-defined]
+                torch.Tensor.float_prec = float_precision  # type: ignore[attr-defined]
+                torch.Tensor.share = share  # type: ignore[attr-defined]
                 torch.nn.Module.send = module_send  # type: ignore[attr-defined]
                 torch.nn.Module.get = module_get  # type: ignore[attr-defined]
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]

@@ -51,7 +51,7 @@ def get_session() -> Session:
 def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | None = None,
                  config: Config | None = None, env: dict[str, str] | None = None,
                  load: str | list[str] | None = None, tags: list[str] | None = None,
-                 policy: Policy | None = None) -> WorkerClient:
+                 policy: Policy | None = None, keys: KeyPair | None = None) -> WorkerClient:
     """Start a worker process on this machine and return its handle.
 
     Parameters
@@ -76,6 +76,10 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         The data owner's release rules for the loaded data (:class:`zmqsyft.Policy`: who owns
         it, which workers may hold it, ``k``, which results may leave). Default: private to the
         worker: only aggregates of 2 owners' data computed on it, and nothing else, may leave.
+
+    keys : KeyPair, optional
+        The worker's key pair (``KeyPair.fresh()``), for a policy that must name a worker
+        before it starts (two data owners trusting each other). Default: a fresh pair.
 
     Returns
     -------
@@ -112,7 +116,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     # a trust token for pickle (a caller's env= may still set one, or "" for none)
     token = child_env.pop("ZMQSYFT_TRUST_TOKEN", None)
     token = secrets.token_hex(32) if token is None else token
-    worker_keys = None if cfg.insecure else KeyPair.fresh()
+    worker_keys = None if cfg.insecure else (keys or KeyPair.fresh())
     handover: dict[str, Any] = {"token": token, "name": session.name}
     if policy is not None:
         handover["policy"] = policy.to_wire()

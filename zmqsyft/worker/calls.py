@@ -124,6 +124,8 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
                            "bug, please report it); its result was discarded")
     if shared:
         result = _unshare(result, shared)
+    if name in allowlist.OWN:  # fresh secret shares
+        labels.mark_shares(w, executor.result_tensors(result))
     return _finish(w, ctx, name, result, out, known, labelled), labelled
 
 

@@ -15,6 +15,7 @@ anonymous principal.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ from .context import Services
 from .store import PointerRecord
 
 __all__ = ["of_refs", "check_release", "check_move", "check_values", "Changes", "spread",
-           "redact"]
+           "redact", "mark_shares", "count_move"]
 
 _MAX_DEPTH = 64
 
@@ -59,6 +60,28 @@ def check_release(w: Services, to: str, labels: Labels, value: Any, what: str) -
     if why is not None:
         w.traffic.counters["privacy_refused"] += 1
         raise PrivacyError(f"worker '{w.id}': {why}")
+    w.traffic.counters["private_released"] += 1
+
+
+def mark_shares(w: Services, tensors: Iterable[torch.Tensor]) -> None:
+    """Note fresh secret shares (made by ``zmqsyft.split_shares``/``beaver_triple``): moving one
+    counts as moving a share (``stats()`` counters) for as long as it is unchanged."""
+    shares = w.store.shares
+    if len(shares) > 65536:  # (drop the entries of shares long gone)
+        for key in [k for k, (ref, _) in shares.items() if ref() is None]:
+            del shares[key]
+    for t in tensors:
+        shares[id(t)] = (weakref.ref(t), t._version)
+
+
+def count_move(w: Services, labels: Labels, obj: Any) -> None:
+    """Count labelled data leaving for another worker, as a fresh share or as anything else:
+    a data owner's audit of what its worker sent (``stats()["counters"]``)."""
+    if not labels:
+        return
+    entry = w.store.shares.get(id(obj))
+    fresh = entry is not None and entry[0]() is obj and obj._version == entry[1]
+    w.traffic.counters["private_moved_as_shares" if fresh else "private_moved_whole"] += 1
 
 
 def withheld(w: Services, to: str, labels: Labels, obj: Any) -> str:

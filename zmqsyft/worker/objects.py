@@ -208,6 +208,7 @@ def _leaving(w: Services, ctx: Ctx, obj_id: int, obj: Any) -> list[Any]:
         return []
     who = ctx.who.key
     if {p.owner for p in labelled} != {who} and labels.may_move(w, labelled, who):
+        labels.count_move(w, labelled, obj)
         return labels_to_wire(labelled)
     labels.check_release(w, who, labelled, obj, f"object {obj_id}")
     return []
@@ -276,6 +277,7 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
         else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms)
             w.free_after_replies(current)
         w.reply(ctx)
+    labels.count_move(w, labelled, obj)
     w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key,
                                       labels=labels_to_wire(labelled)), done)
 

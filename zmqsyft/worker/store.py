@@ -103,6 +103,7 @@ class Store:
         self._readers: dict[int, set[str]] = {}  # id -> keys it was shared with, read-only
         self._tags: dict[int, frozenset[str]] = {}
         self._labels: dict[int, Labels] = {}  # id -> whose private data it derives from
+        self.shares: dict[int, Any] = {}  # id(tensor) -> (weakref, version): fresh secret shares
         self._counted: dict[int, int] = {}  # id -> bytes counted for it, if any
 
     def make_room(self, nbytes: int, what: str, by: Holder | None = None,
