@@ -190,3 +190,30 @@ def test_k_of_three_refuses_a_sum_over_two(spawn, tmp_path) -> None:  # type: ig
     sa = pa.fix_precision().share(bob, alice).get()
     with pytest.raises(sy.PrivacyError, match="at least 3 owners"):
         (sb + sa).get()
+
+
+def _chi2_bytes(t: torch.Tensor) -> float:
+    """Pearson's chi-squared statistic of a tensor's bytes against the uniform distribution."""
+    counts = torch.bincount(t.contiguous().view(torch.uint8).flatten(), minlength=256).double()
+    expected = counts.sum() / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_each_share_made_on_a_worker_is_uniform(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A share made by a data owner's worker, of data that is anything but random (a constant),
+    is uniform on its own: its bytes pass a chi-squared test (255 degrees of freedom: the
+    statistic exceeds 340 with probability ~0.0003), and every bit is set about half the time."""
+    torch.save({"update": torch.full((200_000,), 7.0)}, tmp_path / "u.pt")
+    alice = spawn("alice")
+    bob = spawn("bob", load=str(tmp_path / "u.pt"), tags=["#u"],
+                policy=sy.Policy(owner=sy.get_session().keys, trust=[alice]))
+    (pb,) = bob.search("#u")
+    shared = pb.fix_precision().share(bob, alice).get()
+    for share in shared.child.shares:  # rule (a): the owner may take its own shares
+        value = share.get()
+        assert value.dtype == torch.int64 and value.shape == (200_000,)
+        assert _chi2_bytes(value) < 340, _chi2_bytes(value)
+        bits = torch.stack([(value >> b) & 1 for b in range(64)]).double().mean(dim=1)
+        assert bool(((bits > 0.49) & (bits < 0.51)).all()), bits
+    control = torch.full((200_000,), 7000, dtype=torch.int64)
+    assert _chi2_bytes(control) > 10_000  # (the test tells a constant from noise)
