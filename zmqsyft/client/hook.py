@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
-from ..ids import new_id
-from ..wire.bodies import Put
-from ..wire.messages import Op
 from .fixed import fix_precision, float_precision
 from .nn import module_copy, module_get, module_move, module_send
 from .pointer import PointerTensor, check_worker
+from .smpc import send_tensor as put_tensor
 from .smpc import share
 
 __all__ = ["TorchHook", "send_tensor"]
@@ -34,10 +32,7 @@ _installed = False
 def send_tensor(tensor: torch.Tensor, worker: Any, *more: Any) -> PointerTensor:
     """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
     check_worker(worker, more, "send")
-    obj_id = new_id()
-    worker.session.conn(worker).request(Op.PUT, Put(id=obj_id, obj=tensor),
-                                        what=f".send() to '{worker.id}'")
-    return PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
+    return put_tensor(tensor, worker)
 
 
 def _get_local(tensor: torch.Tensor) -> torch.Tensor:
