@@ -36,6 +36,7 @@ from ..wire.exc_codec import encode_exception
 from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
 from . import costs, executor, labels
+from .access import Principal
 from .context import Ctx, Services
 from .leases import Holder
 from .objects import record, resolve
@@ -93,7 +94,7 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     for ref in refs:
         if not store.usable(ref.id, who):
             raise ObjectNotFound(store.missing(ref.id))
-    shared = [ref.id for ref in refs if store.read_only(ref.id, who)]
+    shared = [ref.id for ref in refs if _read_only(w, ref.id, who)]
     if shared:
         _check_writes(w, name, args, kwargs, set(shared))
     resolved = {ref.id: resolve(w, ref.id, ctx.who) for ref in refs}
@@ -106,6 +107,20 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     labelled = labels.of_refs(w, resolved)
     return _labelled(w, ctx, name, func, args, kwargs, body.grad, out, known, labelled,
                      [resolved[i] for i in shared])
+
+
+def _read_only(w: Services, obj_id: int, who: Principal) -> bool:
+    """Whether ``who`` may only read the object, or what the pointers here it leads through
+    point to (a pointer of its own to a search() result is no licence to change that)."""
+    store = w.store
+    for _ in range(MAX_HOPS):
+        if store.read_only(obj_id, who):
+            return True
+        obj = store._objects.get(obj_id)
+        if not (type(obj) is PointerRecord and obj.address in w.addresses):
+            return False
+        obj_id = obj.id_at_location
+    return True
 
 
 def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any, grad: bool,
