@@ -15,6 +15,8 @@ reported missing, as an id that does not exist. Results belong to the caller's s
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any
 
@@ -142,11 +144,24 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
     return _finish(w, ctx, name, result, out, known, labelled), labelled
 
 
-def _writes(name: str, kwargs: dict[str, Any]) -> bool:
-    """Whether an op changes its first argument (in-place ops, setters, ``inplace=True``)."""
+def _writes(name: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether an op changes its first argument (in-place ops, setters, ``inplace`` set, by
+    keyword or by position: ``F.threshold(x, 0.5, 0.0, True)``, ``inplace=1``)."""
     short = name.rsplit(".", 1)[-1]
+    at = _inplace_at(name)
+    flag = kwargs.get("inplace", args[at] if at is not None and at < len(args) else None)
     return (allowlist.is_inplace(name) or (short.endswith("_") and not short.startswith("__"))
-            or kwargs.get("inplace") is True)
+            or (flag is not None and flag is not False and flag != 0))
+
+
+@functools.cache
+def _inplace_at(name: str) -> int | None:
+    """Where an op takes ``inplace`` among its positional arguments, if it does."""
+    try:
+        params = list(inspect.signature(allowlist.lookup(name)).parameters)
+    except (TypeError, ValueError):  # (a builtin without a signature: no inplace argument)
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 # ops that change arguments other than the first: name -> (positions, keywords)
@@ -163,7 +178,7 @@ def _check_writes(w: Services, name: str, args: list[Any], kwargs: dict[str, Any
                   shared: set[int]) -> None:
     """Refuse an op that would change an object the caller may only read."""
     written = executor.refs_in(kwargs.get("out"))
-    if args and _writes(name, kwargs):
+    if args and _writes(name, args, kwargs):
         written = written + executor.refs_in(args[0])
     positions, keywords = _ALSO_WRITES.get(name, ((), ()))
     written = written + executor.refs_in(
