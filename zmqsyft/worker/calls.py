@@ -15,6 +15,8 @@ reported missing, as an id that does not exist. Results belong to the caller's s
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any
 
@@ -36,6 +38,7 @@ from ..wire.exc_codec import encode_exception
 from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
 from . import costs, executor, labels
+from .access import Principal
 from .context import Ctx, Services
 from .leases import Holder
 from .objects import record, resolve
@@ -93,7 +96,7 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     for ref in refs:
         if not store.usable(ref.id, who):
             raise ObjectNotFound(store.missing(ref.id))
-    shared = [ref.id for ref in refs if store.read_only(ref.id, who)]
+    shared = [ref.id for ref in refs if _read_only(w, ref.id, who)]
     if shared:
         _check_writes(w, name, args, kwargs, set(shared))
     resolved = {ref.id: resolve(w, ref.id, ctx.who) for ref in refs}
@@ -106,6 +109,20 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     labelled = labels.of_refs(w, resolved)
     return _labelled(w, ctx, name, func, args, kwargs, body.grad, out, known, labelled,
                      [resolved[i] for i in shared])
+
+
+def _read_only(w: Services, obj_id: int, who: Principal) -> bool:
+    """Whether ``who`` may only read the object, or what the pointers here it leads through
+    point to (a pointer of its own to a search() result is no licence to change that)."""
+    store = w.store
+    for _ in range(MAX_HOPS):
+        if store.read_only(obj_id, who):
+            return True
+        obj = store._objects.get(obj_id)
+        if not (type(obj) is PointerRecord and obj.address in w.addresses):
+            return False
+        obj_id = obj.id_at_location
+    return True
 
 
 def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any, grad: bool,
@@ -129,11 +146,24 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
     return _finish(w, ctx, name, result, out, known, labelled), labelled
 
 
-def _writes(name: str, kwargs: dict[str, Any]) -> bool:
-    """Whether an op changes its first argument (in-place ops, setters, ``inplace=True``)."""
+def _writes(name: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether an op changes its first argument (in-place ops, setters, ``inplace`` set, by
+    keyword or by position: ``F.threshold(x, 0.5, 0.0, True)``, ``inplace=1``)."""
     short = name.rsplit(".", 1)[-1]
+    at = _inplace_at(name)
+    flag = kwargs.get("inplace", args[at] if at is not None and at < len(args) else None)
     return (allowlist.is_inplace(name) or (short.endswith("_") and not short.startswith("__"))
-            or kwargs.get("inplace") is True)
+            or (flag is not None and flag is not False and flag != 0))
+
+
+@functools.cache
+def _inplace_at(name: str) -> int | None:
+    """Where an op takes ``inplace`` among its positional arguments, if it does."""
+    try:
+        params = list(inspect.signature(allowlist.lookup(name)).parameters)
+    except (TypeError, ValueError):  # (a builtin without a signature: no inplace argument)
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 # ops that change arguments other than the first: name -> (positions, keywords)
@@ -150,7 +180,7 @@ def _check_writes(w: Services, name: str, args: list[Any], kwargs: dict[str, Any
                   shared: set[int]) -> None:
     """Refuse an op that would change an object the caller may only read."""
     written = executor.refs_in(kwargs.get("out"))
-    if args and _writes(name, kwargs):
+    if args and _writes(name, args, kwargs):
         written = written + executor.refs_in(args[0])
     positions, keywords = _ALSO_WRITES.get(name, ((), ()))
     written = written + executor.refs_in(

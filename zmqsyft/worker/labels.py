@@ -129,7 +129,9 @@ class Changes:
     __slots__ = ("before", "grads", "extra")
 
     def __init__(self, w: Services, name: str, values: Iterable[Any]) -> None:
-        self.before = [(t, t._version) for t in values if isinstance(t, torch.Tensor)]
+        # (every tensor, however nested: out=(values, indices) writes both)
+        self.before = [(t, t._version) for t in pytree.tree_leaves(list(values))
+                       if isinstance(t, torch.Tensor)]
         self.extra: list[torch.Tensor] = []
         if name.endswith(".__set__") and self.before:
             self.extra.append(self.before[0][0])  # x.data = y / x.grad = y: x, whatever its version

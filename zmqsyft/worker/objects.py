@@ -158,6 +158,11 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
         holder = w.leases.session(principal, "")
     obj = body.obj
     labelled = labels_from_wire(body.labels) if body.labels else EMPTY
+    if labelled and w.key and holder is ctx.holder:
+        # labels come only with a move, pushed by the worker holding the data for whoever asked:
+        # a client's own labels could name an owner that does not exist, as a second owner
+        raise AccessDenied(f"PUT: worker '{w.id}' takes privacy labels only with data moved "
+                           "here for another principal; nothing was stored")
     if isinstance(obj, PointerDesc):
         obj = record(w, obj)
     elif isinstance(obj, torch.Tensor):
