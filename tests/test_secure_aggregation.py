@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from zmqsyft.client.smpc import _on
+from zmqsyft.client.smpc import run_own
 from zmqsyft.secret import beaver_triple, reconstruct, split_shares
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,10 +93,10 @@ def test_integers_shared_among_three(trio) -> None:  # type: ignore[no-untyped-d
 
 
 @pytest.mark.parametrize("holders", [2, 3])
-def test_fixed_precision_products_with_beaver_triples(trio, holders: int) -> None:  # type: ignore[no-untyped-def]
+def test_fixed_precision_products_with_beaver_triples(trio, spawn, holders: int) -> None:  # type: ignore[no-untyped-def]
     bob, alice, james = trio
     workers = (bob, alice, james)[:holders]
-    provider = james  # (also a holder among three: it deals triples all the same)
+    provider = james if holders == 2 else spawn("carol")  # never a holder itself
     x = torch.tensor([[0.5, -1.25], [2.0, 0.1]])
     y = torch.tensor([[1.5, 0.2], [-0.3, 4.0]])
     sx = x.fix_prec().share(*workers, crypto_provider=provider)
@@ -117,11 +117,43 @@ def test_fixed_precision_products_with_beaver_triples(trio, holders: int) -> Non
 
 def test_a_huge_triple_is_refused_before_it_is_drawn(trio) -> None:  # type: ignore[no-untyped-def]
     bob, alice, james = trio
-    (huge,) = _on(james, "zmqsyft.beaver_triple", [[1 << 20, 1 << 20], [1 << 20], "mul", 2],
-                  [[1]])  # the client's idea of the result does not matter: the worker decides
+    (huge,) = run_own(james, "zmqsyft.beaver_triple", [[1 << 20, 1 << 20], [1 << 20], "mul", 2],
+                      [[1]])  # the client's idea of the result does not matter: the worker decides
     with pytest.raises(sy.LimitExceeded):
         huge.get()
     assert (torch.tensor([1]).share(bob, james) + 1).get().tolist() == [2]  # still serving
+
+
+def test_a_sharing_whose_shares_would_meet_on_one_worker_is_refused(trio) -> None:  # type: ignore[no-untyped-def]
+    bob, alice, james = trio
+    x = torch.tensor([7, 8, 9])
+    with pytest.raises(ValueError, match="'bob' is named twice"):
+        x.share(bob, bob)
+    with pytest.raises(ValueError, match="'alice' is named twice"):
+        x.fix_prec().share(bob, alice, alice, crypto_provider=james)
+    with pytest.raises(ValueError, match="'james' is both a holder and the crypto provider"):
+        x.share(bob, james, crypto_provider=james)
+    remote = x.send(bob)
+    before = len(bob._objects)
+    with pytest.raises(ValueError, match="'bob' is named twice"):
+        remote.share(bob, bob)
+    assert len(bob._objects) == before  # refused before bob split anything
+    assert (x.share(bob, alice) + 1).get().tolist() == [8, 9, 10]  # all still serving
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e16, -1e16])
+def test_values_that_do_not_fit_the_ring_are_refused_not_wrapped(trio, value: float) -> None:  # type: ignore[no-untyped-def]
+    bob = trio[0]
+    x = torch.tensor([1.0, value], dtype=torch.float64)
+    with pytest.raises(ValueError, match="too large to encode"):
+        x.fix_precision()  # 1e16 * 1000 > 2**63: it used to wrap to a wrong, small number
+    remote = x.send(bob)
+    with pytest.raises(ValueError, match="too large to encode"):
+        remote.fix_precision().child.get()  # encoded on bob, who refuses it the same way
+    with pytest.raises(ValueError, match="does not fit int64"):
+        torch.tensor([2 ** 62], dtype=torch.int64).fix_precision()
+    ok = torch.tensor([1.0, 9e12], dtype=torch.float64).send(bob).fix_precision()  # just inside the ring
+    assert ok.child.get().tolist() == [1000, 9_000_000_000_000_000]
 
 
 # ------------------------------------------------- data owners: shares and their policies

@@ -1,4 +1,4 @@
-"""Additive secret sharing over the integers mod 2**64: the two operations a worker runs for it.
+"""Additive secret sharing over the integers mod 2**64: what a worker runs for it.
 
 A value ``x`` (an ``int64`` tensor: a fixed-precision encoding, or integers) is split into ``n``
 shares ``x_1 ... x_n`` such that ``x_1 + ... + x_n == x`` with int64 arithmetic, which wraps
@@ -8,10 +8,12 @@ system's cryptographic generator (``os.urandom``, never torch's or NumPy's gener
 
 * :func:`split_shares`: run by the worker holding ``x`` (the data owner's worker), which then
   sends each share straight to its holder.
+* :func:`encode_fixed`: a fixed-point encoding made where the data is, refusing values that
+  do not fit int64 instead of wrapping them.
 * :func:`beaver_triple`: run by a crypto provider: random ``a``, ``b`` and ``c = a * b`` (or
   ``a @ b``), each split into ``n`` shares, for one multiplication of two shared tensors.
 
-Both are in the worker's allow-list (:data:`OPS`) under these names. On ``meta`` tensors (a
+All three are in the worker's allow-list (:data:`OPS`) under these names. On ``meta`` tensors (a
 worker's cost estimate, a client's shape inference) they make storage-less results of the right
 shapes and draw nothing.
 """
@@ -25,8 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["random_ring", "split_shares", "beaver_triple", "reconstruct", "OPS", "MAX_PARTIES",
-           "TRIPLE_KINDS"]
+__all__ = ["random_ring", "split_shares", "beaver_triple", "encode_fixed", "reconstruct", "OPS",
+           "MAKES_SHARES", "MAX_PARTIES", "TRIPLE_KINDS"]
 
 MAX_PARTIES = 64  # shares one value may be split into
 TRIPLE_KINDS = ("mul", "matmul")
@@ -88,6 +90,30 @@ def beaver_triple(shape_a: Sequence[int], shape_b: Sequence[int], kind: str, n: 
     return (*split_shares(a, n), *split_shares(b, n), *split_shares(c, n))
 
 
+def encode_fixed(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """``x`` as int64 integers scaled by ``scale`` (rounded to the nearest): the fixed-point
+    encoding, refused with :class:`ValueError` rather than wrapped when a value does not fit."""
+    if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"fix_precision encodes real tensors, not "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if type(scale) is not int or not 1 <= scale <= 2 ** 40:
+        raise ValueError(f"a fixed-point scale is a whole number from 1 to 2**40, not {scale!r}")
+    if x.is_meta:
+        return torch.empty(x.shape, dtype=torch.int64, device="meta")
+    if x.dtype == torch.int64:
+        limit = (2 ** 63 - 1) // scale
+        if x.numel() and bool(((x > limit) | (x < -limit)).any()):
+            raise ValueError(f"fix_precision: a value times the scale {scale} does not fit int64 "
+                             f"(|value| must stay below {limit}); use a smaller precision")
+        return x.detach() * scale
+    scaled = torch.round(x.detach().double() * scale)
+    if x.numel() and not bool((scaled.abs() < 2.0 ** 63).all()):
+        raise ValueError(f"fix_precision: a value is infinite, NaN, or too large to encode at "
+                         f"scale {scale} (|value * scale| must stay below 2**63, and below "
+                         f"2**63 / scale for products); use a smaller precision or rescale")
+    return scaled.to(torch.int64)
+
+
 def reconstruct(shares: Sequence[torch.Tensor]) -> torch.Tensor:
     """The value a list of shares stands for (their sum, mod 2**64)."""
     total = shares[0].clone()
@@ -99,5 +125,9 @@ def reconstruct(shares: Sequence[torch.Tensor]) -> torch.Tensor:
 OPS: dict[str, Callable[..., Any]] = {
     "zmqsyft.split_shares": split_shares,
     "zmqsyft.beaver_triple": beaver_triple,
+    "zmqsyft.encode_fixed": encode_fixed,
 }
 """zmqsyft's own operations in a worker's allow-list, by the name a CALL gives."""
+
+MAKES_SHARES = frozenset({"zmqsyft.split_shares", "zmqsyft.beaver_triple"})
+"""The operations in :data:`OPS` whose results are fresh shares."""

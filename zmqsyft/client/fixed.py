@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..secret import encode_fixed
+from . import smpc
 from .handle import WorkerHandle
 from .pointer import PointerTensor
 from .smpc import AdditiveSharingTensor, share
@@ -146,9 +148,7 @@ class FixedPrecisionTensor:
 
 
 def _encode(t: torch.Tensor, scale: int) -> torch.Tensor:
-    if t.dtype == _I64:
-        return t * scale
-    return torch.round(t.detach().double() * scale).to(_I64)
+    return encode_fixed(t, scale)
 
 
 def fix_precision(t: torch.Tensor, base: int = 10, precision_fractional: int = 3,
@@ -160,9 +160,9 @@ def fix_precision(t: torch.Tensor, base: int = 10, precision_fractional: int = 3
         raise ValueError("fix_precision needs a whole base >= 2 and precision_fractional >= 0 "
                          "with base ** precision_fractional <= 2**40")
     scale = base ** precision_fractional
-    if isinstance(t, PointerTensor):
-        child = t * scale if t.dtype == _I64 else torch.round(t.detach().double() * scale
-                                                              ).to(_I64)
+    if isinstance(t, PointerTensor):  # encoded (and range-checked) on its worker
+        t._check_usable(".fix_precision()")
+        child = smpc.run_own(t.location, "zmqsyft.encode_fixed", [t, scale], [t.shape])[0]
     else:
         child = _encode(t, scale)
     return FixedPrecisionTensor(child, base, precision_fractional)

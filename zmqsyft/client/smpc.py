@@ -50,7 +50,7 @@ def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     return PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
 
 
-def _on(location: WorkerHandle, name: str, args: list[Any], shapes: Sequence[Any]
+def run_own(location: WorkerHandle, name: str, args: list[Any], shapes: Sequence[Any]
         ) -> list[PointerTensor]:
     """Run zmqsyft's own op ``name`` on ``location``: pointers to its int64 results."""
     out = [[new_id(), list(shape), "int64", False] for shape in shapes]
@@ -61,6 +61,21 @@ def _on(location: WorkerHandle, name: str, args: list[Any], shapes: Sequence[Any
 
 def _same(a: WorkerHandle, b: WorkerHandle) -> bool:
     return a is b or a.address == b.address
+
+
+def _check_parties(holders: Sequence[WorkerHandle], provider: WorkerHandle | None) -> None:
+    """Refuse a sharing whose shares would meet on one worker (which would then hold the value)
+    or whose crypto provider is also a holder (it would learn both factors from the opened
+    differences)."""
+    for i, h in enumerate(holders):
+        if any(_same(h, other) for other in holders[:i]):
+            raise ValueError(f"worker '{h.id}' is named twice among the holders: a worker holding "
+                             "two shares of a value holds more of it than intended; name each "
+                             "holder once")
+        if provider is not None and _same(h, provider):
+            raise ValueError(f"worker '{h.id}' is both a holder and the crypto provider: it could "
+                             "then reconstruct the factors of every product; choose a crypto "
+                             "provider that holds no share")
 
 
 class AdditiveSharingTensor:
@@ -176,9 +191,10 @@ class AdditiveSharingTensor:
         z_shape = (torch.empty(self.shape, device="meta") * torch.empty(other.shape, device="meta")
                    if kind == "mul" else torch.empty(self.shape, device="meta")
                    @ torch.empty(other.shape, device="meta")).shape
-        dealt = _on(provider, "zmqsyft.beaver_triple",
-                    [list(self.shape), list(other.shape), kind, n],
-                    [self.shape] * n + [other.shape] * n + [z_shape] * n)
+        _check_parties(holders, provider)
+        dealt = run_own(provider, "zmqsyft.beaver_triple",
+                        [list(self.shape), list(other.shape), kind, n],
+                        [self.shape] * n + [other.shape] * n + [z_shape] * n)
         dealt = [p.move(holders[i % n]) for i, p in enumerate(dealt)]
         a, b, c = dealt[:n], dealt[n:2 * n], dealt[2 * n:]
         es = [x - ai for x, ai in zip(xs, a, strict=True)]
@@ -264,13 +280,14 @@ def share(x: Any, *workers: WorkerHandle, crypto_provider: WorkerHandle | None =
     if not 2 <= len(workers) <= MAX_PARTIES or not all(isinstance(w, WorkerHandle)
                                                       for w in workers):
         raise TypeError(f"share() takes 2 to {MAX_PARTIES} worker handles, not {workers!r}")
+    _check_parties(workers, crypto_provider)
     if isinstance(x, PointerTensor):
         if x.dtype != _I64:
             raise TypeError(f"only int64 tensors can be shared, not {x.dtype}; use "
                             ".fix_precision() first")
         x._check_usable(".share()")
-        made = _on(x.location, "zmqsyft.split_shares", [x, len(workers)],
-                   [x.shape] * len(workers))
+        made = run_own(x.location, "zmqsyft.split_shares", [x, len(workers)],
+                       [x.shape] * len(workers))
         shares = [p if _same(w, x.location) else p.move(w)
                   for p, w in zip(made, workers, strict=True)]
         return AdditiveSharingTensor(workers, shares, crypto_provider, at=x.location)
