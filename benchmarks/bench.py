@@ -82,7 +82,7 @@ class Params:
 def make_params(quick: bool) -> Params:
     if quick:
         return Params(True, lat_runs=1, lat_n=5, lat_warmup=2, big_bytes=1 * MiB, big_reps=1,
-                      mem_reps=1, w7_ops=50, w7_reps=1, startup_reps=1, timeout=30.0)
+                      mem_reps=1, w7_ops=50, w7_reps=1, startup_reps=1, timeout=90.0)
     return Params(False, lat_runs=7, lat_n=200, lat_warmup=30, big_bytes=100 * MiB, big_reps=9,
                   mem_reps=3, w7_ops=2000, w7_reps=7, startup_reps=5, timeout=60.0)
 
