@@ -56,7 +56,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,32 +94,8 @@ def update_of(owner: int, n: int) -> Any:
 
 
 # ================================================================================ helpers
-def _pdeathsig() -> None:
-    """preexec_fn: the child is killed when this process dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def reap(proc: subprocess.Popen | None, timeout: float) -> None:
-    """Wait for a child we started; kill it (by its pid) if it does not exit in time."""
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
+# (the child-process helpers are bench.py's: one copy for both benchmarks)
+from bench import _pdeathsig, free_port, reap  # noqa: E402
 
 
 def cpu_times() -> tuple[float, float]:
