@@ -293,3 +293,42 @@ def test_sending_on_a_connection_refused_meanwhile_fails_at_once(spawn: Callable
             conn.wait(conn.send(Op.PING, Ping()), timeout=30)
         assert time.monotonic() - start < 5.0
         assert address in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_refusal_before_the_first_send_on_a_peer_link_is_limit_exceeded(
+        spawn: Callable[..., WorkerClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer can refuse a link's handshake before the link's first message leaves (a loaded
+    machine: the handshake is done between ``connect`` and the HELLO); libzmq then has dropped
+    the connection and a send finds nothing to queue on. The request fails with the refusal,
+    not with ZeroMQ's ``Again``, and the link is dropped."""
+    from zmqsyft.wire.bodies import Ping
+    from zmqsyft.worker.peers import PeerLink, PeerLinks
+    from zmqsyft.worker.traffic import Traffic
+
+    alice = spawn("alice", config=sy.Config(max_connections=1))
+    assert_answers_ping(alice)  # this client's connection fills it
+    hello = PeerLink.hello
+
+    def refused_first(link: PeerLink, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + 10.0
+        # until the handshake was refused and libzmq dropped the connection (nothing to send on)
+        while link.watch.down() is None or link.sock.poll(0, zmq.POLLOUT):
+            assert time.monotonic() < deadline, "the handshake was not refused"
+            link.watch.monitor.poll(20)
+        return hello(link, *args, **kwargs)
+
+    monkeypatch.setattr(PeerLink, "hello", refused_first)
+    ctx = zmq.Context()
+    links = PeerLinks("tester", sy.get_config(), ctx, zmq.Poller(), Traffic(),
+                      keys=sy.get_session().keys)
+    links.keys_at[alice.address] = alice.key
+    outcome: list[Any] = []
+    try:
+        links.request(alice.address, Op.PING, Ping(), lambda reply, exc: outcome.append(exc))
+        assert len(outcome) == 1 and isinstance(outcome[0], sy.LimitExceeded), outcome
+        assert "refused the connection during the handshake" in str(outcome[0])
+        assert alice.address not in links.links
+    finally:
+        links.close()
+        ctx.term()

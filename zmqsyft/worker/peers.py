@@ -214,9 +214,6 @@ class PeerLinks:
 
         Without a callback the request is sent with request id 0: the peer answers nothing, not
         even an error (for relayed ops whose failures poison their results downstream).
-
-        A request with large tensors for a peer whose HELLO reply has not come yet waits for it
-        (to know whether shared memory can carry them); so do the requests to that peer after it.
         """
         try:
             link = self._link(address)
@@ -234,6 +231,9 @@ class PeerLinks:
             link.send(req_id, frames)
         except _AwaitHello:
             link.parked = [(op, body, callback)]
+            return
+        except zmq.Again:
+            self._fail(callback, op, address, self._no_pipe(link))
             return
         except Exception as exc:  # noqa: BLE001
             self._fail(callback, op, address, exc)
@@ -308,11 +308,26 @@ class PeerLinks:
             req_id, hello = link.hello(self.worker_id, session=self.session,
                                        bulk=link.hello_secret(), sealed_replies=False)
             frames = encode_message(Op.HELLO, req_id, hello)
-            transport.send(link.sock, frames)
+            try:
+                transport.send(link.sock, frames)
+            except zmq.Again:
+                raise self._no_pipe(link) from None
             self.traffic.count(address, "out", frames)
             link.track(req_id, _Continuation(Op.HELLO, self._hello_answered(link)),
                        time.monotonic() + self.cfg.timeout)
         return link
+
+    def _no_pipe(self, link: PeerLink) -> Exception:
+        """A send found no connection to queue on: the peer refused the handshake (libzmq drops
+        the connection and never retries), perhaps before its monitor event has reached us."""
+        reason = link.watch.down() or f"{transport.REFUSED} (the connection was dropped)"
+        refused = link.watch.refused is not None or not link.watch.failed
+        self.lost(link.address, reason, refused=refused)
+        if refused:
+            return LimitExceeded(f"worker '{self.worker_id}': the worker at {link.address} {reason}"
+                                 f". {transport.REFUSED_ADVICE}.")
+        return WorkerUnavailable(f"worker '{self.worker_id}' cannot reach the worker at "
+                                 f"{link.address} ({reason})")
 
     def _make_room(self, address: str) -> None:
         """At ``max_peer_links``: close the oldest link nothing waits on, or refuse."""
