@@ -3,7 +3,11 @@
 ``ZmqSyftError``
  ├─ ``CommunicationError``        the network or the peer process (not the caller's code)
  │   ├─ ``WorkerUnavailable``     a worker did not answer in time, died, or was closed
- │   │   └─ ``RequestTimeout``    ... specifically: the deadline ran out
+ │   │   ├─ ``OutcomeUnknown``    ... after the request left: it may or may not have run
+ │   │   │   ├─ ``RequestTimeout``  ... specifically: the deadline ran out
+ │   │   │   └─ ``ResultLost``      (also a PointerError) a pipelined op's result never came
+ │   │   └─ ``RequestDropped``    a worker dropped it unrun: the connection it came on had ended
+ │   ├─ ``WorkerRestarted``       (also ObjectNotFound) objects of a worker's earlier process
  │   └─ ``SpawnError``            a local worker process failed to start
  ├─ ``ProtocolError``             a message could not be encoded or decoded
  │   ├─ ``SerializationError``    a value of a type the wire format does not carry
@@ -30,7 +34,11 @@ __all__ = [
     "ZmqSyftError",
     "CommunicationError",
     "WorkerUnavailable",
+    "OutcomeUnknown",
     "RequestTimeout",
+    "ResultLost",
+    "RequestDropped",
+    "WorkerRestarted",
     "SpawnError",
     "ProtocolError",
     "SerializationError",
@@ -61,8 +69,20 @@ class WorkerUnavailable(CommunicationError, ConnectionError):
     """A worker did not answer within its deadline, has died, or was closed."""
 
 
-class RequestTimeout(WorkerUnavailable, TimeoutError):
+class OutcomeUnknown(WorkerUnavailable):
+    """A request had left when its worker turned out dead, frozen or unreachable: it may or may
+    not have taken effect there. Only what the worker tells later (``_objects``, a ``.get()``
+    of a value it changes) can say which."""
+
+
+class RequestTimeout(OutcomeUnknown, TimeoutError):
     """A request's deadline ran out before the worker answered."""
+
+
+class RequestDropped(WorkerUnavailable):
+    """A worker dropped a request without running it, because the connection it came on had
+    ended meanwhile (the worker was frozen longer than its callers wait, so they were told it is
+    unavailable). Nothing of the request took effect; send it again."""
 
 
 class SpawnError(CommunicationError):
@@ -118,6 +138,17 @@ class PointerError(ZmqSyftError):
 
 class ObjectNotFound(PointerError, LookupError):
     """The object a pointer names does not exist at its location (any more)."""
+
+
+class ResultLost(PointerError, OutcomeUnknown):
+    """The result of a pipelined operation never came: its worker died, froze or became
+    unreachable while the operation was in flight. Both a ``PointerError`` (the pointer holds
+    no result) and a ``CommunicationError`` (the network or the worker is at fault)."""
+
+
+class WorkerRestarted(ObjectNotFound, CommunicationError):
+    """A pointer names an object of an earlier process of its worker: the worker was restarted
+    (a new process at the same address) and everything it held before is gone."""
 
 
 class PointerReleased(PointerError):

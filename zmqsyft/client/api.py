@@ -59,7 +59,7 @@ class WorkerClient(WorkerHandle):
         return self._snapshot()
 
     def _snapshot(self) -> dict[int, Any]:
-        self.session.sync()
+        self.session.sync(only=self)
         reply = ObjectsReply.from_wire(self._request(Op.OBJECTS, Objects(), what="_objects").body)
         out: dict[int, Any] = {}
         for key, value in reply.objects.items():

@@ -1,80 +1,44 @@
-"""One thread's connection to one worker: request ids, in-flight requests, deadlines.
+"""One thread's connection to one worker: request ids, in-flight requests, deadlines, liveness.
 
-A :class:`Connection` owns a DEALER socket and is only ever used by the thread that made it. It
-keeps every request in flight until its reply comes, together with the pointers the request
-names (so that a delete can never overtake it), and fails them all at once, closing the socket
-so that late replies are discarded, when the worker turns out to be dead, frozen or gone.
-
-Pipelined ops issued while earlier requests are unanswered queue (Nagle's algorithm, for
-messages) and go out together as one ``BATCH``: once ``pipeline_batch`` have queued, before
-this thread sends or waits for anything else, or after about a millisecond, sent by the
-flusher thread of :class:`~zmqsyft.client.outbox.Outboxes` (the socket's lock exists for that).
-
-Request ids, replies, ``ACKS``, ``HELLO`` and failing all are the request core's
-(:mod:`zmqsyft.wire.rpc`); a connection adds deadlines, keeps named pointers alive until
-answered, and keeps pipelined errors for the next sync point.
+A :class:`Connection` owns a DEALER, used only by the thread that made it, and keeps each request
+in flight (with the pointers it names, so that no delete overtakes it) until answered. Pipelined
+ops queue while earlier requests are unanswered and go out together as one ``BATCH``
+(:mod:`~zmqsyft.client.outbox`). A lost connection (found while waiting, or cheaply on the
+sending path) fails what is in flight (``OutcomeUnknown``) and is closed for good; the next
+request connects afresh and, to a worker met before, waits for its ``HELLO`` reply first: a
+restarted worker (another incarnation) makes older pointers raise ``WorkerRestarted``.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 import zmq.utils.z85
 
 from ..config import Config
-from ..errors import LimitExceeded, RequestTimeout, WorkerUnavailable, ZmqSyftError
+from ..errors import LimitExceeded, RequestDropped, RequestTimeout, WorkerUnavailable, ZmqSyftError
 from ..wire import channel, shm, transport
 from ..wire.bodies import Body, HelloReply
 from ..wire.codec import check_size, encode_message
-from ..wire.messages import NO_REPLY, Message, Op
-from ..wire.rpc import Pending, RequestCore
+from ..wire.messages import NO_REPLY, Message, Op, salvage_req_id
+from ..wire.rpc import RequestCore
 from ..wire.values import ShmPolicy
 from .handle import WorkerHandle
-from .outbox import Batching, Outboxes
+from .link import Host, InFlight
+from .lost import gone, outcome_unknown, restarted, unsent
+from .outbox import Batching
 
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 _POLL_SLICE, _SMALL = 0.1, 1 << 20  # liveness checks while waiting (s); unmeasured messages (B)
+_CHECK_EVERY = 0.002  # the link's liveness, looked at on the sending path at most this often (s)
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
-
-
-class _Pending(Pending):
-    __slots__ = ("keep", "results", "awaited")
-
-    def __init__(self, keep: tuple[Any, ...], results: tuple[Any, ...], what: str,
-                 awaited: bool) -> None:  # (one per op: Pending's fields set here, no super call)
-        self.what = what
-        self.req_id = 0
-        self.done = False
-        self.reply: Message | None = None
-        self.error: BaseException | None = None
-        self.awaited = awaited
-        self.keep = keep
-        self.results = results
-
-
-class Host(Protocol):
-    """What a connection needs of its session."""
-
-    name: str
-    ctx: zmq.Context
-    keys: Any  # the session's KeyPair (what it is known by), and its id (what it owns for)
-    session_id: str
-    outboxes: Outboxes
-    _deletes: collections.deque[tuple[str, int]]
-
-    @property
-    def cfg(self) -> Config: ...
-
-    def flush_deletes(self, wait: bool, timeout: float | None = None,
-                      rider: Connection | None = None) -> bytes | None: ...
 
 
 class Connection(Batching, RequestCore):
@@ -88,12 +52,14 @@ class Connection(Batching, RequestCore):
         self.sock: zmq.Socket | None = None
         self.watch: transport.PeerWatch | None = None
         self.deferred: list[BaseException] = []
-        self._answered: dict[int, _Pending] = {}  # awaited requests answered before their wait()
+        self._answered: dict[int, InFlight] = {}  # awaited requests answered before their wait()
         self._deletes_queued = host._deletes  # deletes waiting to ride with a request
         self._deadline_s = host.cfg.timeout
         self._take_over = False  # the worker's descriptors are open to us (zero-copy .get())
         self._failing = False
-        self._hello: _Pending | None = None
+        self._ended = False  # the worker dropped a request of ours: this connection is over
+        self._checked = 0.0  # when the link was last looked at on the sending path
+        self._hello: InFlight | None = None
         self._rcvtimeo = -1
         self._policy: tuple[Config, ShmPolicy | None] | None = None
         self.thread = threading.get_ident()
@@ -123,10 +89,41 @@ class Connection(Batching, RequestCore):
             req_id, hello = self.hello(self.host.name, self.worker.trust_token or "",
                                        self.host.session_id,
                                        self._bulk.secret if self._bulk is not None else "")
-            self._hello = _Pending((), (), "hello", awaited=False)
+            self._hello = InFlight((), (), "hello", awaited=False)
             self.track(req_id, self._hello)
             transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
+            if self.worker.incarnation:  # a reconnect: is it the process we knew? (before
+                try:                     # anything else names its objects)
+                    self._shm_out()
+                except WorkerUnavailable as exc:
+                    raise gone(self.worker, self.worker.lost or str(exc), "the request") from None
         return self.sock
+
+    def _check_link(self, what: str, sending: bool = True) -> None:
+        """On the sending path, cheaply: a lost connection fails what is in flight on it
+        (``OutcomeUnknown``) and is closed, so that this request reconnects; a worker known to
+        be gone fails it at once, unsent."""
+        watch, now = self.watch, time.monotonic()
+        if watch is None or now - self._checked < _CHECK_EVERY:
+            return
+        self._checked = now
+        assert self.sock is not None
+        writable = transport.writable(self.sock)
+        if not self._ended and writable and not watch.changed():
+            return
+        why = watch.down()
+        if watch.refused is not None:
+            raise self._fail(LimitExceeded(
+                f"worker '{self.worker.id}' at {self.worker.address} {transport.REFUSED}; {what} "
+                f"was not sent (ZAP status {watch.refused}). {transport.REFUSED_ADVICE}."))
+        if self._ended:  # (the worker drops every request of ours on it: none ran)
+            self._fail(RequestDropped(f"worker '{self.worker.id}' ended this connection (it was "
+                                      "frozen); the requests sent on it were dropped unrun"))
+        elif why is not None or not writable:
+            self._fail(outcome_unknown(self.worker, why or "the connection was dropped",
+                                       "a request"))
+        if sending and self.sock is None and self.worker._exit_status() is not None:
+            raise gone(self.worker, why or "", what)
 
     def send(self, op: Op, body: Body | dict[str, Any], keep: tuple[Any, ...] = (),
              results: tuple[Any, ...] = (), what: str = "", flush_deletes: bool = True,
@@ -146,7 +143,11 @@ class Connection(Batching, RequestCore):
         if flush_deletes and self._deletes_queued:
             ride = self.host.flush_deletes(wait=False, rider=self)
         with self.lock:
+            self._check_link(what or op.name)
+            gen = self.worker.generation
             sock = self._socket()
+            if gen != self.worker.generation:  # a reconnect met a restarted worker
+                restarted(self.worker, keep, results, what or op.name)
             if op in _MAY_RELAY:
                 self.worker.dirty = True  # sync() must FLUSH it: it may have relayed this on
             if silent:
@@ -175,7 +176,7 @@ class Connection(Batching, RequestCore):
                 marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
-            self.track(req_id, _Pending(keep, results, what or op.name, awaited))
+            self.track(req_id, InFlight(keep, results, what or op.name, awaited))
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -203,8 +204,7 @@ class Connection(Batching, RequestCore):
             return LimitExceeded(f"worker '{self.worker.id}' at {self.worker.address} "
                                  f"{transport.REFUSED}; {what} was not sent (ZAP status "
                                  f"{self.watch.refused}). {transport.REFUSED_ADVICE}.")
-        return WorkerUnavailable(f"cannot send {what} to worker '{self.worker.id}': "
-                                 f"{why or exc}")
+        return gone(self.worker, why or f"the connection was lost ({exc})", what)
 
     def unseal(self, marker: Message) -> list[Any]:
         """The frames of a reply that came sealed (within this connection's deadline; the
@@ -285,6 +285,8 @@ class Connection(Batching, RequestCore):
         self._answered.pop(req_id, None)
         if pending.error is not None:
             error = pending.error
+            if isinstance(error, WorkerUnavailable):
+                self.worker.loss_reported = True
             try:
                 raise error
             finally:  # no exception -> traceback -> frame -> exception cycle keeping pointers alive
@@ -330,6 +332,7 @@ class Connection(Batching, RequestCore):
     def _pump(self, deadline: float, what: str) -> None:
         with self.lock:
             if self.outboxes.queued or self.outbox:
+                self._check_link(what, sending=False)  # (not queued on to a dead worker)
                 self._flush_all()  # nothing may wait for a request still queued
             self._pump_locked(deadline, what)
 
@@ -361,8 +364,7 @@ class Connection(Batching, RequestCore):
                     f"{what} got no answer (ZAP status {self.watch.refused}). "
                     f"{transport.REFUSED_ADVICE}."))
         if dead is not None:
-            raise self._fail(WorkerUnavailable(
-                f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
+            raise self._fail(outcome_unknown(self.worker, dead, what))
 
     def resolved(self, pending: Any, reply: Message | None, error: BaseException | None) -> None:
         """A reply (or the loss of the connection) answered ``pending``."""
@@ -372,6 +374,7 @@ class Connection(Batching, RequestCore):
             self._answered[pending.req_id] = pending
         if error is not None:
             pending.error = error
+            self._ended = self._ended or isinstance(error, RequestDropped)
             for ptr in pending.results:
                 ptr._mark_failed(error)
             if not pending.awaited and not pending.results and not self._failing:
@@ -381,6 +384,7 @@ class Connection(Batching, RequestCore):
         else:
             pending.reply = reply
             if pending.req_id == self.hello_id and self.peer is not None:
+                self.worker.met(self.peer.incarnation, self.peer.started_ms, self.peer.pid)
                 self._take_over = self.shm and shm.may_take_over(self.peer.pid)
                 self.worker.lease = self.peer.lease_ms / 1000  # (the reaper keeps us alive)
                 self._open_bulk()
@@ -390,11 +394,13 @@ class Connection(Batching, RequestCore):
         """After a transport failure: fail what is in flight, close the socket, discard late
         replies (the next request connects afresh)."""
         with self.lock:
+            queued = {salvage_req_id(header) for header in self.outbox}  # (never sent)
             self.outbox = []
             self.outboxes.queued.pop(self, None)
             self._failing = True
             try:
-                self.fail_all(lambda pending: exc)
+                self.fail_all(lambda p: unsent(self.worker, exc, p.what) if p.req_id in queued
+                              else exc)
             finally:
                 self._failing = False
             if self.sock is not None:
@@ -405,6 +411,7 @@ class Connection(Batching, RequestCore):
                 self.sock = None
                 self._take_over = False
                 self._rcvtimeo = -1
+                self._ended = False
             if self._bulk is not None:
                 self._bulk.close()
                 self._bulk = None

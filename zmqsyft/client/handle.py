@@ -12,6 +12,7 @@ of a spawned worker's handle waits for the ready signal, so several workers star
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -21,11 +22,13 @@ import time
 from typing import Any, Protocol
 
 from ..config import Config
-from ..errors import SpawnError, WorkerUnavailable, ZmqSyftError
+from ..errors import SpawnError, WorkerRestarted, WorkerUnavailable, ZmqSyftError
 from ..wire.bodies import Shutdown
 from ..wire.messages import Op
 
 __all__ = ["WorkerHandle", "SessionLike"]
+
+log = logging.getLogger(__name__)
 
 
 class SessionLike(Protocol):
@@ -77,6 +80,14 @@ class WorkerHandle:
         self.client_keys: Any = None  # the KeyPair we present to it (None: the session's)
         self.spawned = proc is not None  # by this process: we are its admin
         self.lease = 0.0  # how long it keeps our objects once we are disconnected (its HELLO)
+        # the worker process we know (its HELLO's incarnation); each restart met counts a
+        # generation, and pointers made before it name objects that are gone
+        self.incarnation = ""
+        self.generation = 0
+        self.restarted_at = 0.0  # when its current process started (epoch seconds)
+        self.lost: str | None = None  # why it was last found unreachable, until it answers again
+        self.loss: WorkerUnavailable | None = None  # the first error that loss made
+        self.loss_reported = False  # an error about that loss has reached the caller
 
     # ----------------------------------------------------------- readiness
     @property
@@ -142,6 +153,29 @@ class WorkerHandle:
                              "was given; it was killed")
         self._ready_address = parts[1]
         self.session.introduce(self)
+
+    # ------------------------------------------------------------- liveness
+    def met(self, incarnation: str, started_ms: int, pid: int) -> None:
+        """A HELLO reply came: the worker answers again; another process than the one known
+        means it was restarted, and objects of the earlier one are gone."""
+        self.lost, self.loss, self.loss_reported = None, None, False
+        if not incarnation or incarnation == self.incarnation:
+            return
+        if self.incarnation:
+            self.generation += 1
+            self.restarted_at = started_ms / 1000
+            self._pid = pid or None
+            log.warning("worker '%s' at %s was restarted (a new process, pid %s); objects from "
+                        "before are gone", self.id, self._ready_address, pid)
+        self.incarnation = incarnation
+
+    def restarted(self, obj_id: int, what: str) -> WorkerRestarted:
+        """The error for using object ``obj_id`` of an earlier incarnation of this worker."""
+        when = time.strftime("%H:%M:%S", time.localtime(self.restarted_at))
+        return WorkerRestarted(
+            f"cannot use object {obj_id} for {what}: worker '{self.id}' at {self._ready_address} "
+            f"was restarted at {when} (a new process, pid {self._pid}); objects from before are "
+            "gone. Send the data to it again")
 
     def _exit_status(self) -> str | None:
         """``None`` while the worker may be alive; otherwise why it is not."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import HandoverRefused, PointerError, PointerReleased
+from ..errors import CommunicationError, HandoverRefused, PointerError, PointerReleased, ResultLost
 from ..ids import new_id
 from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
@@ -48,6 +48,7 @@ class PointerTensor(torch.Tensor):
     _released: str | None = None
     _error: BaseException | None = None
     _creator: tuple[Any, int] | None = None
+    _gen = 0  # the worker's generation (restarts met) when this was made
 
     @staticmethod
     def __new__(cls, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
@@ -72,6 +73,8 @@ class PointerTensor(torch.Tensor):
         self._owned = bool(owned and owner == "me")
         self._fin = (location.session.track(self, location.address, id_at_location)
                      if self._owned else None)
+        if location.generation:
+            self._gen = location.generation
 
     # ------------------------------------------------------------ torch glue
     @classmethod
@@ -131,7 +134,7 @@ class PointerTensor(torch.Tensor):
         with torch.no_grad():
             self.data = data
         for attr in ("location", "id_at_location", "id", "owner", "_owned", "_released", "_error",
-                     "_creator", "_fin", "_shape", "_dtype", "_rg", "_restore"):
+                     "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore"):
             self.__dict__.pop(attr, None)
         return self
 
@@ -147,11 +150,14 @@ class PointerTensor(torch.Tensor):
             raise PointerReleased(
                 f"cannot use {self!r} for {what}: object {self.id_at_location} on worker "
                 f"'{self.location.id}' is no longer this pointer's, because {self._released}")
-        if self._error is not None:
-            raise PointerError(
+        if self._error is not None:  # (its worker failing: a CommunicationError too)
+            lost = isinstance(self._error, CommunicationError)
+            raise (ResultLost if lost else PointerError)(
                 f"cannot use {self!r} for {what}: the operation that was to create object "
                 f"{self.id_at_location} on worker '{self.location.id}' failed: "
                 f"{type(self._error).__name__}: {self._error}") from self._error
+        if self._gen != self.location.generation:
+            raise self.location.restarted(self.id_at_location, what)
         self.location._check_open()
         # the request creating this object may still be queued in another thread's batch: hand
         # it to ZeroMQ before this thread names the object (this thread's own queue is ordered
@@ -177,6 +183,7 @@ class PointerTensor(torch.Tensor):
         self.location.session.untrack(self._fin)
         self.location = location
         self.id_at_location = id_at_location
+        self._gen = location.generation
         self._fin = (location.session.track(self, location.address, id_at_location)
                      if self._owned else None)
 

@@ -132,12 +132,13 @@ class Reaper:
             sent = []
             for address, ids in batches.items():
                 worker = self.owner.find(address)
-                if worker is None:
-                    continue
+                if worker is None or not worker.ready or worker.lost is not None:
+                    continue  # (a worker gone, or not heard of since it was lost: dropped)
                 conn = self.owner.conn(worker)
                 if conn is rider:
                     ride = encode_message(Op.DEL, NO_REPLY, Del(ids=ids))[0]
                     continue
+                told = worker.loss_reported  # (what is swallowed here is not said to anyone)
                 try:
                     # nobody waits for a delete flushed in passing (``wait=False``): it gets no
                     # reply (freeing what is gone already is no error) and rides with the next
@@ -145,12 +146,15 @@ class Reaper:
                     sent.append((conn, conn.send(Op.DEL, Del(ids=ids), what="delete",
                                                  flush_deletes=False, silent=not wait)))
                 except ZmqSyftError as exc:
+                    worker.loss_reported = told
                     log.info("could not free %d objects on %s: %s", len(ids), worker.id, exc)
             if wait:
                 for conn, req_id in sent:
+                    told = conn.worker.loss_reported
                     try:
                         conn.wait(req_id, timeout)
                     except ZmqSyftError as exc:
+                        conn.worker.loss_reported = told
                         log.info("freeing objects on %s failed: %s", conn.worker.id, exc)
         finally:
             self._flushing.on = False

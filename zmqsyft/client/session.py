@@ -26,7 +26,7 @@ from typing import Any
 from torch.utils import _pytree as pytree
 
 from ..config import Config, get_config, on_change
-from ..errors import ZmqSyftError
+from ..errors import WorkerUnavailable, ZmqSyftError
 from ..keys import KeyPair
 from ..wire import transport
 from ..wire.bodies import Allow, Flush
@@ -201,42 +201,67 @@ class Session:
         return pytree.tree_map(one, value)
 
     # -------------------------------------------------------------- sync
-    def sync(self) -> None:
+    def sync(self, only: WorkerHandle | None = None) -> None:
         """A synchronisation point: everything this thread issued before has taken effect.
 
         Waits for every pipelined request of this thread, sends all queued deletes, then asks
         every worker to flush what it relayed on (recursively along pointer chains). Raises the
-        first error of a pipelined operation that was not reported yet.
+        first error of a pipelined operation that was not reported yet, and a worker's loss
+        once (a dead worker does not fail every later sync). ``only``: report only what
+        concerns that worker (its ``_objects``); the others' failures wait for a plain sync.
         """
-        self._settle()
+        self._settle(only)
         # the answers just read may have released pointers (results of pipelined ops nobody
         # kept), whose deletes are queued now or were sent by the reaper on its own connection
         # meanwhile: one more round for them, so that what follows sees them done
         with self.reaper.lock:  # (a reaper batch popped from the queue is counted in `dirty`)
             again = bool(self._deletes) or any(w.dirty for w in self.workers())
         if again:
-            self._settle()
+            self._settle(only)
         for conn in self.thread_conns():
-            conn.raise_deferred()
+            if only is None or conn.worker is only:
+                conn.raise_deferred()
 
-    def _settle(self) -> None:
+    def _settle(self, only: WorkerHandle | None = None) -> None:
         """One round trip: the deletes and each FLUSH go out right behind the requests still in
         flight (a worker handles one connection's messages in order), then this waits once."""
         self.flush_deletes(wait=False)
         with self.reaper.lock:
             pass  # a delete batch the reaper has in flight is acknowledged
+        reported = {w for w in self.workers() if w.lost is not None and w.loss_reported}
+        problems: list[WorkerUnavailable] = []
+
+        def settled(conn: Connection, step: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+            try:
+                return step(*args, **kw)
+            except WorkerUnavailable as exc:  # a worker lost: said once, and only where asked
+                if conn.worker not in reported and (only is None or conn.worker is only):
+                    problems.append(exc)
+                conn.worker.loss_reported = conn.worker in reported  # (else: the next sync)
+                return None
+
         sent = []
         for worker in self.workers():
             if worker.dirty and worker.ready:
                 worker.dirty = False
-                conn = self.conn(worker)
-                sent.append((conn, conn.send(Op.FLUSH, Flush(), what="flush", flush_deletes=False)))
-        conns = self.thread_conns()
-        for conn in conns:
+                if worker.lost is None or worker is only:  # (what a lost one relayed failed)
+                    conn = self.conn(worker)
+                    req_id = settled(conn, conn.send, Op.FLUSH, Flush(), what="flush",
+                                     flush_deletes=False)
+                    if req_id is not None:
+                        sent.append((conn, req_id))
+        for conn in self.thread_conns():
             if conn.sock is not None:
-                conn.drain()
+                settled(conn, conn.drain)
         for conn, req_id in sent:
-            conn.wait(req_id)  # answered by now; raises if the flush failed
+            settled(conn, conn.wait, req_id)  # answered by now; raises if it failed
+        if only is None:  # a loss nobody was told of yet (found by the reaper, by _objects)
+            problems += [w.loss for w in self.workers()
+                         if w.loss is not None and w.lost and not w.loss_reported]
+        if problems:
+            for worker in self.workers():
+                worker.loss_reported = worker.loss_reported or worker.lost is not None
+            raise problems[0]
 
     def _at_exit(self) -> None:
         self._stopping.set()

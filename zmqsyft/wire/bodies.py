@@ -36,6 +36,9 @@ acknowledgement); ``key?`` is optional, with a default::
                     closed, ms (the caller keeps a connection alive more often)
                 < bulk?: str - its bulk endpoint, where large messages go sealed ('': none, send
                     them on this connection)
+                < incarnation?: str - this worker process's random id ('': not told); another one at
+                    the same address means the worker was restarted
+                < started_ms?: int - when this worker process started, ms since the epoch
     PUT         Store a value.
                 > id: object id - the id to store it under
                 > obj: value - a tensor, a pointer descriptor, a number, ...
@@ -183,6 +186,9 @@ class HelloReply(Body):
                         "closed, ms (the caller keeps a connection alive more often)", 0)
     bulk: str = key(STR, "its bulk endpoint, where large messages go sealed ('': none, send "
                     "them on this connection)", "")
+    incarnation: str = key(STR, "this worker process's random id ('': not told); another one at "
+                           "the same address means the worker was restarted", "")
+    started_ms: int = key(INT, "when this worker process started, ms since the epoch", 0)
 
 
 @body(Op.PUT)

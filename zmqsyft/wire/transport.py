@@ -15,7 +15,6 @@ import ipaddress
 import os
 import re
 import tempfile
-import time
 import uuid
 from typing import Any
 
@@ -23,9 +22,10 @@ import zmq
 
 from ..config import Config
 from ..errors import ProtocolError
+from .watch import HANDSHAKE_FAILED, REFUSED, REFUSED_ADVICE, PeerWatch
 
 __all__ = ["Dropped", "context", "make_router", "make_dealer", "PeerWatch", "ipc_endpoint", "is_loopback",
-           "send", "recv", "readable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
+           "send", "recv", "readable", "writable", "canonical_endpoint", "ZAP_ENDPOINT", "bind_zap_handler",
            "monitor_reader", "REFUSED", "REFUSED_ADVICE", "HANDSHAKE_FAILED", "recv_request",
            "make_bulk_router", "make_bulk_dealer", "clip"]
 
@@ -42,30 +42,13 @@ def context() -> zmq.Context:
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 """Where libzmq sends a context's ZAP requests (RFC 27): one handler per context binds it."""
 
-REFUSED = ("refused the connection during the handshake (at its max_connections limit, or your "
-           "key is not one it allows)")
-"""What a refused handshake tells the connecting side: the ZAP status text does not reach it."""
-
-HANDSHAKE_FAILED = (
-    "the connection's handshake failed: the worker's public key given here (worker_key=) is not "
-    "the one it serves with, one end uses CURVE and the other not (--insecure on one side only), "
-    "or it is not a zmqsyft worker")
-"""What a handshake that fails before any authorisation tells the connecting side."""
-
-REFUSED_ADVICE = ("If it serves its max_connections already, close other connections to it, or "
-                  "start it with a larger max_connections (--max-connections N, or "
-                  "ZMQSYFT_MAX_CONNECTIONS=N in its environment); if it does not know your key, "
-                  "give it your public key (zmqsyft worker --allow DIR, your NAME.key in DIR)")
-"""What to do about a refused connection."""
-
-
 def _common(sock: zmq.Socket, cfg: Config) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     ivl = max(1, int(cfg.heartbeat_ivl * 1000))
     sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * 3)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * 2)  # (a ping goes within ivl: 3 ivl at most)
     sock.setsockopt(zmq.HEARTBEAT_TTL, ivl * 3)
 
 
@@ -181,83 +164,26 @@ def make_dealer(ctx: zmq.Context, address: str, cfg: Config,
     """A DEALER connected to a peer's ROUTER (fresh random routing id), and its liveness watch.
 
     ``curve``: (our public key, our secret key, the peer's public key): the connection is then
-    CURVE, and completes only with the peer that holds the secret of that public key, and only if
-    it accepts ours. The watch is attached before connecting, so that no connection event can be
-    missed.
+    CURVE, and completes only with the holder of that key's secret, if it accepts ours. The
+    DEALER never reconnects by itself (``RECONNECT_IVL=-1``): a connection lost is for good, so
+    that whatever comes next at that address (a restarted worker) is met with a new socket and a
+    new ``HELLO``, never with requests meant for the process that went.
     """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, cfg)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
     if curve is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
-    watch = PeerWatch(sock, 3 * cfg.heartbeat_ivl)
+    watch = PeerWatch(sock, 3 * cfg.heartbeat_ivl, address)
     sock.connect(address)
     return sock, watch
 
 
-class PeerWatch:
-    """Tells, from a DEALER's monitor events, whether its peer is reachable.
-
-    A peer process that dies closes the connection at once (``down`` immediately); one that is
-    frozen stops answering the ZMTP heartbeats and the connection is dropped after the heartbeat
-    timeout; one that never accepts the connection (nothing listens there any more) is down once
-    ``grace`` seconds passed without a handshake. A busy peer still answers heartbeats (ZeroMQ's
-    I/O thread does, without the GIL), so it is not mistaken for a dead one. A peer that refuses
-    the connection during the handshake (its ZAP handler: at its ``max_connections``, or not
-    authorised) is down at once, for good (ZeroMQ does not retry), and ``refused`` holds the
-    status code it answered (400); nothing else of its answer reaches us.
-    """
-
-    def __init__(self, sock: zmq.Socket, grace: float) -> None:
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                               | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self.grace = grace
-        self.up = False
-        self.ever_up = False
-        self.since = time.monotonic()
-        self.refused: int | None = None
-        self.failed = 0  # handshakes that failed for another reason (a key mismatch)
-
-    def down(self) -> str | None:
-        """Drain pending events; a reason if the peer is unreachable now, else ``None``."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self.ever_up = self.ever_up or self.up
-            self.since = time.monotonic()
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.refused = int(event["value"])
-            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self.failed += 1
-        if self.refused is not None:
-            return f"{REFUSED} (ZAP status {self.refused})"
-        if self.failed and not self.ever_up:
-            return HANDSHAKE_FAILED
-        if self.up:
-            return None
-        if self.ever_up:
-            return "the connection to it was lost: it died, or stopped answering heartbeats"
-        if time.monotonic() - self.since > self.grace:
-            return f"no connection could be made to it within {self.grace:g}s"
-        return None
-
-    def close(self, sock: zmq.Socket) -> None:
-        sock.disable_monitor()
-        self.monitor.close(linger=0)
-
-
 _COPY_BELOW = 65536  # smaller frames are copied: cheaper than a zero-copy zmq.Frame
 # plain ints: pyzmq's enum constants cost an enum construction per use on the hot path
-_SNDMORE, _RCVMORE, _EVENTS, _POLLIN, _NOBLOCK = (
-    int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK))
+_SNDMORE, _RCVMORE, _EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = (
+    int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN, zmq.POLLOUT, zmq.NOBLOCK))
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
@@ -271,6 +197,12 @@ def send(sock: zmq.Socket, frames: list[Any]) -> None:
     for i, frame in enumerate(frames):
         small = type(frame) is bytes and len(frame) < _COPY_BELOW
         sock.send(frame, (_SNDMORE | _NOBLOCK) if i < last else _NOBLOCK, copy=small)
+
+
+def writable(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` has a connection to queue a message on (a DEALER that never reconnects
+    has none once its connection was lost; reading the option handles libzmq's pending news)."""
+    return bool(int(sock.get(_EVENTS)) & _POLLOUT)
 
 
 def readable(sock: zmq.Socket) -> bool:

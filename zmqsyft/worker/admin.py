@@ -64,7 +64,8 @@ def hello(w: Services, ctx: Ctx, body: Hello) -> None:
                             shm=ctx.ident in w.shm_callers,
                             max_message_size=w.cfg.max_message_size, worker_key=w.key,
                             principal=who.name, admin=who.admin,
-                            lease_ms=int(w.cfg.lease * 1000),
+                            lease_ms=int(w.cfg.lease * 1000), incarnation=w.incarnation,
+                            started_ms=w.started_ms,
                             bulk=w.sealed.endpoint if sealed and w.sealed is not None else ""))
 
 

@@ -87,6 +87,9 @@ class Services(Protocol):
         Its bulk socket and its connections' sealed channels (None: insecure, or turned off).
     router : zmq.Socket
         Its ROUTER, where its callers' requests come in.
+    incarnation, started_ms : str, int
+        This process's random id, and when it started (ms since the epoch): a caller meeting
+        another incarnation at the same address knows the worker was restarted.
     """
 
     id: str
@@ -100,6 +103,8 @@ class Services(Protocol):
     access: Access
     leases: Leases
     key: str
+    incarnation: str
+    started_ms: int
     header: Any
     trust_tokens: frozenset[str]
     trusted: set[bytes]

@@ -9,13 +9,15 @@ from typing import Any
 
 import zmq
 
-from ..errors import HandoverRefused, UntrustedPayload
+from ..errors import HandoverRefused, RequestDropped, UntrustedPayload
 from ..wire import transport
-from ..wire.messages import salvage_req_id
+from ..wire.bodies import Batch
+from ..wire.codec import decode_message
+from ..wire.messages import NO_REPLY, Op, salvage_req_id
 from .context import Ctx, Services
 from .leases import Holder
 
-__all__ = ["dropped", "undecodable"]
+__all__ = ["dropped", "undecodable", "ended"]
 
 log = logging.getLogger("zmqsyft.worker")
 
@@ -60,3 +62,25 @@ def undecodable(w: Services, ident: bytes, frames: list[Any], exc: Exception, ne
     req_id = salvage_req_id(frames[1])
     if req_id:
         w.reply_error(Ctx(ident, req_id, holder), exc)
+
+
+def ended(w: Services, ident: bytes, frames: list[Any], frozen: float) -> None:
+    """A message on a connection that a freeze of ``frozen`` seconds ended: nothing of it runs;
+    each request in it is answered ``RequestDropped`` (its caller, if still there, reconnects)."""
+    w.traffic.counters["dropped_ended"] += 1
+    req_ids = [salvage_req_id(frames[1])] if len(frames) > 1 else []
+    if req_ids == [NO_REPLY] and len(frames) == 2:  # a BATCH: each request in it
+        try:
+            msg = decode_message(frames[1:], trusted=False)
+            if msg.op is Op.BATCH:
+                req_ids = [salvage_req_id(raw) for raw in Batch.from_wire(msg.body).msgs]
+        except Exception:  # noqa: BLE001 - nothing to answer then
+            req_ids = []
+    exc = RequestDropped(
+        f"worker '{w.id}' dropped this request without running it: the worker was frozen for "
+        f"{frozen:.1f}s, longer than its callers wait, so the connection it came on had ended "
+        "(its caller was told the worker is unavailable). Nothing of it took effect; send it "
+        "again (a new connection is served)")
+    for req_id in req_ids:
+        if req_id != NO_REPLY:
+            w.reply_error(Ctx(ident, req_id), exc)

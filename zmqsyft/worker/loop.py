@@ -13,13 +13,15 @@ Nothing in a worker ever blocks on a peer: a request that needs another worker (
 with a deadline, so pointer cycles between workers cannot deadlock.
 
 Every request body is checked against its op's typed body before any handler sees it; every
-failure becomes an ERROR reply; undecodable messages are dropped and counted.
+failure becomes an ERROR reply; undecodable messages are dropped and counted; a connection a
+freeze ended (:mod:`~zmqsyft.worker.freeze`) has its requests dropped unrun.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,7 @@ from ..wire.values import ShmPolicy
 from . import admin, calls, intake, objects, owner
 from .access import Access
 from .context import Ctx, Handler
+from .freeze import FreezeWatch
 from .gate import DOMAIN, EVENTS, Gate
 from .leases import Holder, Leases
 from .peers import PeerLinks
@@ -55,8 +58,7 @@ _PEER_CHECK_S, _LEASE_CHECK_S = 0.02, 0.25
 _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer starves
 
 HANDLERS: dict[Op, Handler] = {
-    Op.HELLO: admin.hello, Op.PING: admin.ping, Op.STATS: admin.stats,
-    Op.SHUTDOWN: admin.shutdown,
+    Op.HELLO: admin.hello, Op.PING: admin.ping, Op.STATS: admin.stats, Op.SHUTDOWN: admin.shutdown,
     Op.PUT: objects.put, Op.GET: objects.get, Op.DEL: objects.delete, Op.MOVE: objects.move,
     Op.REMOTE_GET: objects.remote_get, Op.OBJECTS: objects.objects, Op.FLUSH: objects.flush,
     Op.CALL: calls.call,
@@ -84,16 +86,13 @@ class Worker(owner.DataOwner):
     parent_pid : int, optional
         Exit when this process is no longer our parent.
     trust_tokens : frozenset of str
-        A connection whose HELLO presents one of these may send pickled payloads (user
-        functions, modules); every other connection is refused them (unless its key is
-        trusted, see ``access``).
+        A connection whose HELLO presents one may send pickled payloads (else only trusted keys).
     keys : KeyPair, optional
         Its CURVE key pair (default: a fresh one): its clients and peers know it by the public key.
     access : Access, optional
         The keys it accepts, and their rights (default: none; anyone if ``config.insecure``).
     bulk_bind : str, optional
-        Where to bind its bulk socket, for large messages sealed beside the CURVE connections
-        (default: beside ``bind``: the same host on a free port, or the same directory).
+        Where to bind its bulk socket, for sealed large messages (default: beside ``bind``).
     policy : Policy, optional
         Its data owner's rules for the data it loads (:mod:`zmqsyft.privacy`; default: private
         to the worker itself, aggregates of 2 owners released only where it is).
@@ -105,6 +104,8 @@ class Worker(owner.DataOwner):
                  policy: Policy | None = None) -> None:
         self.id = worker_id
         self.cfg = config
+        # this process, among the workers that ever served at this address (in its HELLO replies)
+        self.incarnation, self.started_ms = secrets.token_hex(8), int(time.time() * 1000)
         self.trust_tokens = frozenset(t for t in trust_tokens if t)
         self.trusted: set[bytes] = set()  # routing ids that presented a trust token
         self.shm_callers: set[bytes] = set()  # routing ids on this machine (shared memory)
@@ -146,6 +147,7 @@ class Worker(owner.DataOwner):
         self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic, self.keys,
                                self.access)
         self._running = False
+        self.freeze = FreezeWatch(1.5 * config.heartbeat_ivl)
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
         self._graveyard: list[Any] = []
@@ -203,8 +205,7 @@ class Worker(owner.DataOwner):
         finally:
             self.close()
 
-    def stop(self) -> None:
-        """Stop serving once this turn is over."""
+    def stop(self) -> None:  # (once this turn is over)
         self._running = False
 
     def close(self) -> None:
@@ -213,6 +214,7 @@ class Worker(owner.DataOwner):
         self._running = False
         if self.router.closed:
             return
+        self.freeze.close()
         self._flush_acks()
         self.peers.close()
         if self.sealed is not None:
@@ -285,6 +287,8 @@ class Worker(owner.DataOwner):
             self.traffic.counters["dropped_malformed"] += 1
             return
         ident = frames[0]
+        if not nested and (frozen := self.freeze.ended(ident)) is not None:
+            return intake.ended(self, ident, frames, frozen)
         if holder is None:
             principal = self.access.get(user)
             if principal is None:  # the gate admitted no such key: nothing to answer

@@ -2,23 +2,18 @@
 
 :meth:`PeerLinks.request` sends a request to a peer and parks its continuation with a deadline;
 the peer's reply (or ``ACKS``) resumes it. Each link is a :class:`~zmqsyft.wire.rpc.RequestCore`
-of its own, so a reply can only answer a request sent on that link. A peer found dead (socket
-monitor, heartbeats) fails everything waiting on it and loses its socket, so that nothing queued
-for it is delivered to a later process at the same address. A request with large tensors for a
-peer whose HELLO reply has not come yet is parked, in order with what follows it, until the
-reply says whether the two share ``/dev/shm``.
+of its own, so a reply only answers a request sent on that link. A peer found lost (socket
+monitor, heartbeats, a send with no connection under it) fails everything waiting on it and loses
+its socket; nothing queued for it reaches a later process at that address, and the next request
+makes a new link. A request with large tensors waits (in order) for the peer's HELLO reply, which
+says whether the two share ``/dev/shm`` and names its bulk socket (large requests go sealed
+there, :mod:`zmqsyft.wire.bulk`; replies come inside the connection).
 
-**Keys.** A worker connects to a peer only with that peer's public key (CURVE: the connection
-completes only with the holder of its secret), and only to a key it knows (a principal of its
-:class:`~zmqsyft.worker.access.Access`: listed with ``--allow``, or introduced by its spawner or
-an admin). The key comes with the address, in the pointer descriptor or ``MOVE`` that names the
-peer, and :meth:`PeerLinks.learn` checks it; an address whose key changes (a worker restarted
-there) gets a fresh link. The worker presents its own key, with which the peer knows it.
-
-**Large requests** (a ``MOVE``'s ``PUT``, a relayed op's tensors) go sealed on the peer's bulk
-socket, as a client's do (:mod:`zmqsyft.wire.bulk`), once the peer's HELLO reply named it; the
-link asks for its replies inside the connection (``sealed_replies=False``), which its
-continuations read as they come.
+**Keys.** A worker connects to a peer only with that peer's public key (CURVE), and only to a key
+it knows (a principal of its :class:`~zmqsyft.worker.access.Access`: ``--allow``, or introduced
+by its spawner or an admin). The key comes with the address, in the pointer descriptor or
+``MOVE`` naming the peer, and :meth:`PeerLinks.learn` checks it; an address whose key changes (a
+worker restarted there) gets a fresh link. The worker presents its own key.
 """
 
 from __future__ import annotations
@@ -137,6 +132,12 @@ class PeerLink(RequestCore):
     def late(self, req_id: int) -> None:
         self.links.traffic.counters["late_replies"] += 1
 
+    def gone(self) -> str | None:
+        """Why this link is lost (cheap when it is not: for the sending path), or ``None``."""
+        if not self.watch.changed() and transport.writable(self.sock):
+            return None
+        return self.watch.down() or (None if transport.writable(self.sock) else "it was dropped")
+
     def close(self) -> None:
         self.watch.close(self.sock)
         self.sock.close(linger=0)
@@ -188,10 +189,8 @@ class PeerLinks:
 
     def learn(self, address: str, key: str) -> None:
         """Note that the worker at ``address`` (canonical) holds ``key``, before anything is
-        sent there on the strength of a descriptor or a ``MOVE`` naming it.
-
-        Raises ``AccessDenied`` for a key this worker does not know (it does not connect to
-        workers it was not told about), or none; nothing is checked on an insecure worker."""
+        sent there for a descriptor or a ``MOVE`` naming it. ``AccessDenied`` for a key this
+        worker does not know, or none; nothing is checked on an insecure worker."""
         if self.keys is None:
             return
         if not key or self.access.get(key) is None:
@@ -215,6 +214,9 @@ class PeerLinks:
         Without a callback the request is sent with request id 0: the peer answers nothing, not
         even an error (for relayed ops whose failures poison their results downstream).
         """
+        old = self.links.get(address)
+        if old is not None and old.parked is None and (gone := old.gone()) is not None:
+            self.lost(address, gone)  # (found on the sending path: a new link is made)
         try:
             link = self._link(address)
         except Exception as exc:  # noqa: BLE001 - e.g. a malformed address
@@ -258,9 +260,8 @@ class PeerLinks:
 
     def keepalive(self, now: float) -> None:
         """Every :meth:`keepalive_every` seconds, a reply-less PING on every link: a peer keeps
-        what this worker owns there only while one of its connections is open, and a connection
-        ZeroMQ re-made after a blip counts once something is sent on it (see
-        :mod:`~zmqsyft.worker.leases`)."""
+        what this worker owns there only while one of its connections is open (see
+        :mod:`~zmqsyft.worker.leases`); a link lost is made again meanwhile."""
         if now < self._last_keepalive + self.keepalive_every():  # (leases learnt since count)
             return
         self._last_keepalive = now
@@ -320,8 +321,9 @@ class PeerLinks:
     def _no_pipe(self, link: PeerLink) -> Exception:
         """A send found no connection to queue on: the peer refused the handshake (libzmq drops
         the connection and never retries), perhaps before its monitor event has reached us."""
-        reason = link.watch.down() or f"{transport.REFUSED} (the connection was dropped)"
-        refused = link.watch.refused is not None or not link.watch.failed
+        watch = link.watch
+        reason = watch.down() or f"{transport.REFUSED} (the connection was dropped)"
+        refused = watch.refused is not None or not (watch.ever_up or watch.closed or watch.failed)
         self.lost(link.address, reason, refused=refused)
         if refused:
             return LimitExceeded(f"worker '{self.worker_id}': the worker at {link.address} {reason}"
@@ -388,11 +390,8 @@ class PeerLinks:
                     self.lost(address, reason, refused=link.watch.refused is not None)
 
     def lost(self, address: str, reason: str, refused: bool = False) -> None:
-        """A peer worker is unreachable: fail what waits on it; the next request reconnects.
-
-        ``refused``: it refused the connection during the handshake (at its ``max_connections``,
-        or not authorised): what waits fails with ``LimitExceeded``, else ``WorkerUnavailable``.
-        """
+        """A peer worker is unreachable: fail what waits on it (``LimitExceeded`` if it
+        ``refused`` the handshake, else ``WorkerUnavailable``); the next request reconnects."""
         link = self.links.pop(address, None)
         self.dirty.discard(address)
         if link is None:

@@ -1,0 +1,66 @@
+"""What a caller is told when a worker dies, freezes or cannot be reached.
+
+Two cases, kept apart because they mean different things to the caller's code: a request that
+**was not sent** (the worker was known to be gone before it left: ``WorkerUnavailable``, nothing
+happened) and one that **had left** when the worker was lost (``OutcomeUnknown``: it may or may
+not have taken effect). Both name the worker, say what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import OutcomeUnknown, WorkerUnavailable
+from .handle import WorkerHandle
+
+__all__ = ["gone", "outcome_unknown", "describe", "restarted", "unsent"]
+
+
+def describe(worker: WorkerHandle, why: str) -> str:
+    """``why`` (an exit status, a monitor's finding) as a sentence about ``worker``."""
+    status = worker._exit_status()
+    if status is not None and status != "closed":
+        return f"worker '{worker.id}' is not running: {status}"
+    return f"worker '{worker.id}' at {worker.address_hint} cannot be reached: {why}"
+
+
+def gone(worker: WorkerHandle, why: str, what: str) -> WorkerUnavailable:
+    """``what`` was not sent: ``worker`` is known to be gone. Nothing of it happened."""
+    worker.loss_reported = True  # (raised to the caller; the reaper, which swallows it, not)
+    advice = ("spawn it again" if worker.spawned else
+              "start it again (a request after it is back reconnects)")
+    exc = WorkerUnavailable(f"{describe(worker, why)}; {what} was not sent ({advice})")
+    worker.lost = worker.lost or why or "gone"
+    worker.loss = worker.loss or exc
+    return exc
+
+
+def outcome_unknown(worker: WorkerHandle, why: str, what: str) -> OutcomeUnknown:
+    """``what`` had left when ``worker`` was lost: whether it took effect is unknown."""
+    worker.lost = why or "lost"
+    exc = OutcomeUnknown(
+        f"{describe(worker, why)}; {what} had been sent and got no answer: whether it took effect "
+        "there is unknown (objects it made or changed may or may not exist)")
+    worker.loss = worker.loss or exc
+    return exc
+
+
+def unsent(worker: WorkerHandle, exc: BaseException, what: str) -> BaseException:
+    """The error for ``what``, still queued (never sent) when its connection failed with
+    ``exc``: nothing of it happened, whatever ``exc`` says of what had left."""
+    if not isinstance(exc, OutcomeUnknown):
+        return exc
+    return WorkerUnavailable(f"{describe(worker, worker.lost or str(exc))}; {what} was queued "
+                             "and never sent: nothing of it happened")
+
+
+def restarted(worker: WorkerHandle, keep: tuple[Any, ...], results: tuple[Any, ...],
+              what: str) -> None:
+    """``worker`` was found restarted as a request was about to leave: it may not name objects
+    of the earlier process (``WorkerRestarted``); the results it makes are the new one's."""
+    gen = worker.generation
+    for ptr in keep:
+        if getattr(ptr, "location", None) is worker and ptr._gen != gen:
+            raise worker.restarted(ptr.id_at_location, what)
+    for ptr in results:
+        ptr._gen = gen
