@@ -26,6 +26,7 @@ from .client import (
 from .config import Config, configure, get_config
 from .errors import (
     AccessDenied,
+    AddressError,
     CommunicationError,
     LimitExceeded,
     LocationMismatch,
@@ -66,6 +67,6 @@ __all__ = [
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
-    "AccessDenied", "PrivacyError", "Policy", "KeyPair",
+    "AccessDenied", "AddressError", "PrivacyError", "Policy", "KeyPair",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

@@ -146,7 +146,7 @@ def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .config import from_environ
+    from .config import check_endpoint, from_environ
     from .keys import KeyPair
     from .wire import shm, transport
     from .worker import Worker, costs
@@ -167,6 +167,9 @@ def _worker(args: argparse.Namespace) -> int:
             cfg = replace(cfg, insecure=True)
         cfg = replace(cfg, **{name: value for name in LIMITS
                               if (value := getattr(args, name)) is not None})
+        check_endpoint(args.bind, "--bind", bind=True)
+        if args.bulk_bind is not None:
+            check_endpoint(args.bulk_bind, "--bulk-bind", bind=True)
     except ValueError as exc:
         print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
         return 2

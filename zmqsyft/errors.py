@@ -28,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "ZmqSyftError",
+    "AddressError",
     "CommunicationError",
     "WorkerUnavailable",
     "RequestTimeout",
@@ -51,6 +52,10 @@ __all__ = [
 
 class ZmqSyftError(Exception):
     """Base class of every error zmqsyft raises on its own account."""
+
+
+class AddressError(ZmqSyftError, ValueError):
+    """An endpoint zmqsyft cannot bind or connect to (the message says what was expected)."""
 
 
 class CommunicationError(ZmqSyftError):
