@@ -343,6 +343,7 @@ class PeerLinks:
     def _hello_answered(self, link: PeerLink) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:
             if msg is not None and self.links.get(link.address) is link:
+                log.info("worker %s: linked to the worker at %s", self.worker_id, link.address)
                 link.open_bulk()
             key = self.keys_at.get(link.address, "")
             principal = self.access.get(key) if key else None
@@ -389,14 +390,13 @@ class PeerLinks:
 
     def lost(self, address: str, reason: str, refused: bool = False) -> None:
         """A peer worker is unreachable: fail what waits on it; the next request reconnects.
-
         ``refused``: it refused the connection during the handshake (at its ``max_connections``,
-        or not authorised): what waits fails with ``LimitExceeded``, else ``WorkerUnavailable``.
-        """
+        or not authorised): what waits fails with ``LimitExceeded``, else ``WorkerUnavailable``."""
         link = self.links.pop(address, None)
         self.dirty.discard(address)
         if link is None:
             return
+        log.info("worker %s: lost the link to the worker at %s: %s", self.worker_id, address, reason)
         if not refused and link.peer is not None:  # re-made by the keep-alives for its lease
             self._lost[address] = (time.monotonic(), link.peer.lease_ms / 1000)
         self.poller.unregister(link.sock)
