@@ -353,6 +353,7 @@ class Connection(Batching, RequestCore):
             self.receive(frames)
             return
         dead = self.worker._exit_status()
+        exited = dead is not None  # (else it may run, but cannot be reached)
         if dead is None and self.watch is not None:
             dead = self.watch.down()
             if self.watch.refused is not None:
@@ -361,8 +362,9 @@ class Connection(Batching, RequestCore):
                     f"{what} got no answer (ZAP status {self.watch.refused}). "
                     f"{transport.REFUSED_ADVICE}."))
         if dead is not None:
+            where = "is not running" if exited else f"at {self.worker.address} could not be reached"
             raise self._fail(WorkerUnavailable(
-                f"worker '{self.worker.id}' is not running ({dead}); {what} got no answer"))
+                f"worker '{self.worker.id}' {where} ({dead}); {what} got no answer"))
 
     def resolved(self, pending: Any, reply: Message | None, error: BaseException | None) -> None:
         """A reply (or the loss of the connection) answered ``pending``."""
