@@ -344,8 +344,9 @@ class Decoder:
 def _meta(t: torch.Tensor) -> list[Any]:
     """A tensor's wire metadata: dtype name, shape, requires_grad, and its gradient if it has
     one (a leaf's, or a non-leaf's that retains it), as PySyft sends it."""
-    meta = [dtype_name(t.dtype), list(t.shape), bool(t.requires_grad)]
-    grad = t._grad if t.is_leaf or t.retains_grad else None
+    rg = bool(t.requires_grad)  # (a tensor that does not require grad is a leaf)
+    meta = [dtype_name(t.dtype), list(t.shape), rg]
+    grad = t._grad if not rg or t.is_leaf or t.retains_grad else None
     if grad is not None:
         meta.append(grad.detach())
     return meta

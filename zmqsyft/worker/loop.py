@@ -319,7 +319,8 @@ class Worker(owner.DataOwner):
                                         "frame message of its own, not inside another batch")
                 raise ProtocolError(f"worker '{self.id}' does not accept {op.name} messages")
             handler, body_type = entry
-            log.debug("worker %s: %s %d from %s", self.id, op.name, ctx.req_id, principal.label)
+            if log.isEnabledFor(logging.DEBUG):  # (op.name alone costs 0.3 us a request)
+                log.debug("worker %s: %s %d from %s", self.id, op.name, ctx.req_id, principal.label)
             handler(self, ctx, body_type.from_wire(msg.body))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an ERROR reply
             self.reply_error(ctx, exc)
