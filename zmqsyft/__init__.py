@@ -26,6 +26,7 @@ from .client import (
 from .config import Config, configure, get_config
 from .errors import (
     AccessDenied,
+    AddressError,
     CommunicationError,
     LimitExceeded,
     LocationMismatch,
@@ -71,6 +72,6 @@ __all__ = [
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",
-    "AccessDenied", "PrivacyError", "Policy", "KeyPair",
+    "AccessDenied", "AddressError", "PrivacyError", "Policy", "KeyPair",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]

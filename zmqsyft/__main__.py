@@ -21,6 +21,7 @@ from dataclasses import replace
 
 __all__ = ["main"]
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 LIMITS = {  # Config fields a worker's command line sets (see sy.Config for each one's meaning)
     "max_store_bytes": "most tensor bytes the worker holds (default: 3/4 of memory)",
     "max_connection_bytes": "most tensor bytes one session's objects may hold (a client, "
@@ -146,7 +147,7 @@ def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .config import from_environ
+    from .config import check_endpoint, from_environ
     from .keys import KeyPair
     from .wire import shm, transport
     from .worker import Worker, costs
@@ -167,6 +168,9 @@ def _worker(args: argparse.Namespace) -> int:
             cfg = replace(cfg, insecure=True)
         cfg = replace(cfg, **{name: value for name in LIMITS
                               if (value := getattr(args, name)) is not None})
+        check_endpoint(args.bind, "--bind", bind=True)
+        if args.bulk_bind is not None:
+            check_endpoint(args.bulk_bind, "--bulk-bind", bind=True)
     except ValueError as exc:
         print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
         return 2
@@ -177,8 +181,13 @@ def _worker(args: argparse.Namespace) -> int:
               "--allow DIR), or add --insecure-network on a network whose every host you trust.",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(),
+    if args.log_level.lower() not in LOG_LEVELS:
+        print(f"zmqsyft worker '{args.id}': log level {args.log_level!r} (--log-level, or "
+              f"ZMQSYFT_LOG_LEVEL) is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s")
+    log = logging.getLogger("zmqsyft.worker")
     try:
         spawned = _spawned(args) if args.token_fd is not None else {}
         token = _trust_token(args, spawned)
@@ -197,7 +206,7 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"zmqsyft worker '{args.id}': {text}", file=sys.stderr)
         return 2
     if cfg.insecure:
-        logging.getLogger("zmqsyft.worker").warning(
+        log.warning(
             "worker %s runs INSECURE (--insecure / ZMQSYFT_INSECURE): no authentication, no "
             "encryption; every connection may read, change and take every object and stop it",
             args.id)
@@ -221,6 +230,8 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
+    log.info("worker %s: started, pid %d, listening on %s, key %s", args.id, os.getpid(),
+             worker.address, f"{worker.key[:8]}..." if worker.key else "none (INSECURE)")
     # torch and the loaded data are here for good: keep them out of the garbage collector's
     # full passes, which would otherwise rescan them every few thousand requests
     gc.freeze()
@@ -245,6 +256,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        log.info("worker %s: shut down", args.id)
         # the interpreter must not finalise under a thread still inside torch's imports (it
         # aborts): a worker stopped in its first second waits for the warm-up to end
         while warm.is_alive():
@@ -310,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="how long a disconnected client's objects are kept for it (default 60)")
     w.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for a peer worker's reply (default from ZMQSYFT_TIMEOUT, or 60)")
-    w.add_argument("--log-level", default=os.environ.get("ZMQSYFT_LOG", "warning"),
-                   help="logging level (debug, info, warning)")
+    w.add_argument("--log-level", metavar="{" + ",".join(LOG_LEVELS) + "}",
+                   default=os.environ.get("ZMQSYFT_LOG_LEVEL") or os.environ.get("ZMQSYFT_LOG")
+                   or "warning",
+                   help="what the worker logs on stderr: info says what it does (start, "
+                        "connections, peer links, shutdown), debug every request too (default "
+                        "from ZMQSYFT_LOG_LEVEL, which spawned workers inherit, or warning)")
     w.add_argument("--load", action="append", default=[], metavar="FILE",
                    help="a torch.save'd tensor or dict of tensors to hold as this worker's own "
                         "data (repeatable); loaded with weights_only=True")

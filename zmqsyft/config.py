@@ -16,11 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["Config", "get_config", "configure", "from_environ", "on_change", "parse_int"]
+from .errors import AddressError
+
+__all__ = ["Config", "get_config", "configure", "from_environ", "on_change", "parse_int",
+           "check_endpoint", "IPC_PATH_MAX"]
 
 _ENV_PREFIX = "ZMQSYFT_"
 # environment variables with this prefix that are not config fields but are still legitimate
-_ENV_NOT_CONFIG = {"ZMQSYFT_LOG", "ZMQSYFT_TRUST_TOKEN"}
+_ENV_NOT_CONFIG = {"ZMQSYFT_LOG", "ZMQSYFT_LOG_LEVEL", "ZMQSYFT_TRUST_TOKEN"}
 
 
 @dataclass(frozen=True)
@@ -262,3 +265,74 @@ def configure(**changes: Any) -> Config:
 def on_change(listener: Callable[[Config], None]) -> None:
     """Call ``listener(config)`` whenever :func:`configure` replaces the process-wide config."""
     _listeners.append(listener)
+
+
+IPC_PATH_MAX = 107
+"""Bytes an ``ipc://`` path may have: a Unix socket's ``sun_path`` is 108 bytes on Linux,
+its terminating NUL included (104 on macOS)."""
+_EXPECTED = "expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc://PATH"
+
+
+def check_endpoint(address: Any, what: str, *, bind: bool = False) -> str:
+    """Check that ``address`` is an endpoint a worker can bind (``bind=True``) or be reached at.
+
+    Parameters
+    ----------
+    address : str
+        ``tcp://HOST:PORT`` (port 1-65535; to bind, also port 0, a free one, and HOST ``*``,
+        every interface) or ``ipc://PATH`` (at most :data:`IPC_PATH_MAX` bytes).
+    what : str
+        What the address is for, to start the message with (``"connect()"``, ``"--bind"``).
+
+    Returns
+    -------
+    str
+        ``address``, unchanged.
+
+    Raises
+    ------
+    AddressError
+        (a ``ValueError``) saying what was expected, with the likely intended spelling.
+    """
+    def fail(why: str, meant: str = "") -> AddressError:
+        hint = f"; did you mean {meant}?" if meant else ""
+        return AddressError(f"{what}: {address!r} is not a usable endpoint: {why}{hint}")
+
+    if not isinstance(address, str):
+        raise fail(f"an endpoint is a string, not {type(address).__name__}; {_EXPECTED}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        host, colon, port = address.rpartition(":")
+        if colon and port.isdigit() and host and "/" not in host:
+            raise fail("it has no scheme", f"tcp://{address}")
+        if address.startswith(("/", "./", "~")):
+            raise fail("it has no scheme", f"ipc://{address}")
+        raise fail(f"it has no scheme; {_EXPECTED}")
+    if scheme == "ipc":
+        if not rest:
+            raise fail("an ipc:// endpoint needs a path, e.g. ipc:///tmp/bob.sock")
+        size = len(rest.encode("utf-8", "surrogateescape"))
+        if size > IPC_PATH_MAX:
+            raise fail(f"its path is {size} bytes, and Unix socket paths are limited to "
+                       f"{IPC_PATH_MAX} bytes by the operating system: use a shorter directory "
+                       "(e.g. under /tmp)")
+        return address
+    if scheme != "tcp":
+        near = f"tcp://{rest}" if ":" in rest and "/" not in rest else ""
+        raise fail(f"zmqsyft workers listen on tcp:// or ipc://, not {scheme}://; {_EXPECTED}",
+                   near)
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise fail("a tcp:// endpoint needs a host and a port", f"tcp://{rest or '127.0.0.1'}:5555"
+                   if rest and ":" not in rest else "")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise fail(f"the port must be a number from {0 if bind else 1} to 65535")
+    if int(port) == 0 and not bind:
+        raise fail("port 0 (any free port) is for binding; connect to the port the worker "
+                   "bound (its handle's .address)")
+    if host == "*" and not bind:
+        raise fail("'*' (every interface) is for binding; connect to a host name or address",
+                   f"tcp://127.0.0.1:{port}")
+    if any(c.isspace() or c in "/@" for c in host):
+        raise fail("the host must be a name or an address (IPv6 in brackets: tcp://[::1]:5555)")
+    return address

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 __all__ = [
     "ZmqSyftError",
+    "AddressError",
     "CommunicationError",
     "WorkerUnavailable",
     "OutcomeUnknown",
@@ -59,6 +60,10 @@ __all__ = [
 
 class ZmqSyftError(Exception):
     """Base class of every error zmqsyft raises on its own account."""
+
+
+class AddressError(ZmqSyftError, ValueError):
+    """An endpoint zmqsyft cannot bind or connect to (the message says what was expected)."""
 
 
 class CommunicationError(ZmqSyftError):

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -183,6 +184,8 @@ class WorkerHandle:
             return "closed"
         if self._proc is not None:
             code = self._proc.poll()
+            if code is not None and code < 0:
+                return f"its process was killed by signal {_signal_name(-code)}"
             if code is not None:
                 return f"its process exited with code {code}"
         return None
@@ -273,3 +276,10 @@ class WorkerHandle:
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Any
 
-from ..config import Config
+from ..config import Config, check_endpoint
 from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
 from ..keys import KeyPair, public_key
 from ..privacy import Policy
@@ -98,6 +98,8 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
             bind = "tcp://127.0.0.1:0"
         else:
             raise ValueError(f"transport_kind must be 'ipc' or 'tcp', not {transport_kind!r}")
+    else:
+        check_endpoint(bind, f"spawn_worker({worker_id!r}, bind=...)", bind=True)
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "zmqsyft", "worker", "--id", worker_id, "--bind", bind,
            "--parent-pid", str(os.getpid()), "--ready-fd", str(write_fd),
@@ -184,8 +186,11 @@ def connect(address: str, *, worker_key: str | bytes | os.PathLike[str] | None =
         If the worker refuses the connection during the handshake: your key is not one it
         allows, or it serves its ``max_connections`` already.
     ValueError
-        If ``worker_key`` is missing (and the config is not insecure) or not a key.
+        If ``worker_key`` is missing (and the config is not insecure) or not a key;
+        ``AddressError`` (a ``ValueError``) if ``address`` is not ``tcp://HOST:PORT`` or
+        ``ipc://PATH``.
     """
+    check_endpoint(address, "connect()")
     session = get_session()
     key, existing = "", session.find(address)
     if worker_key is not None:

@@ -21,7 +21,7 @@ def describe(worker: WorkerHandle, why: str) -> str:
     status = worker._exit_status()
     if status is not None and status != "closed":
         return f"worker '{worker.id}' is not running: {status}"
-    return f"worker '{worker.id}' at {worker.address_hint} cannot be reached: {why}"
+    return f"worker '{worker.id}' at {worker.address_hint} could not be reached: {why}"
 
 
 def gone(worker: WorkerHandle, why: str, what: str) -> WorkerUnavailable:

@@ -84,11 +84,15 @@ def module_get(module: nn.Module) -> nn.Module:
         data = GetReply.from_wire(conn.wait(req).body).obj
         if not isinstance(data, torch.Tensor):
             raise PointerError(f"parameter {name!r} is a pointer to a pointer; .get() it by hand")
+        grad = data._grad
         if t._restore is not None:
-            t._unbecome(data)
+            local = t._unbecome(data)
         else:  # a pointer that was not made from a local tensor (from a remote copy)
             t._release("its module was fetched with .get()")
-            table[name] = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
+            local = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
+            table[name] = local
+        if grad is not None:  # the gradient the worker computed comes back with it
+            local.grad = grad
     return module
 
 

@@ -116,8 +116,7 @@ class CallerChannel:
                 continue
             why = dead()
             if why is not None:
-                raise WorkerUnavailable(f"{what} is not running ({why}); a sealed reply did "
-                                        "not arrive")
+                raise WorkerUnavailable(f"{what}: {why}; a sealed reply did not arrive")
 
     def close(self) -> None:
         if self.sock is not None:

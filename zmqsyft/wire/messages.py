@@ -53,11 +53,11 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 8  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+PROTOCOL_VERSION = 9  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
 # 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name);
 # 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW;
 # 7: BULK (large messages sealed beside the CURVE connection, zmqsyft.wire.bulk);
-# 8: privacy labels in PUT and GET replies (zmqsyft.privacy)
+# 8: privacy labels in PUT and GET replies (zmqsyft.privacy); 9: tensors carry their .grad
 NO_REPLY = 0
 
 

@@ -9,7 +9,8 @@ ZeroMQ without a copy and rebuilt on arrival with ``torch.frombuffer`` over the 
 code   name          payload (msgpack)
 =====  ============  ========================================================================
 1      TUPLE         list of values
-2      TENSOR        ``[buffer index, dtype name, shape, requires_grad]``
+2      TENSOR        ``[buffer index, dtype name, shape, requires_grad(, grad)]``: ``grad``, the
+                     tensor's ``.grad`` (itself a tensor value), only when it has one
 3      REF           object id in the receiver's store, 8 bytes big-endian (not msgpack)
 4      PTR           pointer descriptor list (:class:`~zmqsyft.wire.messages.PointerDesc`)
 5      SLICE         ``[start, stop, step]``
@@ -21,9 +22,9 @@ code   name          payload (msgpack)
 11     SUMMARY       text (:class:`~zmqsyft.wire.messages.Summary`)
 12     PICKLE        cloudpickle bytes: only decoded by a receiver that trusts the sender
 13     MEMFMT        memory format name
-14     SHM           ``[segment name, dtype name, shape, requires_grad]``: a tensor whose bytes
+14     SHM           ``[segment name, dtype name, shape, requires_grad(, grad)]``: a tensor whose bytes
                      are in a shared-memory segment (:mod:`zmqsyft.wire.shm`), same-host peers only
-15     HANDOVER      ``[pid, fd, segment name, dtype name, shape, requires_grad]``: a tensor
+15     HANDOVER      ``[pid, fd, segment name, dtype name, shape, requires_grad(, grad)]``: a tensor
                      the sender gives up whose bytes are a segment it holds open (same host)
 =====  ============  ========================================================================
 
@@ -171,7 +172,7 @@ class Encoder:
                     f"cannot send a {type(obj).__name__} as a tensor; pointers travel as pointers"
                 )
             buf = tensor_buffer(obj)
-            meta = [dtype_name(obj.dtype), list(obj.shape), bool(obj.requires_grad)]
+            meta = _meta(obj)
             nbytes = len(buf)
             if self.shm is not None and nbytes >= self.shm.threshold > 0:
                 if self._shm_ok is None:
@@ -231,8 +232,7 @@ class Encoder:
         if held is None:
             return None
         self.shm_bytes += t.nbytes
-        return self._ext(Ext.HANDOVER, [os.getpid(), *held, dtype_name(t.dtype), list(t.shape),
-                                        bool(t.requires_grad)])
+        return self._ext(Ext.HANDOVER, [os.getpid(), *held, *_meta(t)])
 
 
 class Decoder:
@@ -285,14 +285,14 @@ class Decoder:
         if code == Ext.TUPLE:
             return tuple(payload)
         if code == Ext.TENSOR:
-            index, dname, shape, requires_grad = payload
+            if not isinstance(payload, list) or len(payload) not in (4, 5):
+                raise ProtocolError(f"malformed tensor {payload!r}")
+            index, dname, shape, requires_grad = payload[:4]
             dtype = _lookup(DTYPES, dname, "dtype")
             if not isinstance(index, int) or not 0 <= index < len(self.frames):
                 raise ProtocolError(f"tensor refers to frame {index!r}, message has {len(self.frames)}")
             t = tensor_from_buffer(self.frames[index], dtype, shape)
-            if requires_grad:
-                t.requires_grad_(True)
-            return t
+            return _with_grad(t, requires_grad, payload[4:])
         if code == Ext.SHM or code == Ext.HANDOVER:
             return self._shm_tensor(code, payload)
         if code == Ext.PTR:
@@ -325,9 +325,9 @@ class Decoder:
                 "a shared-memory tensor came from a peer not known to share this machine's "
                 "/dev/shm (its HELLO did not match); refused")
         cut = 1 if code == Ext.SHM else 3
-        if not isinstance(payload, list) or len(payload) != cut + 3:
+        if not isinstance(payload, list) or len(payload) not in (cut + 3, cut + 4):
             raise ProtocolError(f"malformed shared-memory tensor {payload!r}")
-        ref, (dname, shape, requires_grad) = payload[:cut], payload[cut:]
+        ref, (dname, shape, requires_grad) = payload[:cut], payload[cut:cut + 3]
         dtype = _lookup(DTYPES, dname, "dtype")
         if not isinstance(shape, list) or any(type(s) is not int or s < 0 for s in shape):
             raise ProtocolError(f"invalid tensor shape {shape!r}")
@@ -338,9 +338,32 @@ class Decoder:
                else _shm.take_over(ref[0], ref[1], ref[2], nbytes))
         t = tensor_over_segment(buf, dtype, shape)
         self.shm_bytes += nbytes
+        return _with_grad(t, requires_grad, payload[cut + 3:])
+
+
+def _meta(t: torch.Tensor) -> list[Any]:
+    """A tensor's wire metadata: dtype name, shape, requires_grad, and its gradient if it has
+    one (a leaf's, or a non-leaf's that retains it), as PySyft sends it."""
+    rg = bool(t.requires_grad)  # (a tensor that does not require grad is a leaf)
+    meta = [dtype_name(t.dtype), list(t.shape), rg]
+    grad = t._grad if not rg or t.is_leaf or t.retains_grad else None
+    if grad is not None:
+        meta.append(grad.detach())
+    return meta
+
+
+def _with_grad(t: torch.Tensor, requires_grad: Any, grad: list[Any]) -> torch.Tensor:
+    """``t`` requiring grad as it did on the sender, with the gradient it had there."""
+    try:
         if requires_grad:
             t.requires_grad_(True)
-        return t
+        if grad:
+            if type(grad[0]) is not torch.Tensor:
+                raise ProtocolError(f"a tensor's gradient must be a tensor, not {grad[0]!r}")
+            t.grad = grad[0]
+    except RuntimeError as exc:  # a dtype that cannot require grad, a gradient that does not fit
+        raise ProtocolError(f"a tensor's autograd state does not fit it: {exc}") from None
+    return t
 
 
 def _int(value: Any) -> int:

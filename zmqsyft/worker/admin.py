@@ -13,6 +13,7 @@ share (its objects and bytes, its traffic).
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 
 import zmq.utils.z85
@@ -35,6 +36,8 @@ from .access import INSECURE, Principal
 from .context import Ctx, Services
 
 __all__ = ["hello", "ping", "stats", "shutdown", "allow", "require_admin"]
+
+log = logging.getLogger("zmqsyft.worker")
 
 
 def require_admin(w: Services, ctx: Ctx, what: str) -> None:
@@ -75,6 +78,7 @@ def ping(w: Services, ctx: Ctx, body: Ping) -> None:
 
 def shutdown(w: Services, ctx: Ctx, body: Shutdown) -> None:
     require_admin(w, ctx, "SHUTDOWN")
+    log.info("worker %s: shutting down, as %s asked", w.id, ctx.who.label)
     w.reply(ctx)
     w.stop()
 

@@ -330,19 +330,29 @@ class Gate:
             if not self._read_events():
                 self._stop.set()
             request_id = frames[1] if len(frames) > 1 else b""
+            request = None
             try:
-                verdict = self.decide(ZapRequest.parse(frames))
+                request = ZapRequest.parse(frames)
+                verdict = self.decide(request)
             except Exception as exc:  # noqa: BLE001 - refuse, say why in the log
                 log.exception("worker %s: ZAP request not understood", self.worker_id)
                 verdict = Verdict(500, f"internal error: {type(exc).__name__}")
             self._zap.send_multipart(verdict.frames(request_id))
             if verdict.status != 200:
                 self._refused(verdict)
+            elif request is not None and request.domain == DOMAIN:
+                principal = self.access.get(verdict.user_id)
+                log.info("worker %s: accepted a %s connection from %s (%s; %d open)",
+                         self.worker_id, request.mechanism, request.address or "ipc",
+                         f"{principal.label}, key {verdict.user_id[:8]}..." if verdict.user_id
+                         and principal is not None else "anonymous: insecure", len(self._open))
 
     def _refused(self, verdict: Verdict) -> None:
         self.refused += 1
         now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY_S:
+        if now - self._last_warning < _WARN_EVERY_S:  # (each one at info, at most one warning)
+            log.info("worker %s: refused a connection (%s)", self.worker_id, verdict.text)
+        else:
             self._last_warning = now
             log.warning("worker %s: refused a connection (%s; %d refused so far, %d open)",
                         self.worker_id, verdict.text, self.refused, len(self._open))

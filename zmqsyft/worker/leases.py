@@ -23,12 +23,15 @@ another principal's session.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from typing import Any
 
 import zmq
 
 from .access import Principal
+
+log = logging.getLogger("zmqsyft.worker")
 
 __all__ = ["Holder", "Leases"]
 
@@ -78,8 +81,9 @@ class Leases:
         Seconds a holder with no open connection is kept (``Config.lease``).
     """
 
-    def __init__(self, lease: float) -> None:
+    def __init__(self, lease: float, worker_id: str = "") -> None:
         self.lease = lease
+        self.worker_id = worker_id
         self.holders: dict[tuple[str, str], Holder] = {}
         self._by_route: dict[bytes, Holder] = {}
         self._by_fd: dict[int, Holder] = {}
@@ -150,7 +154,12 @@ class Leases:
         """Take in the connections the gate saw close."""
         closed = self.closed
         while closed:
-            self._detach(closed.popleft())
+            fd = closed.popleft()
+            h = self._by_fd.get(fd)
+            if h is not None:
+                log.info("worker %s: a connection of %s closed (session %r, %d left)",
+                         self.worker_id, h.principal.label, h.session, len(h.conns) - 1)
+            self._detach(fd)
 
     def expired(self, now: float) -> list[Holder]:
         """Take out the holders whose lease has run out (their objects are the caller's to free).

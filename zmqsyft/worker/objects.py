@@ -216,6 +216,9 @@ def _leaving(w: Services, ctx: Ctx, obj_id: int, obj: Any) -> list[Any]:
         labels.count_move(w, labelled, obj)
         return labels_to_wire(labelled)
     labels.check_release(w, who, labelled, obj, f"object {obj_id}")
+    grad = obj._grad if isinstance(obj, torch.Tensor) and (obj.is_leaf or obj.retains_grad) else None
+    if grad is not None:  # it leaves with its gradient, labelled as the tensor (labels.spread)
+        labels.check_release(w, who, labelled, grad, f"the gradient of object {obj_id}")
     return []
 
 
@@ -343,8 +346,13 @@ def _shown(obj: Any, key: int, limit: int) -> Any:
         except SerializationError:
             return Summary(f"<tensor the wire does not carry: {obj.layout}, {obj.dtype}, "
                            f"{obj.device}>")
-        return obj.detach() if obj.numel() <= limit else Summary(
-            f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, dtype={obj.dtype})")
+        if obj.numel() > limit:
+            return Summary(f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, "
+                           f"dtype={obj.dtype})")
+        shown = obj.detach().requires_grad_(obj.requires_grad)  # (a non-leaf shows as a leaf)
+        if obj.is_leaf or obj.retains_grad:
+            shown.grad = obj._grad  # the encoder sends it along
+        return shown
     if isinstance(obj, PointerRecord):
         return obj.desc(ptr_id=key, owned=False)
     if isinstance(obj, ErrorMarker):

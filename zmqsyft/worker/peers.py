@@ -345,6 +345,7 @@ class PeerLinks:
     def _hello_answered(self, link: PeerLink) -> Callback:
         def callback(msg: Message | None, exc: BaseException | None) -> None:
             if msg is not None and self.links.get(link.address) is link:
+                log.info("worker %s: linked to the worker at %s", self.worker_id, link.address)
                 link.open_bulk()
             key = self.keys_at.get(link.address, "")
             principal = self.access.get(key) if key else None
@@ -396,6 +397,7 @@ class PeerLinks:
         self.dirty.discard(address)
         if link is None:
             return
+        log.info("worker %s: lost the link to the worker at %s: %s", self.worker_id, address, reason)
         if not refused and link.peer is not None:  # re-made by the keep-alives for its lease
             self._lost[address] = (time.monotonic(), link.peer.lease_ms / 1000)
         self.poller.unregister(link.sock)
