@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy"],
-    "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "transport",
+    "wire": ["messages", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "transport",
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "sealed", "context", "labels", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],

@@ -159,6 +159,7 @@ class Connection(Batching, RequestCore):
                 self.outbox.append(ride)
                 self.worker.dirty = True
             req_id = self.next_id()
+            frames = None
             try:
                 frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
                                         shm=self._shm_policy())
@@ -167,6 +168,8 @@ class Connection(Batching, RequestCore):
                     told = self.peer.max_message_size if self.peer is not None else 0
                     check_size(frames, told or cfg.max_message_size, op.name, self.worker.id)
             except BaseException:
+                if frames is not None:
+                    shm.discard(frames.segments)  # (never sent: nobody will map them)
                 if ride is not None:
                     self._flush_all()  # the deletes go all the same
                 raise
@@ -175,7 +178,8 @@ class Connection(Batching, RequestCore):
                 marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
-            self.track(req_id, _Pending(keep, results, what or op.name, awaited))
+            self.track(req_id, _Pending(keep, results, what or op.name, awaited),
+                       segments=frames.segments)
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)

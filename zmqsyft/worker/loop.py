@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import ProtocolError
 from ..keys import KeyPair
 from ..privacy import Policy
-from ..wire import transport
+from ..wire import shm, transport
 from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
 from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
@@ -393,6 +393,7 @@ class Worker(owner.DataOwner):
             transport.send(self.router, [ident, *frames])
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             self.traffic.counters["unroutable_replies"] += 1
+            shm.discard(getattr(frames, "segments", ()))  # (nobody will map them now)
             log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
             return
         if counted is not None:

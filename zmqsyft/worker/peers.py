@@ -34,7 +34,7 @@ import zmq
 from ..config import Config
 from ..errors import AccessDenied, LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
 from ..keys import KeyPair
-from ..wire import channel, transport
+from ..wire import channel, shm, transport
 from ..wire.bodies import Body, Flush, Ping
 from ..wire.bulk import blob_size
 from ..wire.codec import encode_message
@@ -223,7 +223,7 @@ class PeerLinks:
         if link.parked is not None:
             link.parked.append((op, body, callback))
             return
-        req_id = NO_REPLY if callback is None else link.next_id()
+        req_id, frames = NO_REPLY if callback is None else link.next_id(), None
         try:
             frames = encode_message(op, req_id, body, shm=link.policy)
             if link.negotiating and link.large(frames):
@@ -232,17 +232,17 @@ class PeerLinks:
         except _AwaitHello:
             link.parked = [(op, body, callback)]
             return
-        except zmq.Again:
-            self._fail(callback, op, address, self._no_pipe(link))
-            return
-        except Exception as exc:  # noqa: BLE001
-            self._fail(callback, op, address, exc)
+        except Exception as exc:  # noqa: BLE001 - (zmq.Again: no pipe, the peer refused us)
+            shm.discard(frames.segments if frames is not None else ())
+            self._fail(callback, op, address,
+                       self._no_pipe(link) if isinstance(exc, zmq.Again) else exc)
             return
         self.traffic.count(address, "out", frames, frames.shm_bytes)
         if op is not Op.FLUSH:
             self.dirty.add(address)
         if callback is not None:
-            link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout)
+            link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout,
+                       frames.segments)
 
     def keepalive_every(self) -> float:
         """A quarter of the shortest lease among the linked peers, those whose link was lost
