@@ -35,6 +35,7 @@ from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
 from ..wire.values import ShmPolicy
 from .handle import WorkerHandle
+from .linkprobe import LinkProbe
 from .outbox import Batching, Outboxes
 
 __all__ = ["Connection"]
@@ -87,6 +88,7 @@ class Connection(Batching, RequestCore):
         self.outboxes = host.outboxes
         self.sock: zmq.Socket | None = None
         self.watch: transport.PeerWatch | None = None
+        self.probe = LinkProbe()  # a second connection, while a large message is on its way
         self.deferred: list[BaseException] = []
         self._answered: dict[int, _Pending] = {}  # awaited requests answered before their wait()
         self._deletes_queued = host._deletes  # deletes waiting to ride with a request
@@ -159,7 +161,6 @@ class Connection(Batching, RequestCore):
                 self.outbox.append(ride)
                 self.worker.dirty = True
             req_id = self.next_id()
-            frames = None
             try:
                 frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
                                         shm=self._shm_policy())
@@ -168,8 +169,6 @@ class Connection(Batching, RequestCore):
                     told = self.peer.max_message_size if self.peer is not None else 0
                     check_size(frames, told or cfg.max_message_size, op.name, self.worker.id)
             except BaseException:
-                if frames is not None:
-                    shm.discard(frames.segments)  # (never sent: nobody will map them)
                 if ride is not None:
                     self._flush_all()  # the deletes go all the same
                 raise
@@ -179,7 +178,7 @@ class Connection(Batching, RequestCore):
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
             self.track(req_id, _Pending(keep, results, what or op.name, awaited),
-                       segments=frames.segments)
+                       segments=(frames if sealed is None else sealed[0]).segments)
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -194,6 +193,7 @@ class Connection(Batching, RequestCore):
                 transport.send(sock, frames)
                 if sealed is not None and self._bulk is not None:  # (opened as they come)
                     self._bulk.send(sealed[1], sealed[0])
+                self.probe.start(self.host.ctx, self.worker.address, cfg, sock, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc
@@ -358,7 +358,7 @@ class Connection(Batching, RequestCore):
             return
         dead = self.worker._exit_status()
         if dead is None and self.watch is not None:
-            dead = self.watch.down()
+            dead = self.watch.down() or self.probe.down()
             if self.watch.refused is not None:
                 raise self._fail(LimitExceeded(
                     f"worker '{self.worker.id}' at {self.worker.address} {transport.REFUSED}; "
@@ -372,6 +372,7 @@ class Connection(Batching, RequestCore):
         """A reply (or the loss of the connection) answered ``pending``."""
         pending.done = True
         pending.keep = ()
+        self.probe.settle(busy=bool(self.inflight))  # (closed once nothing is on its way)
         if pending.awaited:  # someone will wait() for it: keep the answer until then
             self._answered[pending.req_id] = pending
         if error is not None:
@@ -412,6 +413,7 @@ class Connection(Batching, RequestCore):
             if self._bulk is not None:
                 self._bulk.close()
                 self._bulk = None
+            self.probe.stop()
         return exc
 
     def close(self) -> None:

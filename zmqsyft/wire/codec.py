@@ -63,6 +63,7 @@ def check_size(frames: list[Any], limit: int, what: str, worker: str) -> None:
         return
     size = sum(memoryview(f).nbytes for f in frames)
     if size > limit:
+        _shm.discard(getattr(frames, "segments", ()))  # (never sent: nobody will map them)
         raise LimitExceeded(
             f"{what} to worker '{worker}' would be a message of {size / 2**20:,.1f} MiB; the "
             f"worker accepts at most {limit / 2**20:,.1f} MiB (its Config.max_message_size: a "
