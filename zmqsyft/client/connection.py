@@ -193,7 +193,7 @@ class Connection(Batching, RequestCore):
                 transport.send(sock, frames)
                 if sealed is not None and self._bulk is not None:  # (opened as they come)
                     self._bulk.send(sealed[1], sealed[0])
-                self.probe.start(self.host.ctx, self.worker.address, cfg, sock, frames)
+                self.probe.start(self, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc

@@ -17,7 +17,6 @@ from typing import Any
 
 import zmq
 
-from ..config import Config
 from ..wire import transport
 
 __all__ = ["LinkProbe", "LARGE"]
@@ -36,23 +35,22 @@ class LinkProbe:
         self.watch: transport.PeerWatch | None = None
         self.nbytes = 0
 
-    def start(self, ctx: zmq.Context, address: str, cfg: Config, sock: zmq.Socket,
-              frames: list[Any]) -> None:
-        """Watch the link to ``address`` if ``frames``, just sent on ``sock`` (whose CURVE keys
-        the probe uses too), make a large message on a network transport (``ipc://`` links are
-        not lost that way)."""
-        if len(frames) < 2 or not address.startswith("tcp://"):
+    def start(self, conn: Any, frames: list[Any]) -> None:
+        """Watch the link of connection ``conn`` (a :class:`~zmqsyft.client.connection.
+        Connection`) if ``frames``, just sent on it, make a large message on a network transport
+        (``ipc://`` links are not lost that way). The probe connects as ``conn`` does."""
+        worker = conn.worker
+        if len(frames) < 2 or not worker.address.startswith("tcp://"):
             return
         nbytes = sum(memoryview(f).nbytes for f in frames[1:])
         if nbytes < LARGE:
             return
         self.nbytes = max(self.nbytes, nbytes)
         if self.sock is None:
-            curve = None
-            if sock.get(zmq.MECHANISM) == zmq.CURVE:
-                curve = (sock.get(zmq.CURVE_PUBLICKEY), sock.get(zmq.CURVE_SECRETKEY),
-                         sock.get(zmq.CURVE_SERVERKEY))
-            self.sock, self.watch = transport.make_dealer(ctx, address, cfg, curve)
+            keys, key = worker.client_keys or conn.host.keys, worker.key
+            curve = (keys.public, keys.secret, key.encode("ascii")) if key else None
+            self.sock, self.watch = transport.make_dealer(conn.host.ctx, worker.address,
+                                                          conn.host.cfg, curve)
 
     def down(self) -> str | None:
         """Why the link is lost, if the probe says so; ``None`` if it is up, still connecting
