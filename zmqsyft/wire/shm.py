@@ -381,4 +381,14 @@ def outstanding() -> list[str]:
     return [n for n in names if os.path.exists(os.path.join(segment_dir(), n))]
 
 
-atexit.register(sweep)
+def _at_exit() -> None:
+    """Unlink what this process wrote and its live file (a clean exit leaves nothing)."""
+    sweep()
+    if _live is not None and _live[0] == os.getpid() and _dir is not None:
+        try:
+            os.unlink(os.path.join(_dir, f"live-{_live[0]}-{_live[1]}"))
+        except OSError:
+            pass
+
+
+atexit.register(_at_exit)
