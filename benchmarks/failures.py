@@ -14,7 +14,7 @@ script. Only loopback is used (``ipc://`` in private directories, ``tcp://127.0.
 link is a TCP forwarder on 127.0.0.1 that stops forwarding without closing anything.
 
 kill      SIGKILL of a worker during a loop of pipelined ops (100/s); time to the first error
-freeze    SIGSTOP of a worker, then a blocking op; time to its error
+freeze    SIGSTOP of a worker, then a large send to it (4 MiB; 100 MiB without --quick)
 refused   a blocking op on a worker whose process is gone (nothing listens on its port)
 lostlink  a large transfer (100 MiB; 16 MiB with --quick) on a link that goes silent at 4 MiB
 restart   a worker killed and started again on the same address; what old pointers and new
@@ -48,8 +48,8 @@ def _segments() -> int:
         return -1
 
 
-def _tmp_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqsyft-*")))
+def _tmp_dirs(tmp: str) -> set[str]:
+    return set(glob.glob(os.path.join(tmp, "zmqsyft-*")))
 
 
 def _held(worker: Any) -> int:
@@ -155,11 +155,11 @@ def _kind_kill(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
 def _kind_freeze(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
     bob = sy.spawn_worker("bob")
     try:
-        p = torch.ones(1000).send(bob)
+        bob.ping()
         os.kill(bob._proc.pid, signal.SIGSTOP)
         start, error = time.monotonic(), None
-        try:
-            (p + 1).get()
+        try:  # a large send (through shared memory): the segment it writes must not stay
+            torch.ones((1 if quick else 25) << 20).send(bob)
         except Exception as exc:  # noqa: BLE001
             error = exc
         return {"detect_s": time.monotonic() - start, "error": _error(error)}
@@ -196,9 +196,11 @@ def _kind_lostlink(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
     bob = sy.spawn_worker("bob", transport_kind="tcp")
     host, port = bob.address.removeprefix("tcp://").rsplit(":", 1)
     fwd = _Forwarder((host, int(port)))
+    # large messages inside the link (as between two hosts without a sealed channel); set
+    # before connecting: a connection keeps the sealed channel it was made with
+    sy.configure(shm_threshold=0, sealed_threshold=0)
     far = sy.connect(f"tcp://127.0.0.1:{fwd.port}", worker_key=bob.key)
     try:
-        sy.configure(shm_threshold=0, sealed_threshold=0)  # large messages inside the link
         far.ping()
         fwd.cut_after = fwd.forwarded + (4 << 20)
         error = None
@@ -277,9 +279,21 @@ def _child(kind: str, quick: bool) -> None:
 
 
 def _run(kind: str, quick: bool, timeout: float) -> dict[str, Any]:
-    before = _tmp_dirs()
+    # a private TMPDIR and segment directory per kind (inherited by the workers it starts):
+    # what is counted is this kind's, not what other programs on the machine leave
+    with tempfile.TemporaryDirectory(prefix="failures-tmp-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="failures-shm-",
+                                        dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
+        env = {**os.environ, "TMPDIR": tmp, "ZMQSYFT_SHM_DIR": shm}
+        result = _run_in(kind, quick, timeout, env)
+        if "crash" not in result:
+            result["tmp_dirs"] = len(_tmp_dirs(tmp))
+        return result
+
+
+def _run_in(kind: str, quick: bool, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     proc = subprocess.Popen([sys.executable, __file__, "--_kind", kind]
-                            + (["--quick"] if quick else []),
+                            + (["--quick"] if quick else []), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -296,9 +310,7 @@ def _run(kind: str, quick: bool, timeout: float) -> dict[str, Any]:
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         return {"kind": kind, "crash": f"exit {proc.returncode}: {err.strip()[-200:]}"}
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["tmp_dirs"] = len(_tmp_dirs() - before)
-    return result
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
