@@ -40,12 +40,34 @@ KINDS = ("kill", "freeze", "refused", "lostlink", "restart")
 SETTLE = 3.0  # seconds given to cleanup (sweepers, leases) before leftovers are counted
 
 
+_PIDS: set[int] = set()  # this kind's processes (itself, the workers it started)
+
+
+def _private_shm() -> bool:
+    """Whether this zmqsyft honours ZMQSYFT_SHM_DIR (a private segment directory per kind)."""
+    from zmqsyft import config
+    return "ZMQSYFT_SHM_DIR" in getattr(config, "_ENV_NOT_CONFIG", ())
+
+
 def _segments() -> int:
+    """Segments left in the segment directory: all of them in a private one, else those named
+    after this kind's processes."""
     from zmqsyft.wire import shm
     try:
-        return sum(1 for n in os.listdir(shm.segment_dir()) if n.startswith("zmqsyft-"))
+        names = [n for n in os.listdir(shm.segment_dir()) if n.startswith("zmqsyft-")]
     except OSError:
         return -1
+    if os.environ.get("ZMQSYFT_SHM_DIR"):
+        return len(names)
+    pids = {str(pid) for pid in _PIDS | {os.getpid()}}
+    return sum(1 for n in names if n.split("-")[1] in pids)
+
+
+def _spawn(sy: Any, name: str, **kwargs: Any) -> Any:
+    worker = sy.spawn_worker(name, **kwargs)
+    if worker._proc is not None:
+        _PIDS.add(worker._proc.pid)
+    return worker
 
 
 def _tmp_dirs(tmp: str) -> set[str]:
@@ -113,7 +135,7 @@ class _Forwarder:
 
 
 def _kind_kill(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
-    bob, alice = sy.spawn_worker("bob"), sy.spawn_worker("alice")
+    bob, alice = _spawn(sy, "bob"), _spawn(sy, "alice")
     try:
         p, a = torch.ones(1000).send(bob), torch.ones(1000).send(alice)
         keep: list[Any] = []
@@ -153,7 +175,7 @@ def _kind_kill(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
 
 
 def _kind_freeze(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
-    bob = sy.spawn_worker("bob")
+    bob = _spawn(sy, "bob")
     try:
         bob.ping()
         os.kill(bob._proc.pid, signal.SIGSTOP)
@@ -170,7 +192,7 @@ def _kind_freeze(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
 
 
 def _kind_refused(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
-    bob = sy.spawn_worker("bob", transport_kind="tcp")
+    bob = _spawn(sy, "bob", transport_kind="tcp")
     try:
         p = torch.ones(1000).send(bob)
         bob._proc.kill()
@@ -193,7 +215,7 @@ def _kind_refused(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
 
 
 def _kind_lostlink(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
-    bob = sy.spawn_worker("bob", transport_kind="tcp")
+    bob = _spawn(sy, "bob", transport_kind="tcp")
     host, port = bob.address.removeprefix("tcp://").rsplit(":", 1)
     fwd = _Forwarder((host, int(port)))
     # large messages inside the link (as between two hosts without a sealed channel); set
@@ -228,6 +250,7 @@ def _kind_restart(sy: Any, torch: Any, quick: bool) -> dict[str, Any]:
                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
         proc.stdout.readline()  # its "listening on" line
+        _PIDS.add(proc.pid)
         return proc
 
     proc = start()
@@ -284,7 +307,9 @@ def _run(kind: str, quick: bool, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="failures-tmp-") as tmp, \
             tempfile.TemporaryDirectory(prefix="failures-shm-",
                                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
-        env = {**os.environ, "TMPDIR": tmp, "ZMQSYFT_SHM_DIR": shm}
+        env = {**os.environ, "TMPDIR": tmp}
+        if _private_shm():
+            env["ZMQSYFT_SHM_DIR"] = shm
         result = _run_in(kind, quick, timeout, env)
         if "crash" not in result:
             result["tmp_dirs"] = len(_tmp_dirs(tmp))
