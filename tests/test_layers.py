@@ -18,11 +18,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy"],
-    "wire": ["messages", "schema", "bodies", "shm", "tensors", "values", "codec", "exc_codec", "watch", "transport",
+    "wire": ["messages", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
+             "transport",
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "sealed", "context", "labels", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["handle", "lost", "outbox", "link", "connection", "reaper", "dispatch", "pointer", "session", "api",
+    "client": ["handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch", "pointer", "session", "api",
                "launch", "nn", "smpc", "fixed", "hook", "__init__"],
 }
 # the layers a layer may import besides its own lower modules

@@ -23,7 +23,7 @@ __all__ = ["Config", "get_config", "configure", "from_environ", "on_change", "pa
 
 _ENV_PREFIX = "ZMQSYFT_"
 # environment variables with this prefix that are not config fields but are still legitimate
-_ENV_NOT_CONFIG = {"ZMQSYFT_LOG", "ZMQSYFT_LOG_LEVEL", "ZMQSYFT_TRUST_TOKEN"}
+_ENV_NOT_CONFIG = {"ZMQSYFT_LOG", "ZMQSYFT_LOG_LEVEL", "ZMQSYFT_TRUST_TOKEN", "ZMQSYFT_SHM_DIR"}  # (SHM_DIR: wire.shm)
 
 
 @dataclass(frozen=True)

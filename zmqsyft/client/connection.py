@@ -20,7 +20,7 @@ import zmq
 import zmq.utils.z85
 
 from ..config import Config
-from ..errors import LimitExceeded, RequestDropped, RequestTimeout, WorkerUnavailable, ZmqSyftError
+from ..errors import RequestDropped, RequestTimeout, WorkerUnavailable, ZmqSyftError
 from ..wire import channel, shm, transport
 from ..wire.bodies import Body, HelloReply
 from ..wire.codec import check_size, encode_message
@@ -29,7 +29,8 @@ from ..wire.rpc import RequestCore
 from ..wire.values import ShmPolicy
 from .handle import WorkerHandle
 from .link import Host, InFlight
-from .lost import gone, outcome_unknown, restarted, unsent
+from .linkprobe import LinkProbe
+from .lost import gone, outcome_unknown, refused, restarted, unsent
 from .outbox import Batching
 
 __all__ = ["Connection"]
@@ -51,6 +52,7 @@ class Connection(Batching, RequestCore):
         self.outboxes = host.outboxes
         self.sock: zmq.Socket | None = None
         self.watch: transport.PeerWatch | None = None
+        self.probe = LinkProbe()  # a second connection, while a large message is on its way
         self.deferred: list[BaseException] = []
         self._answered: dict[int, InFlight] = {}  # awaited requests answered before their wait()
         self._deletes_queued = host._deletes  # deletes waiting to ride with a request
@@ -113,9 +115,7 @@ class Connection(Batching, RequestCore):
             return
         why = watch.down()
         if watch.refused is not None:
-            raise self._fail(LimitExceeded(
-                f"worker '{self.worker.id}' at {self.worker.address} {transport.REFUSED}; {what} "
-                f"was not sent (ZAP status {watch.refused}). {transport.REFUSED_ADVICE}."))
+            raise self._fail(refused(self.worker, watch.refused, f"{what} was not sent"))
         if self._ended:  # (the worker drops every request of ours on it: none ran)
             self._fail(RequestDropped(f"worker '{self.worker.id}' ended this connection (it was "
                                       "frozen); the requests sent on it were dropped unrun"))
@@ -176,7 +176,8 @@ class Connection(Batching, RequestCore):
                 marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
-            self.track(req_id, InFlight(keep, results, what or op.name, awaited))
+            self.track(req_id, InFlight(keep, results, what or op.name, awaited),
+                       segments=(frames if sealed is None else sealed[0]).segments)
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -191,6 +192,7 @@ class Connection(Batching, RequestCore):
                 transport.send(sock, frames)
                 if sealed is not None and self._bulk is not None:  # (opened as they come)
                     self._bulk.send(sealed[1], sealed[0])
+                self.probe.start(self, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc
@@ -201,9 +203,7 @@ class Connection(Batching, RequestCore):
         handshake, or it is lost (libzmq has no peer to queue the message for)."""
         why = self.watch.down() if self.watch is not None else None
         if self.watch is not None and self.watch.refused is not None:
-            return LimitExceeded(f"worker '{self.worker.id}' at {self.worker.address} "
-                                 f"{transport.REFUSED}; {what} was not sent (ZAP status "
-                                 f"{self.watch.refused}). {transport.REFUSED_ADVICE}.")
+            return refused(self.worker, self.watch.refused, f"{what} was not sent")
         return gone(self.worker, why or f"the connection was lost ({exc})", what)
 
     def unseal(self, marker: Message) -> list[Any]:
@@ -236,8 +236,8 @@ class Connection(Batching, RequestCore):
         return self._policy[1]
 
     def can_take_over(self) -> bool:
-        """Whether the worker's received shared-memory tensors can become ours without a copy
-        (same host, and its descriptors are open to us); waits for its HELLO reply if need be."""
+        """Whether the worker's shared-memory tensors can become ours without a copy (waits for
+        its HELLO reply if need be)."""
         return self._shm_out() and self._take_over
 
     def _shm_out(self, timeout: float | None = None) -> bool:
@@ -251,13 +251,7 @@ class Connection(Batching, RequestCore):
 
     def peer_info(self, timeout: float | None = None) -> HelloReply:
         """The worker's answer to this connection's ``HELLO`` (its name, pid, address);
-        connects and waits for it if need be.
-
-        Raises
-        ------
-        WorkerUnavailable
-            If the worker does not answer within the deadline.
-        """
+        connects and waits for it if need be (``WorkerUnavailable`` if it does not answer)."""
         with self.lock:
             self._socket()
         self._shm_out(timeout)
@@ -357,12 +351,9 @@ class Connection(Batching, RequestCore):
             return
         dead = self.worker._exit_status()
         if dead is None and self.watch is not None:
-            dead = self.watch.down()
+            dead = self.watch.down() or self.probe.down()
             if self.watch.refused is not None:
-                raise self._fail(LimitExceeded(
-                    f"worker '{self.worker.id}' at {self.worker.address} {transport.REFUSED}; "
-                    f"{what} got no answer (ZAP status {self.watch.refused}). "
-                    f"{transport.REFUSED_ADVICE}."))
+                raise self._fail(refused(self.worker, self.watch.refused, f"{what} got no answer"))
         if dead is not None:
             raise self._fail(outcome_unknown(self.worker, dead, what))
 
@@ -370,6 +361,7 @@ class Connection(Batching, RequestCore):
         """A reply (or the loss of the connection) answered ``pending``."""
         pending.done = True
         pending.keep = ()
+        self.probe.settle(busy=bool(self.inflight))  # (closed once nothing is on its way)
         if pending.awaited:  # someone will wait() for it: keep the answer until then
             self._answered[pending.req_id] = pending
         if error is not None:
@@ -415,6 +407,7 @@ class Connection(Batching, RequestCore):
             if self._bulk is not None:
                 self._bulk.close()
                 self._bulk = None
+            self.probe.stop()
         return exc
 
     def close(self) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import OutcomeUnknown, WorkerUnavailable
+from ..errors import LimitExceeded, OutcomeUnknown, WorkerUnavailable
+from ..wire.transport import REFUSED, REFUSED_ADVICE
 from .handle import WorkerHandle
 
-__all__ = ["gone", "outcome_unknown", "describe", "restarted", "unsent"]
+__all__ = ["gone", "outcome_unknown", "describe", "refused", "restarted", "unsent"]
 
 
 def describe(worker: WorkerHandle, why: str) -> str:
@@ -43,6 +44,12 @@ def outcome_unknown(worker: WorkerHandle, why: str, what: str) -> OutcomeUnknown
         "there is unknown (objects it made or changed may or may not exist)")
     worker.loss = worker.loss or exc
     return exc
+
+
+def refused(worker: WorkerHandle, status: int, what: str) -> LimitExceeded:
+    """``worker`` refused our connection during its handshake (ZAP ``status``)."""
+    return LimitExceeded(f"worker '{worker.id}' at {worker.address} {REFUSED}; {what} (ZAP "
+                         f"status {status}). {REFUSED_ADVICE}.")
 
 
 def unsent(worker: WorkerHandle, exc: BaseException, what: str) -> BaseException:

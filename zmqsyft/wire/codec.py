@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 
 from ..errors import LimitExceeded, ProtocolError, UntrustedPayload
+from . import shm as _shm
 from .bodies import Acks
 from .messages import PROTOCOL_VERSION, Message, Op
 from .values import Decoder, Encoder, ShmPolicy
@@ -25,9 +26,12 @@ _REPLY = int(Op.REPLY)
 
 
 class Frames(list):
-    """A message's frames; ``shm_bytes`` counts the tensor bytes that went through shared memory."""
+    """A message's frames; ``shm_bytes`` counts the tensor bytes that went through shared memory,
+    ``segments`` names the segments written for it (their sender unlinks them once the request
+    is over: :func:`zmqsyft.wire.shm.discard`)."""
 
     shm_bytes = 0
+    segments: tuple[str, ...] = ()
 
 
 
@@ -40,10 +44,15 @@ def encode_message(op: Op, req_id: int, body: Any, allow_pickle: bool = False,
     if type(body) is not dict:
         body = body.to_wire()
     enc = Encoder(allow_pickle=allow_pickle, shm=shm)
-    header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
+    try:
+        header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
+    except BaseException:
+        _shm.discard(enc.segments)  # (written for a message that will never leave)
+        raise
     frames = Frames([header, *enc.buffers])
     if enc.shm_bytes:
         frames.shm_bytes = enc.shm_bytes
+        frames.segments = tuple(enc.segments)
     return frames
 
 
@@ -54,6 +63,7 @@ def check_size(frames: list[Any], limit: int, what: str, worker: str) -> None:
         return
     size = sum(memoryview(f).nbytes for f in frames)
     if size > limit:
+        _shm.discard(getattr(frames, "segments", ()))  # (never sent: nobody will map them)
         raise LimitExceeded(
             f"{what} to worker '{worker}' would be a message of {size / 2**20:,.1f} MiB; the "
             f"worker accepts at most {limit / 2**20:,.1f} MiB (its Config.max_message_size: a "

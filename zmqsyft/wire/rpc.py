@@ -73,6 +73,7 @@ class RequestCore:
         self.inflight: dict[int, Any] = {}
         self._next = 1
         self._deadlines: list[tuple[float, int]] = []
+        self._segments: dict[int, tuple[str, ...]] = {}  # request id -> the segments it carries
         self.hello_id = 0
         self.peer: HelloReply | None = None
         self.shm = False
@@ -84,10 +85,15 @@ class RequestCore:
         self._next = req_id + 1
         return req_id
 
-    def track(self, req_id: int, pending: Pending, deadline: float | None = None) -> None:
-        """Keep ``pending`` until its reply comes (or ``deadline``, a ``time.monotonic()``)."""
+    def track(self, req_id: int, pending: Pending, deadline: float | None = None,
+              segments: tuple[str, ...] = ()) -> None:
+        """Keep ``pending`` until its reply comes (or ``deadline``, a ``time.monotonic()``);
+        the shared-memory ``segments`` its message carries are unlinked once it is over
+        (answered, failed, expired or lost: the receiver has mapped them, or never will)."""
         pending.req_id = req_id
         self.inflight[req_id] = pending
+        if segments:
+            self._segments[req_id] = segments
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, req_id))
 
@@ -143,6 +149,8 @@ class RequestCore:
         """Resolve request ``req_id`` with its reply (an ``ERROR`` becomes its error); a reply
         to nothing in flight here (late, or never sent on this connection) is dropped."""
         pending = self.inflight.pop(req_id, None)
+        if self._segments:
+            shm.discard(self._segments.pop(req_id, ()))
         if pending is None:
             self.late(req_id)
             return
@@ -183,6 +191,8 @@ class RequestCore:
         while deadlines and deadlines[0][0] <= now:
             _, req_id = heapq.heappop(deadlines)
             pending = self.inflight.pop(req_id, None)
+            if self._segments:
+                shm.discard(self._segments.pop(req_id, ()))
             if pending is not None:
                 gone.append((req_id, pending))
         return gone
@@ -195,6 +205,9 @@ class RequestCore:
         next connection negotiates afresh."""
         inflight, self.inflight = self.inflight, {}
         self._deadlines = []
+        segments, self._segments = self._segments, {}
+        for names in segments.values():
+            shm.discard(names)
         self.hello_id = 0
         self.shm = False
         for pending in inflight.values():

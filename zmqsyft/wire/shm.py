@@ -20,11 +20,16 @@ segment's name (128 random bits) is a secret only its sender and receiver know; 
 present it. A receiver only accepts names this module makes, only regular files of its own user
 of exactly the announced size, and never follows a symlink.
 
-Leaks: the receiver unlinks a segment as soon as it has mapped it. A sender also remembers what it
-created and unlinks what is left after ``max_age`` seconds (a receiver that never read it: it died,
-or the message was refused) and at exit. A sender killed before its message left leaves a segment
-nobody will take: :func:`sweep_orphans` (run when a worker starts) removes those of dead
-processes once they are old enough that no message can still be on its way.
+Leaks: the receiver unlinks a segment as soon as it has mapped it. A sender unlinks the segments of
+a request as soon as it is answered, failed, timed out or its peer lost (:func:`discard`, called by
+the request core), what is left after ``max_age`` seconds, and all at exit. A sender killed leaves
+segments nobody will take; every process that uses shared memory holds an ``flock`` on a file
+``live-<pid>-<token>`` in the segment directory for as long as it lives, its segments' names carry
+that token, and a sweeper thread (every ``SWEEP_EVERY`` seconds, in every zmqsyft process that
+uses shared memory) removes the segments whose creator's lock can be taken: it is dead. A segment
+whose creator lives is never removed by another process; a handed-over segment has no name in the
+directory any more (its first receiver unlinked it), so no sweeper can touch it.
+``ZMQSYFT_SHM_DIR`` names another directory than ``/dev/shm`` (tests use a private one).
 
 File descriptors: Python's ``mmap`` keeps a descriptor of the file open for as long as the mapping
 lives (before Python 3.13), so every tensor received this way holds one (which is what a take-over
@@ -40,7 +45,6 @@ import ctypes
 import errno
 import mmap
 import os
-import re
 import resource
 import secrets
 import stat
@@ -50,12 +54,18 @@ import weakref
 from typing import Any
 
 from ..errors import HandoverRefused, ProtocolError
+from . import shm_live
 
 __all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
-           "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding", "make_fd_room"]
+           "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding", "make_fd_room",
+           "discard", "SWEEP_EVERY"]
 
-DIRECTORY = "/dev/shm"
-_NAME = re.compile(r"zmqsyft-([0-9]{1,10})-[0-9a-f]{32}")
+DIRECTORY = os.environ.get("ZMQSYFT_SHM_DIR") or "/dev/shm"
+SWEEP_EVERY = 1.0  # seconds between two sweeps of a process's sweeper thread
+# zmqsyft-<creator pid>-<creator's token: 16 hex><random: 16 hex>
+_NAME = shm_live.NAME
+_live: tuple[int, str, int] | None = None  # (pid, token, fd of the locked live file)
+_sweeper: tuple[int, threading.Thread] | None = None  # (pid, thread)
 _CHUNK = 1 << 30  # one write() moves at most this much
 _lock = threading.Lock()
 _created: dict[str, float] = {}  # segment name -> monotonic time it was written
@@ -99,13 +109,53 @@ def segment_dir() -> str:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise OSError(errno.EPERM, f"{path} is not a directory of this user only")
         _dir = path
+    _start_sweeper()
     return _dir
+
+
+def _token() -> str:
+    """This process's liveness token: its ``live-<pid>-<token>`` file is locked while it lives."""
+    global _live
+    pid = os.getpid()
+    if _live is None or _live[0] != pid:  # (a forked child makes its own)
+        directory = segment_dir()
+        with _lock:
+            if _live is None or _live[0] != pid:
+                token, fd = shm_live.make_token(directory)
+                _live = (pid, token, fd)
+    return _live[1]
+
+
+def _start_sweeper() -> None:
+    """Start this process's sweeper thread (once per process)."""
+    global _sweeper
+    if _sweeper is not None and _sweeper[0] == os.getpid():
+        return
+    with _lock:
+        if _sweeper is None or _sweeper[0] != os.getpid():
+            thread = threading.Thread(target=_sweep_forever, name="zmqsyft-shm-sweeper",
+                                      daemon=True)
+            _sweeper = (os.getpid(), thread)
+            thread.start()
+
+
+def _sweep_forever() -> None:
+    me = os.getpid()
+    while _sweeper is not None and _sweeper[0] == me:
+        time.sleep(SWEEP_EVERY)  # (a timer: nothing to wait for)
+        try:
+            sweep(_max_age)
+            sweep_orphans()
+        except Exception:  # noqa: BLE001 - a sweeper never dies of one bad entry
+            pass
 
 
 def write(buf: Any, max_age: float) -> str:
     """Write ``buf`` (a contiguous byte buffer) into a new segment; return the segment's name."""
+    global _max_age
+    _max_age = max_age
     sweep(max_age)
-    name = f"zmqsyft-{os.getpid()}-{secrets.token_hex(16)}"
+    name = f"zmqsyft-{os.getpid()}-{_token()}{secrets.token_hex(8)}"
     path = os.path.join(segment_dir(), name)
     view = memoryview(buf).cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -177,7 +227,10 @@ def open_segment(name: Any, nbytes: int) -> mmap.mmap | bytearray:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             raise ProtocolError(f"shared-memory segment {name} is not a regular file of this user")
-        os.unlink(path)  # ours now: nobody else can open it, the memory lives as long as the map
+        try:
+            os.unlink(path)  # ours now: nobody else can open it, the memory lives as long as the map
+        except FileNotFoundError:
+            pass  # (its sender gave up on it meanwhile: we have it open all the same)
         if st.st_size != nbytes:
             raise ProtocolError(
                 f"shared-memory segment {name} holds {st.st_size} bytes, the message announced {nbytes}")
@@ -289,6 +342,16 @@ def _unlink(name: str) -> None:
         pass  # the receiver took it
 
 
+def discard(names: Any) -> None:
+    """Unlink segments this process wrote for a request that is over (answered, failed, timed
+    out, its peer lost): a receiver that mapped one has unlinked it already; nobody will now."""
+    for name in names:
+        _unlink(name)
+
+
+_max_age = 120.0  # the longest max_age a write asked for: what the sweeper thread keeps
+
+
 def sweep(max_age: float = 0.0) -> None:
     """Unlink the segments this process wrote more than ``max_age`` seconds ago (0: all)."""
     if not _created:
@@ -300,40 +363,15 @@ def sweep(max_age: float = 0.0) -> None:
         _unlink(name)
 
 
-def sweep_orphans(min_age: float = 300.0) -> list[str]:
-    """Unlink this user's segments whose writer process is gone and that are older than
-    ``min_age`` seconds; return their names."""
-    removed: list[str] = []
+def sweep_orphans(min_age: float = 0.0) -> list[str]:
+    """Unlink this user's segments whose creator process is dead and that are older than
+    ``min_age`` seconds (and the live files of the dead); return the segments' names."""
     try:
         directory = segment_dir()
-        names = os.listdir(directory)
     except OSError:
-        return removed
-    now = time.time()
-    for name in names:
-        match = _NAME.fullmatch(name)
-        if match is None:
-            continue
-        path = os.path.join(directory, name)
-        try:
-            st = os.lstat(path)
-            if st.st_uid != os.getuid() or now - st.st_mtime < min_age or _alive(int(match[1])):
-                continue
-            os.unlink(path)
-        except OSError:
-            continue
-        removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, another user's
-    return True
+        return []
+    mine = _live[1] if _live is not None and _live[0] == os.getpid() else ""
+    return shm_live.sweep_orphans(directory, mine, min_age)
 
 
 def outstanding() -> list[str]:
@@ -343,4 +381,14 @@ def outstanding() -> list[str]:
     return [n for n in names if os.path.exists(os.path.join(segment_dir(), n))]
 
 
-atexit.register(sweep)
+def _at_exit() -> None:
+    """Unlink what this process wrote and its live file (a clean exit leaves nothing)."""
+    sweep()
+    if _live is not None and _live[0] == os.getpid() and _dir is not None:
+        try:
+            os.unlink(os.path.join(_dir, f"live-{_live[0]}-{_live[1]}"))
+        except OSError:
+            pass
+
+
+atexit.register(_at_exit)

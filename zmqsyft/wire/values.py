@@ -140,6 +140,7 @@ class Encoder:
         self.shm = shm
         self._shm_ok: bool | None = None
         self.shm_bytes = 0
+        self.segments: list[str] = []  # the shared-memory segments written for this message
 
     def pack(self, value: Any) -> bytes:
         try:
@@ -183,6 +184,7 @@ class Encoder:
                     except OSError:  # /dev/shm full or gone: the socket carries it, and the rest
                         self._shm_ok = False
                     else:
+                        self.segments.append(name)
                         self.shm_bytes += nbytes
                         return self._ext(Ext.SHM, [name, *meta])
             self.buffers.append(buf)

@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import HandoverRefused, RequestDropped, UntrustedPayload
+from ..errors import HandoverRefused, ProtocolError, RequestDropped, UntrustedPayload
 from ..wire import transport
 from ..wire.bodies import Batch
 from ..wire.codec import decode_message
@@ -17,7 +17,7 @@ from ..wire.messages import NO_REPLY, Op, salvage_req_id
 from .context import Ctx, Services
 from .leases import Holder
 
-__all__ = ["dropped", "undecodable", "ended"]
+__all__ = ["dropped", "undecodable", "ended", "batch"]
 
 log = logging.getLogger("zmqsyft.worker")
 
@@ -84,3 +84,13 @@ def ended(w: Services, ident: bytes, frames: list[Any], frozen: float) -> None:
     for req_id in req_ids:
         if req_id != NO_REPLY:
             w.reply_error(Ctx(ident, req_id), exc)
+
+
+def batch(w: Services, ident: bytes, body: dict[str, Any]) -> list[bytes]:
+    """The messages of a ``BATCH`` (none, counted and logged, if it is malformed)."""
+    try:
+        return Batch.from_wire(body).msgs
+    except ProtocolError as exc:
+        w.traffic.counters["dropped_malformed"] += 1
+        log.warning("worker %s: BATCH from %s dropped: %s", w.id, ident.hex(), exc)
+        return []

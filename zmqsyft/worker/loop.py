@@ -32,8 +32,8 @@ from ..config import Config
 from ..errors import ProtocolError
 from ..keys import KeyPair
 from ..privacy import Policy
-from ..wire import transport
-from ..wire.bodies import REQUESTS, Acks, Batch, Body, Error
+from ..wire import shm, transport
+from ..wire.bodies import REQUESTS, Acks, Body, Error
 from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import NO_REPLY, Op
@@ -331,13 +331,7 @@ class Worker(owner.DataOwner):
 
     def _on_batch(self, ident: bytes, body: dict[str, Any], holder: Holder) -> None:
         """Handle a ``BATCH``: each message in it, in order, as if it had come on its own."""
-        try:
-            msgs = Batch.from_wire(body).msgs
-        except ProtocolError as exc:
-            self.traffic.counters["dropped_malformed"] += 1
-            log.warning("worker %s: BATCH from %s dropped: %s", self.id, ident.hex(), exc)
-            return
-        for raw in msgs:
+        for raw in intake.batch(self, ident, body):
             self._on_request([ident, raw], "", None, nested=True, holder=holder)
 
     # ------------------------------------------------------------- replies out
@@ -399,6 +393,7 @@ class Worker(owner.DataOwner):
             transport.send(self.router, [ident, *frames])
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             self.traffic.counters["unroutable_replies"] += 1
+            shm.discard(getattr(frames, "segments", ()))  # (nobody will map them now)
             log.info("worker %s: cannot reply to %s: %s", self.id, ident.hex(), exc)
             return
         if counted is not None:

@@ -29,7 +29,7 @@ import zmq
 from ..config import Config
 from ..errors import AccessDenied, LimitExceeded, ProtocolError, RequestTimeout, WorkerUnavailable
 from ..keys import KeyPair
-from ..wire import channel, transport
+from ..wire import channel, shm, transport
 from ..wire.bodies import Body, Flush, Ping
 from ..wire.bulk import blob_size
 from ..wire.codec import encode_message
@@ -90,8 +90,8 @@ class PeerLink(RequestCore):
             return ""
         if self.bulk is not None:
             self.bulk.close()
-        self.bulk = channel.CallerChannel(replies=False)
-        return self.bulk.secret
+        self.bulk = bulk = channel.CallerChannel(replies=False)
+        return bulk.secret
 
     def open_bulk(self) -> None:
         """The HELLO reply came: connect to the peer's bulk socket, if it named one."""
@@ -184,8 +184,7 @@ class PeerLinks:
         return False
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (link.next_deadline() for link in self.links.values()) if d]
-        return min(deadlines) if deadlines else None
+        return min((d for link in self.links.values() if (d := link.next_deadline())), default=None)
 
     def learn(self, address: str, key: str) -> None:
         """Note that the worker at ``address`` (canonical) holds ``key``, before anything is
@@ -225,7 +224,7 @@ class PeerLinks:
         if link.parked is not None:
             link.parked.append((op, body, callback))
             return
-        req_id = NO_REPLY if callback is None else link.next_id()
+        req_id, frames = NO_REPLY if callback is None else link.next_id(), None
         try:
             frames = encode_message(op, req_id, body, shm=link.policy)
             if link.negotiating and link.large(frames):
@@ -234,17 +233,17 @@ class PeerLinks:
         except _AwaitHello:
             link.parked = [(op, body, callback)]
             return
-        except zmq.Again:
-            self._fail(callback, op, address, self._no_pipe(link))
-            return
-        except Exception as exc:  # noqa: BLE001
-            self._fail(callback, op, address, exc)
+        except Exception as exc:  # noqa: BLE001 - (zmq.Again: no pipe, the peer refused us)
+            shm.discard(frames.segments if frames is not None else ())
+            self._fail(callback, op, address,
+                       self._no_pipe(link) if isinstance(exc, zmq.Again) else exc)
             return
         self.traffic.count(address, "out", frames, frames.shm_bytes)
         if op is not Op.FLUSH:
             self.dirty.add(address)
         if callback is not None:
-            link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout)
+            link.track(req_id, _Continuation(op, callback), time.monotonic() + self.cfg.timeout,
+                       frames.segments)
 
     def keepalive_every(self) -> float:
         """A quarter of the shortest lease among the linked peers, those whose link was lost
