@@ -22,7 +22,7 @@ ORDER: dict[str, list[str]] = {
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "sealed", "context", "labels", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["handle", "outbox", "connection", "reaper", "dispatch", "pointer", "session", "api",
+    "client": ["interrupts", "handle", "outbox", "connection", "reaper", "dispatch", "pointer", "session", "api",
                "launch", "nn", "smpc", "fixed", "hook", "__init__"],
 }
 # the layers a layer may import besides its own lower modules

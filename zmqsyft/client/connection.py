@@ -34,6 +34,7 @@ from ..wire.codec import check_size, encode_message
 from ..wire.messages import NO_REPLY, Message, Op
 from ..wire.rpc import Pending, RequestCore
 from ..wire.values import ShmPolicy
+from . import interrupts
 from .handle import WorkerHandle
 from .outbox import Batching, Outboxes
 
@@ -280,8 +281,12 @@ class Connection(Batching, RequestCore):
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
         self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + self._deadline_s
-        while not pending.done:
-            self._pump(deadline, pending.what)
+        try:
+            while not pending.done:
+                self._pump(deadline, pending.what)
+        except KeyboardInterrupt:
+            interrupts.abandon(pending, self._answered)  # Ctrl-C: its reply is dropped when it comes
+            raise
         self._answered.pop(req_id, None)
         if pending.error is not None:
             error = pending.error

@@ -1,0 +1,232 @@
+"""What keeps a session whole when a notebook interrupts it, restarts it or shuts it down.
+
+- **Private directories** (a spawned worker's ``ipc://`` socket): made by :func:`private_dir`
+  with an owner marker this process holds an ``flock`` on; removed at exit by
+  :func:`remove_dir`, and, if this process was killed, by the next zmqsyft process that
+  starts a session (:func:`sweep_dirs`: a marker nobody holds locked means its creator is dead;
+  a lock, unlike a pid, cannot be confused by pid reuse).
+- **Children reaped**: :func:`watch_child` keeps every spawned worker in a table that a daemon
+  thread polls (``waitpid(WNOHANG)`` through ``Popen.poll``), so a worker that exits on its own
+  while the session lives leaves no zombie; at exit :func:`stop_all` asks every worker to stop
+  at once (SIGTERM), kills the frozen ones (SIGSTOPped) at once, waits with one total bound,
+  kills the rest and reaps them all.
+- **Interrupted requests**: :func:`abandon` marks a request whose waiter got a
+  ``KeyboardInterrupt``: its reply is discarded when it comes; :func:`free_when_answered` frees
+  the object an interrupted request creates once it has been answered (a delete never
+  overtakes the request that creates its object).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
+           "abandon", "free_when_answered"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "zmqsyft-"
+_MARKER = ".zmqsyft-owner"  # locked (flock) by the process that made the directory
+_POLL = 0.5  # seconds between two looks for exited children
+
+_locks: dict[str, int] = {}  # directory -> the descriptor holding its marker's lock
+_children: set[subprocess.Popen[bytes]] = set()
+_children_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+# ----------------------------------------------------------- directories
+def private_dir() -> str:
+    """A new directory (mode 0700) under the temporary directory, marked as this process's.
+
+    The marker is locked before it gets its name, so a sweeper never sees it unlocked while
+    its creator lives.
+    """
+    directory = tempfile.mkdtemp(prefix=PREFIX)
+    tmp = os.path.join(directory, ".owner-new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(tmp, os.path.join(directory, _MARKER))
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    _locks[directory] = fd
+    return directory
+
+
+def remove_dir(directory: str) -> None:
+    """Remove a directory made by :func:`private_dir` (or any other) and let go of its lock."""
+    shutil.rmtree(directory, ignore_errors=True)
+    fd = _locks.pop(directory, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def sweep_dirs(root: str | None = None) -> list[str]:
+    """Remove the private directories of dead zmqsyft processes of this user; which they were.
+
+    A directory counts only if it holds a marker (so nothing else named ``zmqsyft-*`` is ever
+    touched) that no living process holds locked.
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            fd = os.open(os.path.join(path, _MARKER), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # no marker (not ours, or its creator is still making it), or gone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its creator lives
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d temporary directories of dead zmqsyft processes", len(removed))
+    return removed
+
+
+# ---------------------------------------------------------------- children
+def watch_child(proc: subprocess.Popen[bytes]) -> None:
+    """Reap ``proc`` as soon as it exits (polled by a daemon thread while any child lives)."""
+    global _reaper
+    with _children_lock:
+        _children.add(proc)
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap_children, name="zmqsyft-children", daemon=True)
+            _reaper.start()
+
+
+def _reap_children() -> None:
+    global _reaper
+    wakeup = threading.Event()  # (never set: a timed wait that an interpreter exit ends)
+    while True:
+        with _children_lock:
+            for proc in [p for p in _children if p.poll() is not None]:
+                _children.discard(proc)  # (poll() reaped it)
+            if not _children:
+                _reaper = None
+                return
+        wakeup.wait(_POLL)
+
+
+def _after_fork() -> None:  # a forked child has no reaper thread, and none of these children
+    global _reaper
+    _reaper = None
+    _children.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def frozen(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, or traced): it would never answer."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], bound: float) -> None:
+    """Stop every process of ``procs`` at once and reap them all, within about ``bound`` s.
+
+    Each running one is asked to exit (SIGTERM) at the same time; a frozen one is killed at
+    once (it would never act on it); those still running after ``bound`` seconds in all are
+    killed. Every one is reaped (no zombie is left).
+    """
+    running = []
+    for proc in procs:
+        if proc.poll() is not None:
+            continue
+        try:
+            if frozen(proc.pid):
+                proc.kill()
+            else:
+                proc.terminate()
+        except OSError:
+            pass
+        running.append(proc)
+    deadline = time.monotonic() + bound
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.debug("worker process %d did not exit within %gs: killed", proc.pid, bound)
+            proc.kill()
+    for proc in running:
+        proc.wait()  # (killed ones: at once)
+    with _children_lock:
+        _children.difference_update(running)
+
+
+# ------------------------------------------------------- interrupted requests
+class _Discard:
+    """Stands among an abandoned request's results: its error is dropped, not kept for a sync
+    point (a connection keeps the errors of requests with no results and nobody waiting)."""
+
+    @staticmethod
+    def _mark_failed(exc: BaseException) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+def abandon(pending: Any, answered: dict[int, Any]) -> None:
+    """The caller waiting for ``pending`` was interrupted: its reply, when it comes, is dropped
+    (neither kept in ``answered`` for a ``wait()`` nor raised later); the pointers it keeps
+    alive stay alive until then, so that no delete overtakes it."""
+    answered.pop(pending.req_id, None)
+    if not pending.done:
+        pending.awaited = False
+        if not any(r is _DISCARD for r in pending.results):  # (pointers compare with ==)
+            pending.results = (*pending.results, _DISCARD)
+
+
+class _Orphan:
+    """Stands for an object an interrupted request creates; its collection frees the object."""
+
+    __slots__ = ("__weakref__",)
+
+
+def free_when_answered(conn: Any, req_id: int, track: Callable[[Any, str, int], Any],
+                       free_later: Callable[[str, int], None], address: str, obj_id: int) -> None:
+    """Free ``obj_id`` at ``address`` once request ``req_id`` on ``conn`` has been answered (at
+    once if it has been, or was never sent): an interrupted ``send()`` leaves nothing behind."""
+    pending = conn.inflight.get(req_id) if req_id else None
+    if pending is None:
+        free_later(address, obj_id)
+        return
+    orphan = _Orphan()
+    track(orphan, address, obj_id)  # the reaper frees it when the orphan is collected:
+    pending.keep = (*pending.keep, orphan)  # when the answer (or the failure) drops `keep`
+    abandon(pending, {})
