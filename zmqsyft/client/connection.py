@@ -78,7 +78,7 @@ class Host(Protocol):
                       rider: Connection | None = None) -> bytes | None: ...
 
 
-class Connection(Batching, RequestCore):
+class Connection(interrupts.Interruptible, Batching, RequestCore):
     """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
 
     def __init__(self, host: Host, worker: WorkerHandle) -> None:
@@ -187,10 +187,11 @@ class Connection(Batching, RequestCore):
                     return req_id
             if self.outboxes.queued or self.outbox:
                 self._flush_all()  # what this thread queued before goes first
-            try:
-                transport.send(sock, frames)
-                if sealed is not None and self._bulk is not None:  # (opened as they come)
-                    self._bulk.send(sealed[1], sealed[0])
+            try:  # (a Ctrl-C while parts of a message are sent comes after: it is sent whole)
+                with interrupts.held_back(len(frames) > 1 or sealed is not None):
+                    transport.send(sock, frames)
+                    if sealed is not None and self._bulk is not None:  # (opened as they come)
+                        self._bulk.send(sealed[1], sealed[0])
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc

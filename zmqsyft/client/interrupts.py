@@ -10,7 +10,9 @@
   while the session lives leaves no zombie; at exit :func:`stop_all` asks every worker to stop
   at once (SIGTERM), kills the frozen ones (SIGSTOPped) at once, waits with one total bound,
   kills the rest and reaps them all.
-- **Interrupted requests**: :func:`abandon` marks a request whose waiter got a
+- **Interrupted requests**: a message is never cut in two (:func:`held_back` keeps a Ctrl-C
+  for after a multipart send), a reply read when a Ctrl-C comes fails its request instead of
+  vanishing (:class:`Interruptible`), and :func:`abandon` marks a request whose waiter got a
   ``KeyboardInterrupt``: its reply is discarded when it comes; :func:`free_when_answered` frees
   the object an interrupted request creates once it has been answered (a delete never
   overtakes the request that creates its object).
@@ -18,10 +20,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -30,8 +34,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import ZmqSyftError
+from ..wire.codec import ack_id
+from ..wire.messages import salvage_req_id
+
 __all__ = ["private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
-           "abandon", "free_when_answered"]
+           "abandon", "free_when_answered", "held_back", "Interruptible"]
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +226,65 @@ class _Orphan:
     __slots__ = ("__weakref__",)
 
 
-def free_when_answered(conn: Any, req_id: int, track: Callable[[Any, str, int], Any],
+def free_when_answered(conn: Any, since: int, what: str, track: Callable[[Any, str, int], Any],
                        free_later: Callable[[str, int], None], address: str, obj_id: int) -> None:
-    """Free ``obj_id`` at ``address`` once request ``req_id`` on ``conn`` has been answered (at
-    once if it has been, or was never sent): an interrupted ``send()`` leaves nothing behind."""
-    pending = conn.inflight.get(req_id) if req_id else None
-    if pending is None:
+    """Free ``obj_id`` at ``address`` once the request that creates it has been answered: the
+    last request ``what`` in flight on ``conn`` with an id from ``since`` on (what a caller
+    knows when a Ctrl-C came before ``send()`` returned its id); at once if it has been
+    answered already, or was never sent. An interrupted ``send()`` leaves nothing behind."""
+    ids = [i for i, p in conn.inflight.items() if i >= since and p.what == what]
+    if not ids:
         free_later(address, obj_id)
         return
+    pending = conn.inflight[max(ids)]
     orphan = _Orphan()
     track(orphan, address, obj_id)  # the reaper frees it when the orphan is collected:
     pending.keep = (*pending.keep, orphan)  # when the answer (or the failure) drops `keep`
-    abandon(pending, {})
+    abandon(pending, conn._answered)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def held_back(hold: bool) -> contextlib.AbstractContextManager[Any]:
+    """``with held_back(True):`` a Ctrl-C (SIGINT) that comes inside the block is raised when
+    it ends (in the main thread, where Python handles signals): a multipart message is then
+    sent whole or not at all, never in part (which would garble the next one)."""
+    if not hold or threading.current_thread() is not threading.main_thread():
+        return _NOTHING
+    return _HeldBack()
+
+
+class _HeldBack:
+    __slots__ = ("previous", "got")
+
+    def __enter__(self) -> None:
+        self.got: list[tuple[int, Any]] = []
+        self.previous = signal.getsignal(signal.SIGINT)
+        if callable(self.previous):  # (SIG_IGN, SIG_DFL: nothing to hold back)
+            signal.signal(signal.SIGINT, lambda signum, frame: self.got.append((signum, frame)))
+
+    def __exit__(self, *exc: object) -> None:
+        if callable(self.previous):
+            signal.signal(signal.SIGINT, self.previous)
+            if self.got:
+                self.previous(*self.got[0])  # (raises KeyboardInterrupt, by default)
+
+
+class Interruptible:
+    """Mixin for a connection: a Ctrl-C while a reply is being handled (a large one is being
+    decoded) fails the request it answers, with a reason, instead of leaving it in flight for
+    ever (then its waiter would time out, and the connection with it)."""
+
+    inflight: dict[int, Any]
+
+    def receive(self, frames: list[Any]) -> Any:
+        try:
+            return super().receive(frames)  # type: ignore[misc]
+        except KeyboardInterrupt:
+            req_id = (ack_id(frames[0]) or salvage_req_id(frames[0])) if frames else 0
+            if req_id in self.inflight:
+                self.answer(req_id, None, ZmqSyftError(  # type: ignore[attr-defined]
+                    f"the reply to request {req_id} was lost: a Ctrl-C interrupted its reading; "
+                    "what it did on the worker is unknown"))
+            raise

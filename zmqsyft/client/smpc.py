@@ -48,14 +48,14 @@ def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     obj_id = new_id()
     # the pointer (which frees the object) exists before the request leaves
     ptr = PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
-    session, conn, req_id = worker.session, worker.session.conn(worker), 0
+    session, conn = worker.session, worker.session.conn(worker)
+    since, what = conn._next, f".send() to '{worker.id}'"
     try:
-        req_id = conn.send(Op.PUT, Put(id=obj_id, obj=tensor), what=f".send() to '{worker.id}'")
-        conn.wait(req_id)
+        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor), what=what))
     except BaseException as exc:
         ptr._release("the .send() that was to create it failed")
         if not isinstance(exc, Exception):  # Ctrl-C: the object is freed once it is stored
-            interrupts.free_when_answered(conn, req_id, session.track, session.free_later,
+            interrupts.free_when_answered(conn, since, what, session.track, session.free_later,
                                           worker.address, obj_id)
         raise
     return ptr

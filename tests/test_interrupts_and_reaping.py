@@ -1,0 +1,248 @@
+"""A notebook's life: Ctrl-C while workers start or while a call waits, a kernel shutdown, a
+kernel restart (SIGKILL of the parent). Each test runs a parent script in a fresh interpreter
+and a process group of its own (as a kernel is), with a private ``TMPDIR``, and checks what is
+left afterwards: the workers usable, every process reaped, no directory, no object.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, STARTUP, read_line, reap
+
+PRELUDE = """
+import os, signal, sys, threading, time
+import torch
+import zmqsyft as sy
+hook = sy.TorchHook(torch)
+
+def poll(check, within):
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.02)
+    return True
+
+def state(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except OSError:
+        return "gone"
+"""
+
+
+@pytest.fixture
+def tmpdir_env() -> Iterator[Path]:
+    """A short private TMPDIR for the scripts (ipc paths have a length limit); removed after."""
+    directory = Path(tempfile.mkdtemp(prefix="zi-"))
+    try:
+        yield directory
+    finally:
+        for entry in directory.iterdir():
+            subprocess.run(["rm", "-rf", str(entry)], check=False)
+        directory.rmdir()
+
+
+def _start(script: str, tmp: Path) -> subprocess.Popen[bytes]:
+    path = tmp / "script.py"
+    path.write_text(PRELUDE + script)
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(path)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as a kernel's
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except OSError:
+        return "gone"
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    """Kill (after a failure) the workers a script left running, checking they are ours."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"zmqsyft" in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        reap(proc)
+    return out.decode(), err.decode()
+
+
+def _dirs(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("zmqsyft-"))
+
+
+@pytest.mark.timeout(240)
+def test_an_interrupt_sent_to_the_process_group_while_workers_start_spares_them(
+        tmpdir_env: Path) -> None:
+    proc = _start("""
+workers = [sy.spawn_worker(f"w{i}") for i in range(2)]
+try:
+    print("SPAWNED " + " ".join(str(w._proc.pid) for w in workers), flush=True)
+    for w in workers:
+        w.address  # the first use waits for the ready signal: interrupted here
+    print("NOT INTERRUPTED", flush=True)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+for i, w in enumerate(workers):
+    x = torch.arange(4.0) + i
+    assert torch.equal(x.send(w).get(), x)
+print("OK", flush=True)
+""", tmpdir_env)
+    pids: list[int] = []
+    try:
+        line = read_line(proc, STARTUP)
+        assert line.startswith("SPAWNED "), line
+        pids = [int(p) for p in line.split()[1:]]
+        assert all(_state(p) != "gone" for p in pids)  # started, still importing torch
+        os.killpg(proc.pid, signal.SIGINT)  # what Jupyter's interrupt does to a kernel
+        assert read_line(proc, STARTUP) == "INTERRUPTED"
+        out, err = _finish(proc, 2 * STARTUP)
+    finally:
+        reap(proc)
+        _kill_leftovers(pids)
+    assert proc.returncode == 0, err
+    assert out.strip() == "OK", (out, err)
+
+
+@pytest.mark.timeout(240)
+def test_exit_stops_all_workers_at_once_and_reaps_every_child(tmpdir_env: Path) -> None:
+    proc = _start("""
+workers = [sy.spawn_worker(f"w{i}") for i in range(4)]
+kept = [torch.ones(3).send(w) for w in workers]  # objects everywhere: deletes at exit
+pids = [w.pid for w in workers]
+print("PIDS " + " ".join(map(str, pids)), flush=True)
+os.kill(pids[2], signal.SIGKILL)  # exits on its own while the session lives: reaped, no zombie
+print("REAPED" if poll(lambda: state(pids[2]) == "gone", 20) else "ZOMBIE " + state(pids[2]),
+      flush=True)
+os.kill(pids[3], signal.SIGSTOP)  # frozen
+poll(lambda: state(pids[3]) == "T", 20)
+print("EXITING", flush=True)
+""", tmpdir_env)
+    pids: list[int] = []
+    try:
+        line = read_line(proc, 2 * STARTUP)
+        assert line.startswith("PIDS "), line
+        pids = [int(p) for p in line.split()[1:]]
+        assert read_line(proc, 30) == "REAPED"
+        assert read_line(proc, 30) == "EXITING"
+        start = time.monotonic()
+        _finish(proc, 60)
+        took = time.monotonic() - start
+        left = {pid: _state(pid) for pid in pids if _state(pid) != "gone"}
+    finally:
+        reap(proc)
+        _kill_leftovers(pids)
+    assert proc.returncode == 0
+    assert not left, f"worker processes left (pid: state): {left}"
+    assert took < 4.5, f"the exit took {took:.1f}s"
+
+
+@pytest.mark.timeout(300)
+def test_directories_of_a_killed_parent_are_swept_by_the_next_session(tmpdir_env: Path) -> None:
+    proc = _start("""
+workers = [sy.spawn_worker(f"w{i}") for i in range(2)]
+assert all(torch.equal(torch.ones(2).send(w).get(), torch.ones(2)) for w in workers)
+print("PIDS " + " ".join(str(w.pid) for w in workers), flush=True)
+sys.stdin.readline()
+""", tmpdir_env)
+    pids: list[int] = []
+    try:
+        line = read_line(proc, 2 * STARTUP)
+        pids = [int(p) for p in line.split()[1:]]
+        assert len(_dirs(tmpdir_env)) == 2
+        proc.kill()  # a kernel restart
+        proc.wait(timeout=30)
+        # its workers die with it (their parent death signal)
+        deadline = time.monotonic() + 30
+        while any(_state(p) not in ("gone", "Z") for p in pids):
+            assert time.monotonic() < deadline, "the workers outlived their killed parent"
+            time.sleep(0.05)
+    finally:
+        reap(proc)
+        _kill_leftovers(pids)
+    assert len(_dirs(tmpdir_env)) == 2  # nobody removed them
+    # the next session sweeps them (not its own, which live), and removes its own at exit
+    second = _start("""
+from zmqsyft.client import interrupts
+w = sy.spawn_worker("next")
+assert torch.equal(torch.ones(2).send(w).get(), torch.ones(2))
+own = os.path.dirname(w.address[len("ipc://"):])
+interrupts.sweep_dirs()
+print("LEFT", sorted(os.listdir(os.environ["TMPDIR"])), os.path.isdir(own), flush=True)
+""", tmpdir_env)
+    out, err = _finish(second, 2 * STARTUP)
+    assert second.returncode == 0, err
+    left = out.strip().split(" ", 1)[1]
+    assert left.endswith("True") and left.count("zmqsyft-") == 1, out  # only its own, alive
+    assert _dirs(tmpdir_env) == []
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_while_a_call_waits_leaves_the_session_usable_and_nothing_behind(
+        tmpdir_env: Path) -> None:
+    proc = _start("""
+from zmqsyft.wire import transport
+
+w = sy.spawn_worker("w")
+base = len(w._objects)
+sent, armed, real_send = threading.Event(), [False], transport.send
+
+def send(sock, frames):  # the hook: SIGINT once the armed request has left
+    real_send(sock, frames)
+    if armed[0]:
+        armed[0] = False
+        sent.set()
+
+def interrupter():
+    while True:
+        sent.wait()
+        sent.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+
+transport.send = send
+threading.Thread(target=interrupter, daemon=True).start()
+big = torch.ones(25 * 2**20)  # 100 MiB
+results = []
+for call in ("send", "get"):
+    ptr = big.send(w) if call == "get" else None
+    armed[0] = True
+    try:
+        ptr = big.send(w) if call == "send" else ptr.get()
+        results.append(call + " not interrupted")
+    except KeyboardInterrupt:
+        results.append(call + " interrupted")
+    del ptr
+    x = torch.arange(5.0)
+    assert torch.equal(x.send(w).get(), x)  # the session works, replies match their requests
+    assert poll(lambda: len(w._objects) == base, 20), (call, len(w._objects), base)
+print(", ".join(results), flush=True)
+""", tmpdir_env)
+    try:
+        out, err = _finish(proc, 3 * STARTUP)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    assert out.strip() == "send interrupted, get interrupted", (out, err)
