@@ -347,12 +347,12 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
                 f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
                 f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
                 "raise it with zmqsyft.configure(timeout=...)"))
-        # a blocking receive with a timeout: fewer system calls than poll() and then recv()
+        # poll() with a timeout, then a receive that does not block (see interrupts.recv)
         rcvtimeo = max(1, int(min(remaining, _POLL_SLICE) * 1000))
         if rcvtimeo != self._rcvtimeo:
             sock.rcvtimeo = self._rcvtimeo = rcvtimeo
         try:
-            frames = transport.recv(sock)
+            frames = interrupts.recv(sock, rcvtimeo)  # (a Ctrl-C loses no reply)
         except zmq.Again:
             pass
         else:

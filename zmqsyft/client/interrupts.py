@@ -10,7 +10,8 @@
   while the session lives leaves no zombie; at exit :func:`stop_all` asks every worker to stop
   at once (SIGTERM), kills the frozen ones (SIGSTOPped) at once, waits with one total bound,
   kills the rest and reaps them all.
-- **Interrupted requests**: a message is never cut in two (:func:`held_back` keeps a Ctrl-C
+- **Interrupted requests**: a Ctrl-C never makes a reply vanish (:func:`recv`), a message is
+  never cut in two (:func:`held_back` keeps a Ctrl-C
   for after a multipart send), a reply read when a Ctrl-C comes fails its request instead of
   vanishing (:class:`Interruptible`), and :func:`abandon` marks a request whose waiter got a
   ``KeyboardInterrupt``: its reply is discarded when it comes; :func:`free_when_answered` frees
@@ -34,12 +35,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import zmq
+
 from ..errors import ZmqSyftError
+from ..wire import transport
 from ..wire.codec import ack_id
 from ..wire.messages import salvage_req_id
 
 __all__ = ["private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
-           "abandon", "free_when_answered", "held_back", "Interruptible"]
+           "abandon", "free_when_answered", "held_back", "Interruptible", "recv"]
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +292,17 @@ class Interruptible:
                     f"the reply to request {req_id} was lost: a Ctrl-C interrupted its reading; "
                     "what it did on the worker is unknown"))
             raise
+
+
+def recv(sock: zmq.Socket, timeout_ms: int) -> list[Any]:
+    """:func:`~zmqsyft.wire.transport.recv` of the next message within ``timeout_ms``
+    (``zmq.Again`` if none), such that a Ctrl-C never loses one.
+
+    pyzmq checks for signals after every receive, also a successful one: a SIGINT delivered to
+    another thread while a blocking receive waits makes it raise ``KeyboardInterrupt`` with the
+    message it has just taken off the socket. So the wait is a ``poll()`` (which takes
+    nothing), and the receive does not block.
+    """
+    if not transport.readable(sock) and not sock.poll(timeout_ms, zmq.POLLIN):
+        raise zmq.Again()
+    return transport.recv(sock, zmq.NOBLOCK)
