@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,11 @@ def tmpdir_env() -> Iterator[Path]:
         directory.rmdir()
 
 
-def _start(script: str, tmp: Path) -> subprocess.Popen[bytes]:
-    path = tmp / "script.py"
+def _start(script: str, tmp: Path, name: str = "script", *args: str) -> subprocess.Popen[bytes]:
+    path = tmp / f"{name}.py"
     path.write_text(PRELUDE + script)
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(path)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(path), *args], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)  # its own process group, as a kernel's
 
@@ -69,6 +70,16 @@ def _state(pid: int) -> str:
             return f.read().rpartition(b")")[2].split()[0].decode()
     except OSError:
         return "gone"
+
+
+def _poll(check: Callable[[], bool], within: float) -> bool:
+    """Whether ``check()`` came true within ``within`` seconds (looked at every 20 ms)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.02)
+    return True
 
 
 def _kill_leftovers(pids: list[int]) -> None:
@@ -162,41 +173,44 @@ print("EXITING", flush=True)
 
 @pytest.mark.timeout(300)
 def test_directories_of_a_killed_parent_are_swept_by_the_next_session(tmpdir_env: Path) -> None:
-    proc = _start("""
-workers = [sy.spawn_worker(f"w{i}") for i in range(2)]
+    holder = """
+workers = [sy.spawn_worker(f"w{i}") for i in range(int(sys.argv[1]))]
 assert all(torch.equal(torch.ones(2).send(w).get(), torch.ones(2)) for w in workers)
 print("PIDS " + " ".join(str(w.pid) for w in workers), flush=True)
 sys.stdin.readline()
-""", tmpdir_env)
+"""
+    killed = _start(holder, tmpdir_env, "killed", "2")
+    alive = _start(holder, tmpdir_env, "alive", "1")
     pids: list[int] = []
     try:
-        line = read_line(proc, 2 * STARTUP)
-        pids = [int(p) for p in line.split()[1:]]
-        assert len(_dirs(tmpdir_env)) == 2
-        proc.kill()  # a kernel restart
-        proc.wait(timeout=30)
+        pids = [int(p) for p in read_line(killed, 2 * STARTUP).split()[1:]]
+        pids += [int(p) for p in read_line(alive, 2 * STARTUP).split()[1:]]
+        assert len(_dirs(tmpdir_env)) == 3
+        killed.kill()  # a kernel restart
+        killed.wait(timeout=30)
         # its workers die with it (their parent death signal)
-        deadline = time.monotonic() + 30
-        while any(_state(p) not in ("gone", "Z") for p in pids):
-            assert time.monotonic() < deadline, "the workers outlived their killed parent"
-            time.sleep(0.05)
-    finally:
-        reap(proc)
-        _kill_leftovers(pids)
-    assert len(_dirs(tmpdir_env)) == 2  # nobody removed them
-    # the next session sweeps them (not its own, which live), and removes its own at exit
-    second = _start("""
-from zmqsyft.client import interrupts
-w = sy.spawn_worker("next")
+        assert _poll(lambda: all(_state(p) in ("gone", "Z") for p in pids[:2]), 30), \
+            "the workers outlived their killed parent"
+        assert len(_dirs(tmpdir_env)) == 3  # nobody removed them
+        # the next session sweeps the dead parent's, not the living one's nor its own
+        second = _start("""
+w = sy.spawn_worker("next")  # (its session swept what dead processes left)
 assert torch.equal(torch.ones(2).send(w).get(), torch.ones(2))
 own = os.path.dirname(w.address[len("ipc://"):])
-interrupts.sweep_dirs()
-print("LEFT", sorted(os.listdir(os.environ["TMPDIR"])), os.path.isdir(own), flush=True)
-""", tmpdir_env)
-    out, err = _finish(second, 2 * STARTUP)
-    assert second.returncode == 0, err
-    left = out.strip().split(" ", 1)[1]
-    assert left.endswith("True") and left.count("zmqsyft-") == 1, out  # only its own, alive
+print(len([n for n in os.listdir(os.environ["TMPDIR"]) if n.startswith("zmqsyft-")]),
+      os.path.isdir(own), flush=True)
+""", tmpdir_env, "second")
+        out, err = _finish(second, 2 * STARTUP)
+        assert second.returncode == 0, err
+        assert out.split() == ["2", "True"], (out, err)  # its own and the living parent's
+        assert alive.stdin is not None
+        alive.stdin.close()  # a normal exit removes its own
+        alive.wait(timeout=60)
+        assert alive.returncode == 0
+    finally:
+        reap(killed)
+        reap(alive)
+        _kill_leftovers(pids)
     assert _dirs(tmpdir_env) == []
 
 
