@@ -168,7 +168,7 @@ print("EXITING", flush=True)
         _kill_leftovers(pids)
     assert proc.returncode == 0
     assert not left, f"worker processes left (pid: state): {left}"
-    assert took < 4.5, f"the exit took {took:.1f}s"
+    assert took < 6, f"the exit took {took:.1f}s"  # (12 s before: one worker after another)
 
 
 @pytest.mark.timeout(300)

@@ -43,7 +43,7 @@ from ..wire.codec import ack_id
 from ..wire.messages import salvage_req_id
 
 __all__ = ["private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
-           "abandon", "free_when_answered", "held_back", "Interruptible", "recv"]
+           "drop_deletes", "abandon", "free_when_answered", "held_back", "Interruptible", "recv"]
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,15 @@ def _reap_children() -> None:
         wakeup.wait(_POLL)
 
 
-def _after_fork() -> None:  # a forked child has no reaper thread, and none of these children
+def _after_fork() -> None:
+    """A forked child has no reaper thread and none of these children, and holds no lock on
+    its parent's directories (so they are swept once the parent dies, whatever the child)."""
     global _reaper
     _reaper = None
     _children.clear()
+    for fd in _locks.values():
+        os.close(fd)  # (closing our copy releases nothing the parent holds)
+    _locks.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -198,6 +203,21 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes]], bound: float) -> None:
         proc.wait()  # (killed ones: at once)
     with _children_lock:
         _children.difference_update(running)
+
+
+def drop_deletes(queue: Any, addresses: set[str | None]) -> None:
+    """Take the deletes for the workers at ``addresses`` out of ``queue`` (a deque of
+    ``(address, id)``, which the reaper thread may be emptying meanwhile: no lock is taken,
+    so a flush waiting on a frozen worker holds nothing up)."""
+    kept = []
+    while True:
+        try:
+            entry = queue.popleft()
+        except IndexError:
+            break
+        if entry[0] not in addresses:
+            kept.append(entry)
+    queue.extend(kept)
 
 
 # ------------------------------------------------------- interrupted requests

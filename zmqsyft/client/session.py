@@ -249,10 +249,7 @@ class Session:
         spawned = {w._ready_address for w in workers if w.spawned and not w.closed}
         try:
             self.reaper.release_all()  # pointers still alive: free what they own too
-            with self.reaper.lock:
-                kept = [d for d in self._deletes if d[0] not in spawned]
-                self._deletes.clear()
-                self._deletes.extend(kept)
+            interrupts.drop_deletes(self._deletes, spawned)
             for conn in self.thread_conns():
                 if conn.sock is not None and conn.worker._ready_address not in spawned:
                     try:
