@@ -218,36 +218,50 @@ print(len([n for n in os.listdir(os.environ["TMPDIR"]) if n.startswith("zmqsyft-
 def test_ctrl_c_while_a_call_waits_leaves_the_session_usable_and_nothing_behind(
         tmpdir_env: Path) -> None:
     proc = _start("""
-from zmqsyft.wire import transport
+from zmqsyft.client import connection
+from zmqsyft.wire.messages import Op
 
+sy.configure(timeout=20)
 w = sy.spawn_worker("w")
 base = len(w._objects)
-sent, armed, real_send = threading.Event(), [False], transport.send
+sent, armed, real_send, pending = threading.Event(), [False], connection.Connection.send, [False]
 
-def send(sock, frames):  # the hook: SIGINT once the armed request has left
-    real_send(sock, frames)
-    if armed[0]:
+def send(conn, op, *args, **kwargs):  # the hook: SIGINT once the armed request has left
+    req_id = real_send(conn, op, *args, **kwargs)
+    if armed[0] and op in (Op.PUT, Op.GET):
         armed[0] = False
         sent.set()
+    return req_id
 
 def interrupter():
     while True:
         sent.wait()
         sent.clear()
-        os.kill(os.getpid(), signal.SIGINT)
+        if pending[0]:  # the signal lands in this thread: the caller's receive goes on, and
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # the reply comes while
+            os.kill(w.pid, signal.SIGCONT)  # the KeyboardInterrupt is pending
+        else:  # (at the main thread: its wait ends at once)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-transport.send = send
+connection.Connection.send = send
 threading.Thread(target=interrupter, daemon=True).start()
 big = torch.ones(25 * 2**20)  # 100 MiB
 results = []
-for call in ("send", "get"):
-    ptr = big.send(w) if call == "get" else None
+for call in ("send", "get", "get while pending"):
+    ptr = big.send(w) if call != "send" else None
+    os.kill(w.pid, signal.SIGSTOP)  # (its reply cannot come before the interrupt)
+    assert poll(lambda: state(w.pid) == "T", 20)
+    pending[0] = call == "get while pending"
+    # "pending": one receive waits for the whole reply (with a signal raced before the wait,
+    # the others would wait out the slice; here the reply ends it)
+    connection._POLL_SLICE = 15.0 if pending[0] else 0.1
     armed[0] = True
     try:
         ptr = big.send(w) if call == "send" else ptr.get()
         results.append(call + " not interrupted")
     except KeyboardInterrupt:
         results.append(call + " interrupted")
+    os.kill(w.pid, signal.SIGCONT)  # it answers now: the late reply is dropped
     del ptr
     x = torch.arange(5.0)
     assert torch.equal(x.send(w).get(), x)  # the session works, replies match their requests
@@ -259,4 +273,5 @@ print(", ".join(results), flush=True)
     finally:
         reap(proc)
     assert proc.returncode == 0, err
-    assert out.strip() == "send interrupted, get interrupted", (out, err)
+    assert out.strip() == ("send interrupted, get interrupted, get while pending interrupted"), \
+        (out, err)
