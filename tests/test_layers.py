@@ -23,7 +23,8 @@ ORDER: dict[str, list[str]] = {
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peers", "sealed", "context", "labels", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch", "pointer", "session", "api",
+    "client": ["interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
+               "pointer", "session", "api",
                "launch", "nn", "smpc", "fixed", "hook", "__init__"],
 }
 # the layers a layer may import besides its own lower modules

@@ -27,6 +27,7 @@ from ..wire.codec import check_size, encode_message
 from ..wire.messages import NO_REPLY, Message, Op, salvage_req_id
 from ..wire.rpc import RequestCore
 from ..wire.values import ShmPolicy
+from . import interrupts
 from .handle import WorkerHandle
 from .link import Host, InFlight
 from .linkprobe import LinkProbe
@@ -42,7 +43,7 @@ _CHECK_EVERY = 0.002  # the link's liveness, looked at on the sending path at mo
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
 
-class Connection(Batching, RequestCore):
+class Connection(interrupts.Interruptible, Batching, RequestCore):
     """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
 
     def __init__(self, host: Host, worker: WorkerHandle) -> None:
@@ -188,10 +189,11 @@ class Connection(Batching, RequestCore):
                     return req_id
             if self.outboxes.queued or self.outbox:
                 self._flush_all()  # what this thread queued before goes first
-            try:
-                transport.send(sock, frames)
-                if sealed is not None and self._bulk is not None:  # (opened as they come)
-                    self._bulk.send(sealed[1], sealed[0])
+            try:  # (a Ctrl-C while parts of a message are sent comes after: it is sent whole)
+                with interrupts.held_back(len(frames) > 1 or sealed is not None):
+                    transport.send(sock, frames)
+                    if sealed is not None and self._bulk is not None:  # (opened as they come)
+                        self._bulk.send(sealed[1], sealed[0])
                 self.probe.start(self, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
@@ -274,8 +276,12 @@ class Connection(Batching, RequestCore):
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
         self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + self._deadline_s
-        while not pending.done:
-            self._pump(deadline, pending.what)
+        try:
+            while not pending.done:
+                self._pump(deadline, pending.what)
+        except KeyboardInterrupt:
+            interrupts.abandon(pending, self._answered)  # Ctrl-C: its reply is dropped when it comes
+            raise
         self._answered.pop(req_id, None)
         if pending.error is not None:
             error = pending.error
@@ -338,12 +344,12 @@ class Connection(Batching, RequestCore):
                 f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
                 f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
                 "raise it with zmqsyft.configure(timeout=...)"))
-        # a blocking receive with a timeout: fewer system calls than poll() and then recv()
+        # poll() with a timeout, then a receive that does not block (see interrupts.recv)
         rcvtimeo = max(1, int(min(remaining, _POLL_SLICE) * 1000))
         if rcvtimeo != self._rcvtimeo:
             sock.rcvtimeo = self._rcvtimeo = rcvtimeo
         try:
-            frames = transport.recv(sock)
+            frames = interrupts.recv(sock, rcvtimeo)  # (a Ctrl-C loses no reply)
         except zmq.Again:
             pass
         else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import shutil
 import signal
 import subprocess
 import threading
@@ -26,6 +25,7 @@ from ..config import Config
 from ..errors import SpawnError, WorkerRestarted, WorkerUnavailable, ZmqSyftError
 from ..wire.bodies import Shutdown
 from ..wire.messages import Op
+from . import interrupts
 
 __all__ = ["WorkerHandle", "SessionLike"]
 
@@ -70,6 +70,7 @@ class WorkerHandle:
         self._proc = proc
         self._ready_fd = ready_fd
         self._ready_lock = threading.Lock()
+        self._ready_buf = b""  # what the worker wrote on the ready pipe so far
         self._ready_address: str | None = None if ready_fd is not None else address_hint
         self._pid: int | None = proc.pid if proc is not None else None
         self._spawn_deadline = time.monotonic() + session.cfg.spawn_timeout
@@ -120,25 +121,25 @@ class WorkerHandle:
         if fd is None:
             self._check_open()
             raise SpawnError(f"worker '{self.id}' never reported ready")
-        buf = b""
-        try:
-            while b"\n" not in buf:
-                remaining = self._spawn_deadline - time.monotonic()
-                if remaining <= 0:
-                    self._kill()
-                    self.closed = True
-                    raise SpawnError(
-                        f"worker '{self.id}' did not report ready within "
-                        f"{self.session.cfg.spawn_timeout:g}s; it was killed")
-                readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-                if readable:
-                    chunk = os.read(fd, 4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-        finally:
-            os.close(fd)
-            self._ready_fd = None
+        # what was read is kept, and the pipe stays open, if a Ctrl-C interrupts the wait: the
+        # next use of the handle waits on
+        while b"\n" not in self._ready_buf:
+            remaining = self._spawn_deadline - time.monotonic()
+            readable, _, _ = select.select([fd], [], [], min(max(remaining, 0.0), 0.5))
+            if readable:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                self._ready_buf += chunk
+            elif remaining <= 0:
+                self._close_ready_fd()
+                self._kill()
+                self.closed = True
+                raise SpawnError(
+                    f"worker '{self.id}' did not report ready within "
+                    f"{self.session.cfg.spawn_timeout:g}s; it was killed")
+        self._close_ready_fd()
+        buf = self._ready_buf
         line = buf.decode(errors="replace").strip()
         if not line.startswith("READY "):
             code = self._proc.wait(timeout=5) if self._proc is not None else None
@@ -177,6 +178,11 @@ class WorkerHandle:
             f"cannot use object {obj_id} for {what}: worker '{self.id}' at {self._ready_address} "
             f"was restarted at {when} (a new process, pid {self._pid}); objects from before are "
             "gone. Send the data to it again")
+
+    def _close_ready_fd(self) -> None:
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
 
     def _exit_status(self) -> str | None:
         """``None`` while the worker may be alive; otherwise why it is not."""
@@ -229,7 +235,7 @@ class WorkerHandle:
 
     def _remove_private_dir(self) -> None:
         if self.private_dir is not None and (self._proc is None or self._proc.poll() is not None):
-            shutil.rmtree(self.private_dir, ignore_errors=True)
+            interrupts.remove_dir(self.private_dir)
             self.private_dir = None
 
     def _reap(self, timeout: float) -> None:
@@ -240,9 +246,7 @@ class WorkerHandle:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill()
-        if self._ready_fd is not None:
-            os.close(self._ready_fd)
-            self._ready_fd = None
+        self._close_ready_fd()
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -250,12 +254,13 @@ class WorkerHandle:
             self._proc.wait()
 
     def close_at_exit(self) -> None:
-        """Interpreter exit: terminate a spawned worker, reap it (killed if it hangs)."""
+        """Interpreter exit: stop a spawned worker (killed at once if frozen, or if it hangs),
+        reap it, remove its private directory. The session stops all at once first
+        (:func:`~zmqsyft.client.interrupts.stop_all`)."""
         if self._proc is None or self.closed:
             return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-        self._reap(2.0)
+        interrupts.stop_all([self._proc], 2.0)
+        self._reap(0)
         self.closed = True
         self._remove_private_dir()
 

@@ -1,6 +1,7 @@
 """Getting a worker handle: spawning a local worker process, or connecting to a running one.
 
-A spawned worker is ``python -m zmqsyft worker ...`` in a child process. It reports its bound
+A spawned worker is ``python -m zmqsyft worker ...`` in a child process, in a process group of
+its own (a Ctrl-C aimed at ours does not reach it). It reports its bound
 endpoint on a private pipe (the ready handshake), exits when its parent dies, and is shut down
 (then killed, if need be) by ``close()``, by ``with``, and at interpreter exit. Spawning returns
 at once; the first use of the handle waits for the ready signal, so several workers start in
@@ -23,6 +24,7 @@ from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
 from ..keys import KeyPair, public_key
 from ..privacy import Policy
 from ..wire import transport
+from . import interrupts
 from .api import WorkerClient
 from .session import Session
 
@@ -44,6 +46,7 @@ def get_session() -> Session:
     if _session is None:
         with _session_lock:
             if _session is None:
+                interrupts.sweep_dirs()  # what killed zmqsyft processes left in the temp dir
                 _session = Session(WorkerClient)
     return _session
 
@@ -92,8 +95,11 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     private_dir = None
     if bind is None:
         if transport_kind == "ipc":
-            bind = transport.ipc_endpoint(worker_id)
-            private_dir = os.path.dirname(bind[len("ipc://"):])
+            private_dir = interrupts.private_dir()  # (removed at exit; if we are killed, by
+            bind = transport.ipc_endpoint(worker_id, private_dir)  # the next session's sweep)
+            if os.path.dirname(bind[len("ipc://"):]) != private_dir:  # a very long TMPDIR
+                interrupts.remove_dir(private_dir)
+                private_dir = os.path.dirname(bind[len("ipc://"):])
         elif transport_kind == "tcp":
             bind = "tcp://127.0.0.1:0"
         else:
@@ -130,14 +136,19 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     os.close(token_w)
     cmd += ["--token-fd", str(token_r)]
     try:
+        # its own session (process group): an interrupt aimed at ours (a notebook's Ctrl-C, sent
+        # to the kernel's process group) does not reach it; it still dies with us (pdeathsig)
         proc = subprocess.Popen(cmd, pass_fds=(write_fd, token_r), env=child_env,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         os.close(read_fd)
+        if private_dir is not None:
+            interrupts.remove_dir(private_dir)
         raise SpawnError(f"could not start worker '{worker_id}': {exc}") from exc
     finally:
         os.close(write_fd)
         os.close(token_r)
+    interrupts.watch_child(proc)  # reaped as soon as it exits, used or not
     handle = WorkerClient(session, worker_id, bind, proc=proc, ready_fd=read_fd)
     handle.key = worker_keys.text if worker_keys is not None else ""
     handle.trust_token = token or None

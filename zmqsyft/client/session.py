@@ -32,6 +32,7 @@ from ..wire import transport
 from ..wire.bodies import Allow, Flush
 from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import DTYPES
+from . import interrupts
 from .connection import Connection
 from .handle import WorkerHandle
 from .outbox import Outboxes
@@ -267,10 +268,15 @@ class Session:
         self._stopping.set()
         self.reaper.wake()
         self.outboxes.wake()
+        workers = list(self._workers.values())
+        # the workers we spawned are stopped below, and what they hold goes with them: no
+        # deletes, no waiting for them (a frozen one would hold up the exit)
+        spawned = {w._ready_address for w in workers if w.spawned and not w.closed}
         try:
             self.reaper.release_all()  # pointers still alive: free what they own too
+            interrupts.drop_deletes(self._deletes, spawned)
             for conn in self.thread_conns():
-                if conn.sock is not None:
+                if conn.sock is not None and conn.worker._ready_address not in spawned:
                     try:
                         conn.drain(timeout=min(self.cfg.timeout, 5.0))
                     except ZmqSyftError:
@@ -278,7 +284,12 @@ class Session:
             self.flush_deletes(wait=True, timeout=min(self.cfg.timeout, 5.0))
         except Exception:  # noqa: BLE001 - never fail interpreter exit
             log.debug("zmqsyft exit flush failed", exc_info=True)
-        for worker in list(self._workers.values()):
+        try:  # all at once, within one bound, every one reaped
+            interrupts.stop_all([w._proc for w in workers if w._proc is not None and not w.closed],
+                                min(self.cfg.close_timeout, 2.0))
+        except Exception:  # noqa: BLE001
+            log.debug("stopping the workers at exit failed", exc_info=True)
+        for worker in workers:
             try:
                 worker.close_at_exit()
             except Exception:  # noqa: BLE001

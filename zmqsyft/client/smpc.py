@@ -33,6 +33,7 @@ from ..ids import new_id
 from ..secret import MAX_PARTIES, reconstruct, split_shares
 from ..wire.bodies import Put
 from ..wire.messages import Op
+from . import interrupts
 from .dispatch import _call_async
 from .handle import WorkerHandle
 from .pointer import PointerTensor
@@ -45,9 +46,19 @@ _I64 = torch.int64
 def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
     obj_id = new_id()
-    worker.session.conn(worker).request(Op.PUT, Put(id=obj_id, obj=tensor),
-                                        what=f".send() to '{worker.id}'")
-    return PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
+    # the pointer (which frees the object) exists before the request leaves
+    ptr = PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
+    session, conn = worker.session, worker.session.conn(worker)
+    since, what = conn._next, f".send() to '{worker.id}'"
+    try:
+        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor), what=what))
+    except BaseException as exc:
+        ptr._release("the .send() that was to create it failed")
+        if not isinstance(exc, Exception):  # Ctrl-C: the object is freed once it is stored
+            interrupts.free_when_answered(conn, since, what, session.track, session.free_later,
+                                          worker.address, obj_id)
+        raise
+    return ptr
 
 
 def run_own(location: WorkerHandle, name: str, args: list[Any], shapes: Sequence[Any]
