@@ -22,7 +22,8 @@ def describe(worker: WorkerHandle, why: str) -> str:
     status = worker._exit_status()
     if status is not None and status != "closed":
         return f"worker '{worker.id}' is not running: {status}"
-    return f"worker '{worker.id}' at {worker.address_hint} could not be reached: {why}"
+    where = worker._ready_address or worker.address_hint
+    return f"worker '{worker.id}' at {where} could not be reached: {why}"
 
 
 def gone(worker: WorkerHandle, why: str, what: str) -> WorkerUnavailable:
