@@ -275,3 +275,33 @@ print(", ".join(results), flush=True)
     assert proc.returncode == 0, err
     assert out.strip() == ("send interrupted, get interrupted, get while pending interrupted"), \
         (out, err)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_spawned_from_a_short_lived_thread_outlives_the_thread(
+        hook: object, tmp_path: Path) -> None:
+    """``PR_SET_PDEATHSIG`` fires when the thread that forked the child ends, not the process:
+    a worker spawned from a thread that then ended (a pool's, a test's) must go on serving."""
+    import torch
+
+    import zmqsyft as sy
+
+    made: list[sy.WorkerClient] = []
+
+    def start() -> None:
+        worker = sy.spawn_worker("threaded")
+        worker.ping()  # ready: it runs (and has asked to die with its parent) before we end
+        made.append(worker)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join(timeout=60)
+    assert made, "spawn_worker did not return"
+    worker = made[0]
+    try:
+        assert worker.ping() > 0  # (its starter thread has ended)
+        x = torch.arange(3.0).send(worker)
+        assert torch.equal((x * 2).get(), torch.arange(3.0) * 2)
+        assert worker._proc is not None and worker._proc.poll() is None
+    finally:
+        worker.close()

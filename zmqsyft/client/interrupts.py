@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import shutil
 import signal
 import stat
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
@@ -42,7 +44,7 @@ from ..wire import transport
 from ..wire.codec import ack_id
 from ..wire.messages import salvage_req_id
 
-__all__ = ["private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
+__all__ = ["popen", "private_dir", "remove_dir", "sweep_dirs", "watch_child", "stop_all", "frozen",
            "drop_deletes", "abandon", "free_when_answered", "held_back", "Interruptible", "recv"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,43 @@ def sweep_dirs(root: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- children
+class _Spawner:
+    """One long-lived thread that starts every worker process: a child's ``PR_SET_PDEATHSIG``
+    fires when the *thread* that forked it ends, so a worker spawned from a short-lived thread
+    (a pool's, a test's) would die with that thread instead of with this process. The thread is a
+    daemon: it ends with the process, and the workers with it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], tuple[Any, ...], dict[str, Any]]] = (
+            queue.SimpleQueue())
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(*args, **kwargs)``, run on the spawner thread (a Ctrl-C waits for
+        it: the process is started and returned, never lost)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="zmqsyft-spawner",
+                                                daemon=True)
+                self._thread.start()
+        job: Future[Any] = Future()
+        with held_back(True):
+            self._jobs.put((job, args, kwargs))
+            return job.result()
+
+    def _run(self) -> None:
+        while True:
+            job, args, kwargs = self._jobs.get()
+            try:
+                job.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                job.set_exception(exc)
+
+
+popen = _Spawner().popen
+
+
 def watch_child(proc: subprocess.Popen[bytes]) -> None:
     """Reap ``proc`` as soon as it exits (polled by a daemon thread while any child lives)."""
     global _reaper

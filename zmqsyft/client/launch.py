@@ -137,8 +137,9 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     cmd += ["--token-fd", str(token_r)]
     try:
         # its own session (process group): an interrupt aimed at ours (a notebook's Ctrl-C, sent
-        # to the kernel's process group) does not reach it; it still dies with us (pdeathsig)
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd, token_r), env=child_env,
+        # to the kernel's process group) does not reach it; it still dies with us (pdeathsig,
+        # which follows the thread that started it: the spawner thread lives as long as we do)
+        proc = interrupts.popen(cmd, pass_fds=(write_fd, token_r), env=child_env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         os.close(read_fd)
