@@ -29,7 +29,7 @@ from ..wire.rpc import RequestCore
 from ..wire.values import ShmPolicy
 from . import interrupts
 from .handle import WorkerHandle
-from .link import Host, InFlight
+from .link import Deferred, Host, InFlight
 from .linkprobe import LinkProbe
 from .lost import gone, outcome_unknown, refused, restarted, unsent
 from .outbox import Batching
@@ -43,7 +43,7 @@ _CHECK_EVERY = 0.002  # the link's liveness, looked at on the sending path at mo
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
 
 
-class Connection(interrupts.Interruptible, Batching, RequestCore):
+class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
     """One thread's DEALER to one worker, with that thread's in-flight requests to it."""
 
     def __init__(self, host: Host, worker: WorkerHandle) -> None:
@@ -94,7 +94,10 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
                                        self._bulk.secret if self._bulk is not None else "")
             self._hello = InFlight((), (), "hello", awaited=False)
             self.track(req_id, self._hello)
-            transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
+            try:
+                transport.send(self.sock, encode_message(Op.HELLO, req_id, hello))
+            except zmq.Again as exc:  # (its handshake failed already: nothing to queue on)
+                raise self._fail(self._unsendable("the connection's HELLO", exc)) from None
             if self.worker.incarnation:  # a reconnect: is it the process we knew? (before
                 try:                     # anything else names its objects)
                     self._shm_out()
@@ -203,6 +206,8 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
     def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
         """Why nothing can be sent on this connection: the worker refused it during the
         handshake, or it is lost (libzmq has no peer to queue the message for)."""
+        if self.watch is not None:  # (the event that explains it may be on its way)
+            self.watch.monitor.poll(200)
         why = self.watch.down() if self.watch is not None else None
         if self.watch is not None and self.watch.refused is not None:
             return refused(self.worker, self.watch.refused, f"{what} was not sent")
@@ -218,15 +223,6 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
             why = self.worker._exit_status()
             return why if why is not None or self.watch is None else self.watch.down()
         return self._bulk.collect(marker, self._deadline_s, f"worker '{self.worker.id}'", dead)
-
-    def _open_bulk(self) -> None:
-        """The worker's HELLO reply named its bulk socket (or not): connect to it."""
-        if self._bulk is not None and self.peer is not None:
-            try:
-                self._bulk.connect(self.host.ctx, self.host.cfg, self.worker.address,
-                                   self.peer.bulk)
-            except Exception as exc:  # noqa: BLE001 - then everything goes inside the connection
-                log.warning("worker %s: not using its bulk socket: %s", self.worker.id, exc)
 
     def _shm_policy(self) -> ShmPolicy | None:
         cfg = self.host.cfg
@@ -302,16 +298,6 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
             what = next(iter(self.inflight.values())).what
             self._pump(deadline, what)
 
-    def raise_deferred(self) -> None:
-        """Raise the first error of a pipelined request not reported yet."""
-        if self.deferred:
-            errors, self.deferred = self.deferred, []
-            exc = errors[0]
-            if len(errors) > 1:
-                exc.add_note(f"({len(errors) - 1} more pipelined operation(s) on worker "
-                             f"'{self.worker.id}' failed too)")
-            raise exc
-
     def poll_replies(self) -> None:
         """Handle the replies that have already arrived, without waiting."""
         with self.lock:
@@ -356,12 +342,15 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
             self.receive(frames)
             return
         dead = self.worker._exit_status()
+        exited = dead is not None
         if dead is None and self.watch is not None:
             dead = self.watch.down() or self.probe.down()
             if self.watch.refused is not None:
                 raise self._fail(refused(self.worker, self.watch.refused, f"{what} got no answer"))
-        if dead is not None:
-            raise self._fail(outcome_unknown(self.worker, dead, what))
+        if dead is not None:  # (over a connection never made, nothing reached it)
+            never = self.watch is not None and not self.watch.ever_up and not exited
+            raise self._fail(gone(self.worker, dead, what) if never else
+                             outcome_unknown(self.worker, dead, what))
 
     def resolved(self, pending: Any, reply: Message | None, error: BaseException | None) -> None:
         """A reply (or the loss of the connection) answered ``pending``."""
@@ -385,7 +374,7 @@ class Connection(interrupts.Interruptible, Batching, RequestCore):
                 self.worker.met(self.peer.incarnation, self.peer.started_ms, self.peer.pid)
                 self._take_over = self.shm and shm.may_take_over(self.peer.pid)
                 self.worker.lease = self.peer.lease_ms / 1000  # (the reaper keeps us alive)
-                self._open_bulk()
+                self._open_bulk(self.host, self.worker, self._bulk)
         pending.results = ()
 
     def _fail(self, exc: BaseException) -> BaseException:

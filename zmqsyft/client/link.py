@@ -4,6 +4,7 @@ for settings, keys and the delete queue) and the record it keeps of each request
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Any, Protocol
 
 import zmq
@@ -13,7 +14,9 @@ from ..wire.messages import Message
 from ..wire.rpc import Pending
 from .outbox import Outboxes
 
-__all__ = ["InFlight", "Host"]
+__all__ = ["InFlight", "Host", "Deferred"]
+
+log = logging.getLogger("zmqsyft.client.connection")
 
 
 class InFlight(Pending):
@@ -48,3 +51,30 @@ class Host(Protocol):
 
     def flush_deletes(self, wait: bool, timeout: float | None = None,
                       rider: Any = None) -> bytes | None: ...
+
+
+class Deferred:
+    """A connection's errors of pipelined requests nobody waited for, raised at the next
+    synchronisation point; and the connecting of its sealed bulk channel."""
+
+    deferred: list[BaseException]
+    worker: Any
+    peer: Any
+
+    def raise_deferred(self) -> None:
+        """Raise the first error of a pipelined request not reported yet."""
+        if self.deferred:
+            errors, self.deferred = self.deferred, []
+            exc = errors[0]
+            if len(errors) > 1:
+                exc.add_note(f"({len(errors) - 1} more pipelined operation(s) on worker "
+                             f"'{self.worker.id}' failed too)")
+            raise exc
+
+    def _open_bulk(self, host: Host, worker: Any, bulk: Any) -> None:
+        """The worker's HELLO reply named its bulk socket (or not): connect ``bulk`` to it."""
+        if bulk is not None and self.peer is not None:
+            try:
+                bulk.connect(host.ctx, host.cfg, worker.address, self.peer.bulk)
+            except Exception as exc:  # noqa: BLE001 - then everything goes inside the connection
+                log.warning("worker %s: not using its bulk socket: %s", worker.id, exc)

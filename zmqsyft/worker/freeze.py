@@ -31,8 +31,8 @@ class FreezeWatch:
     ----------
     grace : float
         A gap longer than this, in which the process used less than half as much CPU time, is
-        a freeze (callers give up on a silent worker after two to three heartbeat intervals: one
-        and a half is shorter than any freeze a caller gave up on).
+        a freeze (a caller gives up on a silent worker two heartbeat intervals after the ping
+        that went unanswered, so never for a shorter freeze: this is two of them).
     """
 
     def __init__(self, grace: float) -> None:

@@ -147,7 +147,7 @@ class Worker(owner.DataOwner):
         self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic, self.keys,
                                self.access)
         self._running = False
-        self.freeze = FreezeWatch(1.5 * config.heartbeat_ivl)
+        self.freeze = FreezeWatch(2 * config.heartbeat_ivl)
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
         self._graveyard: list[Any] = []
