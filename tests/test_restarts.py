@@ -56,6 +56,8 @@ class Restartable:
         self.args = ("--id", "bob", "--bind", self.address, "--keys", str(self.dir),
                      "--admin", str(self.dir / "me.key"), "--trust", str(self.dir / "me.key"))
 
+        self.handles: list[WorkerClient] = []
+
     @contextmanager
     def running(self) -> Iterator[object]:
         with _cli_worker(self.args, STARTUP, None) as worker:
@@ -63,7 +65,22 @@ class Restartable:
             yield worker
 
     def connect(self) -> WorkerClient:
-        return sy.connect(self.address, worker_key=self.key, keys=self.client_keys)
+        self.handles.append(sy.connect(self.address, worker_key=self.key, keys=self.client_keys))
+        return self.handles[-1]
+
+    def close(self) -> None:
+        """Forget the handles (nothing of this test's workers lingers in the session)."""
+        for handle in self.handles:
+            handle.close()
+
+
+@pytest.fixture
+def restartable(tmp_path: Path, transport_kind: str) -> Iterator[Restartable]:
+    made = Restartable(tmp_path, transport_kind)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 def kill(proc: object) -> None:
@@ -77,9 +94,9 @@ def _pid(worker: WorkerClient) -> int:
 
 
 # ------------------------------------------------------------------ restarts
-def test_a_worker_restarted_at_the_same_address_is_met_afresh(tmp_path: Path, transport_kind: str,
+def test_a_worker_restarted_at_the_same_address_is_met_afresh(restartable: Restartable,
                                                               hook: sy.TorchHook) -> None:
-    bob_at = Restartable(tmp_path, transport_kind)
+    bob_at = restartable
     with bob_at.running() as first:
         bob = bob_at.connect()
         small = torch.arange(4.0).send(bob)
@@ -107,10 +124,10 @@ def test_a_worker_restarted_at_the_same_address_is_met_afresh(tmp_path: Path, tr
 
 
 def test_a_restart_found_on_the_sending_path_names_the_stale_object(
-        tmp_path: Path, transport_kind: str, hook: sy.TorchHook) -> None:
+        restartable: Restartable, hook: sy.TorchHook) -> None:
     """The restart is met by the request itself (no earlier call saw the old connection go):
     the request naming an old object fails with WorkerRestarted and nothing of it runs."""
-    bob_at = Restartable(tmp_path, transport_kind)
+    bob_at = restartable
     with bob_at.running() as first:
         bob = bob_at.connect()
         x = torch.arange(4.0).send(bob)
@@ -162,9 +179,9 @@ def test_a_refused_connection_is_down_at_once(tmp_path: Path, hook: sy.TorchHook
             assert "nothing accepts connections at" in str(info.value), str(info.value)
 
 
-def test_every_call_to_a_dead_shell_worker_fails_at_once(tmp_path: Path, transport_kind: str,
+def test_every_call_to_a_dead_shell_worker_fails_at_once(restartable: Restartable,
                                                         hook: sy.TorchHook) -> None:
-    bob_at = Restartable(tmp_path, transport_kind)
+    bob_at = restartable
     with bob_at.running() as worker:
         bob = bob_at.connect()
         x = torch.arange(4.0).send(bob)
