@@ -243,7 +243,7 @@ class Client:
     def step(self) -> None:
         import zmqsyft as sy
 
-        names, weights = zip(*self.OPS)
+        names, weights = zip(*self.OPS, strict=True)
         op = self.rng.choices(names, weights)[0]
         if len(self.entries) > 40 and op in ("op_send", "op_arith"):
             op = "op_delete"
