@@ -75,7 +75,7 @@ class Client:
             took = time.monotonic() - start
             self.max_call = max(self.max_call, took)
             if took > MAX_CALL:
-                self.slow.append(f"{what} took {took:.1f}s")
+                self.slow.append(f"{what} took {took:.1f}s (until {time.strftime('%H:%M:%S')})")
 
     def forget(self, names: set[str], also: tuple[Entry, ...] = ()) -> None:
         """Drop the shadow of everything touching ``names`` (a worker was lost)."""
@@ -259,7 +259,8 @@ class Client:
             self.forget(lost)
         except Exception as exc:  # noqa: BLE001 - every other error is a failure
             self.errors[type(exc).__name__] += 1
-            self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op}: {exc}\n"
+            self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op} at "
+                                 f"{time.strftime('%H:%M:%S')}: {exc}\n"
                                  + traceback.format_exc())
 
 
@@ -375,7 +376,9 @@ def leftovers_objects(workers: Workers, keys: str) -> list[str]:
             time.sleep(0.25)  # the worker frees them when the lease runs out: poll with a deadline
             objects = w._objects
         if objects:
-            left.append(f"{name}: {len(objects)} objects: {list(objects.items())[:5]}")
+            holders = {k: v for k, v in w.stats()["principals"].items() if v["objects"]}
+            left.append(f"{name}: {len(objects)} objects held by {holders}: "
+                        f"{[(k, tuple(getattr(v, 'shape', ()))) for k, v in objects.items()][:5]}")
         w.close()
     return left
 
@@ -421,7 +424,7 @@ def driver_main(args: argparse.Namespace) -> int:
         while args.kill_every > 0 and not stop.wait(args.kill_every):
             name = rng.choice(workers.names)
             workers.kill(name)
-            kills.append(name)
+            kills.append(f"{name}@{time.strftime('%H:%M:%S')}")
             workers.start(name)
 
     kt = threading.Thread(target=killer, daemon=True)
