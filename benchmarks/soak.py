@@ -36,6 +36,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+KNOWN = {  # findings of this soak not fixed yet (see tests/test_soak_findings.py)
+    "chain-not-found": "an op through a chain whose last hop was restarted raises "
+                       "ObjectNotFound (relayed by the middle worker), not WorkerRestarted",
+    "restarted-holder": "objects given to a worker that was then killed and restarted stay "
+                        "on the giver while the new process is connected to it",
+}
 MAX_CALL = 10.0  # seconds: a single call longer than this is a failure
 LEASE = 2.0
 ENV = {"ZMQSYFT_LEASE": str(LEASE), "ZMQSYFT_SHM_THRESHOLD": "4096"}  # small tensors use shm too
@@ -63,8 +69,11 @@ class Client:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
     max_call: float = 0.0
+    max_what: str = ""
     slow: list[str] = field(default_factory=list)
     checked: int = 0
+    known: frozenset[str] = frozenset()
+    touched: set[str] = field(default_factory=set)  # the workers the current op involves
 
     # ------------------------------------------------------------ bookkeeping
     def timed(self, what: str, fn: Any, *args: Any) -> Any:
@@ -73,7 +82,8 @@ class Client:
             return fn(*args)
         finally:
             took = time.monotonic() - start
-            self.max_call = max(self.max_call, took)
+            if took > self.max_call:
+                self.max_call, self.max_what = took, f"{what} at {time.strftime('%H:%M:%S')}"
             if took > MAX_CALL:
                 self.slow.append(f"{what} took {took:.1f}s (until {time.strftime('%H:%M:%S')})")
 
@@ -100,10 +110,16 @@ class Client:
     # ------------------------------------------------------------ the ops
     def pick(self, chain: bool | None = None) -> Entry | None:
         cands = [e for e in self.entries if chain is None or e.chain == chain]
-        return self.rng.choice(cands) if cands else None
+        if not cands:
+            return None
+        e = self.rng.choice(cands)
+        self.touched |= e.workers
+        return e
 
     def other(self, name: str) -> Any:
-        return self.workers[self.rng.choice([n for n in self.workers if n != name])]
+        other = self.rng.choice([n for n in self.workers if n != name])
+        self.touched.add(other)
+        return self.workers[other]
 
     def tensor(self) -> tuple[Any, bool]:
         import torch
@@ -120,6 +136,7 @@ class Client:
 
     def op_send(self) -> None:
         name = self.rng.choice(list(self.workers))
+        self.touched.add(name)
         t, square = self.tensor()
         ptr = self.timed("send", t.clone().send, self.workers[name])
         self.entries.append(Entry(ptr, t, {name}, square=square))
@@ -146,6 +163,7 @@ class Client:
                 ptr, val = self.timed("add", lambda: e.ptr + s), e.shadow + s
             else:
                 f = self.rng.choice(mates)
+                self.touched |= f.workers
                 kind = "add_other"
                 ptr, val = self.timed("add_other", lambda: e.ptr + f.ptr), e.shadow + f.shadow
         self.ops[("chain_" if e.chain else "") + kind] += 1
@@ -228,6 +246,7 @@ class Client:
 
     def op_objects(self) -> None:
         name = self.rng.choice(list(self.workers))
+        self.touched.add(name)
         objects = self.timed("_objects", lambda: self.workers[name]._objects)
         for e in self.entries:
             if e.workers == {name} and not e.chain and e.ptr.id_at_location not in objects:
@@ -247,16 +266,27 @@ class Client:
         op = self.rng.choices(names, weights)[0]
         if len(self.entries) > 40 and op in ("op_send", "op_arith"):
             op = "op_delete"
-        before = [e for e in self.entries]
-        involved = {n for e in before for n in e.workers}
+        self.touched = set()
         try:
             getattr(self, op)()
         except sy.CommunicationError as exc:
             self.errors[type(exc).__name__] += 1
-            named = set(re.findall(r"worker '([^']+)'", str(exc)))
-            # objects on the workers named, and (if none is named) every worker this op touched
-            lost = named & set(self.workers) or involved
-            self.forget(lost)
+            # objects on the workers named, and on every worker this op touched (sync(): all)
+            named = set(re.findall(r"'([^']+)'", str(exc)))  # 'w1' (relayed by 'w2')
+            self.forget((named & set(self.workers) | self.touched) or set(self.workers))
+        except sy.ObjectNotFound as exc:
+            if "chain-not-found" not in self.known or "(relayed by '" not in str(exc):
+                raise_failure = True
+            else:
+                raise_failure = False
+                self.errors["ObjectNotFound (known finding: chain)"] += 1
+                named = set(re.findall(r"'([^']+)'", str(exc)))
+                self.forget((named & set(self.workers) | self.touched) or set(self.workers))
+            if raise_failure:
+                self.errors[type(exc).__name__] += 1
+                self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op} at "
+                                     f"{time.strftime('%H:%M:%S')}: {exc}\n"
+                                     + traceback.format_exc())
         except Exception as exc:  # noqa: BLE001 - every other error is a failure
             self.errors[type(exc).__name__] += 1
             self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op} at "
@@ -286,7 +316,8 @@ def client_main(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)  # the killer restarts it: poll, with a deadline
-    c = Client(args.client_index, random.Random(args.seed * 1000 + args.client_index), workers)
+    c = Client(args.client_index, random.Random(args.seed * 1000 + args.client_index), workers,
+               known=frozenset(args.known))
     end = time.monotonic() + args.seconds
     while time.monotonic() < end and len(c.failures) < 5:
         c.step()
@@ -300,7 +331,7 @@ def client_main(args: argparse.Namespace) -> int:
     c.failures.extend(c.slow)
     with open(os.path.join(args.run_dir, f"client{args.client_index}.json"), "w") as f:
         json.dump({"ops": c.ops, "errors": c.errors, "failures": c.failures,
-                   "max_call": c.max_call, "checked": c.checked}, f)
+                   "max_call": c.max_call, "max_what": c.max_what, "checked": c.checked}, f)
     for failure in c.failures:
         print(f"client{c.index}: {failure}", file=sys.stderr)
     return 1 if c.failures else 0
@@ -361,13 +392,13 @@ class Workers:
         return problems
 
 
-def leftovers_objects(workers: Workers, keys: str) -> list[str]:
+def leftovers_objects(workers: Workers, keys: str, tolerate: set[str]) -> tuple[list[str], list[str]]:
     """Objects still on each worker, polled as admin until the leases ran out (deadline)."""
     import zmqsyft as sy
     from zmqsyft.keys import KeyPair
 
     me = KeyPair.load(os.path.join(keys, "driver.key_secret"))
-    left = []
+    left, known = [], []
     deadline = time.monotonic() + LEASE + 30
     for name in workers.names:
         w = sy.connect(workers.address[name], worker_key=os.path.join(keys, f"{name}.key"), keys=me)
@@ -377,10 +408,11 @@ def leftovers_objects(workers: Workers, keys: str) -> list[str]:
             objects = w._objects
         if objects:
             holders = {k: v for k, v in w.stats()["principals"].items() if v["objects"]}
-            left.append(f"{name}: {len(objects)} objects held by {holders}: "
-                        f"{[(k, tuple(getattr(v, 'shape', ()))) for k, v in objects.items()][:5]}")
+            line = (f"{name}: {len(objects)} objects held by {holders}: "
+                    f"{[(k, tuple(getattr(v, 'shape', ()))) for k, v in objects.items()][:5]}")
+            (known if holders and set(holders) <= tolerate else left).append(line)
         w.close()
-    return left
+    return left, known
 
 
 def driver_main(args: argparse.Namespace) -> int:
@@ -407,7 +439,8 @@ def driver_main(args: argparse.Namespace) -> int:
     # clients start (import torch) while the workers do; they connect when the workers are up
     clients = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--client-index", str(i),
                                  "--run-dir", run_dir, "--seed", str(args.seed),
-                                 "--seconds", str(args.seconds)], env=env)
+                                 "--seconds", str(args.seconds),
+                                 *(f"--known={k}" for k in args.known)], env=env)
                for i in range(args.clients)]
     all_pids = {os.getpid(), *(c.pid for c in clients)}
     threads = [threading.Thread(target=workers.start, args=(n,)) for n in workers.names]
@@ -443,7 +476,7 @@ def driver_main(args: argparse.Namespace) -> int:
     kt.join(120)
     ops: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
-    max_call, checked = 0.0, 0
+    max_call, max_what, checked = 0.0, "", 0
     for i in range(args.clients):
         try:
             with open(os.path.join(run_dir, f"client{i}.json")) as f:
@@ -453,11 +486,13 @@ def driver_main(args: argparse.Namespace) -> int:
             continue
         ops.update(got["ops"])
         errors.update(got["errors"])
-        max_call = max(max_call, got["max_call"])
+        if got["max_call"] > max_call:
+            max_call, max_what = got["max_call"], f"client{i}: {got['max_what']}"
         checked += got["checked"]
         failures.extend(f"client{i}: {x.splitlines()[0]}" for x in got["failures"])
     print(f"soak: clients done at {time.monotonic() - started:.0f}s", flush=True)
-    objects_left = leftovers_objects(workers, keys)
+    restarted = {k.split("@")[0] for k in kills} if "restarted-holder" in args.known else set()
+    objects_left, objects_known = leftovers_objects(workers, keys, restarted)
     failures.extend(workers.stop_all())
     all_pids |= workers.pids
     from zmqsyft.wire import shm
@@ -472,9 +507,11 @@ def driver_main(args: argparse.Namespace) -> int:
     print(f"ops: {dict(sorted(ops.items()))}")
     print(f"values checked: {checked}")
     print(f"errors: {dict(sorted(errors.items()))}")
-    print(f"max call: {max_call:.2f}s")
+    print(f"max call: {max_call:.2f}s ({max_what})")
     print(f"kills: {len(kills)} ({', '.join(kills)})")
     print(f"objects left: {objects_left or 'none'}")
+    if objects_known:
+        print(f"objects left, held by restarted workers (known finding): {objects_known}")
     print(f"segments left: {segments or 'none'}")
     print(f"temp files left: {tmp_left or 'none'}")
     print(f"child processes left: {children or 'none'}")
@@ -515,6 +552,9 @@ def main() -> int:
     p.add_argument("--kill-every", type=float, default=60, help="seconds; 0: never")
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    p.add_argument("--known", action="append", default=[], choices=KNOWN,
+                   help="count a known finding (tests/test_soak_findings.py) without failing: "
+                        + "; ".join(f"{k}: {v}" for k, v in KNOWN.items()))
     p.add_argument("--client-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
