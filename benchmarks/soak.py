@@ -275,12 +275,13 @@ class Client:
             named = set(re.findall(r"'([^']+)'", str(exc)))  # 'w1' (relayed by 'w2')
             self.forget((named & set(self.workers) | self.touched) or set(self.workers))
         except sy.ObjectNotFound as exc:
-            if "chain-not-found" not in self.known or "(relayed by '" not in str(exc):
+            told = str(exc) + "".join(getattr(exc, "__notes__", ()))  # + the remote traceback
+            if "chain-not-found" not in self.known or "(relayed by '" not in told:
                 raise_failure = True
             else:
                 raise_failure = False
                 self.errors["ObjectNotFound (known finding: chain)"] += 1
-                named = set(re.findall(r"'([^']+)'", str(exc)))
+                named = set(re.findall(r"'([^']+)'", told))
                 self.forget((named & set(self.workers) | self.touched) or set(self.workers))
             if raise_failure:
                 self.errors[type(exc).__name__] += 1

@@ -114,3 +114,21 @@ def test_a_chain_whose_last_hop_was_restarted_says_restarted(
                     chain.get().get()
             assert isinstance(info.value, sy.WorkerRestarted), repr(info.value)
             assert "bob" in str(info.value)
+
+
+def test_data_given_to_a_chain_is_kept_while_the_chain_is_unused(
+        tmp_path: Path, hook: sy.TorchHook) -> None:
+    """Soak finding 3: bob gives the data to alice when the pointer is sent to her; alice does
+    not connect to bob until the chain is used. The data must not be freed meanwhile."""
+    pair = Pair(tmp_path)
+    with pair.running("bob"), pair.running("alice"):
+        bob, alice = pair.connect("bob"), pair.connect("alice")
+        data = torch.arange(4.0).send(bob)
+        data_id = data.id_at_location
+        chain = data.send(alice)
+        deadline = time.monotonic() + LEASE + 4.0
+        while time.monotonic() < deadline:  # longer than bob's lease for alice's key
+            assert data_id in bob._objects, "bob freed data it gave to alice while alice's " \
+                f"pointer to it is alive: {bob.stats()['principals']}"
+            time.sleep(0.2)
+        assert torch.equal(chain.get().get(), torch.arange(4.0))
