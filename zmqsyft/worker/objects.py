@@ -35,6 +35,7 @@ from ..wire.bodies import (
     MoveReply,
     Objects,
     ObjectsReply,
+    Ping,
     Put,
     RemoteGet,
 )
@@ -100,6 +101,10 @@ def record(w: Services, desc: PointerDesc) -> PointerRecord:
     rec = PointerRecord.from_desc(desc)
     if rec.address not in w.addresses:
         w.peers.learn(rec.address, rec.key)
+        if rec.owned and rec.address not in w.peers.links:
+            # link now, not at the first use: the peer keeps what it gave this worker only while
+            # one of this worker's connections to it is open (then for its lease)
+            w.peers.request(rec.address, Op.PING, Ping(), None)
     return rec
 
 
@@ -403,6 +408,7 @@ def give(w: Services, ctx: Ctx, body: Give) -> None:
             store.owned(obj_id, who, "GIVE")
     if not body.read_only:
         to = w.leases.session(principal, "")
+        to.gone_since = None  # its lease runs from now: the receiver links to this worker later
         # what is given counts against the receiver's share: giving cannot fill the store
         store.make_room(store.held(body.ids), "GIVE", to, total=False)
         for obj_id in body.ids:
