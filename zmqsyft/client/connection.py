@@ -31,7 +31,7 @@ from . import interrupts
 from .handle import WorkerHandle
 from .link import Deferred, Host, InFlight
 from .linkprobe import LinkProbe
-from .lost import gone, outcome_unknown, refused, restarted, unsent
+from .lost import gone, outcome_unknown, refused, report, restarted, unsent
 from .outbox import Batching
 
 __all__ = ["Connection"]
@@ -282,7 +282,7 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
         if pending.error is not None:
             error = pending.error
             if isinstance(error, WorkerUnavailable):
-                self.worker.loss_reported = True
+                report(self.worker)
             try:
                 raise error
             finally:  # no exception -> traceback -> frame -> exception cycle keeping pointers alive

@@ -8,13 +8,38 @@ not have taken effect). Both name the worker, say what was found, and what to do
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import LimitExceeded, OutcomeUnknown, WorkerUnavailable
 from ..wire.transport import REFUSED, REFUSED_ADVICE
 from .handle import WorkerHandle
 
-__all__ = ["gone", "outcome_unknown", "describe", "refused", "restarted", "unsent"]
+__all__ = ["gone", "outcome_unknown", "describe", "refused", "restarted", "unsent", "report",
+           "quietly"]
+
+_quiet = threading.local()
+
+
+def report(worker: WorkerHandle) -> None:
+    """An error about ``worker``'s loss is on its way to the caller (unless this thread is
+    settling quietly: the reaper, ``sync()`` before it decides what to say)."""
+    if not getattr(_quiet, "on", False):
+        worker.loss_reported = True
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """Errors met in this block are swallowed or decided on by the caller: they do not count
+    as said to the user."""
+    before = getattr(_quiet, "on", False)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = before
 
 
 def describe(worker: WorkerHandle, why: str) -> str:
@@ -28,7 +53,7 @@ def describe(worker: WorkerHandle, why: str) -> str:
 
 def gone(worker: WorkerHandle, why: str, what: str) -> WorkerUnavailable:
     """``what`` was not sent: ``worker`` is known to be gone. Nothing of it happened."""
-    worker.loss_reported = True  # (raised to the caller; the reaper, which swallows it, not)
+    report(worker)
     advice = ("spawn it again" if worker.spawned else
               "start it again (a request after it is back reconnects)")
     exc = WorkerUnavailable(f"{describe(worker, why)}; {what} was not sent ({advice})")

@@ -28,6 +28,7 @@ from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Op
 from .connection import Connection
 from .handle import WorkerHandle
+from .lost import quietly
 
 __all__ = ["Reaper"]
 
@@ -129,33 +130,30 @@ class Reaper:
         self._flushing.on = True
         ride = None
         try:
-            sent = []
-            for address, ids in batches.items():
-                worker = self.owner.find(address)
-                if worker is None or not worker.ready or worker.lost is not None:
-                    continue  # (a worker gone, or not heard of since it was lost: dropped)
-                conn = self.owner.conn(worker)
-                if conn is rider:
-                    ride = encode_message(Op.DEL, NO_REPLY, Del(ids=ids))[0]
-                    continue
-                told = worker.loss_reported  # (what is swallowed here is not said to anyone)
-                try:
-                    # nobody waits for a delete flushed in passing (``wait=False``): it gets no
-                    # reply (freeing what is gone already is no error) and rides with the next
-                    # request to that worker
-                    sent.append((conn, conn.send(Op.DEL, Del(ids=ids), what="delete",
-                                                 flush_deletes=False, silent=not wait)))
-                except ZmqSyftError as exc:
-                    worker.loss_reported = told
-                    log.info("could not free %d objects on %s: %s", len(ids), worker.id, exc)
-            if wait:
-                for conn, req_id in sent:
-                    told = conn.worker.loss_reported
+            with quietly():  # (what fails here is logged, not said to anyone)
+                sent = []
+                for address, ids in batches.items():
+                    worker = self.owner.find(address)
+                    if worker is None or not worker.ready or worker.lost is not None:
+                        continue  # (a worker gone, or not heard of since it was lost: dropped)
+                    conn = self.owner.conn(worker)
+                    if conn is rider:
+                        ride = encode_message(Op.DEL, NO_REPLY, Del(ids=ids))[0]
+                        continue
                     try:
-                        conn.wait(req_id, timeout)
+                        # nobody waits for a delete flushed in passing (``wait=False``): it gets no
+                        # reply (freeing what is gone already is no error) and rides with the next
+                        # request to that worker
+                        sent.append((conn, conn.send(Op.DEL, Del(ids=ids), what="delete",
+                                                     flush_deletes=False, silent=not wait)))
                     except ZmqSyftError as exc:
-                        conn.worker.loss_reported = told
-                        log.info("freeing objects on %s failed: %s", conn.worker.id, exc)
+                        log.info("could not free %d objects on %s: %s", len(ids), worker.id, exc)
+                if wait:
+                    for conn, req_id in sent:
+                        try:
+                            conn.wait(req_id, timeout)
+                        except ZmqSyftError as exc:
+                            log.info("freeing objects on %s failed: %s", conn.worker.id, exc)
         finally:
             self._flushing.on = False
         return ride
@@ -204,6 +202,10 @@ class Reaper:
         return max(min([self.owner.cfg.lease, *leases]) / 4, 0.05)
 
     def _keepalive(self) -> None:
+        with quietly():
+            self._keepalives()
+
+    def _keepalives(self) -> None:
         for address in self._holding():
             worker = self.owner.find(address)
             if worker is None or worker.closed or not worker.ready:

@@ -35,6 +35,7 @@ from ..wire.tensors import DTYPES
 from . import interrupts
 from .connection import Connection
 from .handle import WorkerHandle
+from .lost import quietly
 from .outbox import Outboxes
 from .pointer import PointerTensor
 from .reaper import Reaper
@@ -230,39 +231,43 @@ class Session:
         with self.reaper.lock:
             pass  # a delete batch the reaper has in flight is acknowledged
         reported = {w for w in self.workers() if w.lost is not None and w.loss_reported}
-        problems: list[WorkerUnavailable] = []
+        problems: list[tuple[WorkerHandle, WorkerUnavailable]] = []
 
         def settled(conn: Connection, step: Callable[..., Any], *args: Any, **kw: Any) -> Any:
             try:
                 return step(*args, **kw)
             except WorkerUnavailable as exc:  # a worker lost: said once, and only where asked
                 if conn.worker not in reported and (only is None or conn.worker is only):
-                    problems.append(exc)
-                conn.worker.loss_reported = conn.worker in reported  # (else: the next sync)
+                    problems.append((conn.worker, exc))
                 return None
 
         sent = []
-        for worker in self.workers():
-            if worker.dirty and worker.ready:
-                worker.dirty = False
-                if worker.lost is None or worker is only:  # (what a lost one relayed failed)
-                    conn = self.conn(worker)
-                    req_id = settled(conn, conn.send, Op.FLUSH, Flush(), what="flush",
-                                     flush_deletes=False)
-                    if req_id is not None:
-                        sent.append((conn, req_id))
-        for conn in self.thread_conns():
-            if conn.sock is not None:
-                settled(conn, conn.drain)
-        for conn, req_id in sent:
-            settled(conn, conn.wait, req_id)  # answered by now; raises if it failed
-        if only is None:  # a loss nobody was told of yet (found by the reaper, by _objects)
-            problems += [w.loss for w in self.workers()
-                         if w.loss is not None and w.lost and not w.loss_reported]
-        if problems:
+        with quietly():  # (what is said of a loss is decided below)
             for worker in self.workers():
-                worker.loss_reported = worker.loss_reported or worker.lost is not None
-            raise problems[0]
+                if worker.dirty and worker.ready:
+                    worker.dirty = False
+                    if worker.lost is None or worker is only:  # (what a lost one relayed failed)
+                        conn = self.conn(worker)
+                        req_id = settled(conn, conn.send, Op.FLUSH, Flush(), what="flush",
+                                         flush_deletes=False)
+                        if req_id is not None:
+                            sent.append((conn, req_id))
+            for conn in self.thread_conns():
+                if conn.sock is not None:
+                    settled(conn, conn.drain)
+            for conn, req_id in sent:
+                settled(conn, conn.wait, req_id)  # answered by now; raises if it failed
+        if only is None:  # a loss nobody was told of yet (found by the reaper, by _objects)
+            named = {w for w, _ in problems}
+            problems += [(w, w.loss) for w in self.workers() if w.loss is not None and w.lost
+                         and not w.loss_reported and w not in reported and w not in named]
+        if problems:
+            for worker, _ in problems:
+                worker.loss_reported = True
+            exc = problems[0][1]
+            if len(problems) > 1:
+                exc.add_note("(lost too: " + ", ".join(f"'{w.id}'" for w, _ in problems[1:]) + ")")
+            raise exc
 
     def _at_exit(self) -> None:
         self._stopping.set()
