@@ -47,6 +47,7 @@ DETECT_WITHIN = GRACE + 3.0  # what a test allows a loss to be noticed in (a loa
 RECOVER_WITHIN = GRACE + 3.0  # ... and a link to work again after the network is back
 OUTAGE = 8.0  # how long each cut lasts (s): long enough for connection attempts to back off
 PORT = 5555
+LEASE = 20.0  # the workers' lease (s): they keep-alive (and re-link lost peers) every 5 s
 RECOVERIES: list[tuple[str, float]] = []  # (what, seconds): printed at the end (pytest -s)
 
 
@@ -209,7 +210,7 @@ def linked(request: pytest.FixtureRequest, tmp_path: Path, hook: sy.TorchHook) -
             shells[name] = stack.enter_context(shell_worker(wrap(
                 sys.executable, "-m", "zmqsyft", "worker", "--id", name, "--bind", bind,
                 "--keys", str(keys[name]), "--allow", str(allow[name]),
-                "--admin", str(keys["me"] / "me.key"))))
+                "--admin", str(keys["me"] / "me.key"), "--lease", str(LEASE))))
         handles = {}
         for name, shell in shells.items():
             found = re.search(r"listening on (\S+) with key (\S{40})", shell.line)
@@ -229,12 +230,17 @@ def fails_within(call: Callable[[], Any], within: float, what: str) -> tuple[Bas
     return info.value, took
 
 
-def outage(net: Cable, call: Callable[[], Any], what: str) -> str:
-    """Cut the link for :data:`OUTAGE` seconds, trying ``call()`` meanwhile: the first attempt
-    and every later one fails with ``WorkerUnavailable`` within :data:`DETECT_WITHIN` seconds.
-    Returns the first error's text; the link is mended on return."""
+def outage(net: Cable, call: Callable[[], Any], what: str, busy: bool = True) -> str:
+    """Cut the link for :data:`OUTAGE` seconds, trying ``call()`` meanwhile (``busy``): the
+    first attempt and every later one fails with ``WorkerUnavailable`` within
+    :data:`DETECT_WITHIN` seconds. Returns the first error's text. Not ``busy``: nothing is
+    tried while the link is cut (only the workers' keep-alives run, and re-link). The link is
+    still cut on return."""
     pace = threading.Event()  # (attempts paced, never set: nothing is waited for here)
     cut = net.down()
+    if not busy:
+        pace.wait(OUTAGE)  # (an outage nobody notices: no event to wait for)
+        return ""
     error, took = fails_within(call, DETECT_WITHIN, f"{what}, first attempt")
     RECOVERIES.append((f"{what}: failed after the cut", took))
     slowest = 0.0
@@ -281,9 +287,10 @@ def test_a_relayed_link_fails_fast_and_recovers_after_two_drops(linked: Setup) -
 
     relayed(1)
     expected = 1.0
-    for drop in (1, 2):
-        text = outage(net, lambda: relayed(100), f"{net.cut}: relayed op, drop {drop}")
-        assert "bob" in text and net.alice_addr in text, text  # both workers named
+    for drop in (1, 2, 3):  # used during the cut, twice; then idle while cut
+        text = outage(net, lambda: relayed(100), f"{net.cut}: relayed op, drop {drop}",
+                      busy=drop < 3)
+        assert drop == 3 or "bob" in text and net.alice_addr in text, text  # both named
         back = net.up()
         recovers(lambda: relayed(1), back, RECOVER_WITHIN, f"{net.cut}: bob->alice after drop {drop}")
         expected += 1
@@ -305,13 +312,13 @@ def test_the_clients_own_link_fails_fast_and_recovers_after_two_drops(linked: Se
         x.add_(n)
         sy.sync()
 
-    for drop in (1, 2):
-        text = outage(net, lambda: op(100), f"{net.cut}: client op, drop {drop}")
-        assert "alice" in text, text
+    for drop in (1, 2, 3):  # used during the cut, twice; then idle while cut
+        text = outage(net, lambda: op(100), f"{net.cut}: client op, drop {drop}", busy=drop < 3)
+        assert drop == 3 or "alice" in text, text
         back = net.up()
         recovers(lambda: op(1), back, RECOVER_WITHIN, f"{net.cut}: client->alice after drop {drop}")
     values = x.get()
-    assert torch.all(values == values[0]) and 3 <= values[0].item() < 100, values
+    assert torch.all(values == values[0]) and 4 <= values[0].item() < 100, values
 
 
 def test_a_large_transfer_on_a_lost_link_fails_within_the_heartbeat_grace(linked: Setup) -> None:
