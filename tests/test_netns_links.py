@@ -46,6 +46,7 @@ GRACE = 3 * HB  # a lost link shows within this (PeerWatch / ZMTP heartbeats)
 DETECT_WITHIN = GRACE + 3.0  # what a test allows a loss to be noticed in (a loaded machine)
 RECOVER_WITHIN = GRACE + 3.0  # ... and a link to work again after the network is back
 OUTAGE = 8.0  # how long each cut lasts (s): long enough for connection attempts to back off
+IDLE_OUTAGE = 20.0  # ... and an idle one: a SYN sent at its start is retransmitted only at 31 s
 PORT = 5555
 LEASE = 20.0  # the workers' lease (s): they keep-alive (and re-link lost peers) every 5 s
 RECOVERIES: list[tuple[str, float]] = []  # (what, seconds): printed at the end (pytest -s)
@@ -234,12 +235,12 @@ def outage(net: Cable, call: Callable[[], Any], what: str, busy: bool = True) ->
     """Cut the link for :data:`OUTAGE` seconds, trying ``call()`` meanwhile (``busy``): the
     first attempt and every later one fails with ``WorkerUnavailable`` within
     :data:`DETECT_WITHIN` seconds. Returns the first error's text. Not ``busy``: nothing is
-    tried while the link is cut (only the workers' keep-alives run, and re-link). The link is
-    still cut on return."""
+    tried while the link is cut, for :data:`IDLE_OUTAGE` seconds (only the workers'
+    keep-alives run, and re-link). The link is still cut on return."""
     pace = threading.Event()  # (attempts paced, never set: nothing is waited for here)
     cut = net.down()
     if not busy:
-        pace.wait(OUTAGE)  # (an outage nobody notices: no event to wait for)
+        pace.wait(IDLE_OUTAGE)  # (an outage nobody notices: no event to wait for)
         return ""
     error, took = fails_within(call, DETECT_WITHIN, f"{what}, first attempt")
     RECOVERIES.append((f"{what}: failed after the cut", took))
@@ -293,6 +294,12 @@ def test_a_relayed_link_fails_fast_and_recovers_after_two_drops(linked: Setup) -
         assert drop == 3 or "bob" in text and net.alice_addr in text, text  # both named
         back = net.up()
         recovers(lambda: relayed(1), back, RECOVER_WITHIN, f"{net.cut}: bob->alice after drop {drop}")
+        # a large tensor moved bob -> alice goes sealed on the link's bulk socket: it works too
+        big = torch.full((1 << 20,), float(drop))  # 4 MiB
+        moved = big.send(bob)
+        recovers(lambda p=moved: p.move(alice), back, RECOVER_WITHIN,
+                 f"{net.cut}: 4 MiB moved bob->alice after drop {drop}")
+        assert moved.location is alice
         expected += 1
         assert bob.ping() >= 0
     # each successful add_(1) took effect (a failed one may have: its outcome was unknown), and
@@ -301,6 +308,7 @@ def test_a_relayed_link_fails_fast_and_recovers_after_two_drops(linked: Setup) -
              f"{net.cut}: client->alice, at the end")
     values = chain.get().get()
     assert torch.all(values == values[0]) and expected <= values[0].item() < 100, values
+    assert torch.equal(moved.get(), big)
 
 
 def test_the_clients_own_link_fails_fast_and_recovers_after_two_drops(linked: Setup) -> None:
