@@ -137,8 +137,14 @@ def cable(cut: str) -> Iterator[Cable]:
         problems = []
         if _ip("netns", "del", ns).returncode != 0:
             problems.append(f"namespace {ns}")
-        if _ip("link", "show", net.outer).returncode == 0:  # (gone with its peer, normally)
-            if _ip("link", "del", net.outer).returncode != 0:
+        # the root end goes with its peer, once the kernel has taken the namespace apart (in
+        # the background): wait for that, else delete it
+        deadline, pace = time.monotonic() + 10, threading.Event()
+        while _ip("link", "show", net.outer).returncode == 0 and time.monotonic() < deadline:
+            pace.wait(0.1)
+        if _ip("link", "show", net.outer).returncode == 0:
+            _ip("link", "del", net.outer)
+            if _ip("link", "show", net.outer).returncode == 0:
                 problems.append(f"link {net.outer}")
         if problems and sys.exc_info()[1] is None:
             pytest.fail(f"could not delete {problems}")
@@ -329,26 +335,27 @@ def test_the_clients_own_link_fails_fast_and_recovers_after_two_drops(linked: Se
     assert torch.all(values == values[0]) and 4 <= values[0].item() < 100, values
 
 
-def test_a_large_transfer_on_a_lost_link_fails_within_the_heartbeat_grace(linked: Setup) -> None:
-    net, alice = linked.net, linked.alice
-    assert torch.ones(4).send(alice).get().sum().item() == 4.0
-    # the cable made slow (40 Mbit/s), so that 64 MiB takes ~13 s: long enough to cut it midway
+def cut_midway(net: Cable, transfer: Callable[[], Any], what: str) -> BaseException:
+    """Run ``transfer()`` (64 MiB over the cable) in a thread, the cable made slow (40 Mbit/s:
+    ~13 s; at most 100 ms of queue, more is dropped and TCP slows down), and cut the link once 8 MiB have gone out on it: ``transfer`` raises
+    ``WorkerUnavailable`` within :data:`DETECT_WITHIN` seconds of the cut, with a message that
+    does not suggest a longer timeout. Returns the error; the link is still cut."""
     shaped = subprocess.run(["tc", "qdisc", "add", "dev", net.outer, "root", "tbf", "rate",
-                             "40mbit", "burst", "64kb", "latency", "2s"], capture_output=True,
+                             "40mbit", "burst", "64kb", "latency", "100ms"], capture_output=True,
                             text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert shaped.returncode == 0, f"tc: {shaped.stderr}"
     sent = Path(f"/sys/class/net/{net.outer}/statistics/tx_bytes")
     start_bytes = int(sent.read_text())
     result: dict[str, Any] = {}
 
-    def transfer() -> None:
+    def run() -> None:
         try:
-            torch.ones(16 << 20).send(alice)  # 64 MiB
+            transfer()
         except BaseException as exc:  # noqa: BLE001 - examined in the test's thread
             result["error"] = exc
         result["ended"] = time.monotonic()
 
-    thread = threading.Thread(target=transfer)
+    thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 60
     pace = threading.Event()
@@ -365,10 +372,44 @@ def test_a_large_transfer_on_a_lost_link_fails_within_the_heartbeat_grace(linked
     text = str(error)
     assert "raise it" not in text and "timeout=" not in text, text
     assert took < DETECT_WITHIN, f"the lost link was noticed {took:.1f}s after the cut: {text}"
-    RECOVERIES.append((f"{net.cut}: 64 MiB transfer failed after the cut", took))
+    RECOVERIES.append((f"{net.cut}: {what} failed after the cut", took))
+    return error
+
+
+INSIDE_BUG = (
+    "a message inside the connection is one ZMTP frame, and libzmq counts only whole frames as "
+    "traffic: the receiving worker's heartbeat TTL (3 intervals) ends the connection while "
+    "a frame takes longer than that to arrive, so a large transfer fails on a healthy link "
+    "slower than size / TTL (64 MiB at 40 Mbit/s, heartbeat 0.5 s: dropped ~1.5 s in)")
+
+
+@pytest.mark.parametrize("path", ["sealed", pytest.param(
+    "inside", marks=pytest.mark.xfail(strict=True, reason=INSIDE_BUG))])
+def test_a_large_transfer_on_a_lost_link_fails_within_the_heartbeat_grace(linked: Setup,
+                                                                           path: str) -> None:
+    """``sealed``: the 64 MiB go on the bulk socket beside the CURVE connection (the default);
+    ``inside``: inside the connection itself (``sealed_threshold=0``), behind which the
+    heartbeats queue."""
+    net, alice = linked.net, linked.alice
+    with configured(sealed_threshold=0 if path == "inside" else sy.get_config().sealed_threshold):
+        assert torch.ones(4).send(alice).get().sum().item() == 4.0
+        cut_midway(net, lambda: torch.ones(16 << 20).send(alice),
+                   f"64 MiB client->alice ({path})")
+        back = net.up()
+        recovers(lambda: alice.ping(), back, RECOVER_WITHIN,
+                 f"{net.cut}: client->alice after the cut of a transfer ({path})")
+
+
+def test_a_large_move_between_workers_on_a_lost_link_fails_within_the_grace(linked: Setup) -> None:
+    net, alice, bob = linked.net, linked.alice, linked.bob
+    big = torch.ones(16 << 20).send(bob)  # 64 MiB on bob (over loopback)
+    error = cut_midway(net, lambda: big.move(alice), "64 MiB moved bob->alice")
+    assert "bob" in str(error) and net.alice_addr in str(error), error
     back = net.up()
-    recovers(lambda: alice.ping(), back, RECOVER_WITHIN,
-             f"{net.cut}: client->alice after the transfer's cut")
+    small = torch.ones(4).send(bob)
+    recovers(lambda: small.move(alice), back, RECOVER_WITHIN,
+             f"{net.cut}: a move bob->alice after the cut of a move")
+    assert torch.equal(big.get(), torch.ones(16 << 20))  # (still on bob, whole)
 
 
 def teardown_module() -> None:
