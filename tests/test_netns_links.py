@@ -337,9 +337,12 @@ def test_the_clients_own_link_fails_fast_and_recovers_after_two_drops(linked: Se
 
 def cut_midway(net: Cable, transfer: Callable[[], Any], what: str) -> BaseException:
     """Run ``transfer()`` (64 MiB over the cable) in a thread, the cable made slow (40 Mbit/s:
-    ~13 s; at most 100 ms of queue, more is dropped and TCP slows down), and cut the link once 8 MiB have gone out on it: ``transfer`` raises
+    ~13 s; at most 100 ms of queue, more is dropped and TCP slows down), and cut the link once
+    8 MiB have gone out on it: ``transfer`` raises
     ``WorkerUnavailable`` within :data:`DETECT_WITHIN` seconds of the cut, with a message that
     does not suggest a longer timeout. Returns the error; the link is still cut."""
+    if shutil.which("tc") is None:
+        pytest.skip("needs tc (iproute2) to slow the cable down")
     shaped = subprocess.run(["tc", "qdisc", "add", "dev", net.outer, "root", "tbf", "rate",
                              "40mbit", "burst", "64kb", "latency", "100ms"], capture_output=True,
                             text=True, timeout=30, stdin=subprocess.DEVNULL)
