@@ -11,6 +11,7 @@ are strict ``xfail``: they start passing (and so failing as
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,7 +84,7 @@ def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
             gc.collect()
             deadline = time.monotonic() + pair.lease + 10
             while data_id in bob._objects and time.monotonic() < deadline:
-                time.sleep(0.1)  # freed when alice's lease runs out: poll, with a deadline
+                threading.Event().wait(0.1)  # freed once alice's lease runs out: polled
             assert data_id not in bob._objects, (
                 "bob still holds the data of a chain whose relay (alice) was restarted: "
                 f"{bob.stats()['principals']}")
@@ -132,5 +133,5 @@ def test_data_given_to_a_chain_is_kept_while_the_chain_is_unused(
         while time.monotonic() < deadline:  # longer than bob's lease for alice's key
             assert data_id in bob._objects, "bob freed data it gave to alice while alice's " \
                 f"pointer to it is alive: {bob.stats()['principals']}"
-            time.sleep(0.2)
+            threading.Event().wait(0.2)
         assert torch.equal(chain.get().get(), torch.arange(4.0))
