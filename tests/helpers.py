@@ -403,3 +403,16 @@ def receive(sock: zmq.Socket, op: Op, timeout: float = 10.0) -> tuple[bytes, int
 
 def answer(sock: zmq.Socket, ident: bytes, req_id: int, body: dict) -> None:
     sock.send_multipart([ident, *encode_message(Op.REPLY, req_id, body)])
+
+
+# ------------------------------------------------------- network namespaces
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    """``ip ARGS`` (iproute2), its output captured; never waits more than 30 s."""
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+
+
+def ip_must(*args: str) -> None:
+    """``ip ARGS``, which must succeed (the test fails with its error otherwise)."""
+    done = ip(*args)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"

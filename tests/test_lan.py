@@ -42,7 +42,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.helpers import ROOT, STARTUP, read_line, reap
+from tests.helpers import ROOT, STARTUP, ip, ip_must, read_line, reap
 
 SUBNET = "10.77.0"
 HOSTS = {"alice": 2, "bob": 3, "laptop": 10, "intruder": 66}  # name -> last byte of its address
@@ -58,16 +58,6 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["ZMQSYFT_SHM_THRESHOLD"] = "0"
     return env
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
-                          stdin=subprocess.DEVNULL)
-
-
-def _must(*args: str) -> None:
-    done = _ip(*args)
-    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
 
 
 @dataclass
@@ -97,30 +87,30 @@ def lan() -> Iterator[Lan]:
     made: list[str] = []
     try:
         switch = f"{prefix}-lan"
-        added = _ip("netns", "add", switch)
+        added = ip("netns", "add", switch)
         if added.returncode != 0:
             pytest.skip(f"cannot make a network namespace: {added.stderr.strip()}")
         made.append(switch)
         net = Lan(switch, {})
-        _must("-n", switch, "link", "set", "lo", "up")
-        _must("-n", switch, "link", "add", "br0", "type", "bridge")
-        _must("-n", switch, "link", "set", "br0", "up")
+        ip_must("-n", switch, "link", "set", "lo", "up")
+        ip_must("-n", switch, "link", "add", "br0", "type", "bridge")
+        ip_must("-n", switch, "link", "set", "br0", "up")
         for host in HOSTS:
             ns = net.hosts[host] = f"{prefix}-{host[0]}"
-            _must("netns", "add", ns)
+            ip_must("netns", "add", ns)
             made.append(ns)
             port = f"to-{host}"[:15]
             # both ends are made where they live: the port in the switch, eth0 in the host
-            _must("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            ip_must("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                   "netns", ns)
-            _must("-n", switch, "link", "set", port, "master", "br0")
-            _must("-n", switch, "link", "set", port, "up")
-            _must("-n", ns, "link", "set", "lo", "up")
-            _must("-n", ns, "addr", "add", f"{net.address(host)}/24", "dev", "eth0")
-            _must("-n", ns, "link", "set", "eth0", "up")
+            ip_must("-n", switch, "link", "set", port, "master", "br0")
+            ip_must("-n", switch, "link", "set", port, "up")
+            ip_must("-n", ns, "link", "set", "lo", "up")
+            ip_must("-n", ns, "addr", "add", f"{net.address(host)}/24", "dev", "eth0")
+            ip_must("-n", ns, "link", "set", "eth0", "up")
         yield net
     finally:
-        failed = [ns for ns in made if _ip("netns", "del", ns).returncode != 0]
+        failed = [ns for ns in made if ip("netns", "del", ns).returncode != 0]
         if failed and sys.exc_info()[1] is None:  # else the test's own failure is the news
             pytest.fail(f"could not delete the network namespaces {failed}")
 

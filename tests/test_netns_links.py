@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from tests.helpers import ROOT, STARTUP, configured, read_line, reap
+from tests.helpers import ROOT, STARTUP, configured, ip, ip_must, read_line, reap
 from zmqsyft.keys import KeyPair, new_keypair
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,19 +52,9 @@ LEASE = 20.0  # the workers' lease (s): they keep-alive (and re-link lost peers)
 RECOVERIES: list[tuple[str, float]] = []  # (what, seconds): printed at the end (pytest -s)
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
-                          stdin=subprocess.DEVNULL)
-
-
-def _must(*args: str) -> None:
-    done = _ip(*args)
-    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
-
-
 def _free_subnet() -> int:
     """An ``X`` such that no interface address lies in 10.231.X.0/24."""
-    used = _ip("-o", "-4", "addr", "show").stdout
+    used = ip("-o", "-4", "addr", "show").stdout
     for _ in range(200):
         x = secrets.randbelow(254) + 1
         if f"10.231.{x}." not in used:
@@ -90,22 +80,22 @@ class Cable:
         other end drops unseen: TCP retransmits into the void, and connection attempts back
         off (1, 3, 7, 15 s ...), as behind a firewall that drops packets."""
         if self.cut == "link down":
-            _must("-n", self.ns, "link", "set", self.inner, "down")
+            ip_must("-n", self.ns, "link", "set", self.inner, "down")
         else:
             for ns, dev, peer in ((None, self.outer, self.alice_addr),
                                   (self.ns, self.inner, self.root_addr)):
-                _must(*(("-n", ns) if ns else ()), "neigh", "replace", peer, "lladdr",
+                ip_must(*(("-n", ns) if ns else ()), "neigh", "replace", peer, "lladdr",
                       "02:00:00:00:de:ad", "nud", "permanent", "dev", dev)
         return time.monotonic()
 
     def up(self) -> float:
         """Mend the link; when it was mended."""
         if self.cut == "link down":
-            _must("-n", self.ns, "link", "set", self.inner, "up")
+            ip_must("-n", self.ns, "link", "set", self.inner, "up")
         else:
             for ns, dev, peer in ((None, self.outer, self.alice_addr),
                                   (self.ns, self.inner, self.root_addr)):
-                _must(*(("-n", ns) if ns else ()), "neigh", "del", peer, "dev", dev)
+                ip_must(*(("-n", ns) if ns else ()), "neigh", "del", peer, "dev", dev)
         return time.monotonic()
 
     def run_in(self, *command: str) -> list[str]:
@@ -120,31 +110,31 @@ def cable(cut: str) -> Iterator[Cable]:
         pytest.skip("no ip command (iproute2) to make network namespaces with")
     tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
     ns = f"zsnl-{tag}"
-    added = _ip("netns", "add", ns)
+    added = ip("netns", "add", ns)
     if added.returncode != 0:
         pytest.skip(f"cannot make a network namespace (not root?): {added.stderr.strip()}")
     x = _free_subnet()
     net = Cable(ns, f"zo{tag}"[:15], f"zi{tag}"[:15], f"10.231.{x}.1", f"10.231.{x}.2", cut)
     try:
-        _must("link", "add", net.outer, "type", "veth", "peer", "name", net.inner, "netns", ns)
-        _must("addr", "add", f"{net.root_addr}/30", "dev", net.outer)
-        _must("link", "set", net.outer, "up")
-        _must("-n", ns, "link", "set", "lo", "up")
-        _must("-n", ns, "addr", "add", f"{net.alice_addr}/30", "dev", net.inner)
-        _must("-n", ns, "link", "set", net.inner, "up")
+        ip_must("link", "add", net.outer, "type", "veth", "peer", "name", net.inner, "netns", ns)
+        ip_must("addr", "add", f"{net.root_addr}/30", "dev", net.outer)
+        ip_must("link", "set", net.outer, "up")
+        ip_must("-n", ns, "link", "set", "lo", "up")
+        ip_must("-n", ns, "addr", "add", f"{net.alice_addr}/30", "dev", net.inner)
+        ip_must("-n", ns, "link", "set", net.inner, "up")
         yield net
     finally:
         problems = []
-        if _ip("netns", "del", ns).returncode != 0:
+        if ip("netns", "del", ns).returncode != 0:
             problems.append(f"namespace {ns}")
         # the root end goes with its peer, once the kernel has taken the namespace apart (in
         # the background): wait for that, else delete it
         deadline, pace = time.monotonic() + 10, threading.Event()
-        while _ip("link", "show", net.outer).returncode == 0 and time.monotonic() < deadline:
+        while ip("link", "show", net.outer).returncode == 0 and time.monotonic() < deadline:
             pace.wait(0.1)
-        if _ip("link", "show", net.outer).returncode == 0:
-            _ip("link", "del", net.outer)
-            if _ip("link", "show", net.outer).returncode == 0:
+        if ip("link", "show", net.outer).returncode == 0:
+            ip("link", "del", net.outer)
+            if ip("link", "show", net.outer).returncode == 0:
                 problems.append(f"link {net.outer}")
         if problems and sys.exc_info()[1] is None:
             pytest.fail(f"could not delete {problems}")
