@@ -379,3 +379,42 @@ def test_giving_and_storing_for_others_is_bounded_by_the_receivers_share(
         sock.send_multipart(encode_message(Op.DEL, 1, {"ids": given}))
         ok(sock, 1)
     assert "victim" not in bob.stats()["principals"] or bob.stats()["principals"]["victim"]["bytes"] == 0
+
+
+@pytest.mark.parametrize("any_peer", [False, True])
+def test_a_worker_links_to_an_unlisted_peer_only_with_any_peer(
+        tmp_path: Path, hook: sy.TorchHook, any_peer: bool) -> None:
+    """alice accepts bob, bob does not list alice: by default bob will not link to alice when a
+    pointer to her data is sent to him; with ``--any-peer`` he does, over CURVE with the key
+    that came with the pointer (and what he may reach is still only what alice gave him)."""
+    from tests.helpers import STARTUP, _cli_worker
+    from zmqsyft.keys import new_keypair
+
+    keys, bob_allows = tmp_path / "keys", tmp_path / "bob-allows"
+    keys.mkdir(), bob_allows.mkdir()
+    for name in ("bob", "alice"):
+        new_keypair(name, str(keys))
+    _, secret = new_keypair("me", str(keys))
+    me = KeyPair.load(secret)
+    (bob_allows / "me.key").write_bytes((keys / "me.key").read_bytes())
+    address = {n: f"ipc://{tmp_path}/{n}.sock" for n in ("bob", "alice")}
+
+    def start(name: str, allow: Path, *extra: str):  # type: ignore[no-untyped-def]
+        return _cli_worker(("--id", name, "--bind", address[name], "--keys", str(keys),
+                            "--allow", str(allow), "--admin", str(keys / "me.key"), *extra),
+                           STARTUP, None)
+
+    with start("alice", keys), start("bob", bob_allows, *(["--any-peer"] if any_peer else [])):
+        bob, alice = (sy.connect(address[n], worker_key=str(keys / f"{n}.key"), keys=me)
+                      for n in ("bob", "alice"))
+        on_alice = torch.arange(3.0).send(alice)
+        if any_peer:
+            chain = on_alice.send(bob)  # bob holds a pointer to alice's data
+            assert torch.equal((chain + 1).get().get(), torch.arange(3.0) + 1)
+            assert any("unlisted key" in label for label in bob.stats()["peers"]), bob.stats()
+            assert torch.equal(chain.get().get(), torch.arange(3.0))
+        else:  # refused as it arrives, before bob sends anything to alice; nothing is lost
+            with pytest.raises(AccessDenied, match="is not one it knows.*--any-peer"):
+                on_alice.send(bob)
+            assert bob._objects == {}
+            assert torch.equal(on_alice.get(), torch.arange(3.0))

@@ -166,6 +166,8 @@ def _worker(args: argparse.Namespace) -> int:
             cfg = replace(cfg, lease=args.lease)
         if args.insecure:
             cfg = replace(cfg, insecure=True)
+        if args.any_peer:
+            cfg = replace(cfg, any_peer=True)
         cfg = replace(cfg, **{name: value for name in LIMITS
                               if (value := getattr(args, name)) is not None})
         check_endpoint(args.bind, "--bind", bind=True)
@@ -318,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--trust", action="append", default=[], metavar="KEYFILE",
                    help="a public key that may also send pickled code (run(), modules), which "
                         "runs as this worker's user (repeatable)")
+    w.add_argument("--any-peer", action="store_true",
+                   help="link to any peer worker whose public key comes with a pointer or a "
+                        "move (still CURVE with that key); default: only keys given with --allow, "
+                        "--admin, --trust or by the spawner. Who may connect here is unchanged")
     w.add_argument("--lease", type=float, default=None, metavar="SECONDS",
                    help="how long a disconnected client's objects are kept for it (default 60)")
     w.add_argument("--timeout", type=float, default=None,

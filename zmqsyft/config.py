@@ -109,6 +109,12 @@ class Config:
         mechanism), and every caller is every object's owner and an admin. Only for a machine
         or network whose every user and host you trust; off by default, when every connection
         is CURVE (authenticated, encrypted) and every object has an owner.
+    any_peer : bool
+        Let a worker connect to any peer worker whose public key comes with a pointer or a
+        ``MOVE`` (the link is still CURVE with that key, so only the holder of its secret can
+        answer). Off by default: a worker links only to keys it knows (``--allow``, ``--admin``,
+        ``--trust``, its spawner's), so a forged pointer cannot make it reach out to a stranger.
+        Who may connect *to* the worker is not changed by this.
     """
 
     timeout: float = 60.0
@@ -131,6 +137,7 @@ class Config:
     sealed_threshold: int = 1 << 20
     lease: float = 60.0
     insecure: bool = False
+    any_peer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout",

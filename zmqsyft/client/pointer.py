@@ -245,14 +245,21 @@ class PointerTensor(torch.Tensor):
         self._settle()
         session = worker.session
         worker.address  # noqa: B018 - a spawned worker is ready, so its peers know its key
+        what = f".send() of a pointer to '{worker.id}'"
+        # `worker` takes the record first (it may refuse it: a holder it does not link to), and
+        # only then does the worker holding the data let it own (or read) it: a refusal at
+        # either step leaves the data ours
+        session.conn(worker).request(Op.PUT, Put(id=self.id, obj=self._desc(self._owned)),
+                                     keep=(self,), what=what)
         if worker.key and self.location.key and worker.address != self.location.address:
-            # the worker holding it lets `worker` own (or read) it first
-            session.conn(self.location).request(
-                Op.GIVE, Give(ids=[self.id_at_location], to=worker.key, read_only=not self._owned),
-                keep=(self,), what=f".send() of a pointer to '{worker.id}'")
-        session.conn(worker).request(
-            Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
-            what=f".send() of a pointer to '{worker.id}'")
+            try:
+                session.conn(self.location).request(
+                    Op.GIVE, Give(ids=[self.id_at_location], to=worker.key,
+                                  read_only=not self._owned), keep=(self,), what=what)
+            except BaseException:
+                # the record owns nothing there now: deleting it frees nothing of ours
+                session.free_later(worker.address, self.id)
+                raise
         if self._owned:  # the ownership went with it; a non-owning pointer stays usable
             self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
         # we own the pointer object stored on `worker` (whatever it points to)

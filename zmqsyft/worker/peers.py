@@ -91,16 +91,18 @@ class PeerLinks:
     def learn(self, address: str, key: str) -> None:
         """Note that the worker at ``address`` (canonical) holds ``key``, before anything is
         sent there for a descriptor or a ``MOVE`` naming it. ``AccessDenied`` for a key this
-        worker does not know, or none; nothing is checked on an insecure worker."""
+        worker does not know (unless ``Config.any_peer``), or none; nothing is checked on an
+        insecure worker."""
         if self.keys is None:
             return
-        if not key or self.access.get(key) is None:
+        if not key or (self.access.get(key) is None and not self.cfg.any_peer):
             raise AccessDenied(
                 f"worker '{self.worker_id}' does not connect to the worker at {address}: "
                 + ("no public key came with its address" if not key else
                    f"its key {key[:8]}... is not one it knows") + ". Start this worker with "
                 "--allow DIR holding that worker's NAME.key (workers spawned by one client know "
-                "each other already)")
+                "each other already)" + ("" if not key else ", or with --any-peer to link to "
+                "any peer whose key comes with a pointer"))
         old = self.keys_at.get(address)
         if old != key:
             if old is not None:
@@ -252,8 +254,9 @@ class PeerLinks:
             principal = self.access.get(key) if key else None
             if principal is not None and key:
                 self.traffic.labels[link.address] = principal.label
-            elif link.peer is not None:
-                self.traffic.labels[link.address] = link.peer.id[:64]
+            elif link.peer is not None:  # (insecure, or an unlisted key under any_peer)
+                self.traffic.labels[link.address] = link.peer.id[:64] + (
+                    f" (unlisted key {key[:8]}...)" if key else "")
             if self.links.get(link.address) is not link:
                 return  # lost meanwhile; lost() failed what was parked
             parked, link.parked = link.parked or [], None
