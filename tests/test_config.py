@@ -42,6 +42,7 @@ DEFAULTS = {
     "sealed_threshold": 1 << 20,
     "lease": 60.0,
     "insecure": False,
+    "any_peer": False,
 }
 
 

@@ -72,6 +72,51 @@ def test_the_ciphertext_does_not_hold_the_plaintext() -> None:
     assert b"patients" not in sealed
 
 
+def test_a_plain_channel_carries_frames_and_a_sealed_one_refuses_its_chunks() -> None:
+    """An insecure worker's channel (plain) carries frames unencrypted; an opener of a CURVE
+    worker's channel (AES-GCM) never takes a plain chunk, even with the right channel id."""
+    secret = bulk.new_secret()
+    caller, worker = bulk.ChannelKeys(secret, caller=True), bulk.ChannelKeys(secret, caller=False)
+    plain = bulk.Sealer(caller.channel, caller.send_key, plain=True)
+    frames = _frames()
+    chunks = list(plain.seal(1, frames))
+    assert frames[2] in b"".join(bytes(c) for c in chunks)  # (not encrypted)
+    opener = bulk.Opener(worker.channel, worker.recv_key, plain=True)
+    assert _open_all(opener, chunks) == [1]
+    got = opener.take(1)
+    assert got is not None and [bytes(memoryview(f)) for f in got] == frames
+    sealed_opener = bulk.Opener(worker.channel, worker.recv_key)
+    with pytest.raises(bulk.BulkError, match="does not authenticate"):
+        sealed_opener.open(chunks[0])
+
+
+def test_an_insecure_workers_large_messages_go_beside_the_connection(
+        hook: sy.TorchHook) -> None:
+    """No CURVE, but large tensors still take the bulk socket (plain), both ways and on a
+    peer link, so that a slow link carrying them never holds up the heartbeats (see
+    tests/test_netns_links.py)."""
+    cfg = replace(get_session().cfg, shm_threshold=0, insecure=True)
+    with _no_shm():
+        sy.configure(insecure=True)
+        try:
+            bob = sy.spawn_worker("bob", transport_kind="tcp", config=cfg)
+            alice = sy.spawn_worker("alice", transport_kind="tcp", config=cfg)
+            try:
+                x = torch.randn(3 * MiB)
+                p = x.send(bob)
+                assert torch.equal((p * 2).get(), x * 2)
+                assert torch.equal(p.move(alice).get(), x)
+                bob_counts, alice_counts = _counters(bob), _counters(alice)
+                assert bob_counts["sealed_messages_in"] == 1, bob_counts
+                assert bob_counts["sealed_messages_out"] == 1, bob_counts  # (the product)
+                assert alice_counts["sealed_messages_in"] == 1, alice_counts  # (the move)
+            finally:
+                bob.close()
+                alice.close()
+        finally:
+            sy.configure(insecure=False)
+
+
 def test_a_replayed_or_reordered_chunk_is_refused() -> None:
     sealer, opener = _pair()
     chunks = list(sealer.seal(1, [b"h", secrets.token_bytes(3 * bulk.CHUNK)]))

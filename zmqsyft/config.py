@@ -99,6 +99,8 @@ class Config:
         instead of inside the connection (``zmqsyft.wire.bulk``): as private and as authentic,
         and several times faster than CURVE's own encryption. ``0`` turns this off (everything
         goes inside the CURVE connection).
+        An insecure worker takes large messages on its bulk socket too, unencrypted, so that a
+        slow link carrying one never holds up the connection's heartbeats.
     lease : float
         Seconds a worker keeps a session's objects after its last connection closed (a client
         killed, a notebook restarted, a host gone silent for three heartbeats). A client that

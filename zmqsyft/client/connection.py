@@ -87,8 +87,8 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
             self._take_over = False  # HELLO first: it names our session (what we store is its)
             if self._bulk is not None:  # (a new connection, a new channel)
                 self._bulk.close()
-            self._bulk = (channel.CallerChannel() if key and self.host.cfg.sealed_threshold > 0
-                          else None)  # (CURVE: large messages go sealed beside it)
+            self._bulk = (channel.CallerChannel(plain=not key)  # (large messages go beside
+                          if self.host.cfg.sealed_threshold > 0 else None)  # the connection)
             req_id, hello = self.hello(self.host.name, self.worker.trust_token or "",
                                        self.host.session_id,
                                        self._bulk.secret if self._bulk is not None else "")

@@ -1,4 +1,5 @@
-"""Sealed bulk data: large messages travel beside a CURVE connection, sealed with AES-256-GCM.
+"""Sealed bulk data: large messages travel beside a CURVE connection, sealed with AES-256-GCM
+(beside an insecure one too, unencrypted: see :class:`_Plain`).
 
 libzmq's CURVE seals every message with XSalsa20-Poly1305 and copies it twice more on the way: a
 100 MiB tensor crosses a CURVE connection at about a quarter of the speed of a plain one. Modern
@@ -106,6 +107,38 @@ class ChannelKeys:
         self.ticket = derive(b"ticket")[:16].hex().encode("ascii")
 
 
+class _Plain:
+    """The cipher of an insecure worker's channel: chunks go as they are, with a zero tag.
+
+    An insecure worker (``Config.insecure``) authenticates nobody and encrypts nothing, so
+    sealing would protect nothing; its large messages still go on the bulk socket, beside the
+    connection, so that a slow link carrying them never holds up the connection's heartbeats
+    (behind one large frame they would arrive too late, and the connection be taken for dead).
+    A CURVE worker's channels never take plain chunks: the cipher goes with the worker.
+    """
+
+    __slots__ = ()
+
+    def encrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: Any) -> None:
+        n = memoryview(data).nbytes
+        out[:n] = data
+        out[n:n + _TAG] = bytes(_TAG)
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return bytes(data) + bytes(_TAG)
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: Any) -> None:
+        view = memoryview(data)
+        out[:] = view[:view.nbytes - _TAG]
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return bytes(data[:len(data) - _TAG])
+
+
+def _cipher(key: bytes, plain: bool) -> Any:
+    return _Plain() if plain else AESGCM(key)
+
+
 def _nonce(counter: int) -> bytes:
     return counter.to_bytes(12, "little")
 
@@ -115,9 +148,9 @@ class Sealer:
 
     __slots__ = ("channel", "_aead", "_counter")
 
-    def __init__(self, channel: bytes, key: bytes) -> None:
+    def __init__(self, channel: bytes, key: bytes, plain: bool = False) -> None:
         self.channel = channel
-        self._aead = AESGCM(key)
+        self._aead = _cipher(key, plain)  # (plain: an insecure worker's channel, see _Plain)
         self._counter = 0
 
     def _chunk(self, blob: int, frame: int, frames: int, offset: int, length: int,
@@ -179,12 +212,14 @@ class Opener:
     max_pending : int
         The most bytes of blobs received and not yet taken (``<= 0``: any); a blob past it is
         refused, and its marker is told so.
+    plain : bool
+        The channel of an insecure worker: chunks are not encrypted (:class:`_Plain`).
     """
 
     def __init__(self, channel: bytes, key: bytes, max_bytes: int = -1, max_frames: int = 0,
-                 max_pending: int = -1) -> None:
+                 max_pending: int = -1, plain: bool = False) -> None:
         self.channel = channel
-        self._aead = AESGCM(key)
+        self._aead = _cipher(key, plain)  # (plain: an insecure worker's channel, see _Plain)
         self.max_bytes = max_bytes
         self.max_frames = max_frames
         self.max_pending = max_pending

@@ -33,13 +33,17 @@ class CallerChannel:
     replies : bool
         Whether large replies may come sealed too (the HELLO says so; a worker's peer link,
         which cannot wait for them, asks for none).
+    plain : bool
+        For an insecure worker (no CURVE): chunks go unencrypted, but still beside the
+        connection, whose heartbeats they would otherwise hold up.
     """
 
-    def __init__(self, replies: bool = True) -> None:
+    def __init__(self, replies: bool = True, plain: bool = False) -> None:
         secret = new_secret()
         self.secret = zmq.utils.z85.encode(secret).decode()
         """For the HELLO (Z85)."""
         self.replies = replies
+        self.plain = plain
         self.keys = ChannelKeys(secret, caller=True)
         self.sock: zmq.Socket | None = None
         self._sealer: Sealer | None = None
@@ -62,9 +66,10 @@ class CallerChannel:
         keys = self.keys
         self.sock = transport.make_bulk_dealer(ctx, address, cfg, keys.user, keys.ticket,
                                                MAX_CHUNK_MESSAGE)
-        self._sealer = Sealer(keys.channel, keys.send_key)
+        self._sealer = Sealer(keys.channel, keys.send_key, self.plain)
         if self.replies:
-            self._opener = Opener(keys.channel, keys.recv_key, -1, cfg.max_frames)
+            self._opener = Opener(keys.channel, keys.recv_key, -1, cfg.max_frames,
+                                  plain=self.plain)
             self.sock.send(self._sealer.attach(), copy=False)
 
     def marker(self, req_id: int, frames: list[Any], threshold: int) -> tuple[Frames, int] | None:

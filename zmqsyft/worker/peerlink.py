@@ -62,12 +62,14 @@ class PeerLink(RequestCore):
         self.bulk: channel.CallerChannel | None = None
 
     def hello_secret(self) -> str:
-        """A fresh bulk channel secret for this link's HELLO (Z85; ``""`` without CURVE)."""
-        if self.links.keys is None or self.links.cfg.sealed_threshold <= 0:
+        """A fresh bulk channel secret for this link's HELLO (Z85; ``""`` with sealing off).
+        An insecure worker's channel is plain (not encrypted), but large requests still go
+        beside the connection."""
+        if self.links.cfg.sealed_threshold <= 0:
             return ""
         if self.bulk is not None:
             self.bulk.close()
-        self.bulk = bulk = channel.CallerChannel(replies=False)
+        self.bulk = bulk = channel.CallerChannel(replies=False, plain=self.links.keys is None)
         return bulk.secret
 
     def open_bulk(self) -> None:

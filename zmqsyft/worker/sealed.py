@@ -44,11 +44,12 @@ def open_sealed(w: Any, bind: str | None) -> Sealed | None:
     or beside its ROUTER; ``None`` if it has no keys (insecure) or sealing is off, or if it
     cannot bind beside its ROUTER (logged: large messages then go inside the connections). A
     ``bind`` asked for that cannot be bound raises."""
-    if w.keys is None or w.cfg.sealed_threshold <= 0:
+    if w.cfg.sealed_threshold <= 0:
         return None
     try:
         return Sealed(w.ctx, bind or channel.bulk_bind(w.address), w.cfg, w.gate,
-                      w.traffic.counters, w._on_request, w._fail, w._send_to)
+                      w.traffic.counters, w._on_request, w._fail, w._send_to,
+                      plain=w.keys is None)
     except (zmq.ZMQError, ValueError) as exc:
         if bind:
             raise
@@ -63,14 +64,14 @@ class Channel:
     __slots__ = ("ident", "keys", "opener", "sealer", "route", "blob_out", "replies")
 
     def __init__(self, ident: bytes, keys: bulk.ChannelKeys, cfg: Config,
-                 replies: bool = True) -> None:
+                 replies: bool = True, plain: bool = False) -> None:
         self.ident = ident
         self.replies = replies  # whether the caller takes sealed replies (a peer link does not)
         self.keys = keys
         limit = cfg.max_message_size
         self.opener = bulk.Opener(keys.channel, keys.recv_key, limit, cfg.max_frames,
-                                  max_pending=2 * limit if limit > 0 else -1)
-        self.sealer = bulk.Sealer(keys.channel, keys.send_key)
+                                  max_pending=2 * limit if limit > 0 else -1, plain=plain)
+        self.sealer = bulk.Sealer(keys.channel, keys.send_key, plain)
         self.route: bytes | None = None  # the caller's bulk socket, once it showed itself
         self.blob_out = 0
 
@@ -100,8 +101,10 @@ class Sealed:
     def __init__(self, ctx: zmq.Context, bind: str, cfg: Config, gate: Gate,
                  counters: collections.Counter[str], handle: Callable[..., None],
                  fail: Callable[[bytes, int, Holder | None, BaseException], None],
-                 send_to: Callable[[bytes, list[Any], list[Any]], None]) -> None:
+                 send_to: Callable[[bytes, list[Any], list[Any]], None],
+                 plain: bool = False) -> None:
         self.cfg = cfg
+        self.plain = plain  # an insecure worker's: chunks unencrypted (bulk._Plain)
         self.threshold = cfg.sealed_threshold
         self.gate = gate
         self.sock, self.endpoint = transport.make_bulk_router(
@@ -132,7 +135,7 @@ class Sealed:
         keys = bulk.ChannelKeys(raw, caller=False)
         if keys.channel in self._by_channel:  # (another connection sent the same secret)
             raise ProtocolError("HELLO: that bulk secret is in use; draw a fresh one")
-        chan = Channel(ident, keys, self.cfg, replies)
+        chan = Channel(ident, keys, self.cfg, replies, self.plain)
         self.channels[ident] = chan
         self._by_channel[keys.channel] = chan
         self.gate.tickets[keys.user] = keys.ticket
