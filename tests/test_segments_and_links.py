@@ -241,3 +241,36 @@ def test_a_lost_link_fails_a_large_transfer_within_the_heartbeat_grace(
     assert "raise it" not in text and "timeout=" not in text, text
     assert took < 10, f"the lost link was noticed {took:.1f}s after it went down"
     assert bob.ping() >= 0  # (the worker itself is fine)
+
+
+def test_a_reply_in_shared_memory_to_a_connection_gone_before_reading_it_is_unlinked(
+        hook: sy.TorchHook) -> None:
+    """A client asks for a 32 MiB tensor (the reply goes through shared memory) and is gone
+    before it maps the segment (here: a raw connection that never reads, then closes). The
+    worker unlinks the segment when that session's last connection closes, not when it ages
+    out (120 s)."""
+    from tests.helpers import raw_dealer
+    from zmqsyft.wire.bodies import Get, Hello, Put
+    from zmqsyft.wire.codec import encode_message
+    from zmqsyft.wire.messages import Op
+
+    bob = sy.spawn_worker("bob")
+    try:
+        worker = _pid(bob)
+        with raw_dealer(bob) as sock:
+            sock.send_multipart(encode_message(Op.HELLO, 1, Hello(
+                peer="vanishing", host=shm.host_key(), session="vanishing-session")), copy=False)
+            sock.send_multipart(encode_message(Op.PUT, 2, Put(id=77, obj=torch.ones(BIG))),
+                                copy=False)
+            sock.send_multipart(encode_message(Op.GET, 3, Get(id=77)), copy=False)
+            # the replies arrive (taken off the socket, but the GET's segment never mapped)
+            replies = [sock.recv_multipart() for _ in range(3)]
+            assert len(replies[-1]) == 1, "the tensor came inside the reply, not in a segment"
+            assert segments(worker), "the worker wrote no segment for its reply"
+        # (closed without mapping it: nobody will)
+        took = until(lambda: not segments(worker), 10,
+                     "the reply's segment outlived the connection it was written for")
+        assert took < 5
+        assert_answers_ping(bob)
+    finally:
+        bob.close()

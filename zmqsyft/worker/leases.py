@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from ..wire import shm
 from .access import Principal
 
 log = logging.getLogger("zmqsyft.worker")
@@ -36,6 +37,10 @@ log = logging.getLogger("zmqsyft.worker")
 __all__ = ["Holder", "Leases"]
 
 _SRCFD = int(zmq.SRCFD)
+
+SEGMENTS_KEPT = 120.0
+"""Seconds a holder remembers the segments of its replies (the writer's ``max_age`` sweep takes
+over after that)."""
 
 
 class Holder:
@@ -55,9 +60,13 @@ class Holder:
         The descriptors of its open connections.
     gone_since : float or None
         When its last connection closed (``time.monotonic()``), while it has none.
+    segments : deque of (float, tuple of str)
+        Shared-memory segments written for replies to it in the last ``SEGMENTS_KEPT`` seconds
+        (with when): the receiver unlinks each once it mapped it; if its last connection closes
+        first, nobody will, and they are unlinked then (not when they age out).
     """
 
-    __slots__ = ("principal", "session", "ids", "nbytes", "conns", "gone_since")
+    __slots__ = ("principal", "session", "ids", "nbytes", "conns", "gone_since", "segments")
 
     def __init__(self, principal: Principal, session: str) -> None:
         self.principal = principal
@@ -66,6 +75,20 @@ class Holder:
         self.nbytes = 0
         self.conns: set[int] = set()
         self.gone_since: float | None = None
+        self.segments: collections.deque[tuple[float, tuple[str, ...]]] = collections.deque()
+
+    def replied_with(self, names: tuple[str, ...]) -> None:
+        """A reply to it carried the shared-memory segments ``names``."""
+        now = time.monotonic()
+        kept = self.segments
+        while kept and now - kept[0][0] > SEGMENTS_KEPT:
+            kept.popleft()  # (long mapped, or the writer's own sweep unlinks them)
+        kept.append((now, names))
+
+    def drop_segments(self) -> None:
+        """Its last connection closed: what replies to it left in shared memory is nobody's."""
+        while self.segments:
+            shm.discard(self.segments.popleft()[1])
 
     def __repr__(self) -> str:
         return (f"<Holder {self.principal.label} session={self.session!r} objects={len(self.ids)} "
@@ -149,6 +172,7 @@ class Leases:
             h.conns.discard(fd)
             if not h.conns:
                 h.gone_since = time.monotonic()
+                h.drop_segments()
 
     def take_closed(self) -> None:
         """Take in the connections the gate saw close."""

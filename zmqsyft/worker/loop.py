@@ -381,6 +381,8 @@ class Worker(owner.DataOwner):
     def _send_reply(self, ctx: Ctx, frames: list[Any]) -> None:
         if ctx.ident in self._acks:  # acknowledgements first: replies never overtake them
             self._send_acks(ctx.ident, self._acks.pop(ctx.ident))
+        if ctx.holder is not None and (segments := getattr(frames, "segments", ())):
+            ctx.holder.replied_with(segments)  # (unlinked if it is gone before mapping them)
         if len(frames) > 1 and self.sealed is not None and self.sealed.reply(ctx.ident, ctx.req_id,
                                                                              frames):
             return  # (sent sealed, after a marker in its place)
