@@ -111,6 +111,7 @@ def test_a_worker_restarted_at_the_same_address_is_met_afresh(restartable: Resta
             message = str(info.value)
             assert "worker 'bob'" in message and "was restarted at" in message, message
             assert what in message and "Send the data to it again" in message
+            assert message.count(str(ptr.id_at_location)) == 1, message  # (named once)
             assert isinstance(info.value, sy.ObjectNotFound)
             assert isinstance(info.value, sy.CommunicationError)
         with pytest.raises(sy.WorkerRestarted):

@@ -174,6 +174,7 @@ class WorkerHandle:
     def restarted(self, obj_id: int, what: str) -> WorkerRestarted:
         """The error for using object ``obj_id`` of an earlier incarnation of this worker."""
         when = time.strftime("%H:%M:%S", time.localtime(self.restarted_at))
+        what = what.replace(f" of object {obj_id}", "")  # (named once is enough)
         return WorkerRestarted(
             f"cannot use object {obj_id} for {what}: worker '{self.id}' at {self._ready_address} "
             f"was restarted at {when} (a new process, pid {self._pid}); objects from before are "
