@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from .client import (
+    LOCAL_WORKER,
     AdditiveSharingTensor,
     FixedPrecisionTensor,
     PointerTensor,
@@ -65,9 +66,13 @@ def sync() -> None:
     get_session().sync()
 
 
+local_worker = LOCAL_WORKER
+"""This program as PySyft's local worker (``id == "me"``, ``is_client_worker``): the ``owner``
+of every pointer it holds; also ``hook.local_worker``."""
+
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
-    "FixedPrecisionTensor", "AdditiveSharingTensor",
+    "FixedPrecisionTensor", "AdditiveSharingTensor", "local_worker",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",

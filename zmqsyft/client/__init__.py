@@ -9,8 +9,10 @@ from .api import WorkerClient
 from .fixed import FixedPrecisionTensor
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
+from .local import LOCAL_WORKER, LocalWorker
 from .pointer import PointerTensor
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
-           "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor"]
+           "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
+           "LOCAL_WORKER"]

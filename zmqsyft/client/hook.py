@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .fixed import fix_precision, float_precision
-from .nn import module_copy, module_get, module_move, module_send
+from .local import LOCAL_WORKER
+from .nn import module_copy, module_get, module_location_property, module_move, module_send
 from .pointer import PointerTensor, check_worker
 from .smpc import send_tensor as put_tensor
 from .smpc import share
@@ -76,6 +77,7 @@ class TorchHook:
         if torch_module is not torch:
             raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
         self.torch = torch_module
+        self.local_worker = LOCAL_WORKER  # (PySyft's hook.local_worker: this program)
         with _lock:
             if not _installed:
                 torch.Tensor.send = send_tensor  # type: ignore[attr-defined]
@@ -93,6 +95,7 @@ class TorchHook:
                 torch.nn.Module.get = module_get  # type: ignore[attr-defined]
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]
                 torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
+                torch.nn.Module.location = module_location_property  # type: ignore[attr-defined]
                 _installed = True
                 if freeze_gc:
                     gc.freeze()
