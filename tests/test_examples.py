@@ -77,3 +77,13 @@ def test_example_04_secure_aggregation(tmp_path) -> None:  # type: ignore[no-unt
                          "objects derived from it whole", out)
         assert sent and int(sent.group(1)) >= 6 and int(sent.group(2)) == 0, out
     assert (tmp_path / "04_secure_aggregation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_07_plans() -> None:
+    result = run_script("examples/07_plans.py")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"In \[1\].*\nTrue\n", out)
+    assert re.search(r"In \[3\].*\n.*\ntensor\(\[2\., 4\.\]\)", out)
+    assert re.search(r"ops reached device_1 in 1 message", out)
+    assert re.search(r"In \[7\].*\ntensor\(\[3\.\]\)", out)

@@ -25,7 +25,7 @@ ORDER: dict[str, list[str]] = {
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer", "session", "api",
-               "launch", "nn", "smpc", "fixed", "hook", "__init__"],
+               "launch", "nn", "plan", "smpc", "fixed", "hook", "__init__"],
 }
 # the layers a layer may import besides its own lower modules
 BELOW = {"top": set(), "wire": {"top"}, "worker": {"top", "wire"}, "client": {"top", "wire"}}

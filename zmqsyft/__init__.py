@@ -16,11 +16,14 @@ from .client import (
     LOCAL_WORKER,
     AdditiveSharingTensor,
     FixedPrecisionTensor,
+    Plan,
+    PlanState,
     PointerTensor,
     TorchHook,
     VirtualWorker,
     WorkerClient,
     connect,
+    func2plan,
     get_session,
     spawn_worker,
 )
@@ -73,6 +76,7 @@ of every pointer it holds; also ``hook.local_worker``."""
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
     "FixedPrecisionTensor", "AdditiveSharingTensor", "local_worker",
+    "Plan", "PlanState", "func2plan",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",

@@ -10,9 +10,10 @@ from .fixed import FixedPrecisionTensor
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
 from .local import LOCAL_WORKER, LocalWorker
+from .plan import Plan, PlanState, func2plan
 from .pointer import PointerTensor
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
            "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
-           "LOCAL_WORKER"]
+           "LOCAL_WORKER", "Plan", "PlanState", "func2plan"]

@@ -80,6 +80,8 @@ class PointerTensor(torch.Tensor):
     # ------------------------------------------------------------ torch glue
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if len(types) > 1 and any(getattr(t, "_is_plan_trace", False) for t in types):
+            return NotImplemented  # a plan being built: its traced tensors record the op
         return torch_function(cls, func, args, kwargs or {})
 
     @classmethod
