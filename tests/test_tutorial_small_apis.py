@@ -142,3 +142,41 @@ def test_a_split_model_step_with_move_requires_grad(
         for p, q in zip(got.parameters(), want.parameters(), strict=True):
             assert torch.allclose(p, q, atol=1e-6)
     del data, target, a, remote_a, grad_a, loss
+
+
+def test_garbage_collection_can_be_turned_off_per_pointer(hook: sy.TorchHook,
+                                                          bob: sy.WorkerClient) -> None:
+    kept = torch.ones(2).send(bob)
+    assert kept.gc and kept.garbage_collection
+    kept_id = kept.id_at_location
+    kept.gc = False
+    assert not kept.garbage_collection
+    assert torch.ones(3).send(bob).disable_gc.gc is False
+    freed = torch.zeros(2).send(bob)
+    del kept, freed
+    left = bob._objects
+    assert kept_id in left and len(left) == 2  # the two with gc off stayed, the other went
+    bob.clear_objects()
+    on_again = torch.ones(1).send(bob)
+    on_again.gc = False
+    on_again.gc = True
+    del on_again
+    assert bob._objects == {}
+
+
+def test_send_and_get_in_place_keep_the_tensors_identity(hook: sy.TorchHook,
+                                                         bob: sy.WorkerClient) -> None:
+    t = torch.tensor([1.0, -1.0, 3.0, 4.0])
+    held = [t]
+    assert t.send_(bob) is t and isinstance(t, sy.PointerTensor) and t.location is bob
+    assert isinstance(held[0], sy.PointerTensor)
+    assert torch.equal((t * 2).get(), torch.tensor([2.0, -2.0, 6.0, 8.0]))
+    assert t.get_() is t and type(t) is torch.Tensor
+    assert torch.equal(held[0], torch.tensor([1.0, -1.0, 3.0, 4.0]))
+    assert bob._objects == {}
+    p = torch.ones(2).send(bob)
+    with pytest.raises(sy.PointerError, match="one already"):
+        p.send_(bob)
+    with pytest.raises(sy.PointerError, match="use x = ptr.get"):
+        p.get_()
+    del p

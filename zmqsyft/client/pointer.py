@@ -99,6 +99,29 @@ class PointerTensor(torch.Tensor):
 
     # --------------------------------------------------------------- state
     @property
+    def gc(self) -> bool:
+        """Whether dropping this pointer frees the object on the worker (PySyft's ``gc`` and
+        ``garbage_collection``; set it to False to keep the object when the pointer goes)."""
+        return self._fin is not None
+
+    @gc.setter
+    def gc(self, on: bool) -> None:
+        if not on:
+            self.location.session.untrack(self._fin)
+            self._fin = None
+        elif self._owned and self._fin is None:
+            self._fin = self.location.session.track(self, self.location.address,
+                                                    self.id_at_location)
+
+    garbage_collection = gc
+
+    @property
+    def disable_gc(self) -> PointerTensor:
+        """This pointer, with :attr:`gc` off."""
+        self.gc = False
+        return self
+
+    @property
     def owned(self) -> bool:
         """Whether this pointer frees the remote object when it is dropped."""
         return self._owned
