@@ -180,3 +180,17 @@ def test_send_and_get_in_place_keep_the_tensors_identity(hook: sy.TorchHook,
     with pytest.raises(sy.PointerError, match="use x = ptr.get"):
         p.get_()
     del p
+
+
+def test_object_store_reads_and_moving_to_the_local_worker_fetches(
+        hook: sy.TorchHook, bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    store = bob.object_store
+    assert len(store) == 1 and x.id_at_location in store._objects
+    assert torch.equal(store.get_obj(x.id_at_location), torch.tensor([1.0, 2.0]))
+    assert list(store._tensors) == [x.id_at_location]
+    with pytest.raises(sy.ObjectNotFound, match="does not exist on worker 'bob'"):
+        store.get_obj(12345)
+    y = x.move(alice).move(sy.local_worker)  # back here: a fetch
+    assert type(y) is torch.Tensor and torch.equal(y, torch.tensor([1.0, 2.0]))
+    assert bob._objects == {} and alice._objects == {}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import LocationMismatch
+from ..errors import LocationMismatch, ObjectNotFound
 from ..wire.bodies import (
     Del,
     Objects,
@@ -32,7 +32,7 @@ from .dispatch import wire_args
 from .handle import WorkerHandle
 from .pointer import PointerTensor
 
-__all__ = ["WorkerClient"]
+__all__ = ["WorkerClient", "ObjectStore"]
 
 
 class WorkerClient(WorkerHandle):
@@ -74,6 +74,12 @@ class WorkerClient(WorkerHandle):
         """The tensors among :attr:`_objects` (what PySyft's ``worker._tensors`` listed)."""
         return {k: v for k, v in self.objects().items()
                 if isinstance(v, torch.Tensor) and not isinstance(v, PointerTensor)}
+
+    @property
+    def object_store(self) -> ObjectStore:
+        """PySyft's ``worker.object_store``: ``_objects``, ``_tensors`` and ``get_obj(id)``, read
+        from the worker (snapshots, as :attr:`_objects`)."""
+        return ObjectStore(self)
 
     def clear_objects(self) -> WorkerClient:
         """Delete every object this program's key owns on the worker (the worker passes over
@@ -146,3 +152,34 @@ class WorkerClient(WorkerHandle):
     def sync(self) -> None:
         """Wait until everything issued so far has taken effect; raise pipelined errors."""
         self.session.sync()
+
+
+class ObjectStore:
+    """A worker's store as PySyft's tests and tutorials read it (``bob.object_store``); each
+    read asks the worker (a snapshot: see :attr:`WorkerClient._objects`)."""
+
+    def __init__(self, worker: WorkerClient) -> None:
+        self.worker = worker
+
+    @property
+    def _objects(self) -> dict[int, Any]:
+        return self.worker._objects
+
+    @property
+    def _tensors(self) -> dict[int, Any]:
+        return self.worker._tensors
+
+    def __len__(self) -> int:
+        return len(self.worker._objects)
+
+    def get_obj(self, obj_id: int) -> Any:
+        """The object ``obj_id`` as the worker holds it (a snapshot; ``ObjectNotFound`` if it
+        holds none, or none of yours)."""
+        found = self.worker._objects
+        if obj_id not in found:
+            raise ObjectNotFound(f"object {obj_id} does not exist on worker '{self.worker.id}' "
+                                 "for you: it was fetched, moved, freed, or never sent there")
+        return found[obj_id]
+
+    def __repr__(self) -> str:
+        return f"<ObjectStore of worker '{self.worker.id}'>"

@@ -291,7 +291,7 @@ class PointerTensor(torch.Tensor):
         # we own the pointer object stored on `worker` (whatever it points to)
         return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg)
 
-    def move(self, worker: WorkerHandle, requires_grad: bool = False) -> PointerTensor:
+    def move(self, worker: WorkerHandle, requires_grad: bool = False) -> Any:
         """Move the object to ``worker``: its current worker pushes it there directly.
 
         The source frees it once ``worker`` has confirmed; this pointer then points at ``worker``
@@ -300,6 +300,8 @@ class PointerTensor(torch.Tensor):
         ``requires_grad=True`` makes the moved tensor require gradients there (a split model's
         activations, moved on to the next part: PySyft's SplitNN).
         """
+        if worker is LOCAL_WORKER:  # moving it here is fetching it (PySyft: .move(me))
+            return self.get()
         check_worker(worker, (), "move")
         self._check_usable(".move()")
         if worker is self.location or worker.address == self.location.address:
