@@ -194,3 +194,16 @@ def test_object_store_reads_and_moving_to_the_local_worker_fetches(
     y = x.move(alice).move(sy.local_worker)  # back here: a fetch
     assert type(y) is torch.Tensor and torch.equal(y, torch.tensor([1.0, 2.0]))
     assert bob._objects == {} and alice._objects == {}
+
+
+def test_part_9_sharing_between_three_holders_and_matmul_by_name(
+        hook: sy.TorchHook, bob: sy.WorkerClient, alice: sy.WorkerClient,
+        carol: sy.WorkerClient) -> None:
+    x = torch.tensor([25]).share(bob, alice, carol)  # no crypto provider: + and - only
+    y = torch.tensor([5]).share(bob, alice, carol)
+    assert torch.equal((x + y).get(), torch.tensor([30]))
+    assert torch.equal((x - y).get(), torch.tensor([20]))
+    a = torch.tensor([[1, 2], [3, 4]]).share(bob, alice, crypto_provider=carol)
+    b = torch.tensor([[2, 0], [0, 2]]).share(bob, alice, crypto_provider=carol)
+    assert torch.equal(a.matmul(b).get(), torch.tensor([[2, 4], [6, 8]]))
+    del x, y, a, b

@@ -176,6 +176,10 @@ class AdditiveSharingTensor:
         public = _public(other)
         return self._like([public @ s for s in self._use()])
 
+    def matmul(self, other: Any) -> AdditiveSharingTensor:
+        """``x.matmul(y)``: as ``x @ y`` (Part 9 writes it so)."""
+        return self.__matmul__(other)
+
     def mm(self, other: Any) -> AdditiveSharingTensor:
         return self @ other
 
