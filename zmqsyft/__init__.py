@@ -14,11 +14,15 @@ import logging
 
 from .client import (
     AdditiveSharingTensor,
+    BaseDataset,
+    FederatedDataLoader,
+    FederatedDataset,
     FixedPrecisionTensor,
     PointerTensor,
     TorchHook,
     VirtualWorker,
     WorkerClient,
+    WorkerNotInDataset,
     connect,
     get_session,
     spawn_worker,
@@ -68,6 +72,7 @@ def sync() -> None:
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
     "FixedPrecisionTensor", "AdditiveSharingTensor",
+    "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",
