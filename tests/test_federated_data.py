@@ -196,6 +196,46 @@ def test_part7_training_loop_reduces_the_loss_on_digits(
     assert accuracy > 0.8, accuracy
 
 
+def test_part7_as_written_on_data_the_workers_loaded_themselves(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Part 7's own flow: each worker holds its data from the start; search() finds it."""
+    x, y = _digits(200)
+    workers = []
+    for name, rows in (("bob", slice(0, 100)), ("alice", slice(100, 200))):
+        torch.save({"data": x[rows], "target": y[rows]}, tmp_path / f"{name}.pt")
+        workers.append(spawn(name, load=str(tmp_path / f"{name}.pt"), tags=["#digits"],
+                             policy=sy.Policy(owner=sy.get_session().keys)))
+    datasets = []
+    for worker in workers:
+        (data,) = worker.search("#digits", "#data")
+        (target,) = worker.search("#digits", "#target")
+        datasets.append(sy.BaseDataset(data, target))
+    dataset = sy.FederatedDataset(datasets)
+    assert dataset.workers == ["bob", "alice"] and len(dataset) == 200
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    optimizers = {w: optim.Adam(params=model.parameters(), lr=1e-2) for w in dataset.workers}
+    train_loader = sy.FederatedDataLoader(dataset, batch_size=32, shuffle=False, drop_last=False)
+    assert len(train_loader) == 8
+    losses = []
+    for _ in range(3):
+        loss_accum = 0.0
+        for data, target in train_loader:
+            model.send(data.location)
+            optimizer = optimizers[data.location.id]
+            optimizer.zero_grad()
+            pred = model(data)
+            loss = F.cross_entropy(pred, target)
+            loss.backward()
+            optimizer.step()
+            model.get()
+            loss_accum += loss.get().item()
+        losses.append(loss_accum)
+    assert losses[2] < 0.7 * losses[0], losses
+    del optimizers, optimizer, data, target, pred
+    for worker in workers:  # its own data, and nothing left of the batches or Adam's state
+        assert len(worker._objects) == 2
+
+
 def test_part2_optims_one_optimizer_per_worker(bob: sy.WorkerClient,
                                                 alice: sy.WorkerClient) -> None:
     """Part 2 as 0.2.9 has it: Adam, whose state stays with each worker's optimizer."""
