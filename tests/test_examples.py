@@ -91,3 +91,13 @@ def test_example_05_federated_dataset() -> None:
     assert re.search(r"Train Epoch: 1 \[16/\d+ .*\] on alice", out)
     accuracy = float(re.search(r"Test set: accuracy \d+/\d+ \(([\d.]+)%\)", out).group(1))
     assert accuracy > 70.0, out
+
+
+def test_example_07_plans() -> None:
+    result = run_script("examples/07_plans.py")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"In \[1\].*\nTrue\n", out)
+    assert re.search(r"In \[3\].*\n.*\ntensor\(\[2\., 4\.\]\)", out)
+    assert re.search(r"ops reached device_1 in 1 message", out)
+    assert re.search(r"In \[7\].*\ntensor\(\[3\.\]\)", out)

@@ -23,9 +23,9 @@ ORDER: dict[str, list[str]] = {
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "labels", "intake", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
+    "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer", "session", "api",
-               "launch", "nn", "smpc", "fixed", "data", "loader", "optims", "hook", "__init__"],
+               "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "__init__"],
     # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's
     "federated": ["floptimizer", "__init__"],
 }

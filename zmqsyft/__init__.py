@@ -13,17 +13,21 @@ from __future__ import annotations
 import logging
 
 from .client import (
+    LOCAL_WORKER,
     AdditiveSharingTensor,
     BaseDataset,
     FederatedDataLoader,
     FederatedDataset,
     FixedPrecisionTensor,
+    Plan,
+    PlanState,
     PointerTensor,
     TorchHook,
     VirtualWorker,
     WorkerClient,
     WorkerNotInDataset,
     connect,
+    func2plan,
     get_session,
     spawn_worker,
 )
@@ -69,9 +73,14 @@ def sync() -> None:
     get_session().sync()
 
 
+local_worker = LOCAL_WORKER
+"""This program as PySyft's local worker (``id == "me"``, ``is_client_worker``): the ``owner``
+of every pointer it holds; also ``hook.local_worker``."""
+
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
-    "FixedPrecisionTensor", "AdditiveSharingTensor",
+    "FixedPrecisionTensor", "AdditiveSharingTensor", "local_worker",
+    "Plan", "PlanState", "func2plan",
     "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",

@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LocationMismatch
 from ..wire.bodies import (
+    Del,
     Objects,
     ObjectsReply,
     Ping,
@@ -67,6 +68,24 @@ class WorkerClient(WorkerHandle):
                 value = self.session.pointer_from_desc(value, owner=self.id)
             out[key] = value
         return out
+
+    @property
+    def _tensors(self) -> dict[int, Any]:
+        """The tensors among :attr:`_objects` (what PySyft's ``worker._tensors`` listed)."""
+        return {k: v for k, v in self.objects().items()
+                if isinstance(v, torch.Tensor) and not isinstance(v, PointerTensor)}
+
+    def clear_objects(self) -> WorkerClient:
+        """Delete every object this program's key owns on the worker (the worker passes over
+        the others' objects an admin's ``_objects`` also lists, and pointer records free what
+        they own downstream). Pointers to them still held here raise ``ObjectNotFound`` when
+        used. Returns the worker, as PySyft did."""
+        gc.collect()
+        self.session.sync(only=self)
+        reply = ObjectsReply.from_wire(self._request(Op.OBJECTS, Objects(), what="clear_objects")
+                                       .body)
+        self._request(Op.DEL, Del(ids=list(reply.objects)), what="clear_objects")
+        return self
 
     def ping(self) -> float:
         """Round-trip time of an empty request, in seconds."""

@@ -159,7 +159,8 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                 self._flush_all()
                 return NO_REPLY
             # Nagle: a pipelined op queues while the worker has earlier ones of ours to answer
-            pipelined = not awaited and op is Op.CALL and cfg.pipeline_batch > 1 and self._behind()
+            pipelined = not awaited and op is Op.CALL and (
+                self.gathering or cfg.pipeline_batch > 1 and self._behind())
             if ride is not None:
                 self.outbox.append(ride)
                 self.worker.dirty = True

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from ..errors import PointerError
 from .data import dataset_federate
 from .fixed import fix_precision, float_precision
-from .nn import module_copy, module_get, module_move, module_send
+from .local import LOCAL_WORKER
+from .nn import module_copy, module_get, module_location_property, module_move, module_send
 from .pointer import PointerTensor, check_worker
 from .smpc import send_tensor as put_tensor
 from .smpc import share
@@ -35,6 +37,29 @@ def send_tensor(tensor: torch.Tensor, worker: Any, *more: Any) -> PointerTensor:
     """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
     check_worker(worker, more, "send")
     return put_tensor(tensor, worker)
+
+
+def send_inplace(tensor: torch.Tensor, worker: Any, *more: Any) -> torch.Tensor:
+    """``tensor.send_(worker)``: send it, and turn ``tensor`` itself into the owning pointer
+    (whatever holds it now holds the pointer; ``get_()`` turns it back)."""
+    if isinstance(tensor, PointerTensor):
+        raise PointerError(f"send_() turns a local tensor into a pointer; {tensor!r} is one "
+                           "already: send it on with .send(worker)")
+    ptr = send_tensor(tensor, worker, *more)
+    ptr._release("send_() made the tensor itself the pointer")
+    PointerTensor._become(tensor, worker, ptr.id_at_location)
+    return tensor
+
+
+def get_inplace(tensor: torch.Tensor) -> torch.Tensor:
+    """``ptr.get_()``: for a tensor made a pointer by ``send_()``, fetch the data into the same
+    object; a local tensor is returned as it is."""
+    if not isinstance(tensor, PointerTensor):
+        return tensor
+    if tensor._restore is None:
+        raise PointerError(f"get_() turns back a tensor that send_() made a pointer; {tensor!r} "
+                           "was not made so: use x = ptr.get()")
+    return tensor._unbecome(tensor.get())
 
 
 def _get_local(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,10 +103,13 @@ class TorchHook:
         if torch_module is not torch:
             raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
         self.torch = torch_module
+        self.local_worker = LOCAL_WORKER  # (PySyft's hook.local_worker: this program)
         with _lock:
             if not _installed:
                 torch.Tensor.send = send_tensor  # type: ignore[attr-defined]
                 torch.Tensor.move = send_tensor  # type: ignore[attr-defined]
+                torch.Tensor.send_ = send_inplace  # type: ignore[attr-defined]
+                torch.Tensor.get_ = get_inplace  # type: ignore[attr-defined]
                 torch.Tensor.get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.remote_get = _get_local  # type: ignore[attr-defined]
                 torch.Tensor.copy = _copy_local  # type: ignore[attr-defined]
@@ -95,6 +123,7 @@ class TorchHook:
                 torch.nn.Module.get = module_get  # type: ignore[attr-defined]
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]
                 torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
+                torch.nn.Module.location = module_location_property  # type: ignore[attr-defined]
                 # PySyft's dataset.federate((bob, alice)) on any torch dataset
                 torch.utils.data.Dataset.federate = dataset_federate  # type: ignore[attr-defined]
                 _installed = True

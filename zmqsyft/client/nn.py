@@ -22,7 +22,8 @@ from ..wire.bodies import Get, GetReply, Move, MoveReply, Put
 from ..wire.messages import Op
 from .pointer import PointerTensor, check_worker
 
-__all__ = ["module_send", "module_get", "module_move", "module_copy", "module_tensors"]
+__all__ = ["module_send", "module_get", "module_move", "module_copy", "module_tensors",
+           "module_location", "module_location_property"]
 
 
 def module_tensors(module: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor, bool]]:
@@ -43,6 +44,31 @@ def module_tensors(module: nn.Module) -> list[tuple[dict[str, Any], str, torch.T
 
 def _where(module: nn.Module) -> Any:
     return {t.location for _, _, t, _ in module_tensors(module) if isinstance(t, PointerTensor)}
+
+
+def module_location(module: nn.Module) -> Any:
+    """``model.location``: the worker a sent module's parameters are on (PySyft's SplitNN sends
+    each part's inputs there). ``AttributeError`` for a module that was not sent, or whose
+    tensors are on several workers (as PySyft: ``hasattr(model, "location")`` is False)."""
+    own = module.__dict__.get("location", _NONE)
+    if own is not _NONE:  # (a module of the user's own with a `location` attribute)
+        return own
+    where = _where(module)
+    if len(where) == 1:
+        return next(iter(where))
+    if not where:
+        raise AttributeError(f"{type(module).__name__} has no location: it is here, not on a "
+                             "worker (send it with .send(worker) first)")
+    names = ", ".join(sorted(f"'{w.id}'" for w in where))
+    raise AttributeError(f"{type(module).__name__} has no one location: its tensors are on {names}")
+
+
+def _set_location(module: nn.Module, value: Any) -> None:
+    module.__dict__["location"] = value  # (modules of the user's own may have the attribute)
+
+
+_NONE = object()
+module_location_property = property(module_location, _set_location)
 
 
 def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:

@@ -9,9 +9,11 @@ connection's lock: it never blocks on a socket its owner is using.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import zmq
@@ -57,6 +59,20 @@ class Batching:
 
     def _fail(self, exc: BaseException) -> BaseException: ...
 
+    gathering = False  # (together(): pipelined requests queue until the block ends)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        r"""Queue this thread's pipelined ``CALL``\ s to the worker until the block ends, then
+        send them in one message (a plan's ops)."""
+        self.gathering = True
+        try:
+            yield
+        finally:
+            self.gathering = False
+            with self.lock:
+                self.flush_outbox()
+
     def _behind(self) -> bool:
         """Whether the worker has requests of ours still to answer (a new one may then queue)."""
         if self.outbox:
@@ -71,7 +87,7 @@ class Batching:
         if self not in self.outboxes.queued:  # (a delete may be in the outbox, not yet listed)
             self.queued_at = time.monotonic()
             self.outboxes.add(self)
-        if len(outbox) >= limit:
+        if len(outbox) >= limit and not self.gathering:
             self.flush_outbox()
 
     def _flush_all(self) -> None:
@@ -160,5 +176,5 @@ class Outboxes:
                     return
                 now = time.monotonic()
                 for conn in list(self.queued):
-                    if now - conn.queued_at >= delay:
+                    if now - conn.queued_at >= delay and not getattr(conn, "gathering", False):
                         conn.flush_foreign(blocking=False)

@@ -28,6 +28,7 @@ from ..wire.messages import Op, PointerDesc
 from ..wire.tensors import dtype_name
 from .dispatch import torch_function
 from .handle import WorkerHandle
+from .local import LOCAL_WORKER, LocalWorker
 
 __all__ = ["PointerTensor", "check_worker"]
 
@@ -42,7 +43,7 @@ class PointerTensor(torch.Tensor):
 
     location: WorkerHandle
     id_at_location: int
-    owner: str
+    owner: LocalWorker | str  # this program (sy.local_worker, equal to "me"), or a worker's id
     # what most pointers never change, as class defaults: fewer writes per pointer created
     _restore: type | None = None
     _released: str | None = None
@@ -69,7 +70,7 @@ class PointerTensor(torch.Tensor):
         self.location = location
         self.id_at_location = id_at_location
         self.id = id if id is not None else new_id()
-        self.owner = owner
+        self.owner = LOCAL_WORKER if owner == "me" else owner  # (equal to "me")
         self._owned = bool(owned and owner == "me")
         self._fin = (location.session.track(self, location.address, id_at_location)
                      if self._owned else None)
@@ -79,6 +80,8 @@ class PointerTensor(torch.Tensor):
     # ------------------------------------------------------------ torch glue
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if len(types) > 1 and any(getattr(t, "_is_plan_trace", False) for t in types):
+            return NotImplemented  # a plan being built: its traced tensors record the op
         return torch_function(cls, func, args, kwargs or {})
 
     @classmethod
@@ -95,6 +98,29 @@ class PointerTensor(torch.Tensor):
     __str__ = __repr__
 
     # --------------------------------------------------------------- state
+    @property
+    def gc(self) -> bool:
+        """Whether dropping this pointer frees the object on the worker (PySyft's ``gc`` and
+        ``garbage_collection``; set it to False to keep the object when the pointer goes)."""
+        return self._fin is not None
+
+    @gc.setter
+    def gc(self, on: bool) -> None:
+        if not on:
+            self.location.session.untrack(self._fin)
+            self._fin = None
+        elif self._owned and self._fin is None:
+            self._fin = self.location.session.track(self, self.location.address,
+                                                    self.id_at_location)
+
+    garbage_collection = gc
+
+    @property
+    def disable_gc(self) -> PointerTensor:
+        """This pointer, with :attr:`gc` off."""
+        self.gc = False
+        return self
+
     @property
     def owned(self) -> bool:
         """Whether this pointer frees the remote object when it is dropped."""
@@ -265,17 +291,19 @@ class PointerTensor(torch.Tensor):
         # we own the pointer object stored on `worker` (whatever it points to)
         return PointerTensor(worker, self.id, self._shape, self._dtype, self._rg)
 
-    def move(self, worker: WorkerHandle) -> PointerTensor:
+    def move(self, worker: WorkerHandle, requires_grad: bool = False) -> PointerTensor:
         """Move the object to ``worker``: its current worker pushes it there directly.
 
         The source frees it once ``worker`` has confirmed; this pointer then points at ``worker``
         (same id) and is returned. Moving to where it already is does nothing. If the object is a
         pointer to ``worker`` itself, the chain collapses and this pointer points at the data.
+        ``requires_grad=True`` makes the moved tensor require gradients there (a split model's
+        activations, moved on to the next part: PySyft's SplitNN).
         """
         check_worker(worker, (), "move")
         self._check_usable(".move()")
         if worker is self.location or worker.address == self.location.address:
-            return self
+            return self.requires_grad_() if requires_grad and not self.requires_grad else self
         self._check_owner(".move()")
         session = self.location.session
         reply = session.conn(self.location).request(
@@ -288,6 +316,29 @@ class PointerTensor(torch.Tensor):
                            collapsed.id_at_location)
         else:
             self._retarget(worker, self.id_at_location)
+        if requires_grad and not self.requires_grad:
+            self.requires_grad_()
+        return self
+
+    def remote_send(self, worker: WorkerHandle) -> PointerTensor:
+        """The worker holding the object sends it on to ``worker`` and keeps a pointer to it in
+        its place: this pointer now leads through that worker to the data on ``worker`` (a
+        chain, as if the data had been sent there and the pointer to it to the first worker).
+        Returns this pointer. Sending it to where it is does nothing."""
+        check_worker(worker, (), "remote_send")
+        self._check_usable(".remote_send()")
+        self._check_owner(".remote_send()")
+        holder = self.location
+        if worker is holder or worker.address == holder.address:
+            return self
+        self.move(worker)
+        if self.location is holder:  # (it was a pointer to `worker`: the move collapsed it)
+            return self
+        chain = self.send(holder)  # (releases this pointer: it owns the chain again below)
+        chain.location.session.untrack(chain._fin)
+        chain._fin, chain._owned, chain._released = None, False, "it became the remote_send() pointer"
+        self._owned, self._released = True, None
+        self._retarget(holder, chain.id_at_location)
         return self
 
     def remote_get(self) -> PointerTensor:

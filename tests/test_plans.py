@@ -1,0 +1,190 @@
+"""Plans (PySyft Part 8, issue 15): functions and modules traced into allow-listed ops, sent to a
+worker and run there on pointers as one message, on real worker processes (the pooled ``bob``
+and ``alice``; each test leaves their stores empty)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import zmqsyft as sy
+from zmqsyft.errors import OpNotAllowed
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _messages_in(worker: sy.WorkerClient) -> int:
+    return sum(p["messages_in"] for p in worker.stats()["peers"].values())
+
+
+class Net(sy.Plan):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 3)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x))
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=0)
+
+
+def test_a_function_plan_is_built_sent_and_run_on_pointers(hook: sy.TorchHook,
+                                                             bob: sy.WorkerClient) -> None:
+    @sy.func2plan(args_shape=[(1,)])
+    def double_abs(x: torch.Tensor) -> torch.Tensor:
+        x = x + x
+        return torch.abs(x)
+
+    assert double_abs.is_built and "double_abs" in repr(double_abs)
+    assert double_abs.__name__ == "double_abs"
+    assert torch.equal(double_abs(torch.tensor([-3.0])), torch.tensor([6.0]))  # here: the function
+    assert double_abs.send(bob) is double_abs and double_abs.location is bob
+    x = torch.tensor([-1.0, 2.0]).send(bob)
+    result = double_abs(x)
+    assert isinstance(result, sy.PointerTensor) and result.location is bob
+    assert torch.equal(result.get(), torch.tensor([2.0, 4.0]))
+    del x
+
+
+def test_a_plan_runs_as_one_message_however_many_ops(hook: sy.TorchHook,
+                                                      bob: sy.WorkerClient) -> None:
+    @sy.func2plan()
+    def many(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(50):  # more ops than a pipelined batch holds (32)
+            x = x * 1.01 + 0.5
+        return x.sum()
+
+    x = torch.arange(4.0).send(bob)
+    many.build(x)
+    bob.sync()
+    before = _messages_in(bob)
+    result = many(x)
+    # the plan's 101 CALLs came in one message; the other is the stats() request itself
+    assert _messages_in(bob) - before == 2, _messages_in(bob) - before
+    expected = torch.arange(4.0)
+    for _ in range(50):
+        expected = expected * 1.01 + 0.5
+    assert torch.allclose(result.get(), expected.sum())
+    del x
+
+
+def test_a_module_plan_gives_what_its_forward_gives_and_moves_between_workers(
+        hook: sy.TorchHook, bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    net.build(torch.tensor([1.0, 2.0]))
+    data = torch.tensor([-1.0, 2.0])
+    with torch.no_grad():
+        want = net(data)  # local tensors: forward, here
+    net.send(bob)
+    assert net.location is bob
+    got = net(data.send(bob))
+    assert got.location is bob
+    assert torch.allclose(got.get(), want)
+    net.get()
+    assert net.location is None and bob._objects == {}
+    net.send(alice)
+    assert torch.allclose(net(data.send(alice)).get(), want)
+    net.get()
+
+
+def test_a_plan_with_state(hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    @sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1.0]),))
+    def with_bias(x: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+        (bias,) = state.read()
+        return x * 2 + bias
+
+    assert torch.equal(with_bias(torch.tensor([3.0])), torch.tensor([7.0]))
+    with_bias.send(bob)
+    assert torch.equal(with_bias(torch.tensor([3.0]).send(bob)).get(), torch.tensor([7.0]))
+    with_bias.get()
+    assert bob._objects == {}
+
+
+def test_a_plan_that_is_not_where_its_arguments_are_says_so(hook: sy.TorchHook,
+                                                             bob: sy.WorkerClient,
+                                                             alice: sy.WorkerClient) -> None:
+    net = Net()
+    x = torch.ones(2).send(bob)
+    with pytest.raises(sy.LocationMismatch, match=r"send the plan there first"):
+        net(x)  # its parameters are here
+    net.send(alice)
+    with pytest.raises(sy.LocationMismatch, match="on worker 'alice'"):
+        net(x)
+    net.get()
+    del x
+
+
+def test_ops_outside_the_allow_list_or_giving_values_are_refused_when_building(
+        hook: sy.TorchHook) -> None:
+    def resizes(x: torch.Tensor) -> torch.Tensor:
+        return x.resize_as(x)
+
+    with pytest.raises(OpNotAllowed, match="cannot be part of a plan"):
+        sy.func2plan(args_shape=[(2,)])(resizes)
+
+    def branches(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum().item() > 0 else x
+
+    with pytest.raises(sy.PointerError, match="not known before it runs"):
+        sy.func2plan(args_shape=[(2,)])(branches)
+
+
+def test_the_worker_checks_each_op_of_a_plan(hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """A plan's ops are CALLs the worker checks one by one: an op list tampered with here (an
+    op outside the allow-list) is refused by the worker, and nothing of it runs."""
+    @sy.func2plan()
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    x = torch.ones(3).send(bob)
+    twice.build(x)
+    (trace,) = twice._traces.values()
+    trace.ops[0].name = "os.system"
+    result = twice(x)
+    with pytest.raises(OpNotAllowed, match="not in zmqsyft's reviewed allow-list"):
+        result.get()
+    assert torch.equal(x.get(), torch.ones(3))
+
+
+def test_a_trained_step_through_a_plan(hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """A plan's results carry gradients on the worker: a loss made by a plan trains the
+    plan's parameters there."""
+    torch.manual_seed(1)
+    net = Net()
+    net.send(bob)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    data, target = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    x, y = data.send(bob), target.send(bob)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ((net(x).exp() - y) ** 2).sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.get().item())
+    assert losses[-1] < losses[0], losses
+    net.get()
+    del x, y
+
+
+def test_a_plan_stays_built_when_sent_and_fetched(hook: sy.TorchHook, bob: sy.WorkerClient,
+                                                  alice: sy.WorkerClient) -> None:
+    @sy.func2plan(args_shape=[(2,)], state=(torch.tensor([1.0, 2.0]),))
+    def shifted(x: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+        (shift,) = state.read()
+        return x + shift + torch.tensor([10.0, 10.0])  # (a constant: it goes along)
+
+    assert shifted.is_built
+    shifted.send(bob)
+    assert shifted.is_built and "on 'bob'" in repr(shifted)
+    assert torch.equal(shifted(torch.zeros(2).send(bob)).get(), torch.tensor([11.0, 12.0]))
+    shifted.get()
+    assert bob._objects == {}, "the plan's state or constants stayed on bob"
+    shifted.send(alice)
+    assert torch.equal(shifted(torch.zeros(2).send(alice)).get(), torch.tensor([11.0, 12.0]))
+    shifted.get()
+    assert torch.equal(shifted(torch.zeros(2)), torch.tensor([11.0, 12.0]))

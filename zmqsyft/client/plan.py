@@ -1,0 +1,388 @@
+"""Plans (PySyft 0.2's Part 8): a function or a module traced once into a list of allow-listed
+ops, then run on a worker's pointers as one message.
+
+``@sy.func2plan(args_shape=[(1,)])`` over a function, or a subclass of :class:`Plan` (an
+``nn.Module`` with a ``forward``) built with ``plan.build(example)``. Building runs the code once
+on storage-less *traced* tensors: every torch function, method and operator they meet is looked
+up in the allow-list (anything else is refused when the plan is built, not when it runs),
+its results' shapes and dtypes are inferred on ``meta`` tensors, and the op is recorded with its
+arguments as slots: the plan's inputs, the results of earlier ops, and the tensors it uses from
+outside (a module's parameters, ``state=``, constants made inside). Nothing is pickled: no code
+leaves this program.
+
+Calling a built plan on pointers (``plan(x_ptr)``) sends its ops, each an ordinary ``CALL`` in
+the wire's safe format with fresh result ids, in one ``BATCH`` message to the worker holding the
+pointers; the worker runs them in order through the same allow-list, ownership, privacy and cost
+checks as single ops, and the call returns pointers to the results at once. The tensors the plan
+uses from outside must be on that worker: ``plan.send(worker)`` sends them (a module's
+parameters as ``model.send`` does), ``plan.get()`` brings them back. Called on local tensors, a
+plan is just its function (or ``forward``), run here.
+
+A plan is traced for the shapes, dtypes and ``requires_grad`` of the inputs it is called with; a
+call with other ones traces it again (built plans keep one trace per input signature).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .. import allowlist
+from ..errors import LocationMismatch, OpNotAllowed, PointerError
+from ..ids import new_id
+from ..wire.tensors import dtype_name
+from .dispatch import _call_async
+from .nn import module_get, module_send, module_tensors
+from .pointer import PointerTensor
+
+__all__ = ["Plan", "PlanState", "func2plan"]
+
+
+class PlanState:
+    """Tensors a function plan uses besides its arguments (``func2plan(state=(bias,))``); the
+    function gets it as its last argument and reads the tensors with :meth:`read`."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor] = ()) -> None:
+        self.tensors: list[Any] = list(tensors)
+
+    def read(self) -> list[Any]:
+        """The state's tensors (pointers, once the plan was sent)."""
+        return list(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"<PlanState {len(self.tensors)} tensor(s)>"
+
+
+class _Slot:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"${self.n}"
+
+
+class _Op:
+    __slots__ = ("name", "args", "kwargs", "out", "metas")
+
+    def __init__(self, name: str, args: Any, kwargs: Any, out: list[int] | None,
+                 metas: list[tuple[torch.Size, torch.dtype, bool]]) -> None:
+        self.name, self.args, self.kwargs, self.out, self.metas = name, args, kwargs, out, metas
+
+
+class _Trace:
+    """One recording: the ops, the slots of the inputs and outputs, and the outside tensors."""
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+        self.slots = 0
+        self.inputs: list[int] = []
+        self.outside: dict[int, tuple[int, Any]] = {}  # id(tensor) -> (slot, the tensor)
+        self.out: list[int] = []
+        self.out_spec: Any = None
+
+    def slot(self) -> int:
+        self.slots += 1
+        return self.slots - 1
+
+    def ref(self, x: Any) -> Any:
+        """An argument as the op list keeps it: traced tensors and outside tensors as slots."""
+        if isinstance(x, _Traced):
+            return _Slot(x._slot)
+        if isinstance(x, torch.Tensor):
+            entry = self.outside.get(id(x))
+            if entry is None:
+                entry = self.outside[id(x)] = (self.slot(), x)
+            return _Slot(entry[0])
+        return x
+
+    def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = allowlist.name_of(func)
+        if name is None:
+            shown = torch.overrides.resolve_name(func) or getattr(func, "__name__", repr(func))
+            raise OpNotAllowed(
+                f"{shown} cannot be part of a plan: it is not in zmqsyft's allow-list of remotely "
+                "executable operations (a plan may hold only ops a worker would run one by one)")
+        margs, mkwargs = pytree.tree_map(_meta, (args, kwargs))
+        try:
+            result = func(*margs, **mkwargs)
+        except Exception as exc:  # noqa: BLE001 - said with the op's name
+            raise PointerError(
+                f"{name} cannot be part of a plan: what it gives is not known before it runs "
+                f"({type(exc).__name__}: {exc}). Plans hold ops whose results are tensors of "
+                "shapes known in advance (not .item(), .tolist(), bool(), nonzero(), a branch on "
+                "values): do that outside the plan, on its results") from exc
+        if name in allowlist.LOCAL_META:  # shapes, dtypes: known while tracing
+            return result
+        wargs, wkwargs = pytree.tree_map(self.ref, (args, kwargs))
+        if allowlist.is_inplace(name):
+            self.ops.append(_Op(name, wargs, wkwargs, None, []))
+            return None if allowlist.returns_none(name) else args[0]
+        leaves, spec = pytree.tree_flatten(result)
+        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+            raise PointerError(
+                f"{name} gives {type(result).__name__}, not tensors: a plan holds only ops whose "
+                "results are tensors (no .item(), .tolist(), bool(), data-dependent branches); "
+                "do that outside the plan, on its results")
+        out = [self.slot() for _ in leaves]
+        metas = [(x.shape, x.dtype, x.requires_grad) for x in leaves]
+        self.ops.append(_Op(name, wargs, wkwargs, out, metas))
+        made = [_Traced(self, s, *m) for s, m in zip(out, metas, strict=True)]
+        return pytree.tree_unflatten(made, spec)
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, _Traced):
+        t = torch.empty(x._shape, dtype=x._dtype, device="meta")
+        return t.requires_grad_() if x._rg else t
+    if isinstance(x, PointerTensor):
+        return x._meta()
+    if isinstance(x, torch.Tensor):
+        t = torch.empty_like(x, device="meta")
+        return t.requires_grad_() if x.requires_grad else t
+    return x
+
+
+class _Traced(torch.Tensor):
+    """A storage-less stand-in for a tensor while a plan is built: what it meets is recorded."""
+
+    _trace: _Trace
+    _slot: int
+    _shape: torch.Size
+    _dtype: torch.dtype
+    _rg: bool
+    _is_plan_trace = True  # (a pointer's __torch_function__ leaves ops with these to us)
+
+    @staticmethod
+    def __new__(cls, trace: _Trace, slot: int, shape: Any, dtype: torch.dtype,
+                requires_grad: bool = False) -> _Traced:
+        rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
+        return torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device="meta",
+                                                   requires_grad=rg)
+
+    def __init__(self, trace: _Trace, slot: int, shape: Any, dtype: torch.dtype,
+                 requires_grad: bool = False) -> None:
+        self._trace, self._slot = trace, slot
+        self._shape, self._dtype = torch.Size(shape), dtype  # (read without tracing)
+        self._rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__hash__):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        traced = next(x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, _Traced))
+        return traced._trace.record(func, args, kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
+                           kwargs: Any = None) -> Any:
+        raise PointerError(f"{func} reached torch's dispatcher while a plan was being built; it "
+                           "cannot be part of a plan")
+
+
+def _signature(leaves: list[Any]) -> tuple[Any, ...]:
+    return (torch.is_grad_enabled(), *(
+        (tuple(x.shape), x.dtype, bool(x.requires_grad)) if isinstance(x, torch.Tensor) else x
+        for x in leaves))
+
+
+class Plan(nn.Module):
+    """A function or module traced into allow-listed ops, run on a worker as one message.
+
+    Subclass it with a ``forward`` (and layers, as any ``nn.Module``), or make one from a
+    function with :func:`func2plan`. ``build(*example_args)`` traces it; calling it on pointers
+    runs it where they are (building it first if needed); ``send(worker)`` sends the tensors it
+    uses from outside (parameters, state) to the worker, ``get()`` brings them back.
+
+    Parameters
+    ----------
+    fn : callable, optional
+        The function of a function plan (``func2plan`` sets it).
+    state : sequence of tensors, optional
+        Tensors a function plan reads with ``state.read()`` (passed as its last argument).
+    name : str, optional
+        How errors and ``repr`` name it (default: the function's or class's name).
+    """
+
+    def __init__(self, fn: Callable[..., Any] | None = None, state: Sequence[torch.Tensor] | None = None,
+                 name: str | None = None) -> None:
+        super().__init__()
+        self._fn = fn
+        self.state = PlanState(state or ()) if state is not None else None
+        self.name = name or (getattr(fn, "__name__", None) if fn else type(self).__name__)
+        self._traces: dict[tuple[Any, ...], _Trace] = {}
+
+    # --------------------------------------------------------------- tracing
+    def forward(self, *args: Any) -> Any:
+        if self._fn is None:
+            raise NotImplementedError(f"plan {self.name!r}: a Plan subclass defines forward()")
+        return self._fn(*args, self.state) if self.state is not None else self._fn(*args)
+
+    @property
+    def is_built(self) -> bool:
+        """Whether it has been traced (for at least one input signature)."""
+        return bool(self._traces)
+
+    def build(self, *args: Any) -> Plan:
+        """Trace the plan for arguments like ``args`` (tensors or pointers: only their shapes,
+        dtypes and ``requires_grad`` count). Returns the plan."""
+        self._trace_for(args)
+        return self
+
+    def _trace_for(self, args: tuple[Any, ...]) -> _Trace:
+        leaves, spec = pytree.tree_flatten(args)
+        key = _signature(leaves)
+        found = self._traces.get(key)
+        if found is not None:
+            return found
+        trace = _Trace()
+        standins = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                slot = trace.slot()
+                trace.inputs.append(slot)
+                standins.append(_Traced(trace, slot, x.shape, x.dtype, x.requires_grad))
+            else:
+                standins.append(x)
+        result = nn.Module.__call__(self, *pytree.tree_unflatten(standins, spec))
+        out_leaves, trace.out_spec = pytree.tree_flatten(result)
+        for x in out_leaves:
+            if not isinstance(x, torch.Tensor):
+                raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
+                                   "returns tensors only")
+            trace.out.append(trace.ref(x).n)
+        self._traces[key] = trace
+        return trace
+
+    # --------------------------------------------------------------- running
+    def __call__(self, *args: Any) -> Any:
+        leaves = pytree.tree_leaves(args)
+        if not any(isinstance(x, PointerTensor) for x in leaves):
+            return nn.Module.__call__(self, *args)  # local tensors: the function itself, here
+        return self._run(self._trace_for(args), leaves)
+
+    def _run(self, trace: _Trace, leaves: list[Any]) -> Any:
+        inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
+        where = inputs[0].location if isinstance(inputs[0], PointerTensor) else None
+        values: dict[int, Any] = {}
+        for slot, x in zip(trace.inputs, inputs, strict=True):
+            self._check_here(x, where, "an argument")
+            values[slot] = x
+        for key, (slot, x) in list(trace.outside.items()):
+            if not isinstance(x, PointerTensor) and not _is_parameter_of(self, x) and (
+                    self.state is None or not any(x is t for t in self.state.tensors)):
+                x = x.send(where)  # a constant the plan made: it goes along, once
+                trace.outside[key] = (slot, x)
+            self._check_here(x, where, "a tensor it uses (a parameter, its state)")
+            values[slot] = x
+        assert where is not None
+        conn = where.session.conn(where)
+        with conn.together():  # its ops leave as one message
+            for op in trace.ops:
+                args, kwargs = pytree.tree_map(
+                    lambda a: values[a.n] if isinstance(a, _Slot) else a, (op.args, op.kwargs))
+                pointers = [x for x in pytree.tree_leaves((args, kwargs))
+                            if isinstance(x, PointerTensor)]
+                out = None if op.out is None else [
+                    [new_id(), list(shape), dtype_name(dtype), rg] for shape, dtype, rg in op.metas]
+                made = _call_async(PointerTensor, op.name, where, args, kwargs, pointers, out=out,
+                                   metas=op.metas)
+                for slot, ptr in zip(op.out or (), made, strict=True):
+                    values[slot] = ptr
+        return pytree.tree_unflatten([values[s] for s in trace.out], trace.out_spec)
+
+    def _check_here(self, x: Any, where: Any, what: str) -> None:
+        if not isinstance(x, PointerTensor):
+            raise LocationMismatch(
+                f"plan {self.name!r} runs on worker '{where.id}' (where its arguments are), but "
+                f"{what} is here: send the plan there first (plan.send(worker)), and its "
+                "arguments too")
+        x._check_usable(f"plan {self.name!r}")
+        if x.location is not where and x.location.address != where.address:
+            raise LocationMismatch(
+                f"plan {self.name!r}: {what} is on worker '{x.location.id}', others on "
+                f"'{where.id}'; a plan runs on one worker: move them there (or plan.send it)")
+
+    # ------------------------------------------------------------- location
+    def send(self, worker: Any) -> Plan:
+        """Send the tensors the plan uses from outside (its parameters and buffers, its state,
+        constants it made) to ``worker``, where calls on pointers will run it. Returns the plan."""
+        if module_tensors(self):
+            module_send(self, worker)
+        if self.state is not None:
+            self._swap_state([t.send(worker) if not isinstance(t, PointerTensor) else t
+                              for t in self.state.tensors])
+        self._sent_to = worker
+        return self
+
+    def get(self) -> Plan:
+        """Bring back what :meth:`send` sent. Returns the plan."""
+        if any(isinstance(t, PointerTensor) for _, _, t, _ in module_tensors(self)):
+            module_get(self)
+        if self.state is not None:
+            self._swap_state([t.get() if isinstance(t, PointerTensor) else t
+                              for t in self.state.tensors])
+        # a trace that took constants along to the worker is dropped (with them), and made
+        # again at its next call
+        self._traces = {k: t for k, t in self._traces.items()
+                        if not any(isinstance(x, PointerTensor) for _, x in t.outside.values())}
+        self._sent_to = None
+        return self
+
+    def _swap_state(self, new: list[Any]) -> None:
+        """The state's tensors are now ``new`` (sent, or fetched): the traces follow."""
+        assert self.state is not None
+        old = {id(t): n for t, n in zip(self.state.tensors, new, strict=True)}
+        self.state.tensors = new
+        for trace in self._traces.values():
+            for key, (slot, x) in list(trace.outside.items()):
+                if key in old and x is not old[key]:
+                    del trace.outside[key]
+                    trace.outside[id(old[key])] = (slot, old[key])
+
+    @property
+    def location(self) -> Any:  # type: ignore[override]
+        """The worker the plan was sent to (``None`` while it is here)."""
+        for _, _, t, _ in module_tensors(self):
+            if isinstance(t, PointerTensor):
+                return t.location
+        for t in self.state.tensors if self.state is not None else ():
+            if isinstance(t, PointerTensor):
+                return t.location
+        return self._sent_to
+
+    _sent_to: Any = None
+
+    def __repr__(self) -> str:
+        where = self.location
+        return (f"<Plan {self.name} {'built' if self.is_built else 'not built'}"
+                f"{f' on {where.id!r}' if where is not None else ''}>")
+
+
+def _is_parameter_of(module: nn.Module, x: Any) -> bool:
+    return any(t is x for _, _, t, _ in module_tensors(module))
+
+
+def func2plan(args_shape: Sequence[Sequence[int]] | None = None,
+              state: Sequence[torch.Tensor] | None = None) -> Callable[[Callable[..., Any]], Plan]:
+    """Decorator: make a function a :class:`Plan`, built at once for float32 arguments of
+    ``args_shape`` (``-1`` stands for any size: built with 1) if given, else at its first call.
+    ``state``: tensors the function reads with ``state.read()`` from its last argument."""
+
+    def make(fn: Callable[..., Any]) -> Plan:
+        plan = Plan(fn=fn, state=state)
+        functools.update_wrapper(plan, fn, updated=())
+        if args_shape is not None:
+            plan.build(*(torch.zeros([1 if d == -1 else d for d in shape], device="meta")
+                         for shape in args_shape))
+        return plan
+
+    return make
