@@ -134,6 +134,15 @@ def test_batches_are_the_slices_made_on_the_worker_and_the_data_never_comes_here
             assert torch.equal(data.get(), big[rows]) and torch.equal(target.get(), labels[rows])
 
 
+def test_a_datasets_transform_is_applied_to_each_batch_on_its_worker(bob: sy.WorkerClient) -> None:
+    fd = sy.FederatedDataset([sy.BaseDataset(X, Y, transform=lambda x: x * 2 - 1).send(bob)])
+    batches = list(sy.FederatedDataLoader(fd, batch_size=4))
+    assert [len(d) for d, _ in batches] == [4, 4, 2]
+    data, target = batches[1]
+    assert data.location is bob and torch.equal(data.get(), X[4:8] * 2 - 1)
+    assert torch.equal(target.get(), Y[4:8])
+
+
 def test_shuffling_is_reproducible_with_a_seed_and_covers_every_sample_once_per_epoch(
         bob: sy.WorkerClient, alice: sy.WorkerClient) -> None:
     fd = sy.BaseDataset(X, Y).federate((bob, alice))
@@ -299,7 +308,7 @@ def test_misuse_is_refused_with_what_to_do(bob: sy.WorkerClient, alice: sy.Worke
     with pytest.raises(KeyError) as caught:
         fd["carol"]
     assert str(caught.value) == ("no part of this FederatedDataset is on worker 'carol'; the "
-                                 "workers holding parts are 'bob' (see .workers)")
+                                 "workers holding parts are 'bob' (see .workers): index it by one of those")
     assert isinstance(caught.value, sy.WorkerNotInDataset)
     with pytest.raises(ValueError, match="already on worker 'bob'.*move"):
         fd["bob"].send(bob)

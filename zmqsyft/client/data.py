@@ -48,8 +48,11 @@ class BaseDataset(Dataset):
     data, targets : torch.Tensor
         Local tensors, or pointers to tensors on one and the same worker, with as many rows each.
     transform : callable, optional
-        Applied to each sample's data by ``dataset[i]`` (a tensor in, a tensor out; on a remote
-        dataset it must consist of torch operations, which run on the worker).
+        Applied to the data of ``dataset[i]``, and to each whole batch of data a
+        :class:`~zmqsyft.client.loader.FederatedDataLoader` makes (so it should work on a batch
+        as on a sample: scaling, normalising). A tensor in, a tensor out; on a remote dataset it
+        must consist of torch operations, which then run on the worker. ``federate()`` applies it
+        before sending, sample by sample.
 
     ``len(dataset)`` is the number of rows, ``dataset[i]`` is ``(data[i], targets[i])``,
     ``.location`` the worker holding it (``None`` for a local dataset).
@@ -256,7 +259,7 @@ class FederatedDataset:
             known = ", ".join(repr(w) for w in self.datasets) or "none"
             raise WorkerNotInDataset(
                 f"no part of this FederatedDataset is on worker {worker_id!r}; the workers "
-                f"holding parts are {known} (see .workers)") from None
+                f"holding parts are {known} (see .workers): index it by one of those") from None
 
     def __contains__(self, worker: object) -> bool:
         try:
