@@ -79,6 +79,20 @@ def test_example_04_secure_aggregation(tmp_path) -> None:  # type: ignore[no-unt
     assert (tmp_path / "04_secure_aggregation.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_example_05_federated_dataset() -> None:
+    result = run_script("examples/05_federated_dataset.py", "--epochs", "3", timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "bob: 719 samples" in out and "alice: 718 samples" in out
+    losses = [float(x) for x in re.findall(r"epoch \d+  mean loss ([\d.]+)", out)]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], out
+    # batches come worker by worker: bob's, then alice's
+    assert re.search(r"Train Epoch: 1 \[0/\d+ .*\] on bob", out)
+    assert re.search(r"Train Epoch: 1 \[16/\d+ .*\] on alice", out)
+    accuracy = float(re.search(r"Test set: accuracy \d+/\d+ \(([\d.]+)%\)", out).group(1))
+    assert accuracy > 70.0, out
+
+
 def test_example_07_plans() -> None:
     result = run_script("examples/07_plans.py")
     assert result.returncode == 0, result.stderr

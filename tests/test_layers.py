@@ -1,7 +1,7 @@
 """The package's layers, enforced: every import inside ``zmqsyft`` points down, never up or across.
 
 ``errors, config, ids, allowlist`` <- ``wire/*`` <- ``worker/*`` and ``client/*``, which never
-import each other; inside each layer a module imports only those before it in :data:`ORDER`.
+import each other; ``federated/*`` (PySyft's import paths) re-exports ``client/*``; inside each layer a module imports only those before it in :data:`ORDER`.
 Every import counts: module-level, function-level and ``if TYPE_CHECKING:`` ones alike, since a
 deferred import is still a dependency (it is how import circles used to hide).
 """
@@ -25,10 +25,14 @@ ORDER: dict[str, list[str]] = {
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer", "session", "api",
-               "launch", "nn", "plan", "smpc", "fixed", "hook", "__init__"],
+               "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "__init__"],
+    # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's
+    "federated": ["floptimizer", "__init__"],
 }
 # the layers a layer may import besides its own lower modules
-BELOW = {"top": set(), "wire": {"top"}, "worker": {"top", "wire"}, "client": {"top", "wire"}}
+BELOW = {"top": set(), "wire": {"top"}, "worker": {"top", "wire"}, "client": {"top", "wire"},
+         "federated": {"top", "client"}}
+PACKAGES = [layer for layer in ORDER if layer != "top"]
 ENTRY = {"zmqsyft", "zmqsyft.__main__"}  # the public face and the CLI: may import anything
 
 
@@ -37,7 +41,7 @@ def _place(module: str) -> tuple[str, int]:
     parts = module.split(".")[1:]
     if len(parts) == 1 and parts[0] in ORDER["top"]:
         return "top", ORDER["top"].index(parts[0])
-    if parts and parts[0] in ("wire", "worker", "client"):
+    if parts and parts[0] in PACKAGES:
         name = parts[1] if len(parts) > 1 else "__init__"
         if name in ORDER[parts[0]]:
             return parts[0], ORDER[parts[0]].index(name)
@@ -120,7 +124,7 @@ def test_every_module_is_placed_and_the_order_names_only_real_modules() -> None:
         _place(name)
     listed = {f"zmqsyft.{m}" for m in ORDER["top"]} | {
         f"zmqsyft.{layer}" if m == "__init__" else f"zmqsyft.{layer}.{m}"
-        for layer in ("wire", "worker", "client") for m in ORDER[layer]}
+        for layer in PACKAGES for m in ORDER[layer]}
     assert listed == modules, (listed ^ modules)
 
 

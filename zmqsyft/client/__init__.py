@@ -6,14 +6,18 @@ Imports :mod:`zmqsyft.wire` and the top-level modules, never :mod:`zmqsyft.worke
 from __future__ import annotations
 
 from .api import WorkerClient
+from .data import BaseDataset, FederatedDataset, WorkerNotInDataset
 from .fixed import FixedPrecisionTensor
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
+from .loader import FederatedDataLoader
 from .local import LOCAL_WORKER, LocalWorker
+from .optims import Optims
 from .plan import Plan, PlanState, func2plan
 from .pointer import PointerTensor
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
            "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
-           "LOCAL_WORKER", "Plan", "PlanState", "func2plan"]
+           "LOCAL_WORKER", "Plan", "PlanState", "func2plan",
+           "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset", "Optims"]

@@ -1,8 +1,9 @@
 """``TorchHook``: the only module that patches torch.
 
 It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy``,
-``remote_get``, ``fix_precision``/``float_precision`` and ``share`` (:mod:`zmqsyft.client.smpc`), and every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
-(:mod:`zmqsyft.client.nn`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
+``remote_get``, ``fix_precision``/``float_precision`` and ``share`` (:mod:`zmqsyft.client.smpc`), every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
+(:mod:`zmqsyft.client.nn`), and every ``torch.utils.data.Dataset`` ``federate``
+(:mod:`zmqsyft.client.data`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
 tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
 ``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
 with their remote meaning (:class:`~zmqsyft.client.pointer.PointerTensor`).
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import PointerError
+from .data import dataset_federate
 from .fixed import fix_precision, float_precision
 from .local import LOCAL_WORKER
 from .nn import module_copy, module_get, module_location_property, module_move, module_send
@@ -122,6 +124,8 @@ class TorchHook:
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]
                 torch.nn.Module.copy = module_copy  # type: ignore[attr-defined]
                 torch.nn.Module.location = module_location_property  # type: ignore[attr-defined]
+                # PySyft's dataset.federate((bob, alice)) on any torch dataset
+                torch.utils.data.Dataset.federate = dataset_federate  # type: ignore[attr-defined]
                 _installed = True
                 if freeze_gc:
                     gc.freeze()
