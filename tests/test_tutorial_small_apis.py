@@ -207,3 +207,12 @@ def test_part_9_sharing_between_three_holders_and_matmul_by_name(
     b = torch.tensor([[2, 0], [0, 2]]).share(bob, alice, crypto_provider=carol)
     assert torch.equal(a.matmul(b).get(), torch.tensor([[2, 4], [6, 8]]))
     del x, y, a, b
+
+
+def test_a_virtual_worker_made_with_data_holds_it(hook: sy.TorchHook) -> None:
+    x, y = torch.tensor([-1.0, 2.0]), torch.tensor([1.0, -2.0])
+    with sy.VirtualWorker(hook, id="device_1", data=(x, y)) as device:
+        held = device._objects
+        assert sorted(v.tolist() for v in held.values()) == [[-1.0, 2.0], [1.0, -2.0]]
+        device.clear_objects()
+        assert device._objects == {}

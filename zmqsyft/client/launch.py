@@ -158,12 +158,21 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     return handle
 
 
-def VirtualWorker(hook: Any = None, id: str = "worker", **kwargs: Any) -> WorkerClient:  # noqa: N802, A002
+def VirtualWorker(hook: Any = None, id: str = "worker",  # noqa: N802, A002
+                  data: Any = (), **kwargs: Any) -> WorkerClient:
     """PySyft-compatible name for :func:`spawn_worker`: ``sy.VirtualWorker(hook, id="bob")``.
 
-    Unlike PySyft's in-process virtual workers, this starts a real worker process.
+    Unlike PySyft's in-process virtual workers, this starts a real worker process. ``data``:
+    tensors to place on it at once, with their tags and descriptions (``x.tag("#input")``), so
+    that ``worker.search("#input")`` finds them (PySyft Part 8). They are this program's, sent
+    like any tensor, and kept for as long as the handle lives (``worker.clear_objects()`` drops
+    them sooner).
     """
-    return spawn_worker(id, **kwargs)
+    worker = spawn_worker(id, **kwargs)
+    held = [t.send(worker) for t in data]
+    if held:
+        worker._held = held  # type: ignore[attr-defined]  # (the handle keeps them alive)
+    return worker
 
 
 def connect(address: str, *, worker_key: str | bytes | os.PathLike[str] | None = None,
