@@ -12,6 +12,10 @@ pointers in a ``_objects`` snapshot).
 Ownership: exactly one pointer owns each remote object and frees it when garbage collected (via
 the client's delete queue, never by I/O in a finaliser). ``.get()`` and ``.send()`` hand the
 ownership on; the pointer is then *released* and any further use raises ``PointerReleased``.
+
+Tags and description: ``tags`` and ``description`` are what this process knows of the remote
+tensor's (from ``send``, ``search()``, ``tag()``, ``describe()``); ``tag()`` and ``describe()``
+change them on the worker, which lets only the object's owner do so (:mod:`zmqsyft.wire.tags`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import torch
 
 from ..errors import CommunicationError, HandoverRefused, PointerError, PointerReleased, ResultLost
 from ..ids import new_id
-from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
+from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet, Tag
 from ..wire.messages import Op, PointerDesc
+from ..wire.tags import check_description, check_tags
 from ..wire.tensors import dtype_name
 from .dispatch import torch_function
 from .handle import WorkerHandle
@@ -49,6 +54,8 @@ class PointerTensor(torch.Tensor):
     _error: BaseException | None = None
     _creator: tuple[Any, int] | None = None
     _gen = 0  # the worker's generation (restarts met) when this was made
+    _tags: frozenset[str] = frozenset()
+    _description: str | None = None
 
     @staticmethod
     def __new__(cls, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
@@ -89,12 +96,42 @@ class PointerTensor(torch.Tensor):
             "Fetch the data with .get() first, or report this as a bug")
 
     def __repr__(self) -> str:  # type: ignore[override]
-        return (f"(Wrapper)>[PointerTensor | {self.owner}:{self.id} -> "
-                f"{self.location.id}:{self.id_at_location}]")
+        out = (f"(Wrapper)>[PointerTensor | {self.owner}:{self.id} -> "
+               f"{self.location.id}:{self.id_at_location}]")
+        if self._tags:  # (PySyft's layout: what search() found, at a glance)
+            out += f"\n\tTags: {' '.join(map(_printable, sorted(self._tags)))}"
+            out += f"\n\tShape: {self._shape}"
+        if self._description:
+            first, *rest = self._description.strip().split("\n", 1)
+            more = "..." if rest or len(first) > 80 else ""
+            out += f"\n\tDescription: {_printable(first[:80])}{more}"
+        return out
 
     __str__ = __repr__
 
     # --------------------------------------------------------------- state
+    @property
+    def tags(self) -> frozenset[str]:
+        """The remote tensor's search tags, as this process knows them (add some with
+        :meth:`tag`)."""
+        return self._tags
+
+    @tags.setter
+    def tags(self, value: object) -> None:
+        raise AttributeError(f"{self!r}: a pointer's tags are the remote tensor's; add some with "
+                             ".tag('#a', ...), which its owner alone may")
+
+    @property
+    def description(self) -> str | None:
+        """The remote tensor's description, as this process knows it (set it with
+        :meth:`describe`)."""
+        return self._description
+
+    @description.setter
+    def description(self, value: object) -> None:
+        raise AttributeError(f"{self!r}: a pointer's description is the remote tensor's; set it "
+                             "with .describe(text), which its owner alone may")
+
     @property
     def owned(self) -> bool:
         """Whether this pointer frees the remote object when it is dropped."""
@@ -134,7 +171,8 @@ class PointerTensor(torch.Tensor):
         with torch.no_grad():
             self.data = data
         for attr in ("location", "id_at_location", "id", "owner", "_owned", "_released", "_error",
-                     "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore"):
+                     "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore", "_tags",
+                     "_description"):
             self.__dict__.pop(attr, None)
         return self
 
@@ -228,9 +266,14 @@ class PointerTensor(torch.Tensor):
             session.free_later(self.location.address, hold)
             session.flush_deletes(wait=False)
         self._release("it was fetched with .get()")
-        obj = GetReply.from_wire(reply.body).obj
+        got = GetReply.from_wire(reply.body)
+        obj = got.obj
         if isinstance(obj, PointerDesc):
             return session.pointer_from_desc(obj)
+        if isinstance(obj, torch.Tensor) and (got.tags or got.description):
+            where = f".get() from worker '{self.location.id}'"  # (as the worker sent them)
+            obj.__dict__["_zs_tags"] = set(check_tags(got.tags, where))
+            obj.__dict__["_zs_description"] = check_description(got.description, where) or None
         return obj
 
     def send(self, worker: WorkerHandle, *more: WorkerHandle) -> PointerTensor:
@@ -299,8 +342,42 @@ class PointerTensor(torch.Tensor):
         return self
 
     def copy(self) -> PointerTensor:
-        """A new pointer to a copy of the object, made on the same worker."""
-        return self.clone()  # type: ignore[return-value]
+        """A new pointer to a copy of the object, made on the same worker, with the same tags
+        and description (so the copy is published too if the original was)."""
+        out: PointerTensor = self.clone()  # type: ignore[assignment]
+        if self._tags or self._description:
+            out._annotate(sorted(self._tags), self._description, ".copy()")
+        return out
+
+    # ------------------------------------------------------------ tags
+    def tag(self, *tags: str) -> PointerTensor:
+        """Add search tags to the remote tensor, which publishes it: anyone the worker serves
+        finds it with ``search()`` and may compute with it (never take, change or delete it).
+        Only its owner may tag it. Returns this pointer."""
+        return self._annotate(check_tags(tags, f"tag() on worker '{self.location.id}'",
+                                         self._tags), None, ".tag()")
+
+    def describe(self, description: str) -> PointerTensor:
+        """Set the remote tensor's description, shown with it in search results (not searched).
+        Only its owner may. Returns this pointer."""
+        where = f"describe() on worker '{self.location.id}'"
+        return self._annotate([], check_description(description, where), ".describe()")
+
+    def _annotate(self, tags: list[str], description: str | None, what: str) -> PointerTensor:
+        self._check_usable(what)
+        self.location.session.conn(self.location).request(
+            Op.TAG, Tag(id=self.id_at_location, tags=tags, description=description),
+            keep=(self,), what=what)
+        if tags:
+            self._tags = self._tags | frozenset(tags)
+        if description is not None:
+            self._description = description or None
+        return self
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything unprintable escaped (a worker's text, shown in a terminal)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:
