@@ -25,7 +25,7 @@ ORDER: dict[str, list[str]] = {
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer", "session", "api",
-               "launch", "nn", "smpc", "fixed", "hook", "__init__"],
+               "launch", "nn", "smpc", "fixed", "hook", "grid", "sandbox", "__init__"],
 }
 # the layers a layer may import besides its own lower modules
 BELOW = {"top": set(), "wire": {"top"}, "worker": {"top", "wire"}, "client": {"top", "wire"}}

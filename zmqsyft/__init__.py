@@ -16,10 +16,13 @@ from .client import (
     AdditiveSharingTensor,
     FixedPrecisionTensor,
     PointerTensor,
+    PrivateGridNetwork,
+    Sandbox,
     TorchHook,
     VirtualWorker,
     WorkerClient,
     connect,
+    create_sandbox,
     get_session,
     spawn_worker,
 )
@@ -67,7 +70,7 @@ def sync() -> None:
 
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
-    "FixedPrecisionTensor", "AdditiveSharingTensor",
+    "FixedPrecisionTensor", "AdditiveSharingTensor", "PrivateGridNetwork", "create_sandbox", "Sandbox",
     "Config", "configure", "get_config", "sync", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from .api import WorkerClient
 from .fixed import FixedPrecisionTensor
+from .grid import PrivateGridNetwork
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
 from .pointer import PointerTensor
+from .sandbox import Sandbox, create_sandbox
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
-           "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor"]
+           "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "PrivateGridNetwork",
+           "Sandbox", "create_sandbox"]
