@@ -10,6 +10,7 @@ worker processes.
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.helpers import (
     expect_error,
     next_reply,
     raw_dealer,
+    run_script,
     second_client,
 )
 from zmqsyft import WorkerClient
@@ -372,3 +374,16 @@ def test_the_sandbox_runs_part_5s_flow_and_its_workers_are_reaped(hook: sy.Torch
     assert all(p is not None and p.poll() is not None for p in procs)  # every one reaped
     assert all(w.closed for w in ns["workers"]) and sandbox.data == {}
 
+
+
+@pytest.mark.timeout(300)
+def test_example_06_sandbox_runs_as_it_stands() -> None:
+    result = run_script("examples/06_sandbox.py", "--steps", "3", timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Description: The input datapoints to the hospital1 dataset." in out
+    assert "Tags: #data #diabetes" in out
+    assert "<PrivateGridNetwork of 6 workers: bob, theo, jason, alice, andy, jon>" in out
+    losses = [float(v) for v in re.findall(r"step +\d+ +loss summed over the 6 workers +([\d.]+)", out)]
+    assert len(losses) == 3 and losses[-1] < losses[0], out
+    assert "the sandbox's workers are stopped: True" in out
