@@ -271,9 +271,12 @@ class PointerTensor(torch.Tensor):
         if isinstance(obj, PointerDesc):
             return session.pointer_from_desc(obj)
         if isinstance(obj, torch.Tensor) and (got.tags or got.description):
-            where = f".get() from worker '{self.location.id}'"  # (as the worker sent them)
-            obj.__dict__["_zs_tags"] = set(check_tags(got.tags, where))
-            obj.__dict__["_zs_description"] = check_description(got.description, where) or None
+            where = f".get() from worker '{self.location.id}'"
+            try:  # (as a worker sent them: what it cannot have stored is dropped, not the data)
+                obj.__dict__["_zs_tags"] = set(check_tags(got.tags, where))
+                obj.__dict__["_zs_description"] = check_description(got.description, where) or None
+            except (TypeError, ValueError):
+                obj.__dict__.pop("_zs_tags", None)
         return obj
 
     def send(self, worker: WorkerHandle, *more: WorkerHandle) -> PointerTensor:

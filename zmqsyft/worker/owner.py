@@ -14,6 +14,7 @@ from ..errors import LocationMismatch, ObjectNotFound
 from ..ids import new_id
 from ..privacy import EMPTY, Labels
 from ..wire.bodies import Run, RunReply
+from ..wire.tags import check_tags
 from . import executor
 from .calls import describe
 from .context import Ctx, Services
@@ -44,6 +45,7 @@ def load(store: Store, path: str, tags: list[str], labels: Labels = EMPTY) -> li
 def add(store: Store, tensor: torch.Tensor, tags: list[str], labels: Labels = EMPTY) -> int:
     """Store a tensor this worker owns (its own data), with search tags and the labels of its
     owner's policy; return its id."""
+    tags = check_tags(tags, "the tags of a worker's own data (--tag)")
     obj_id = new_id()
     store.put(obj_id, tensor, None, labels)
     store.tag(obj_id, frozenset(tags))
