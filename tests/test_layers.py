@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
     "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy"],
-    "wire": ["messages", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
+    "wire": ["messages", "tags", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
              "transport",
              "bulk", "channel", "rpc", "__init__"],
-    "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "labels", "intake", "objects",
+    "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "labels", "intake", "catalog", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
-               "pointer", "session", "api",
-               "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "__init__"],
+               "pointer_attrs", "pointer", "session", "api",
+               "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "grid", "sandbox", "__init__"],
     # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's
     "federated": ["floptimizer", "__init__"],
 }

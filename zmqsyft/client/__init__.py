@@ -8,6 +8,7 @@ from __future__ import annotations
 from .api import WorkerClient
 from .data import BaseDataset, FederatedDataset, WorkerNotInDataset
 from .fixed import FixedPrecisionTensor
+from .grid import PrivateGridNetwork
 from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker
 from .loader import FederatedDataLoader
@@ -15,9 +16,11 @@ from .local import LOCAL_WORKER, LocalWorker
 from .optims import Optims
 from .plan import Plan, PlanState, func2plan
 from .pointer import PointerTensor
+from .sandbox import Sandbox, create_sandbox
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
            "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
            "LOCAL_WORKER", "Plan", "PlanState", "func2plan",
-           "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset", "Optims"]
+           "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset", "Optims",
+           "PrivateGridNetwork", "Sandbox", "create_sandbox"]

@@ -1,6 +1,6 @@
 """The public worker handle: :class:`WorkerClient`, what a user calls on a worker.
 
-``_objects`` (a snapshot of its store), ``search`` (its own data, by tags), ``run`` (a function
+``_objects`` (a snapshot of its store), ``search`` (published tensors, by tags), ``run`` (a function
 on it), ``stats`` (its traffic), ``ping``, ``sync``; readiness, liveness and teardown come from
 :class:`~zmqsyft.client.handle.WorkerHandle`.
 """
@@ -28,6 +28,7 @@ from ..wire.bodies import (
     StatsReply,
 )
 from ..wire.messages import Message, Op, PointerDesc
+from ..wire.tags import query_tags
 from .dispatch import wire_args
 from .handle import WorkerHandle
 from .pointer import PointerTensor
@@ -111,14 +112,36 @@ class WorkerClient(WorkerHandle):
         """
         return StatsReply.from_wire(self._request(Op.STATS, Stats()).body).to_wire()
 
-    def search(self, *tags: str) -> list[PointerTensor]:
-        """Pointers to the worker's own data carrying every one of ``tags`` (``"#diabetes"``).
+    def search(self, *tags: str | list[str]) -> list[PointerTensor]:
+        """Pointers to the published tensors on the worker carrying every one of ``tags``
+        (``search("#diabetes", "#data")``, or PySyft's ``search(["#diabetes", "#data"])``;
+        matched exactly; none: every published tensor), each showing its ``tags`` and
+        ``description``.
 
-        The pointers do not own the data: dropping them frees nothing, and they cannot take it
-        with ``.get()`` or ``.move()``; operations on them give results you own.
+        Published are the worker's own data (``--load``) and every tensor its owner tagged
+        (``tensor.tag(...).send(worker)``, ``ptr.tag(...)``), whoever that is: this program
+        too, whose own objects come back as non-owning pointers as well (the pointer ``send``
+        returned stays their one owner). The pointers do not own the data: dropping them frees
+        nothing, and they cannot take, move, change, delete or retag it; operations on them
+        give results you own.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a tag that is not a short printable str, or too many tags.
         """
-        reply = self._request(Op.SEARCH, Search(tags=list(tags)), what="search")
-        return [self.session.pointer_from_desc(d) for d in SearchReply.from_wire(reply.body).results]
+        query = query_tags(tags, f"search() on worker '{self.id}'")
+        reply = SearchReply.from_wire(self._request(Op.SEARCH, Search(tags=query),
+                                                    what="search").body)
+        found = []
+        for i, desc in enumerate(reply.results):
+            ptr = self.session.pointer_from_desc(desc)
+            if i < len(reply.tags) and reply.tags[i]:
+                ptr._tags = frozenset(reply.tags[i])
+            if i < len(reply.descriptions) and reply.descriptions[i]:
+                ptr._description = reply.descriptions[i]
+            found.append(ptr)
+        return found
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on the worker; pointers to its objects are passed as the

@@ -1,9 +1,12 @@
 """``TorchHook``: the only module that patches torch.
 
 It gives every ``torch.Tensor`` the PySyft 0.2 methods ``send``, ``get``, ``move``, ``copy``,
-``remote_get``, ``fix_precision``/``float_precision`` and ``share`` (:mod:`zmqsyft.client.smpc`), every ``nn.Module`` ``send``, ``get``, ``move`` and ``copy``
-(:mod:`zmqsyft.client.nn`), and every ``torch.utils.data.Dataset`` ``federate``
-(:mod:`zmqsyft.client.data`). On a local tensor, ``send(worker)`` (and ``move(worker)``) stores a copy of the
+``remote_get``, ``fix_precision``/``float_precision`` and ``share`` (:mod:`zmqsyft.client.smpc`),
+``tag``/``describe`` and the attributes ``tags`` (a set) and ``description`` (``None`` or a
+str), which ``send`` carries to the worker (:mod:`zmqsyft.wire.tags`), every ``nn.Module``
+``send``, ``get``, ``move`` and ``copy`` (:mod:`zmqsyft.client.nn`), and every
+``torch.utils.data.Dataset`` ``federate`` (:mod:`zmqsyft.client.data`). On a local tensor,
+``send(worker)`` (and ``move(worker)``) stores a copy of the
 tensor on the worker under a fresh random id and returns an owning pointer; ``get()`` and
 ``remote_get()`` return the tensor itself and ``copy()`` a clone. Pointers override all five
 with their remote meaning (:class:`~zmqsyft.client.pointer.PointerTensor`).
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import PointerError
+from ..wire.tags import check_description, check_tags
 from .data import dataset_federate
 from .fixed import fix_precision, float_precision
 from .local import LOCAL_WORKER
@@ -67,7 +71,48 @@ def _get_local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone()
+    out = tensor.clone()
+    for attr in ("_zs_tags", "_zs_description"):  # (PySyft's copies kept them too)
+        if attr in tensor.__dict__:
+            value = tensor.__dict__[attr]
+            out.__dict__[attr] = set(value) if isinstance(value, set) else value
+    return out
+
+
+def _tags(tensor: torch.Tensor) -> set[str]:
+    """The tensor's search tags: a set, which ``send`` carries along (checked then)."""
+    tags = tensor.__dict__.get("_zs_tags")
+    if tags is None:
+        tags = tensor.__dict__["_zs_tags"] = set()
+    return tags
+
+
+def _set_tags(tensor: torch.Tensor, tags: Any) -> None:
+    tensor.__dict__["_zs_tags"] = set(check_tags(tags or (), "setting .tags"))
+
+
+def _description(tensor: torch.Tensor) -> str | None:
+    """The tensor's description (``None``: none), which ``send`` carries along."""
+    return tensor.__dict__.get("_zs_description")
+
+
+def _set_description(tensor: torch.Tensor, text: str | None) -> None:
+    tensor.__dict__["_zs_description"] = (None if text is None
+                                          else check_description(text, "setting .description"))
+
+
+def tag(tensor: torch.Tensor, *tags: str) -> torch.Tensor:
+    """Add search tags (``"#radio"``) to the tensor; returns it, for chaining. Sent to a worker,
+    a tagged tensor is published there: anyone the worker serves finds it with ``search()``
+    and may compute with it (never take, change or delete it)."""
+    _tags(tensor).update(check_tags(tags, "tag()", _tags(tensor)))
+    return tensor
+
+
+def describe(tensor: torch.Tensor, description: str) -> torch.Tensor:
+    """Set the tensor's description, shown with it in search results; returns the tensor."""
+    _set_description(tensor, description)
+    return tensor
 
 
 def _warm_up(freeze_gc: bool) -> None:
@@ -119,6 +164,12 @@ class TorchHook:
                 torch.Tensor.float_precision = float_precision  # type: ignore[attr-defined]
                 torch.Tensor.float_prec = float_precision  # type: ignore[attr-defined]
                 torch.Tensor.share = share  # type: ignore[attr-defined]
+                # search tags and a description (PySyft's names)
+                torch.Tensor.tag = tag  # type: ignore[attr-defined]
+                torch.Tensor.describe = describe  # type: ignore[attr-defined]
+                torch.Tensor.tags = property(_tags, _set_tags)  # type: ignore[attr-defined]
+                torch.Tensor.description = property(  # type: ignore[attr-defined]
+                    _description, _set_description)
                 torch.nn.Module.send = module_send  # type: ignore[attr-defined]
                 torch.nn.Module.get = module_get  # type: ignore[attr-defined]
                 torch.nn.Module.move = module_move  # type: ignore[attr-defined]

@@ -12,6 +12,10 @@ pointers in a ``_objects`` snapshot).
 Ownership: exactly one pointer owns each remote object and frees it when garbage collected (via
 the client's delete queue, never by I/O in a finaliser). ``.get()`` and ``.send()`` hand the
 ownership on; the pointer is then *released* and any further use raises ``PointerReleased``.
+
+Tags and description: ``tags`` and ``description`` are what this process knows of the remote
+tensor's (from ``send``, ``search()``, ``tag()``, ``describe()``); ``tag()`` and ``describe()``
+change them on the worker, which lets only the object's owner do so (:mod:`zmqsyft.wire.tags`).
 """
 
 from __future__ import annotations
@@ -25,17 +29,19 @@ from ..errors import CommunicationError, HandoverRefused, PointerError, PointerR
 from ..ids import new_id
 from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
+from ..wire.tags import check_description, check_tags
 from ..wire.tensors import dtype_name
 from .dispatch import torch_function
 from .handle import WorkerHandle
 from .local import LOCAL_WORKER, LocalWorker
+from .pointer_attrs import PySyftAttributes
 
 __all__ = ["PointerTensor", "check_worker"]
 
 _META = torch.device("meta")
 
 
-class PointerTensor(torch.Tensor):
+class PointerTensor(PySyftAttributes, torch.Tensor):
     """A pointer to a tensor (or to another pointer) that lives on a worker.
 
     Prints as ``(Wrapper)>[PointerTensor | me:<id> -> bob:<id_at_location>]``.
@@ -50,6 +56,8 @@ class PointerTensor(torch.Tensor):
     _error: BaseException | None = None
     _creator: tuple[Any, int] | None = None
     _gen = 0  # the worker's generation (restarts met) when this was made
+    _tags: frozenset[str] = frozenset()
+    _description: str | None = None
 
     @staticmethod
     def __new__(cls, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
@@ -92,35 +100,20 @@ class PointerTensor(torch.Tensor):
             "Fetch the data with .get() first, or report this as a bug")
 
     def __repr__(self) -> str:  # type: ignore[override]
-        return (f"(Wrapper)>[PointerTensor | {self.owner}:{self.id} -> "
-                f"{self.location.id}:{self.id_at_location}]")
+        out = (f"(Wrapper)>[PointerTensor | {self.owner}:{self.id} -> "
+               f"{self.location.id}:{self.id_at_location}]")
+        if self._tags:  # (PySyft's layout: what search() found, at a glance)
+            out += f"\n\tTags: {' '.join(map(_printable, sorted(self._tags)))}"
+            out += f"\n\tShape: {self._shape}"
+        if self._description:
+            first, *rest = self._description.strip().split("\n", 1)
+            more = "..." if rest or len(first) > 80 else ""
+            out += f"\n\tDescription: {_printable(first[:80])}{more}"
+        return out
 
     __str__ = __repr__
 
     # --------------------------------------------------------------- state
-    @property
-    def gc(self) -> bool:
-        """Whether dropping this pointer frees the object on the worker (PySyft's ``gc`` and
-        ``garbage_collection``; set it to False to keep the object when the pointer goes)."""
-        return self._fin is not None
-
-    @gc.setter
-    def gc(self, on: bool) -> None:
-        if not on:
-            self.location.session.untrack(self._fin)
-            self._fin = None
-        elif self._owned and self._fin is None:
-            self._fin = self.location.session.track(self, self.location.address,
-                                                    self.id_at_location)
-
-    garbage_collection = gc
-
-    @property
-    def disable_gc(self) -> PointerTensor:
-        """This pointer, with :attr:`gc` off."""
-        self.gc = False
-        return self
-
     @property
     def owned(self) -> bool:
         """Whether this pointer frees the remote object when it is dropped."""
@@ -160,7 +153,8 @@ class PointerTensor(torch.Tensor):
         with torch.no_grad():
             self.data = data
         for attr in ("location", "id_at_location", "id", "owner", "_owned", "_released", "_error",
-                     "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore"):
+                     "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore", "_tags",
+                     "_description"):
             self.__dict__.pop(attr, None)
         return self
 
@@ -254,9 +248,17 @@ class PointerTensor(torch.Tensor):
             session.free_later(self.location.address, hold)
             session.flush_deletes(wait=False)
         self._release("it was fetched with .get()")
-        obj = GetReply.from_wire(reply.body).obj
+        got = GetReply.from_wire(reply.body)
+        obj = got.obj
         if isinstance(obj, PointerDesc):
             return session.pointer_from_desc(obj)
+        if isinstance(obj, torch.Tensor) and (got.tags or got.description):
+            where = f".get() from worker '{self.location.id}'"
+            try:  # (as a worker sent them: what it cannot have stored is dropped, not the data)
+                obj.__dict__["_zs_tags"] = set(check_tags(got.tags, where))
+                obj.__dict__["_zs_description"] = check_description(got.description, where) or None
+            except (TypeError, ValueError):
+                obj.__dict__.pop("_zs_tags", None)
         return obj
 
     def send(self, worker: WorkerHandle, *more: WorkerHandle) -> PointerTensor:
@@ -352,8 +354,17 @@ class PointerTensor(torch.Tensor):
         return self
 
     def copy(self) -> PointerTensor:
-        """A new pointer to a copy of the object, made on the same worker."""
-        return self.clone()  # type: ignore[return-value]
+        """A new pointer to a copy of the object, made on the same worker, with the same tags
+        and description (so the copy is published too if the original was)."""
+        out: PointerTensor = self.clone()  # type: ignore[assignment]
+        if self._tags or self._description:
+            out._annotate(sorted(self._tags), self._description, ".copy()")
+        return out
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything unprintable escaped (a worker's text, shown in a terminal)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def check_worker(worker: Any, more: tuple[Any, ...], what: str) -> None:

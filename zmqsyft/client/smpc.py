@@ -33,6 +33,7 @@ from ..ids import new_id
 from ..secret import MAX_PARTIES, reconstruct, split_shares
 from ..wire.bodies import Put
 from ..wire.messages import Op
+from ..wire.tags import check_description, check_tags
 from . import interrupts
 from .dispatch import _call_async
 from .handle import WorkerHandle
@@ -44,14 +45,22 @@ _I64 = torch.int64
 
 
 def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
-    """Store a copy of a local tensor on ``worker``; return the pointer that owns it."""
+    """Store a copy of a local tensor on ``worker``, with its tags and description (which
+    publish it there: :mod:`zmqsyft.wire.tags`); return the pointer that owns it."""
     obj_id = new_id()
+    what = f".send() to '{worker.id}'"
+    tags = check_tags(tensor.__dict__.get("_zs_tags") or (), what)
+    about = tensor.__dict__.get("_zs_description")
+    about = check_description(about, what) if about else ""
     # the pointer (which frees the object) exists before the request leaves
     ptr = PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
+    if tags or about:
+        ptr._tags, ptr._description = frozenset(tags), about or None
     session, conn = worker.session, worker.session.conn(worker)
-    since, what = conn._next, f".send() to '{worker.id}'"
+    since = conn._next
     try:
-        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor), what=what))
+        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor, tags=tags, description=about),
+                            what=what))
     except BaseException as exc:
         ptr._release("the .send() that was to create it failed")
         if not isinstance(exc, Exception):  # Ctrl-C: the object is freed once it is stored

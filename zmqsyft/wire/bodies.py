@@ -46,6 +46,8 @@ acknowledgement); ``key?`` is optional, with a default::
                     (a move on a client's behalf); '' for the sender
                 > labels?: [policy] - the policies of the data owners whose private data it derives
                     from (zmqsyft.privacy)
+                > tags?: [str] - search tags: a tagged tensor is published (see TAG)
+                > description?: str - what it is, shown with it in search results ('': none)
     GET         Take an object away (``get`` is destructive).
                 > id: object id - the object
                 > handover?: object id or 0 - an id the caller chose: a tensor received through
@@ -54,6 +56,8 @@ acknowledgement); ``key?`` is optional, with a default::
                 < obj?: value - the object (a pointer comes as a descriptor)
                 < labels?: [policy] - to a worker the data's owners trust: the policies of the
                     owners whose private data it derives from
+                < tags?: [str] - its search tags
+                < description?: str - its description ('': none)
     CALL        Run an allow-listed op where its arguments are.
                 > fn: op name - the allow-listed op name (torch.add, torch.Tensor.__add__, ...)
                 > args?: list - positional arguments; objects here as references
@@ -86,9 +90,15 @@ acknowledgement); ``key?`` is optional, with a default::
                 < peers?: map - per principal: messages, bytes, largest message, each way
                 < principals?: map - per principal: objects, bytes, sessions, connections
     SHUTDOWN    Reply, then exit.
-    SEARCH      Find the worker's own data by tags.
-                > tags: [str] - every tag an object must carry
+    SEARCH      Find published tensors (the worker's own data, tagged objects) by tags.
+                > tags: [str] - every tag an object must carry (none: every tagged tensor)
                 < results?: [pointer descriptor] - non-owning pointer descriptors
+                < tags?: [[str]] - each result's tags
+                < descriptions?: [str] - each result's description ('': none)
+    TAG         (the owner only) Add search tags to an object, publishing it; set its description.
+                > id: object id - the object
+                > tags?: [str] - tags to add
+                > description?: str or nil - its new description (nil: unchanged)
     RUN         Run a user function (trusted senders only: it is pickled).
                 > fn: pickled callable - the function
                 > args?: list - positional arguments; objects here as references
@@ -116,8 +126,6 @@ acknowledgement); ``key?`` is optional, with a default::
 
 from __future__ import annotations
 
-import textwrap
-from dataclasses import MISSING, fields
 from typing import Any
 
 from .messages import Op, PointerDesc
@@ -136,21 +144,24 @@ from .schema import (
     OBJ_ID,
     OP_NAME,
     OPT_DESC,
+    OPT_STR,
     OUT,
     REPLIES,
     REQ_IDS,
     REQUESTS,
     STR,
+    TAG_LISTS,
     TAGS,
     Body,
     body,
     key,
+    wire_table,
 )
 
 __all__ = ["Body", "REQUESTS", "REPLIES", "wire_table", "Hello", "HelloReply", "Put", "Get",
            "GetReply", "Call", "CallReply", "Del", "Move", "MoveReply", "RemoteGet", "Objects",
            "ObjectsReply", "Flush", "Ping", "PingReply", "Stats", "StatsReply", "Shutdown",
-           "Search", "SearchReply", "Run", "RunReply", "Give", "Allow", "Acks", "Batch", "Bulk",
+           "Search", "SearchReply", "Tag", "Run", "RunReply", "Give", "Allow", "Acks", "Batch", "Bulk",
            "Error"]
 
 # ------------------------------------------------------------------------ the bodies
@@ -200,6 +211,8 @@ class Put(Body):
                      "(a move on a client's behalf); '' for the sender", "")
     labels: list[Any] = key(LABELS, "the policies of the data owners whose private data it "
                             "derives from (zmqsyft.privacy)", [])
+    tags: list[str] = key(TAGS, "search tags: a tagged tensor is published (see TAG)", [])
+    description: str = key(STR, "what it is, shown with it in search results ('': none)", "")
 
 
 @body(Op.GET)
@@ -216,6 +229,8 @@ class GetReply(Body):
     obj: Any = key(ANY, "the object (a pointer comes as a descriptor)", None)
     labels: list[Any] = key(LABELS, "to a worker the data's owners trust: the policies of the "
                             "owners whose private data it derives from", [])
+    tags: list[str] = key(TAGS, "its search tags", [])
+    description: str = key(STR, "its description ('': none)", "")
 
 
 @body(Op.CALL)
@@ -307,13 +322,23 @@ class Shutdown(Body):
 
 @body(Op.SEARCH)
 class Search(Body):
-    """Find the worker's own data by tags."""
-    tags: list[str] = key(TAGS, "every tag an object must carry")
+    """Find published tensors (the worker's own data, tagged objects) by tags."""
+    tags: list[str] = key(TAGS, "every tag an object must carry (none: every tagged tensor)")
 
 
 @body(Op.SEARCH, reply=True)
 class SearchReply(Body):
     results: list[PointerDesc] = key(DESCS, "non-owning pointer descriptors", [])
+    tags: list[list[str]] = key(TAG_LISTS, "each result's tags", [])
+    descriptions: list[str] = key(TAGS, "each result's description ('': none)", [])
+
+
+@body(Op.TAG)
+class Tag(Body):
+    """(the owner only) Add search tags to an object, publishing it; set its description."""
+    id: int = key(OBJ_ID, "the object")
+    tags: list[str] = key(TAGS, "tags to add", [])
+    description: str | None = key(OPT_STR, "its new description (nil: unchanged)", None)
 
 
 @body(Op.RUN)
@@ -367,42 +392,3 @@ class Bulk(Body):
 @body(Op.ERROR, reply=True)
 class Error(Body):
     error: dict[str, Any] = key(MAP, "the encoded exception (zmqsyft.wire.exc_codec)")
-
-
-# ------------------------------------------------------------------------ the table
-def _keys(cls: type[Body] | None) -> list[str]:
-    if cls is None:
-        return ["-"]
-    out = []
-    for f in fields(cls):
-        optional = f.default is not MISSING or f.default_factory is not MISSING
-        out.append(f"{f.name}{'?' if optional else ''}: {f.metadata['kind'].name}"
-                   f" - {f.metadata['doc']}")
-    return out or ["-"]
-
-
-def wire_table() -> str:
-    """The table of every request and its reply, as reStructuredText (rendered from the bodies;
-    ``key?`` marks an optional key)."""
-    rows = []
-    for op, cls in REQUESTS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append((op.name, doc, _keys(cls), _keys(REPLIES.get(op))))
-    width = max(len(r[0]) for r in rows)
-    lines = []
-
-    def entry(mark: str, text: str) -> None:
-        lines.extend(textwrap.wrap(text, 96, initial_indent=f"{'':{width}}  {mark} ",
-                                   subsequent_indent=f"{'':{width}}      "))
-    for name, doc, req, rep in rows:
-        lines.append(f"{name:{width}}  {doc}".rstrip())
-        for k in req:
-            if k != "-":
-                entry(">", k)
-        for k in rep:
-            if k != "-":
-                entry("<", k)
-    lines.append(f"{'ERROR':{width}}  A failed request's reply.")
-    for k in _keys(Error):
-        entry("<", k)
-    return "\n".join(lines)

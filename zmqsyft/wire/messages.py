@@ -1,6 +1,6 @@
 """Protocol constants and message shapes. No I/O here.
 
-Wire format (protocol version 5)
+Wire format (protocol version 10)
 ================================
 
 Every message is a ZeroMQ multipart message. Between a DEALER and a ROUTER the ROUTER side sees
@@ -53,11 +53,12 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 9  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+PROTOCOL_VERSION = 10  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
 # 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name);
 # 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW;
 # 7: BULK (large messages sealed beside the CURVE connection, zmqsyft.wire.bulk);
-# 8: privacy labels in PUT and GET replies (zmqsyft.privacy); 9: tensors carry their .grad
+# 8: privacy labels in PUT and GET replies (zmqsyft.privacy); 9: tensors carry their .grad;
+# 10: tags and descriptions in PUT, GET and SEARCH replies, TAG (zmqsyft.wire.tags)
 NO_REPLY = 0
 
 
@@ -85,6 +86,7 @@ class Op(IntEnum):
     GIVE = 18
     ALLOW = 19
     BULK = 20
+    TAG = 21
 
 
 def op_name(op: int) -> str:

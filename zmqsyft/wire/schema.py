@@ -9,6 +9,7 @@ and the table, are in :mod:`zmqsyft.wire.bodies`.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from ..errors import ProtocolError
 from .messages import Op, PointerDesc
 
-__all__ = ["Kind", "Body", "body", "key", "REQUESTS", "REPLIES"]
+__all__ = ["Kind", "Body", "body", "key", "REQUESTS", "REPLIES", "wire_table"]
 
 B = TypeVar("B", bound="Body")
 
@@ -51,6 +52,9 @@ LABELS = Kind("[policy]", "type(v) is list and all(type(p) is dict for p in v)")
 DESC = Kind("pointer descriptor", "type(v) is PointerDesc")
 OPT_DESC = Kind("pointer descriptor or nil", "v is None or type(v) is PointerDesc")
 DESCS = Kind("[pointer descriptor]", "type(v) is list and all(type(d) is PointerDesc for d in v)")
+OPT_STR = Kind("str or nil", "v is None or type(v) is str")
+TAG_LISTS = Kind("[[str]]", "type(v) is list and all(type(t) is list and all(type(s) is str for s in t) "
+                 "for t in v)")
 
 
 def _out_ok(out: Any) -> bool:
@@ -194,3 +198,42 @@ def _gen_from_wire(cls: type[Body]) -> Callable[..., Body]:
 def _compile(source: str, name: str, env: dict[str, Any]) -> Any:
     exec(compile(source, f"<zmqsyft.wire.bodies {name}>", "exec"), env)  # noqa: S102 - our own text
     return env[name]
+
+
+# ------------------------------------------------------------------------ the table
+def _keys(cls: type[Body] | None) -> list[str]:
+    if cls is None:
+        return ["-"]
+    out = []
+    for f in fields(cls):
+        optional = f.default is not MISSING or f.default_factory is not MISSING
+        out.append(f"{f.name}{'?' if optional else ''}: {f.metadata['kind'].name}"
+                   f" - {f.metadata['doc']}")
+    return out or ["-"]
+
+
+def wire_table() -> str:
+    """The table of every request and its reply, as reStructuredText (rendered from the bodies
+    registered so far, :mod:`zmqsyft.wire.bodies`'; ``key?`` marks an optional key)."""
+    rows = []
+    for op, cls in REQUESTS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        rows.append((op.name, doc, _keys(cls), _keys(REPLIES.get(op))))
+    width = max(len(r[0]) for r in rows)
+    lines = []
+
+    def entry(mark: str, text: str) -> None:
+        lines.extend(textwrap.wrap(text, 96, initial_indent=f"{'':{width}}  {mark} ",
+                                   subsequent_indent=f"{'':{width}}      "))
+    for name, doc, req, rep in rows:
+        lines.append(f"{name:{width}}  {doc}".rstrip())
+        for k in req:
+            if k != "-":
+                entry(">", k)
+        for k in rep:
+            if k != "-":
+                entry("<", k)
+    lines.append(f"{'ERROR':{width}}  A failed request's reply.")
+    for k in _keys(REPLIES.get(Op.ERROR)):
+        entry("<", k)
+    return "\n".join(lines)

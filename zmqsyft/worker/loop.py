@@ -38,7 +38,7 @@ from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import NO_REPLY, Op
 from ..wire.values import ShmPolicy
-from . import admin, calls, intake, objects, owner
+from . import admin, calls, catalog, intake, objects, owner
 from .access import Access
 from .context import Ctx, Handler
 from .freeze import FreezeWatch
@@ -60,9 +60,9 @@ _MAX_BATCH = 256  # messages handled per socket per loop turn, so that no peer s
 HANDLERS: dict[Op, Handler] = {
     Op.HELLO: admin.hello, Op.PING: admin.ping, Op.STATS: admin.stats, Op.SHUTDOWN: admin.shutdown,
     Op.PUT: objects.put, Op.GET: objects.get, Op.DEL: objects.delete, Op.MOVE: objects.move,
-    Op.REMOTE_GET: objects.remote_get, Op.OBJECTS: objects.objects, Op.FLUSH: objects.flush,
+    Op.REMOTE_GET: objects.remote_get, Op.OBJECTS: catalog.objects, Op.FLUSH: objects.flush,
     Op.CALL: calls.call,
-    Op.SEARCH: owner.search, Op.RUN: owner.run,
+    Op.SEARCH: catalog.search, Op.TAG: catalog.tag, Op.RUN: owner.run,
     Op.GIVE: objects.give, Op.ALLOW: admin.allow,
 }
 """What a worker does for each request op: ``handler(worker, ctx, typed body)``."""

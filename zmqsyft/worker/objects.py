@@ -1,4 +1,4 @@
-"""Handlers of the object ops: PUT GET DEL MOVE REMOTE_GET OBJECTS FLUSH GIVE.
+"""Handlers of the object ops: PUT GET DEL MOVE REMOTE_GET FLUSH GIVE.
 
 Each is ``handler(worker, ctx, body)`` (see :mod:`zmqsyft.worker.context`). Whatever needs a peer
 (a pointer's target must be settled before the pointer leaves, a move, a cascading delete, a
@@ -7,10 +7,12 @@ remote get, a flush) continues in a callback; nothing here blocks.
 **Ownership.** What a request stores belongs to its sender's session (``ctx.holder``). Only the
 owner may take (GET, MOVE, REMOTE_GET), delete or give away an object (the store's
 :meth:`~zmqsyft.worker.store.Store.owned` says so, or reports the object missing); ``_objects``
-lists only the caller's own objects, unless it is an admin. A pointer that leaves a worker takes
-the ownership of what it points to with it: before a pointer record is handed to its new holder
-(a GET of it, a collapsing MOVE, a MOVE of the record itself), the worker holding the data is
-told to GIVE the object to that holder's principal, and the pointer leaves only once it has.
+lists only the caller's own objects, unless it is an admin (:mod:`~zmqsyft.worker.catalog`). A
+pointer that leaves a worker takes the ownership of what it points to with it: before a pointer
+record is handed to its new holder (a GET of it, a collapsing MOVE, a MOVE of the record itself),
+the worker holding the data is told to GIVE the object to that holder's principal, and the
+pointer leaves only once it has. A tensor's tags and description go with it (GET, MOVE,
+REMOTE_GET).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AccessDenied, HandoverRefused, ObjectNotFound, SerializationError
+from ..errors import AccessDenied, HandoverRefused, ObjectNotFound
 from ..privacy import EMPTY, labels_from_wire, labels_to_wire
 from ..wire.bodies import (
     Del,
@@ -33,23 +35,22 @@ from ..wire.bodies import (
     Give,
     Move,
     MoveReply,
-    Objects,
-    ObjectsReply,
     Ping,
     Put,
     RemoteGet,
 )
 from ..wire.exc_codec import decode_exception
-from ..wire.messages import Message, Op, PointerDesc, Summary
+from ..wire.messages import Message, Op, PointerDesc
 from ..wire.tensors import sole_segment
 from ..wire.transport import canonical_endpoint
 from ..wire.values import Handover
-from . import executor, labels
+from . import labels
 from .access import Principal
+from .catalog import checked_tags
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
 
-__all__ = ["put", "get", "delete", "move", "remote_get", "objects", "flush", "give", "free",
+__all__ = ["put", "get", "delete", "move", "remote_get", "flush", "give", "free",
            "expire", "resolve", "settled", "record"]
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,15 @@ def put(w: Services, ctx: Ctx, body: Put) -> None:
         # a client's own labels could name an owner that does not exist, as a second owner
         raise AccessDenied(f"PUT: worker '{w.id}' takes privacy labels only with data moved "
                            "here for another principal; nothing was stored")
+    tags, about = checked_tags(w, body.tags, body.description, "PUT")
+    if (tags or about) and not isinstance(obj, torch.Tensor):
+        raise TypeError(f"PUT: worker '{w.id}' takes tags and a description with a tensor only")
     if isinstance(obj, PointerDesc):
         obj = record(w, obj)
     elif isinstance(obj, torch.Tensor):
         w.store.make_room(obj.nbytes, "a tensor sent to it", holder)
     w.store.put(body.id, obj, holder, labelled)
+    w.store.tag(body.id, tags, about or None)
     w.reply(ctx)
 
 
@@ -194,6 +199,7 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
         settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, handed))
         return
     tagged = _leaving(w, ctx, obj_id, obj)
+    tags, about = w.store.tags(obj_id), w.store.description(obj_id)
     hold = body.handover
     # nothing else here uses it (the store, `obj` and the getrefcount argument are the
     # references): a same-host caller may map its memory; it is kept under the caller's `hold`
@@ -202,10 +208,13 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
             and sys.getrefcount(obj) == 3 and sole_segment(obj) is not None):
         kept = w.store.labels(obj_id)
         w.store.put(hold, w.store.pop(obj_id), ctx.holder)
-        if not w.reply(ctx, GetReply(obj=Handover(obj), labels=tagged)):
+        w.store.tag(hold, tags, about or None)  # (asked for again if the caller cannot map it)
+        if not w.reply(ctx, GetReply(obj=Handover(obj), labels=tagged, tags=tags,
+                                     description=about)):
             w.store.put(obj_id, w.store.pop(hold), ctx.holder, kept)
+            w.store.tag(obj_id, tags, about or None)
         return
-    if w.reply(ctx, GetReply(obj=obj, labels=tagged)):
+    if w.reply(ctx, GetReply(obj=obj, labels=tagged, tags=tags, description=about)):
         w.store.discard(obj_id)
 
 
@@ -292,7 +301,8 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
         w.reply(ctx)
     labels.count_move(w, labelled, obj)
     w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key,
-                                      labels=labels_to_wire(labelled)), done)
+                                      labels=labels_to_wire(labelled), tags=w.store.tags(obj_id),
+                                      description=w.store.description(obj_id)), done)
 
 
 def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
@@ -302,9 +312,11 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         w.reply(ctx)  # the data is here already
         return
     if rec.address in w.addresses:
-        w.store.replace(obj_id, w.store.owned(rec.id_at_location, ctx.who, "REMOTE_GET"),
-                        ctx.holder, labels.of_refs(w, [rec.id_at_location]))
-        w.store.discard(rec.id_at_location)
+        inner = rec.id_at_location
+        w.store.replace(obj_id, w.store.owned(inner, ctx.who, "REMOTE_GET"),
+                        ctx.holder, labels.of_refs(w, [inner]))
+        w.store.tag(obj_id, w.store.tags(inner), w.store.description(inner) or None)
+        w.store.discard(inner)
         w.reply(ctx)
         return
 
@@ -315,6 +327,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         try:
             reply = GetReply.from_wire(msg.body) if msg is not None else GetReply()
             obj, labelled = reply.obj, labels_from_wire(reply.labels)
+            tags, about = checked_tags(w, reply.tags, reply.description, "REMOTE_GET")
             if isinstance(obj, PointerDesc):
                 obj = record(w, obj)
             elif isinstance(obj, torch.Tensor):
@@ -323,48 +336,9 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
             w.reply_error(ctx, failure)
             return
         w.store.replace(obj_id, obj, ctx.holder, labelled)
+        w.store.tag(obj_id, tags, about or None)
         w.reply(ctx)
     w.peers.request(rec.address, Op.GET, Get(id=rec.id_at_location), done)
-
-
-def objects(w: Services, ctx: Ctx, body: Objects) -> None:
-    """A snapshot of the caller's own objects (an admin's: of all), whatever is stored: anything
-    the wire cannot carry as it is is summarised."""
-    snapshot: dict[int, Any] = {}
-    limit = w.cfg.snapshot_max_elements
-    for key, obj in w.store.visible(ctx.who):
-        private = labels.withheld(w, ctx.who.key, w.store.labels(key), obj)
-        if private:
-            snapshot[key] = Summary(private)
-            continue
-        try:
-            snapshot[key] = _shown(obj, key, limit)
-        except Exception as exc:  # noqa: BLE001 - one odd object must not hide the others
-            snapshot[key] = Summary(f"<{type(obj).__qualname__}: not shown: {type(exc).__name__}>")
-    w.reply(ctx, ObjectsReply(objects=snapshot))
-
-
-def _shown(obj: Any, key: int, limit: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        try:
-            executor.check_keepable("a stored object", [obj])
-        except SerializationError:
-            return Summary(f"<tensor the wire does not carry: {obj.layout}, {obj.dtype}, "
-                           f"{obj.device}>")
-        if obj.numel() > limit:
-            return Summary(f"tensor(<{obj.numel()} elements>, shape={tuple(obj.shape)}, "
-                           f"dtype={obj.dtype})")
-        shown = obj.detach().requires_grad_(obj.requires_grad)  # (a non-leaf shows as a leaf)
-        if obj.is_leaf or obj.retains_grad:
-            shown.grad = obj._grad  # the encoder sends it along
-        return shown
-    if isinstance(obj, PointerRecord):
-        return obj.desc(ptr_id=key, owned=False)
-    if isinstance(obj, ErrorMarker):
-        return Summary(f"<failed {obj.op}: {obj.error.get('type')}: {obj.error.get('message')}>")
-    if obj is None or type(obj) in (bool, int, float, str):
-        return obj
-    return Summary(f"<{type(obj).__module__}.{type(obj).__qualname__}>")
 
 
 def flush(w: Services, ctx: Ctx, body: Flush) -> None:

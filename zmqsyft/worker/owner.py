@@ -1,8 +1,9 @@
-"""What a data owner does with its worker: its own data (``load``, SEARCH) and trusted code (RUN).
+"""What a data owner does with its worker: its own data (``load``) and trusted code (RUN).
 
 A worker can hold data it loaded itself (``zmqsyft worker --load FILE --tag TAG``): the model
-owner finds it with ``search()`` and gets pointers that do not own it. ``run()`` sends a pickled
-function, which only a trusted connection may (the codec refuses pickle from anyone else).
+owner finds it with ``search()`` (:mod:`~zmqsyft.worker.catalog`) and gets pointers that do not
+own it. ``run()`` sends a pickled function, which only a trusted connection may (the codec
+refuses pickle from anyone else).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import torch
 from ..errors import LocationMismatch, ObjectNotFound
 from ..ids import new_id
 from ..privacy import EMPTY, Labels
-from ..wire.bodies import Run, RunReply, Search, SearchReply
-from ..wire.messages import PointerDesc
-from ..wire.tensors import dtype_name
+from ..wire.bodies import Run, RunReply
+from ..wire.tags import check_tags
 from . import executor
 from .calls import describe
 from .context import Ctx, Services
@@ -22,7 +22,7 @@ from .labels import check_values, of_refs
 from .objects import resolve
 from .store import PointerRecord, Store
 
-__all__ = ["load", "add", "search", "run", "DataOwner"]
+__all__ = ["load", "add", "run", "DataOwner"]
 
 
 def load(store: Store, path: str, tags: list[str], labels: Labels = EMPTY) -> list[int]:
@@ -45,6 +45,7 @@ def load(store: Store, path: str, tags: list[str], labels: Labels = EMPTY) -> li
 def add(store: Store, tensor: torch.Tensor, tags: list[str], labels: Labels = EMPTY) -> int:
     """Store a tensor this worker owns (its own data), with search tags and the labels of its
     owner's policy; return its id."""
+    tags = check_tags(tags, "the tags of a worker's own data (--tag)")
     obj_id = new_id()
     store.put(obj_id, tensor, None, labels)
     store.tag(obj_id, frozenset(tags))
@@ -64,19 +65,6 @@ class DataOwner:
     def add(self, tensor: torch.Tensor, tags: list[str]) -> int:
         """Store a tensor as this worker's own private data (see :func:`add`)."""
         return add(self.store, tensor, tags, self.labels)
-
-
-def search(w: Services, ctx: Ctx, body: Search) -> None:
-    """Non-owning pointers to the worker's own data carrying every tag; the caller may compute
-    with those objects from now on (read-only: no taking, no changing)."""
-    results = []
-    for obj_id in w.store.search(frozenset(body.tags)):
-        obj = w.store.get(obj_id)
-        if isinstance(obj, torch.Tensor):
-            w.store.share(obj_id, ctx.who.key)
-            results.append(PointerDesc(w.id, w.address, obj_id, new_id(), tuple(obj.shape),
-                                       dtype_name(obj.dtype), obj.requires_grad, False, w.key))
-    w.reply(ctx, SearchReply(results=results))
 
 
 def run(w: Services, ctx: Ctx, body: Run) -> None:

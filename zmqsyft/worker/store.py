@@ -101,7 +101,8 @@ class Store:
         self._objects: dict[int, Any] = {}
         self._owner: dict[int, Holder | None] = {}
         self._readers: dict[int, set[str]] = {}  # id -> keys it was shared with, read-only
-        self._tags: dict[int, frozenset[str]] = {}
+        self._tags: dict[int, frozenset[str]] = {}  # id -> search tags (published: see SEARCH)
+        self._about: dict[int, str] = {}  # id -> its description
         self._labels: dict[int, Labels] = {}  # id -> whose private data it derives from
         self.shares: dict[int, Any] = {}  # id(tensor) -> (weakref, version): fresh secret shares
         self._counted: dict[int, int] = {}  # id -> bytes counted for it, if any
@@ -237,13 +238,29 @@ class Store:
         return len(self._labels)
 
     # --------------------------------------------------------------- tags
-    def tag(self, obj_id: int, tags: frozenset[str]) -> None:
-        """Attach search tags (``"#diabetes"``) to a stored object."""
+    def tag(self, obj_id: int, tags: frozenset[str] | list[str], description: str | None = None
+            ) -> None:
+        """Attach search tags (``"#diabetes"``) to a stored object, and set its description
+        (``None``: leave it, ``""``: none); checked by the caller (:mod:`zmqsyft.wire.tags`)."""
         self.get(obj_id)
-        self._tags[obj_id] = self._tags.get(obj_id, frozenset()) | tags
+        if tags:
+            self._tags[obj_id] = self._tags.get(obj_id, frozenset()) | frozenset(tags)
+        if description:
+            self._about[obj_id] = description
+        elif description is not None:
+            self._about.pop(obj_id, None)
+
+    def tags(self, obj_id: int) -> list[str]:
+        """The object's search tags, sorted."""
+        return sorted(self._tags.get(obj_id, ()))
+
+    def description(self, obj_id: int) -> str:
+        """The object's description (``""``: none)."""
+        return self._about.get(obj_id, "")
 
     def search(self, tags: frozenset[str]) -> list[int]:
-        """Ids of the objects carrying every one of ``tags``, in insertion order."""
+        """Ids of the objects carrying every one of ``tags`` (none: every tagged object), in
+        insertion order."""
         return [i for i in self._objects if i in self._tags and tags <= self._tags[i]]
 
     def __len__(self) -> int:
@@ -306,6 +323,7 @@ class Store:
 
     def _forget(self, obj_id: Any) -> None:
         self._tags.pop(obj_id, None)
+        self._about.pop(obj_id, None)
         self._readers.pop(obj_id, None)
         self._labels.pop(obj_id, None)
         self._uncount(obj_id)
