@@ -5,14 +5,11 @@ collection (``gc``, ``garbage_collection``, ``disable_gc``) and search tags (``t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..wire.bodies import Tag
 from ..wire.messages import Op
 from ..wire.tags import check_description, check_tags
-
-if TYPE_CHECKING:
-    from .pointer import PointerTensor
 
 __all__ = ["PySyftAttributes"]
 
@@ -47,7 +44,7 @@ class PySyftAttributes:
     garbage_collection = gc
 
     @property
-    def disable_gc(self) -> PointerTensor:
+    def disable_gc(self) -> Any:
         """This pointer, with :attr:`gc` off."""
         self.gc = False
         return self
@@ -75,20 +72,20 @@ class PySyftAttributes:
                              "with .describe(text), which its owner alone may")
 
     # ------------------------------------------------------------ tags
-    def tag(self, *tags: str) -> PointerTensor:
+    def tag(self, *tags: str) -> Any:
         """Add search tags to the remote tensor, which publishes it: anyone the worker serves
         finds it with ``search()`` and may compute with it (never take, change or delete it).
         Only its owner may tag it. Returns this pointer."""
         return self._annotate(check_tags(tags, f"tag() on worker '{self.location.id}'",
                                          self._tags), None, ".tag()")
 
-    def describe(self, description: str) -> PointerTensor:
+    def describe(self, description: str) -> Any:
         """Set the remote tensor's description, shown with it in search results (not searched).
         Only its owner may. Returns this pointer."""
         where = f"describe() on worker '{self.location.id}'"
         return self._annotate([], check_description(description, where), ".describe()")
 
-    def _annotate(self, tags: list[str], description: str | None, what: str) -> PointerTensor:
+    def _annotate(self, tags: list[str], description: str | None, what: str) -> Any:
         self._check_usable(what)  # type: ignore[attr-defined]
         self.location.session.conn(self.location).request(
             Op.TAG, Tag(id=self.id_at_location, tags=tags, description=description),
