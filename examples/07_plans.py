@@ -32,8 +32,12 @@ def messages_in(worker: sy.WorkerClient) -> int:
 
 
 def main() -> None:
-    device_1 = sy.VirtualWorker(hook, id="device_1")
-    device_2 = sy.VirtualWorker(hook, id="device_2")
+    x11 = torch.tensor([-1, 2.0]).tag("input_data")
+    x12 = torch.tensor([1, -2.0]).tag("input_data2")
+    x21 = torch.tensor([-1, 2.0]).tag("input_data")
+    x22 = torch.tensor([1, -2.0]).tag("input_data2")
+    device_1 = sy.VirtualWorker(hook, id="device_1", data=(x11, x12))
+    device_2 = sy.VirtualWorker(hook, id="device_2", data=(x21, x22))
 
     cell(1, "@sy.func2plan(args_shape=[(1,)]) def plan_double_abs(x): ...")
 
@@ -45,13 +49,15 @@ def main() -> None:
 
     print(plan_double_abs.is_built)
 
-    cell(2, "pointer_to_data = torch.tensor([-1, 2.]).send(device_1); plan_double_abs.send(device_1)")
-    pointer_to_data = torch.tensor([-1, 2.0]).send(device_1)
-    plan_double_abs.send(device_1)
-    print(plan_double_abs)
+    cell(2, "pointer_to_data = device_1.search('input_data')[0]; "
+            "pointer_plan = plan_double_abs.send(device_1)")
+    pointer_to_data = device_1.search("input_data")[0]
+    pointer_plan = plan_double_abs.send(device_1)
+    print(pointer_to_data)
+    print(pointer_plan)
 
-    cell(3, "pointer_to_result = plan_double_abs(pointer_to_data); pointer_to_result.get()")
-    pointer_to_result = plan_double_abs(pointer_to_data)
+    cell(3, "pointer_to_result = pointer_plan(pointer_to_data); pointer_to_result.get()")
+    pointer_to_result = pointer_plan(pointer_to_data)
     print(pointer_to_result)
     print(pointer_to_result.get())
 
@@ -74,32 +80,33 @@ def main() -> None:
         here = net(torch.tensor([-1, 2.0]))
     print(net, "  (here:", here, ")")
 
-    cell(5, "net.send(device_1); pointer_to_result = net(pointer_to_data); pointer_to_result.get()")
-    net.send(device_1)
-    pointer_to_data = torch.tensor([-1, 2.0]).send(device_1)
+    cell(5, "pointer_to_net_1 = net.send(device_1); "
+            "pointer_to_result = pointer_to_net_1(device_1.search('input_data')[0]); .get()")
+    pointer_to_net_1 = net.send(device_1)
+    pointer_to_data = device_1.search("input_data")[0]
     before = messages_in(device_1)
-    pointer_to_result = net(pointer_to_data)
+    pointer_to_result = pointer_to_net_1(pointer_to_data)
     sent = messages_in(device_1) - before - 1  # (less this stats() request)
-    (trace,) = net._traces.values()
+    (trace,) = pointer_to_net_1._traces.values()
     print(pointer_to_result.get())
     print(f"(its {len(trace.ops)} ops reached device_1 in {sent} message, and each was checked "
           "there against the allow-list)")
 
-    cell(6, "net.get(); net.send(device_2); net(torch.tensor([-1, 2.]).send(device_2)).get()")
-    net.get()
-    net.send(device_2)
-    print(net(torch.tensor([-1, 2.0]).send(device_2)).get())
+    cell(6, "pointer_to_net_2 = net.send(device_2); "
+            "pointer_to_net_2(device_2.search('input_data')[0]).get()")
+    pointer_to_net_2 = net.send(device_2)
+    print(pointer_to_net_2(device_2.search("input_data")[0]).get())
 
-    cell(7, "@sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1]),)) def foo_func(x, state)")
+    cell(7, "@sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1]),)) def plan_abs(x, state)")
 
     @sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1.0]),))
     def foo_func(x: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
         (bias,) = state.read()
-        x = x * 2
+        x = x.abs()
         return x + bias
 
-    foo_func.send(device_1)
-    print(foo_func(torch.tensor([1.0]).send(device_1)).get())
+    pointer_plan = foo_func.send(device_1)
+    print(pointer_plan(torch.tensor([-1.0]).send(device_1)).get())
 
     for worker in (device_1, device_2):
         worker.close()

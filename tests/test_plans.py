@@ -41,9 +41,11 @@ def test_a_function_plan_is_built_sent_and_run_on_pointers(hook: sy.TorchHook,
     assert double_abs.is_built and "double_abs" in repr(double_abs)
     assert double_abs.__name__ == "double_abs"
     assert torch.equal(double_abs(torch.tensor([-3.0])), torch.tensor([6.0]))  # here: the function
-    assert double_abs.send(bob) is double_abs and double_abs.location is bob
+    sent = double_abs.send(bob)  # a copy there; the plan itself stays here
+    assert sent is not double_abs and sent.location is bob and double_abs.location is None
+    assert sent.is_built and "on 'bob'" in repr(sent)
     x = torch.tensor([-1.0, 2.0]).send(bob)
-    result = double_abs(x)
+    result = sent(x)
     assert isinstance(result, sy.PointerTensor) and result.location is bob
     assert torch.equal(result.get(), torch.tensor([2.0, 4.0]))
     del x
@@ -79,16 +81,20 @@ def test_a_module_plan_gives_what_its_forward_gives_and_moves_between_workers(
     data = torch.tensor([-1.0, 2.0])
     with torch.no_grad():
         want = net(data)  # local tensors: forward, here
-    net.send(bob)
-    assert net.location is bob
-    got = net(data.send(bob))
+    on_bob = net.send(bob)
+    assert on_bob.location is bob and net.location is None
+    got = on_bob(data.send(bob))
     assert got.location is bob
     assert torch.allclose(got.get(), want)
-    net.get()
-    assert net.location is None and bob._objects == {}
-    net.send(alice)
-    assert torch.allclose(net(data.send(alice)).get(), want)
-    net.get()
+    on_alice = net.send(alice)  # the same plan, sent again elsewhere (PySyft's Part 8)
+    assert torch.allclose(on_alice(data.send(alice)).get(), want)
+    with pytest.raises(sy.PointerError, match="already"):
+        on_bob.send(alice)
+    back = on_bob.get()
+    assert back.location is None and bob._objects == {}
+    with torch.no_grad():
+        assert torch.allclose(back(data), want)
+    del on_alice
 
 
 def test_a_plan_with_state(hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
@@ -98,9 +104,9 @@ def test_a_plan_with_state(hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
         return x * 2 + bias
 
     assert torch.equal(with_bias(torch.tensor([3.0])), torch.tensor([7.0]))
-    with_bias.send(bob)
-    assert torch.equal(with_bias(torch.tensor([3.0]).send(bob)).get(), torch.tensor([7.0]))
-    with_bias.get()
+    sent = with_bias.send(bob)
+    assert torch.equal(sent(torch.tensor([3.0]).send(bob)).get(), torch.tensor([7.0]))
+    sent.get()
     assert bob._objects == {}
 
 
@@ -111,11 +117,10 @@ def test_a_plan_that_is_not_where_its_arguments_are_says_so(hook: sy.TorchHook,
     x = torch.ones(2).send(bob)
     with pytest.raises(sy.LocationMismatch, match=r"send the plan there first"):
         net(x)  # its parameters are here
-    net.send(alice)
+    on_alice = net.send(alice)
     with pytest.raises(sy.LocationMismatch, match="on worker 'alice'"):
-        net(x)
-    net.get()
-    del x
+        on_alice(x)
+    del x, on_alice
 
 
 def test_ops_outside_the_allow_list_or_giving_values_are_refused_when_building(
@@ -155,7 +160,7 @@ def test_a_trained_step_through_a_plan(hook: sy.TorchHook, bob: sy.WorkerClient)
     plan's parameters there."""
     torch.manual_seed(1)
     net = Net()
-    net.send(bob)
+    net = net.send(bob)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     data, target = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     x, y = data.send(bob), target.send(bob)
@@ -171,7 +176,7 @@ def test_a_trained_step_through_a_plan(hook: sy.TorchHook, bob: sy.WorkerClient)
     del x, y
 
 
-def test_a_plan_stays_built_when_sent_and_fetched(hook: sy.TorchHook, bob: sy.WorkerClient,
+def test_a_plan_sent_keeps_its_state_and_constants_there(hook: sy.TorchHook, bob: sy.WorkerClient,
                                                   alice: sy.WorkerClient) -> None:
     @sy.func2plan(args_shape=[(2,)], state=(torch.tensor([1.0, 2.0]),))
     def shifted(x: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
@@ -179,12 +184,12 @@ def test_a_plan_stays_built_when_sent_and_fetched(hook: sy.TorchHook, bob: sy.Wo
         return x + shift + torch.tensor([10.0, 10.0])  # (a constant: it goes along)
 
     assert shifted.is_built
-    shifted.send(bob)
-    assert shifted.is_built and "on 'bob'" in repr(shifted)
-    assert torch.equal(shifted(torch.zeros(2).send(bob)).get(), torch.tensor([11.0, 12.0]))
-    shifted.get()
+    on_bob = shifted.send(bob)
+    assert on_bob.is_built and "on 'bob'" in repr(on_bob)
+    assert torch.equal(on_bob(torch.zeros(2).send(bob)).get(), torch.tensor([11.0, 12.0]))
+    on_bob.get()
     assert bob._objects == {}, "the plan's state or constants stayed on bob"
-    shifted.send(alice)
-    assert torch.equal(shifted(torch.zeros(2).send(alice)).get(), torch.tensor([11.0, 12.0]))
-    shifted.get()
+    on_alice = shifted.send(alice)
+    assert torch.equal(on_alice(torch.zeros(2).send(alice)).get(), torch.tensor([11.0, 12.0]))
+    del on_alice
     assert torch.equal(shifted(torch.zeros(2)), torch.tensor([11.0, 12.0]))

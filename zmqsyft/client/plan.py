@@ -14,9 +14,11 @@ Calling a built plan on pointers (``plan(x_ptr)``) sends its ops, each an ordina
 the wire's safe format with fresh result ids, in one ``BATCH`` message to the worker holding the
 pointers; the worker runs them in order through the same allow-list, ownership, privacy and cost
 checks as single ops, and the call returns pointers to the results at once. The tensors the plan
-uses from outside must be on that worker: ``plan.send(worker)`` sends them (a module's
-parameters as ``model.send`` does), ``plan.get()`` brings them back. Called on local tensors, a
-plan is just its function (or ``forward``), run here.
+uses from outside must be on that worker: ``plan.send(worker)`` returns a copy of the plan whose
+parameters and state are there (PySyft's pointer to a plan; the plan itself stays here and can
+be sent elsewhere too), and ``.get()`` on that copy brings them back. Constants the plan made go
+along at its first run. Called on local tensors, a plan is just its function (or ``forward``),
+run here.
 
 A plan is traced for the shapes, dtypes and ``requires_grad`` of the inputs it is called with; a
 call with other ones traces it again (built plans keep one trace per input signature).
@@ -24,6 +26,7 @@ call with other ones traces it again (built plans keep one trace per input signa
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,6 +89,17 @@ class _Trace:
         self.outside: dict[int, tuple[int, Any]] = {}  # id(tensor) -> (slot, the tensor)
         self.out: list[int] = []
         self.out_spec: Any = None
+
+    def rebound(self, copies: dict[int, Any]) -> _Trace:
+        """The same trace for a copy of its plan: the outside tensors it names are the copies
+        ``copies`` (a ``deepcopy`` memo) made of them (constants stay the same objects)."""
+        new = _Trace()
+        new.ops, new.slots, new.inputs, new.out, new.out_spec = (
+            self.ops, self.slots, self.inputs, self.out, self.out_spec)
+        for slot, x in self.outside.values():
+            y = copies.get(id(x), x)
+            new.outside[id(y)] = (slot, y)
+        return new
 
     def slot(self) -> int:
         self.slots += 1
@@ -313,8 +327,24 @@ class Plan(nn.Module):
 
     # ------------------------------------------------------------- location
     def send(self, worker: Any) -> Plan:
-        """Send the tensors the plan uses from outside (its parameters and buffers, its state,
-        constants it made) to ``worker``, where calls on pointers will run it. Returns the plan."""
+        """Send a copy of the plan to ``worker`` and return it (PySyft's pointer to the plan):
+        the copy's parameters, buffers and state are there, and calling it on pointers to
+        ``worker``'s tensors runs it there. This plan stays here, built, and may be sent to
+        other workers too."""
+        where = self.location
+        if where is not None:
+            raise PointerError(f"plan {self.name!r} is on worker '{where.id}' already: .get() it "
+                               "back first, or send the plan it was sent from")
+        traces, self._traces = self._traces, {}
+        memo: dict[int, Any] = {}
+        try:
+            remote = copy.deepcopy(self, memo)
+        finally:
+            self._traces = traces
+        remote._traces = {k: t.rebound(memo) for k, t in traces.items()}
+        return remote._send_here(worker)
+
+    def _send_here(self, worker: Any) -> Plan:
         if module_tensors(self):
             module_send(self, worker)
         if self.state is not None:
