@@ -31,17 +31,19 @@ LEASE = 1.0
 
 
 class Pair:
-    """bob and alice, shell workers that know each other's keys and can be restarted."""
+    """bob and alice (or ``names``), shell workers that know each other's keys and can be
+    restarted."""
 
-    def __init__(self, tmp: Path, lease: float = LEASE) -> None:
+    def __init__(self, tmp: Path, lease: float = LEASE,
+                 names: tuple[str, ...] = ("bob", "alice")) -> None:
         self.lease = lease
         self.dir = tmp / "keys"
         self.dir.mkdir()
-        for name in ("bob", "alice"):
+        for name in names:
             new_keypair(name, str(self.dir))
         _, secret = new_keypair("me", str(self.dir))
         self.me = KeyPair.load(secret)
-        self.address = {n: f"ipc://{tmp}/{n}.sock" for n in ("bob", "alice")}
+        self.address = {n: f"ipc://{tmp}/{n}.sock" for n in names}
 
     @contextmanager
     def running(self, name: str) -> Iterator[object]:
@@ -91,10 +93,6 @@ def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
             assert torch.equal(other.get().get(), torch.ones(2))
 
 
-@pytest.mark.xfail(strict=True, raises=sy.ObjectNotFound, reason=(
-    "soak finding 2 (not fixed): an op through a chain whose last hop was restarted raises "
-    "ObjectNotFound relayed by the middle worker, not WorkerRestarted: the worker's pointer "
-    "records do not know which process of the peer made them"))
 @pytest.mark.parametrize("through", ["remote_get", "op", "get"])
 def test_a_chain_whose_last_hop_was_restarted_says_restarted(
         tmp_path: Path, hook: sy.TorchHook, through: str) -> None:
@@ -117,6 +115,32 @@ def test_a_chain_whose_last_hop_was_restarted_says_restarted(
                     chain.get().get()
             assert isinstance(info.value, sy.WorkerRestarted), repr(info.value)
             assert "bob" in str(info.value)
+            assert "worker 'bob'" in str(info.value) and "restarted" in str(info.value)
+
+
+@pytest.mark.parametrize("through", ["remote_get", "op", "get"])
+def test_a_three_hop_chain_whose_last_hop_was_restarted_says_restarted(
+        tmp_path: Path, hook: sy.TorchHook, through: str) -> None:
+    """client -> carol -> alice -> bob, bob restarted: alice tells it, carol relays it."""
+    workers = Pair(tmp_path, names=("bob", "alice", "carol"))
+    with workers.running("carol"), workers.running("alice"):
+        carol, alice = workers.connect("carol"), workers.connect("alice")
+        with workers.running("bob") as first:
+            bob = workers.connect("bob")
+            chain = torch.arange(4.0).send(bob).send(alice).send(carol)
+            assert torch.equal((chain + 1).get().get().get(), torch.arange(4.0) + 1)
+            _kill(first)
+        with workers.running("bob"):
+            assert torch.equal(torch.ones(2).send(bob).get(), torch.ones(2))  # bob is back
+            with pytest.raises(sy.CommunicationError) as info:
+                if through == "remote_get":
+                    chain.remote_get()
+                elif through == "op":
+                    (chain * 2).get().get().get()
+                else:
+                    chain.get().get().get()
+            assert isinstance(info.value, sy.WorkerRestarted), repr(info.value)
+            assert "worker 'bob'" in str(info.value) and "restarted" in str(info.value)
 
 
 def test_data_given_to_a_chain_is_kept_while_the_chain_is_unused(

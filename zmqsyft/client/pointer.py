@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CommunicationError, HandoverRefused, PointerError, PointerReleased, ResultLost
+from ..errors import (
+    CommunicationError,
+    HandoverRefused,
+    PointerError,
+    PointerReleased,
+    ResultLost,
+    WorkerRestarted,
+)
 from ..ids import new_id
 from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
@@ -108,7 +115,7 @@ class PointerTensor(torch.Tensor):
     def _desc(self, owned: bool) -> PointerDesc:
         return PointerDesc(self.location.id, self.location.address, self.id_at_location, self.id,
                            tuple(self._shape), dtype_name(self._dtype), self._rg, owned,
-                           self.location.key)
+                           self.location.key, self.location.incarnation)
 
     @classmethod
     def _become(cls, tensor: torch.Tensor, location: WorkerHandle, id_at_location: int) -> None:
@@ -150,6 +157,11 @@ class PointerTensor(torch.Tensor):
             raise PointerReleased(
                 f"cannot use {self!r} for {what}: object {self.id_at_location} on worker "
                 f"'{self.location.id}' is no longer this pointer's, because {self._released}")
+        if isinstance(self._error, WorkerRestarted):  # (a relay found the data's worker restarted)
+            raise WorkerRestarted(
+                f"cannot use {self!r} for {what}: the operation that was to create object "
+                f"{self.id_at_location} on worker '{self.location.id}' failed: "
+                f"{self._error}") from self._error
         if self._error is not None:  # (its worker failing: a CommunicationError too)
             lost = isinstance(self._error, CommunicationError)
             raise (ResultLost if lost else PointerError)(
@@ -246,9 +258,12 @@ class PointerTensor(torch.Tensor):
         session = worker.session
         worker.address  # noqa: B018 - a spawned worker is ready, so its peers know its key
         if worker.key and self.location.key and worker.address != self.location.address:
-            # the worker holding it lets `worker` own (or read) it first
+            # the worker holding it lets `worker` own (or read) it first: that process of it
+            # (the session its links name is its incarnation, told in its HELLO reply)
+            there = session.conn(worker).peer_info().incarnation
             session.conn(self.location).request(
-                Op.GIVE, Give(ids=[self.id_at_location], to=worker.key, read_only=not self._owned),
+                Op.GIVE, Give(ids=[self.id_at_location], to=worker.key, read_only=not self._owned,
+                              session=there),
                 keep=(self,), what=f".send() of a pointer to '{worker.id}'")
         session.conn(worker).request(
             Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),

@@ -51,7 +51,8 @@ def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     session, conn = worker.session, worker.session.conn(worker)
     since, what = conn._next, f".send() to '{worker.id}'"
     try:
-        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor), what=what))
+        # (a result: a reconnect meeting a restarted worker makes it the new process's)
+        conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor), results=(ptr,), what=what))
     except BaseException as exc:
         ptr._release("the .send() that was to create it failed")
         if not isinstance(exc, Exception):  # Ctrl-C: the object is freed once it is stored
