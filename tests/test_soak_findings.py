@@ -63,9 +63,6 @@ def _kill(worker: object) -> None:
     worker.proc.wait()  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(strict=True, reason="soak finding 1 (not fixed): what bob GAVE to alice "
-                   "(a pointer chain's data) is kept for alice's default session, which any "
-                   "connection of alice's key keeps alive: a restarted alice keeps it forever")
 def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
         tmp_path: Path, hook: sy.TorchHook) -> None:
     pair = Pair(tmp_path, lease=8.0)  # alice is back (and connects to bob) within the lease

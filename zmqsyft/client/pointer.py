@@ -257,17 +257,23 @@ class PointerTensor(torch.Tensor):
         self._settle()
         session = worker.session
         worker.address  # noqa: B018 - a spawned worker is ready, so its peers know its key
+        what = f".send() of a pointer to '{worker.id}'"
+        conn = session.conn(worker)
+        conn.request(Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
+                     what=what)
         if worker.key and self.location.key and worker.address != self.location.address:
-            # the worker holding it lets `worker` own (or read) it first: that process of it
-            # (the session its links name is its incarnation, told in its HELLO reply)
-            there = session.conn(worker).peer_info().incarnation
-            session.conn(self.location).request(
-                Op.GIVE, Give(ids=[self.id_at_location], to=worker.key, read_only=not self._owned,
-                              session=there),
-                keep=(self,), what=f".send() of a pointer to '{worker.id}'")
-        session.conn(worker).request(
-            Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
-            what=f".send() of a pointer to '{worker.id}'")
+            # the worker holding the data lets `worker` own (or read) it: the process of it that
+            # took the pointer (whose HELLO this connection met), whose links name its
+            # incarnation as their session there: a later process of it does not keep it alive
+            there = conn.peer.incarnation if conn.peer is not None else ""
+            try:
+                session.conn(self.location).request(
+                    Op.GIVE, Give(ids=[self.id_at_location], to=worker.key,
+                                  read_only=not self._owned, session=there),
+                    keep=(self,), what=what)
+            except BaseException:
+                session.free_later(worker.address, self.id)  # (it owns nothing there)
+                raise
         if self._owned:  # the ownership went with it; a non-owning pointer stays usable
             self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")
         # we own the pointer object stored on `worker` (whatever it points to)
