@@ -1,11 +1,20 @@
 """What the soak test (``benchmarks/soak.py``) found, each reduced to one reproduction.
 
 Two shell workers with fixed keys and addresses (``bob`` and ``alice``, each allowing the other
-and the test's key), killed with SIGKILL and started again at the same address, as the soak's
-killer does. Finding 3 (fixed: data given to a chain's middle worker was freed after the lease
-when that worker had not linked to the data's worker yet) needs no kill. Findings not fixed yet
-are strict ``xfail``: they start passing (and so failing as
-``XPASS``) when the bug is fixed, which is the signal to drop the mark.
+and the test's key; a third, ``carol``, for a longer chain), killed with SIGKILL and started
+again at the same address, as the soak's killer does. All three findings are fixed:
+
+1. what bob GAVE to alice (a chain's data) was kept for alice's key's default session, which a
+   restarted alice (same key) kept alive forever; now a GIVE names the receiving process's
+   session (a worker's links name its incarnation), which lapses with that process;
+2. an op through a chain whose last hop was restarted raised ``ObjectNotFound`` relayed by the
+   middle worker; now pointer descriptors and records name the holder's incarnation and the
+   relay answers ``WorkerRestarted`` naming the restarted worker;
+3. data given to a chain's middle worker was freed after the lease when that worker had not
+   linked to the data's worker yet (needs no kill).
+
+A finding not fixed yet is added here as a strict ``xfail``: it starts passing (and so failing
+as ``XPASS``) when the bug is fixed, which is the signal to drop the mark.
 """
 
 from __future__ import annotations
