@@ -22,9 +22,10 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,6 +54,7 @@ class Pair:
         _, secret = new_keypair("me", str(self.dir))
         self.me = KeyPair.load(secret)
         self.address = {n: f"ipc://{tmp}/{n}.sock" for n in names}
+        self.handles: list[WorkerClient] = []
 
     @contextmanager
     def running(self, name: str) -> Iterator[object]:
@@ -63,8 +65,30 @@ class Pair:
             yield worker
 
     def connect(self, name: str) -> WorkerClient:
-        return sy.connect(self.address[name], worker_key=str(self.dir / f"{name}.key"),
-                          keys=self.me)
+        self.handles.append(sy.connect(self.address[name],
+                                       worker_key=str(self.dir / f"{name}.key"), keys=self.me))
+        return self.handles[-1]
+
+    def close(self) -> None:
+        """Forget the handles: nothing of this test's workers (stopped by now) lingers in the
+        session, where a later test's sync() would report their loss."""
+        for handle in self.handles:
+            handle.close()
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    """Makes :class:`Pair` s in the test's directory; closes their handles after the test."""
+    made: list[Pair] = []
+
+    def make(**kwargs: Any) -> Pair:
+        made.append(Pair(tmp_path, **kwargs))
+        return made[-1]
+    try:
+        yield make
+    finally:
+        for pair in made:
+            pair.close()
 
 
 def _kill(worker: object) -> None:
@@ -73,8 +97,8 @@ def _kill(worker: object) -> None:
 
 
 def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
-        tmp_path: Path, hook: sy.TorchHook) -> None:
-    pair = Pair(tmp_path, lease=8.0)  # alice is back (and connects to bob) within the lease
+        pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
+    pair = pairs(lease=8.0)  # alice is back (and connects to bob) within the lease
     with pair.running("bob"):
         bob = pair.connect("bob")
         with pair.running("alice") as first:
@@ -101,8 +125,8 @@ def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
 
 @pytest.mark.parametrize("through", ["remote_get", "op", "get"])
 def test_a_chain_whose_last_hop_was_restarted_says_restarted(
-        tmp_path: Path, hook: sy.TorchHook, through: str) -> None:
-    pair = Pair(tmp_path)
+        pairs: Callable[..., Pair], hook: sy.TorchHook, through: str) -> None:
+    pair = pairs()
     with pair.running("alice"):
         alice = pair.connect("alice")
         with pair.running("bob") as first:
@@ -126,9 +150,9 @@ def test_a_chain_whose_last_hop_was_restarted_says_restarted(
 
 @pytest.mark.parametrize("through", ["remote_get", "op", "get"])
 def test_a_three_hop_chain_whose_last_hop_was_restarted_says_restarted(
-        tmp_path: Path, hook: sy.TorchHook, through: str) -> None:
+        pairs: Callable[..., Pair], hook: sy.TorchHook, through: str) -> None:
     """client -> carol -> alice -> bob, bob restarted: alice tells it, carol relays it."""
-    workers = Pair(tmp_path, names=("bob", "alice", "carol"))
+    workers = pairs(names=("bob", "alice", "carol"))
     with workers.running("carol"), workers.running("alice"):
         carol, alice = workers.connect("carol"), workers.connect("alice")
         with workers.running("bob") as first:
@@ -150,10 +174,10 @@ def test_a_three_hop_chain_whose_last_hop_was_restarted_says_restarted(
 
 
 def test_data_given_to_a_chain_is_kept_while_the_chain_is_unused(
-        tmp_path: Path, hook: sy.TorchHook) -> None:
+        pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
     """Soak finding 3: bob gives the data to alice when the pointer is sent to her; alice does
     not connect to bob until the chain is used. The data must not be freed meanwhile."""
-    pair = Pair(tmp_path)
+    pair = pairs()
     with pair.running("bob"), pair.running("alice"):
         bob, alice = pair.connect("bob"), pair.connect("alice")
         data = torch.arange(4.0).send(bob)
