@@ -192,7 +192,7 @@ def test_summary_objref_pointerdesc() -> None:
 
 def test_a_pointer_descriptor_names_its_holders_incarnation_when_known() -> None:
     """Protocol 10: a 10th field, the incarnation of the worker holding the object; a 9-field
-    descriptor (a peer of protocol 9, or one that does not know) decodes with it unknown."""
+    descriptor (protocol 9's format, or a sender that does not know it) decodes with it unknown."""
     desc = PointerDesc("bob", "ipc:///tmp/x/bob.sock", 5, 17, (2,), "float32", False, True,
                        "K" * 40, "0123456789abcdef")
     got = roundtrip({"ptr": desc}).body["ptr"]

@@ -139,8 +139,8 @@ class PointerDesc:
     ``ptr_id`` is the pointer's own id (the key it is stored under when it is itself sent);
     ``owned`` says whether the receiver becomes the owner that frees the object.
     ``incarnation`` names the process of that worker the object lives in (its ``HELLO`` reply's
-    ``incarnation``; ``""``: unknown, as from a peer of protocol 9): a worker at ``address``
-    with another incarnation was restarted, and the object is gone.
+    ``incarnation``; ``""``: unknown, as in a 9-field descriptor of protocol 9): a worker at
+    ``address`` with another incarnation was restarted, and the object is gone.
     """
 
     __slots__ = ("location", "address", "id_at_location", "ptr_id", "shape", "dtype",
