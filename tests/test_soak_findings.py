@@ -38,6 +38,13 @@ from zmqsyft.keys import KeyPair, new_keypair
 pytestmark = pytest.mark.timeout(240)
 
 LEASE = 1.0
+# a restarted relay is back, and linked to bob, within this lease (a worker's start, torch's
+# import, takes ~9 s on 2 busy cores: with 8 s the old lease could run out first, and a test of
+# the fix pass without it)
+RESTART_LEASE = 20.0
+BACK_LATE = ("the restarted relay came back after the lease of its predecessor had run out: "
+             "this run cannot tell whether the new process would have kept the old objects "
+             "alive (raise RESTART_LEASE)")
 
 
 class Pair:
@@ -98,7 +105,7 @@ def _kill(worker: object) -> None:
 
 def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
         pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
-    pair = pairs(lease=8.0)  # alice is back (and connects to bob) within the lease
+    pair = pairs(lease=RESTART_LEASE)  # alice is back (and connects to bob) within the lease
     with pair.running("bob"):
         bob = pair.connect("bob")
         with pair.running("alice") as first:
@@ -112,6 +119,7 @@ def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
             # the new alice relays for a new chain: it connects to bob with alice's key
             other = torch.ones(2).send(bob).send(alice)
             assert torch.equal((other * 2).get().get(), torch.full((2,), 2.0))
+            assert data_id in bob._objects, BACK_LATE
             del chain
             gc.collect()
             deadline = time.monotonic() + pair.lease + 10
@@ -119,6 +127,37 @@ def test_data_behind_a_chain_whose_relay_was_restarted_is_freed(
                 threading.Event().wait(0.1)  # freed once alice's lease runs out: polled
             assert data_id not in bob._objects, (
                 "bob still holds the data of a chain whose relay (alice) was restarted: "
+                f"{bob.stats()['principals']}")
+            assert torch.equal(other.get().get(), torch.ones(2))
+
+
+def test_data_behind_a_chain_moved_to_a_relay_that_was_restarted_is_freed(
+        pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
+    """Finding 1 by way of a move: alice moves her pointer on to carol, and so has bob give the
+    data to carol, to the carol process alice's link met; a restarted carol does not keep it."""
+    workers = pairs(lease=RESTART_LEASE, names=("bob", "alice", "carol"))
+    with workers.running("bob"), workers.running("alice"):
+        bob = workers.connect("bob")
+        workers.connect("alice")
+        with workers.running("carol") as first:
+            carol = workers.connect("carol")
+            data = torch.arange(4.0).send(bob)
+            data_id = data.id_at_location
+            chain = data.send(workers.handles[1]).move(carol)  # carol -> bob now
+            assert chain.location is carol
+            assert torch.equal((chain + 1).get().get(), torch.arange(4.0) + 1)
+            _kill(first)
+        with workers.running("carol"):
+            other = torch.ones(2).send(bob).send(carol)  # the new carol links to bob
+            assert torch.equal((other * 2).get().get(), torch.full((2,), 2.0))
+            assert data_id in bob._objects, BACK_LATE
+            del chain
+            gc.collect()
+            deadline = time.monotonic() + workers.lease + 10
+            while data_id in bob._objects and time.monotonic() < deadline:
+                threading.Event().wait(0.1)  # freed once carol's lease runs out: polled
+            assert data_id not in bob._objects, (
+                "bob still holds the data of a chain whose relay (carol) was restarted: "
                 f"{bob.stats()['principals']}")
             assert torch.equal(other.get().get(), torch.ones(2))
 
