@@ -1,8 +1,8 @@
 """What the soak test (``benchmarks/soak.py``) found, each reduced to one reproduction.
 
 Two shell workers with fixed keys and addresses (``bob`` and ``alice``, each allowing the other
-and the test's key; a third, ``carol``, for a longer chain), killed with SIGKILL and started
-again at the same address, as the soak's killer does. All three findings are fixed:
+and the test's key; a third, ``carol``, for a longer chain and a move), killed with SIGKILL and
+started again at the same address, as the soak's killer does. All three findings are fixed:
 
 1. what bob GAVE to alice (a chain's data) was kept for alice's key's default session, which a
    restarted alice (same key) kept alive forever; now a GIVE names the receiving process's
