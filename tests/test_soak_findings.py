@@ -212,6 +212,25 @@ def test_a_three_hop_chain_whose_last_hop_was_restarted_says_restarted(
             assert "worker 'bob'" in str(info.value) and "restarted" in str(info.value)
 
 
+def test_a_three_hop_chain_whose_middle_hop_was_restarted_says_restarted(
+        pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
+    """client -> carol -> alice -> bob, alice restarted: carol tells it, naming alice."""
+    workers = pairs(names=("bob", "alice", "carol"))
+    with workers.running("carol"), workers.running("bob"):
+        carol, bob = workers.connect("carol"), workers.connect("bob")
+        with workers.running("alice") as first:
+            alice = workers.connect("alice")
+            chain = torch.arange(4.0).send(bob).send(alice).send(carol)
+            assert torch.equal((chain + 1).get().get().get(), torch.arange(4.0) + 1)
+            _kill(first)
+        with workers.running("alice"):
+            assert torch.equal(torch.ones(2).send(alice).get(), torch.ones(2))  # alice is back
+            with pytest.raises(sy.CommunicationError) as info:
+                (chain * 2).get().get().get()
+            assert isinstance(info.value, sy.WorkerRestarted), repr(info.value)
+            assert "worker 'alice'" in str(info.value) and "restarted" in str(info.value)
+
+
 def test_data_given_to_a_chain_is_kept_while_the_chain_is_unused(
         pairs: Callable[..., Pair], hook: sy.TorchHook) -> None:
     """Soak finding 3: bob gives the data to alice when the pointer is sent to her; alice does
