@@ -36,12 +36,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-KNOWN = {  # findings of this soak not fixed yet (see tests/test_soak_findings.py)
-    "chain-not-found": "an op through a chain whose last hop was restarted raises "
-                       "ObjectNotFound (relayed by the middle worker), not WorkerRestarted",
-    "restarted-holder": "objects given to a worker that was then killed and restarted stay "
-                        "on the giver while the new process is connected to it",
-}
+# findings of this soak not fixed yet (see tests/test_soak_findings.py), name -> what: none now
+# (chain-not-found and restarted-holder, soak findings 2 and 1, are fixed)
+KNOWN: dict[str, str] = {}
 MAX_CALL = 10.0  # seconds: a single call longer than this is a failure
 LEASE = 2.0
 ENV = {"ZMQSYFT_LEASE": str(LEASE), "ZMQSYFT_SHM_THRESHOLD": "4096"}  # small tensors use shm too
@@ -274,21 +271,7 @@ class Client:
             # objects on the workers named, and on every worker this op touched (sync(): all)
             named = set(re.findall(r"'([^']+)'", str(exc)))  # 'w1' (relayed by 'w2')
             self.forget((named & set(self.workers) | self.touched) or set(self.workers))
-        except sy.ObjectNotFound as exc:
-            told = str(exc) + "".join(getattr(exc, "__notes__", ()))  # + the remote traceback
-            if "chain-not-found" not in self.known or "(relayed by '" not in told:
-                raise_failure = True
-            else:
-                raise_failure = False
-                self.errors["ObjectNotFound (known finding: chain)"] += 1
-                named = set(re.findall(r"'([^']+)'", told))
-                self.forget((named & set(self.workers) | self.touched) or set(self.workers))
-            if raise_failure:
-                self.errors[type(exc).__name__] += 1
-                self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op} at "
-                                     f"{time.strftime('%H:%M:%S')}: {exc}\n"
-                                     + traceback.format_exc())
-        except Exception as exc:  # noqa: BLE001 - every other error is a failure
+        except Exception as exc:  # noqa: BLE001 - every other error (ObjectNotFound) is a failure
             self.errors[type(exc).__name__] += 1
             self.failures.append(f"UNEXPECTED {type(exc).__name__} in {op} at "
                                  f"{time.strftime('%H:%M:%S')}: {exc}\n"
@@ -403,13 +386,13 @@ class Workers:
         return problems
 
 
-def leftovers_objects(workers: Workers, keys: str, tolerate: set[str]) -> tuple[list[str], list[str]]:
+def leftovers_objects(workers: Workers, keys: str) -> list[str]:
     """Objects still on each worker, polled as admin until the leases ran out (deadline)."""
     import zmqsyft as sy
     from zmqsyft.keys import KeyPair
 
     me = KeyPair.load(os.path.join(keys, "driver.key_secret"))
-    left, known = [], []
+    left = []
     deadline = time.monotonic() + LEASE + 30
     for name in workers.names:
         w = sy.connect(workers.address[name], worker_key=os.path.join(keys, f"{name}.key"), keys=me)
@@ -421,9 +404,9 @@ def leftovers_objects(workers: Workers, keys: str, tolerate: set[str]) -> tuple[
             holders = {k: v for k, v in w.stats()["principals"].items() if v["objects"]}
             line = (f"{name}: {len(objects)} objects held by {holders}: "
                     f"{[(k, tuple(getattr(v, 'shape', ()))) for k, v in objects.items()][:5]}")
-            (known if holders and set(holders) <= tolerate else left).append(line)
+            left.append(line)
         w.close()
-    return left, known
+    return left
 
 
 def driver_main(args: argparse.Namespace) -> int:
@@ -503,8 +486,7 @@ def driver_main(args: argparse.Namespace) -> int:
         warm_up = max(warm_up, got["warm_up"])
         failures.extend(f"client{i}: {x.splitlines()[0]}" for x in got["failures"])
     print(f"soak: clients done at {time.monotonic() - started:.0f}s", flush=True)
-    restarted = {k.split("@")[0] for k in kills} if "restarted-holder" in args.known else set()
-    objects_left, objects_known = leftovers_objects(workers, keys, restarted)
+    objects_left = leftovers_objects(workers, keys)
     failures.extend(workers.stop_all())
     all_pids |= workers.pids
     from zmqsyft.wire import shm
@@ -523,8 +505,6 @@ def driver_main(args: argparse.Namespace) -> int:
           f"op (not a call): up to {warm_up:.1f}s")
     print(f"kills: {len(kills)} ({', '.join(kills)})")
     print(f"objects left: {objects_left or 'none'}")
-    if objects_known:
-        print(f"objects left, held by restarted workers (known finding): {objects_known}")
     print(f"segments left: {segments or 'none'}")
     print(f"temp files left: {tmp_left or 'none'}")
     print(f"child processes left: {children or 'none'}")
@@ -567,7 +547,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     p.add_argument("--known", action="append", default=[], choices=KNOWN,
                    help="count a known finding (tests/test_soak_findings.py) without failing: "
-                        + "; ".join(f"{k}: {v}" for k, v in KNOWN.items()))
+                        + ("; ".join(f"{k}: {v}" for k, v in KNOWN.items()) or "none now"))
     p.add_argument("--client-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

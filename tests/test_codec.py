@@ -190,6 +190,23 @@ def test_summary_objref_pointerdesc() -> None:
     assert got["ptr"].shape == (2, 3) and got["ptr"].owned is False and got["ptr"].requires_grad is True
 
 
+def test_a_pointer_descriptor_names_its_holders_incarnation_when_known() -> None:
+    """Protocol 10: a 10th field, the incarnation of the worker holding the object; a 9-field
+    descriptor (protocol 9's format, or a sender that does not know it) decodes with it unknown."""
+    desc = PointerDesc("bob", "ipc:///tmp/x/bob.sock", 5, 17, (2,), "float32", False, True,
+                       "K" * 40, "0123456789abcdef")
+    got = roundtrip({"ptr": desc}).body["ptr"]
+    assert got.incarnation == "0123456789abcdef" and got.as_list() == desc.as_list()
+    old = P(int(Ext.PTR), pk(["bob", "ipc:///tmp/x/bob.sock", 5, 17, [2], "float32", False, True,
+                               "K" * 40]))
+    got = decode_message([header({"ptr": old})]).body["ptr"]
+    assert type(got) is PointerDesc and got.incarnation == "" and got.key == "K" * 40
+    unknown = PointerDesc("bob", "ipc:///tmp/x/bob.sock", 5, 17, (2,), "float32", False, True)
+    assert len(unknown.as_list()) == 9  # (an unknown incarnation is not sent)
+    with pytest.raises(ProtocolError, match="malformed pointer descriptor"):
+        decode_message([header({"ptr": P(int(Ext.PTR), pk([*desc.as_list(), "extra"]))})])
+
+
 @pytest.mark.parametrize("fmt", MEMORY_FORMATS, ids=str)
 def test_memory_formats(fmt: torch.memory_format) -> None:
     got = roundtrip({"kwargs": {"memory_format": fmt}}).body

@@ -10,6 +10,9 @@ and stop the worker (the same requests from a plain socket all succeeded).
 
 from __future__ import annotations
 
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ import zmq
 
 import zmqsyft as sy
 from tests.helpers import (
+    STARTUP,
+    _cli_worker,
     alive_check,
     assert_answers_ping,
     cli_worker,
@@ -29,7 +34,7 @@ from tests.helpers import (
 from zmqsyft import WorkerClient
 from zmqsyft.errors import AccessDenied, ObjectNotFound
 from zmqsyft.ids import new_id
-from zmqsyft.keys import KeyPair
+from zmqsyft.keys import KeyPair, new_keypair
 from zmqsyft.wire.codec import encode_message
 from zmqsyft.wire.messages import ObjRef, Op
 
@@ -230,6 +235,56 @@ def test_sending_a_pointer_hands_the_data_to_the_next_hop(spawn, hook: sy.TorchH
     assert inner.location is bob and inner.owned
     assert torch.equal(inner.get(), torch.tensor([1.0, 2.0]))
     assert bob._objects == {} and alice._objects == {}
+
+
+def test_a_pointer_whose_data_cannot_be_handed_over_is_not_left_behind(
+        tmp_path: Path, hook: sy.TorchHook) -> None:
+    """Sending a pointer stores it on the receiver, then has the data's worker GIVE the data to
+    the receiver (the process that took it: its session there). If bob refuses (he does not know
+    eve's key), the send fails, the pointer stays ours and usable, and eve's copy is freed."""
+    bob_dir, eve_dir = tmp_path / "bob-keys", tmp_path / "eve-keys"
+    bob_dir.mkdir()
+    eve_dir.mkdir()
+    new_keypair("bob", str(bob_dir))
+    new_keypair("eve", str(eve_dir))
+    _, secret = new_keypair("me", str(bob_dir))
+    for name in ("bob", "me"):  # eve knows bob and me; bob does not know eve
+        shutil.copy(bob_dir / f"{name}.key", eve_dir / f"{name}.key")
+    me = KeyPair.load(secret)
+    address = {n: f"ipc://{tmp_path}/{n}.sock" for n in ("bob", "eve")}
+    handles: list[WorkerClient] = []
+    try:
+        with _cli_worker(("--id", "bob", "--bind", address["bob"], "--keys", str(bob_dir),
+                          "--allow", str(bob_dir), "--admin", str(bob_dir / "me.key")),
+                         STARTUP, None), \
+             _cli_worker(("--id", "eve", "--bind", address["eve"], "--keys", str(eve_dir),
+                          "--allow", str(eve_dir), "--admin", str(eve_dir / "me.key")),
+                         STARTUP, None):
+            for name, folder in (("bob", bob_dir), ("eve", eve_dir)):
+                handles.append(sy.connect(address[name], worker_key=str(folder / f"{name}.key"),
+                                          keys=me))
+            bob, eve = handles
+            data = torch.arange(3.0).send(bob)
+            with pytest.raises(AccessDenied, match="knows no principal"):
+                data.send(eve)
+            assert torch.equal((data + 1).get(), torch.arange(3.0) + 1)  # still ours, usable
+            deadline, left = time.monotonic() + 30, None
+            while time.monotonic() < deadline:  # (its delete is queued: polled)
+                try:
+                    left = eve._objects
+                except sy.LimitExceeded as exc:
+                    # eve's own link to bob (for the pointer, then its delete) was refused: bob
+                    # does not know her. Her FLUSH says so, as it should: not what is tested here
+                    assert "bob.sock" in str(exc) and "refused" in str(exc), exc
+                else:
+                    if not left:
+                        break
+                threading.Event().wait(0.1)
+            assert left == {}, "eve kept the pointer whose data bob did not give her"
+            assert torch.equal(data.get(), torch.arange(3.0))
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def test_a_forged_descriptor_to_an_unknown_peer_is_refused(spawn, hook: sy.TorchHook) -> None:  # type: ignore[no-untyped-def]

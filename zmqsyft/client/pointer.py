@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CommunicationError, HandoverRefused, PointerError, PointerReleased, ResultLost
+from ..errors import (
+    CommunicationError,
+    HandoverRefused,
+    PointerError,
+    PointerReleased,
+    ResultLost,
+    WorkerRestarted,
+)
 from ..ids import new_id
 from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
@@ -127,7 +134,7 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
     def _desc(self, owned: bool) -> PointerDesc:
         return PointerDesc(self.location.id, self.location.address, self.id_at_location, self.id,
                            tuple(self._shape), dtype_name(self._dtype), self._rg, owned,
-                           self.location.key)
+                           self.location.key, self.location.incarnation)
 
     @classmethod
     def _become(cls, tensor: torch.Tensor, location: WorkerHandle, id_at_location: int) -> None:
@@ -170,6 +177,11 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
             raise PointerReleased(
                 f"cannot use {self!r} for {what}: object {self.id_at_location} on worker "
                 f"'{self.location.id}' is no longer this pointer's, because {self._released}")
+        if isinstance(self._error, WorkerRestarted):  # (a relay found the data's worker restarted)
+            raise WorkerRestarted(
+                f"cannot use {self!r} for {what}: the operation that was to create object "
+                f"{self.id_at_location} on worker '{self.location.id}' failed: "
+                f"{self._error}") from self._error
         if self._error is not None:  # (its worker failing: a CommunicationError too)
             lost = isinstance(self._error, CommunicationError)
             raise (ResultLost if lost else PointerError)(
@@ -274,19 +286,21 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
         session = worker.session
         worker.address  # noqa: B018 - a spawned worker is ready, so its peers know its key
         what = f".send() of a pointer to '{worker.id}'"
-        # `worker` takes the record first (it may refuse it: a holder it does not link to), and
-        # only then does the worker holding the data let it own (or read) it: a refusal at
-        # either step leaves the data ours
-        session.conn(worker).request(Op.PUT, Put(id=self.id, obj=self._desc(self._owned)),
-                                     keep=(self,), what=what)
+        conn = session.conn(worker)
+        conn.request(Op.PUT, Put(id=self.id, obj=self._desc(self._owned)), keep=(self,),
+                     what=what)
         if worker.key and self.location.key and worker.address != self.location.address:
+            # the worker holding the data lets `worker` own (or read) it: the process of it that
+            # took the pointer (whose HELLO this connection met), whose links name its
+            # incarnation as their session there: a later process of it does not keep it alive
+            there = conn.peer.incarnation if conn.peer is not None else ""
             try:
                 session.conn(self.location).request(
                     Op.GIVE, Give(ids=[self.id_at_location], to=worker.key,
-                                  read_only=not self._owned), keep=(self,), what=what)
+                                  read_only=not self._owned, session=there),
+                    keep=(self,), what=what)
             except BaseException:
-                # the record owns nothing there now: deleting it frees nothing of ours
-                session.free_later(worker.address, self.id)
+                session.free_later(worker.address, self.id)  # (it owns nothing there)
                 raise
         if self._owned:  # the ownership went with it; a non-owning pointer stays usable
             self._release(f"it was sent to worker '{worker.id}'; use the pointer that send() returned")

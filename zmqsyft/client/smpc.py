@@ -59,8 +59,9 @@ def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     session, conn = worker.session, worker.session.conn(worker)
     since = conn._next
     try:
+        # (a result: a reconnect meeting a restarted worker makes it the new process's)
         conn.wait(conn.send(Op.PUT, Put(id=obj_id, obj=tensor, tags=tags, description=about),
-                            what=what))
+                            results=(ptr,), what=what))
     except BaseException as exc:
         ptr._release("the .send() that was to create it failed")
         if not isinstance(exc, Exception):  # Ctrl-C: the object is freed once it is stored

@@ -109,6 +109,9 @@ acknowledgement); ``key?`` is optional, with a default::
                 > ids: [object id] - the objects
                 > to: str - the principal's public key (one the worker knows)
                 > read_only?: bool - share them to compute with instead of giving them away
+                > session?: str - the receiver's session to keep them for: a worker's incarnation
+                    (its links to its peers name it as their session), a client's session id; '' for
+                    the principal's default session
     ALLOW       (admins only) Accept connections from more keys: a spawning client's other workers.
                 > keys: map - name -> public key
     ACKS        (request id 0) empty replies to several requests at once.
@@ -361,6 +364,9 @@ class Give(Body):
     ids: list[int] = key(IDS, "the objects")
     to: str = key(STR, "the principal's public key (one the worker knows)")
     read_only: bool = key(BOOL, "share them to compute with instead of giving them away", False)
+    session: str = key(STR, "the receiver's session to keep them for: a worker's incarnation (its "
+                       "links to its peers name it as their session), a client's session id; '' "
+                       "for the principal's default session", "")
 
 
 @body(Op.ALLOW)

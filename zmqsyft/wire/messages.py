@@ -53,12 +53,13 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "Op", "NO_REPLY", "op_name", "salvage_req_id"]
 
-PROTOCOL_VERSION = 10  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
+PROTOCOL_VERSION = 11  # 2: ACKS; 3: BATCH; 4: HANDOVER, segments in a per-user directory;
 # 5: typed bodies, every key checked (MOVE no longer carries the unused 'dest' name);
 # 6: CURVE keys in pointer descriptors and MOVE, sessions in HELLO, GIVE and ALLOW;
 # 7: BULK (large messages sealed beside the CURVE connection, zmqsyft.wire.bulk);
 # 8: privacy labels in PUT and GET replies (zmqsyft.privacy); 9: tensors carry their .grad;
 # 10: tags and descriptions in PUT, GET and SEARCH replies, TAG (zmqsyft.wire.tags)
+# 11: pointer descriptors name the holder's incarnation, GIVE the receiver's session
 NO_REPLY = 0
 
 
@@ -139,14 +140,17 @@ class PointerDesc:
     ``address`` on the strength of this descriptor talks only to the holder of that key.
     ``ptr_id`` is the pointer's own id (the key it is stored under when it is itself sent);
     ``owned`` says whether the receiver becomes the owner that frees the object.
+    ``incarnation`` names the process of that worker the object lives in (its ``HELLO`` reply's
+    ``incarnation``; ``""``: unknown, as in a 9-field descriptor of protocol 9): a worker at
+    ``address`` with another incarnation was restarted, and the object is gone.
     """
 
     __slots__ = ("location", "address", "id_at_location", "ptr_id", "shape", "dtype",
-                 "requires_grad", "owned", "key")
+                 "requires_grad", "owned", "key", "incarnation")
 
     def __init__(self, location: str, address: str, id_at_location: int, ptr_id: int,
                  shape: tuple[int, ...], dtype: str, requires_grad: bool, owned: bool,
-                 key: str = "") -> None:
+                 key: str = "", incarnation: str = "") -> None:
         self.location = location
         self.address = address
         self.id_at_location = id_at_location
@@ -156,10 +160,16 @@ class PointerDesc:
         self.requires_grad = requires_grad
         self.owned = owned
         self.key = key
+        self.incarnation = incarnation
 
     def as_list(self) -> list:
-        return [self.location, self.address, self.id_at_location, self.ptr_id, list(self.shape),
-                self.dtype, self.requires_grad, self.owned, self.key]
+        """The descriptor as the wire carries it (``Ext.PTR``): its fields in order; the
+        incarnation, last, only when it is known."""
+        out = [self.location, self.address, self.id_at_location, self.ptr_id, list(self.shape),
+               self.dtype, self.requires_grad, self.owned, self.key]
+        if self.incarnation:
+            out.append(self.incarnation)
+        return out
 
     def __repr__(self) -> str:
         return (f"PointerDesc({self.location}:{self.id_at_location} @ {self.address}, "

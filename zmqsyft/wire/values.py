@@ -12,7 +12,8 @@ code   name          payload (msgpack)
 2      TENSOR        ``[buffer index, dtype name, shape, requires_grad(, grad)]``: ``grad``, the
                      tensor's ``.grad`` (itself a tensor value), only when it has one
 3      REF           object id in the receiver's store, 8 bytes big-endian (not msgpack)
-4      PTR           pointer descriptor list (:class:`~zmqsyft.wire.messages.PointerDesc`)
+4      PTR           pointer descriptor list (:class:`~zmqsyft.wire.messages.PointerDesc`): 9
+                     fields, a 10th (the holder's incarnation) when it is known
 5      SLICE         ``[start, stop, step]``
 6      ELLIPSIS      nil
 7      DTYPE         dtype name, e.g. ``"float32"``
@@ -298,10 +299,13 @@ class Decoder:
         if code == Ext.SHM or code == Ext.HANDOVER:
             return self._shm_tensor(code, payload)
         if code == Ext.PTR:
-            loc, addr, idl, pid, shape, dname, rg, owned, key = payload
+            if not isinstance(payload, list) or len(payload) not in (9, 10):
+                raise ProtocolError(f"malformed pointer descriptor {payload!r}")
+            loc, addr, idl, pid, shape, dname, rg, owned, key = payload[:9]
             _lookup(DTYPES, dname, "dtype")
+            incarnation = str(payload[9])[:64] if len(payload) > 9 else ""  # ("": unknown)
             return PointerDesc(str(loc), str(addr), _int(idl), _int(pid), tuple(map(_int, shape)),
-                               dname, bool(rg), bool(owned), str(key)[:64])
+                               dname, bool(rg), bool(owned), str(key)[:64], incarnation)
         if code == Ext.SLICE:
             return slice(*payload)
         if code == Ext.ELLIPSIS:

@@ -39,9 +39,10 @@ from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
 from . import costs, executor, labels
 from .access import Principal
+from .chains import explained, record, restarted
 from .context import Ctx, Services
 from .leases import Holder
-from .objects import record, resolve
+from .objects import resolve
 from .store import ErrorMarker, PointerRecord
 
 __all__ = ["call", "describe", "MAX_HOPS"]
@@ -317,7 +318,8 @@ def describe(w: Services, result: Any, name: str = "the call", by: Holder | None
             obj_id = new_id()
             w.store.put(obj_id, leaf, by, labelled)
             return PointerDesc(w.id, w.address, obj_id, obj_id, tuple(leaf.shape),
-                               dtype_name(leaf.dtype), leaf.requires_grad, True, w.key)
+                               dtype_name(leaf.dtype), leaf.requires_grad, True, w.key,
+                               w.incarnation)
         return leaf
     return executor.pytree.tree_map(one, result)
 
@@ -344,13 +346,16 @@ def _forward(w: Services, ctx: Ctx, body: Call, args: Any, kwargs: Any,
         raise ProtocolError(
             f"{name}: the pointer chain is longer than {MAX_HOPS} hops; it probably loops "
             "back on itself")
+    restart = restarted(w, target)  # (known now only if the link to it has met that process)
+    if restart is not None:
+        raise restart
     onward = Call(fn=name, args=args, kwargs=kwargs, out=None, grad=body.grad, hops=body.hops + 1)
     if out is not None:
         onward.out = [[new_id(), *spec[1:]] for spec in out]
         for spec, nxt in zip(out, onward.out, strict=True):
             w.store.put(spec[0], PointerRecord(target.location, target.address, nxt[0],
                                                tuple(spec[1]), spec[2], bool(spec[3]), True,
-                                               target.key), ctx.holder)
+                                               target.key, target.incarnation), ctx.holder)
         w.reply(ctx)
         w.answer_now()  # the caller need not wait for the forwarding
         # no answer wanted: a failure downstream poisons the result ids there (using the
@@ -360,7 +365,7 @@ def _forward(w: Services, ctx: Ctx, body: Call, args: Any, kwargs: Any,
 
     def done(msg: Message | None, exc: BaseException | None) -> None:
         if exc is not None:
-            w.reply_error(ctx, exc)
+            w.reply_error(ctx, explained(w, target, exc))
         elif allowlist.is_inplace(name):
             w.reply(ctx)
         else:
@@ -380,6 +385,6 @@ def _adopt(w: Services, result: Any, by: Holder | None) -> Any:
             key = new_id()
             w.store.put(key, record(w, leaf), by)
             return PointerDesc(w.id, w.address, key, key, leaf.shape, leaf.dtype,
-                               leaf.requires_grad, True, w.key)
+                               leaf.requires_grad, True, w.key, w.incarnation)
         return leaf
     return executor.pytree.tree_map(one, result)

@@ -61,7 +61,8 @@ def search(w: Services, ctx: Ctx, body: Search) -> None:
         if isinstance(obj, torch.Tensor):
             w.store.share(obj_id, ctx.who.key)
             results.append(PointerDesc(w.id, w.address, obj_id, new_id(), tuple(obj.shape),
-                                       dtype_name(obj.dtype), obj.requires_grad, False, w.key))
+                                       dtype_name(obj.dtype), obj.requires_grad, False, w.key,
+                                       w.incarnation))
             tags.append(w.store.tags(obj_id))
             descriptions.append(w.store.description(obj_id))
     w.reply(ctx, SearchReply(results=results, tags=tags, descriptions=descriptions))

@@ -11,9 +11,13 @@ and the worker's gate reports each closed connection (by descriptor) from its ow
 the last one closed, the **lease** (``Config.lease``) runs: a connection of the same principal
 naming the same session within it keeps everything; after it, the holder's objects are freed
 like a ``DEL`` of each (pointer records free what they own downstream), except what it handed
-to others before (their owner changed). What others hand to a principal goes to its default
-session (``""``), which lives while any connection of that principal is open, and then for the
-lease.
+to others before (their owner changed). What others hand to a principal (``GIVE``) goes to the
+session the ``GIVE`` names: for a worker, the process of it that is to hold the pointer (a
+worker's peer links name its incarnation as their session), so that a worker restarted at the
+same address with the same key does not keep its predecessor's objects alive; it is kept for the
+lease from then on until that process links here. A ``GIVE`` naming no session hands to the
+principal's default session (``""``), which lives while any connection of that principal is
+open, and then for the lease.
 
 The holder of a request is found from its routing id, but only if the routing id's holder has
 the principal the request's ``User-Id`` names: a routing id a peer chose itself cannot borrow

@@ -145,7 +145,7 @@ class Worker(owner.DataOwner):
         if self.sealed is not None:
             self.poller.register(self.sealed.sock, zmq.POLLIN)
         self.peers = PeerLinks(worker_id, config, self.ctx, self.poller, self.traffic, self.keys,
-                               self.access)
+                               self.access, session=self.incarnation)
         self._running = False
         self.freeze = FreezeWatch(2 * config.heartbeat_ivl)
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)

@@ -10,17 +10,18 @@ owner may take (GET, MOVE, REMOTE_GET), delete or give away an object (the store
 lists only the caller's own objects, unless it is an admin (:mod:`~zmqsyft.worker.catalog`). A
 pointer that leaves a worker takes the ownership of what it points to with it: before a pointer
 record is handed to its new holder (a GET of it, a collapsing MOVE, a MOVE of the record itself),
-the worker holding the data is told to GIVE the object to that holder's principal, and the
-pointer leaves only once it has. A tensor's tags and description go with it (GET, MOVE,
-REMOTE_GET).
+the worker holding the data is told to GIVE the object to that holder's principal and session,
+and the pointer leaves only once it has (:mod:`~zmqsyft.worker.chains`). A record whose worker
+was restarted since it was made answers ``WorkerRestarted`` naming that worker. A tensor's tags
+and description go with it (GET, MOVE, REMOTE_GET).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +36,6 @@ from ..wire.bodies import (
     Give,
     Move,
     MoveReply,
-    Ping,
     Put,
     RemoteGet,
 )
@@ -47,6 +47,7 @@ from ..wire.values import Handover
 from . import labels
 from .access import Principal
 from .catalog import checked_tags
+from .chains import checked, explained, hand_over, linked, record, settled
 from .context import Ctx, Services
 from .store import ErrorMarker, PointerRecord
 
@@ -71,53 +72,6 @@ def resolve(w: Services, obj_id: Any, who: Principal) -> Any:
     if isinstance(obj, ErrorMarker):
         raise decode_exception(obj.error)
     return obj
-
-
-def settled(w: Services, ctx: Ctx, address: str, then: Callable[[], None]) -> None:
-    """Run ``then`` once everything relayed to ``address`` has been handled there.
-
-    Needed before a pointer to ``address`` leaves this worker: its new holder talks to
-    ``address`` directly and must not overtake what this worker relayed there before.
-    """
-    if address not in w.peers.dirty:
-        then()
-        return
-    w.peers.flush(address, _or_error(w, ctx, then))
-
-
-def _or_error(w: Services, ctx: Ctx, then: Callable[[], None]) -> Callable[..., None]:
-    """A continuation that runs ``then``, or answers ``ctx`` with the peer's error."""
-    def done(msg: Message | None, exc: BaseException | None) -> None:
-        if exc is not None:
-            w.reply_error(ctx, exc)
-        else:
-            then()
-    return done
-
-
-def record(w: Services, desc: PointerDesc) -> PointerRecord:
-    """The pointer record of a descriptor that came over the wire: its address in its one
-    spelling, and its key one this worker may connect to (``ProtocolError`` /
-    ``AccessDenied`` otherwise; see :meth:`~zmqsyft.worker.peers.PeerLinks.learn`)."""
-    rec = PointerRecord.from_desc(desc)
-    if rec.address not in w.addresses:
-        w.peers.learn(rec.address, rec.key)
-        if rec.owned and rec.address not in w.peers.links:
-            # link now, not at the first use: the peer keeps what it gave this worker only while
-            # one of this worker's connections to it is open (then for its lease)
-            w.peers.request(rec.address, Op.PING, Ping(), None)
-    return rec
-
-
-def hand_over(w: Services, ctx: Ctx, rec: PointerRecord, to: str, then: Callable[[], None]) -> None:
-    """Tell the worker ``rec`` points to that ``to`` (a principal's key) owns the object now (or
-    may read it, for a record that owns nothing), then run ``then``; on failure answer ``ctx``
-    with the error. Nothing to tell on an insecure worker, or when the data is here."""
-    if not to or rec.address in w.addresses:
-        then()
-        return
-    w.peers.request(rec.address, Op.GIVE, Give(ids=[rec.id_at_location], to=to,
-                                               read_only=not rec.owned), _or_error(w, ctx, then))
 
 
 def free(w: Services, ids: list[int]) -> None:
@@ -196,7 +150,9 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
             if obj_id in w.store and w.store.get(obj_id) is obj:
                 w.store.pop(obj_id)
             w.reply(ctx, GetReply(obj=desc))
-        settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, handed))
+        # (what it points to goes to the caller's session there: a worker's is its incarnation)
+        checked(w, ctx, obj, lambda: settled(w, ctx, obj.address, lambda: hand_over(
+            w, ctx, obj, ctx.who.key, _session(ctx), handed)))
         return
     tagged = _leaving(w, ctx, obj_id, obj)
     tags, about = w.store.tags(obj_id), w.store.description(obj_id)
@@ -216,6 +172,12 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
         return
     if w.reply(ctx, GetReply(obj=obj, labels=tagged, tags=tags, description=about)):
         w.store.discard(obj_id)
+
+
+def _session(ctx: Ctx) -> str:
+    """The caller's session, for what is handed to it elsewhere (a peer worker's links name its
+    incarnation; a client's connections its one session id)."""
+    return ctx.holder.session if ctx.holder is not None else ""
 
 
 def _leaving(w: Services, ctx: Ctx, obj_id: int, obj: Any) -> list[Any]:
@@ -265,11 +227,15 @@ def move(w: Services, ctx: Ctx, body: Move) -> None:
                 if obj_id in w.store and w.store.get(obj_id) is obj:
                     w.store.pop(obj_id)
                 w.reply(ctx, MoveReply(collapsed=desc))
-            settled(w, ctx, obj.address, lambda: hand_over(w, ctx, obj, ctx.who.key, collapsed))
+            checked(w, ctx, obj, lambda: settled(w, ctx, obj.address, lambda: hand_over(
+                w, ctx, obj, ctx.who.key, _session(ctx), collapsed)))
             return
-        # dest will hold the record: it must own (or may read) what the record points to
-        settled(w, ctx, obj.address, lambda: hand_over(
-            w, ctx, obj, body.dest_key, lambda: _push(w, ctx, obj_id, obj, dest, desc)))
+        # dest will hold the record: it must own (or may read) what the record points to, for
+        # the process at dest (its session on others is its incarnation)
+        checked(w, ctx, obj, lambda: settled(w, ctx, obj.address, lambda: linked(
+            w, ctx, dest, lambda there: hand_over(
+                w, ctx, obj, body.dest_key, there.incarnation,
+                lambda: _push(w, ctx, obj_id, obj, dest, desc)))))
         return
     labels.check_move(w, w.store.labels(obj_id), body.dest_key, dest, f"object {obj_id}")
     # referenced by the store and by `obj` only (and getrefcount's argument): nobody else here
@@ -322,7 +288,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
 
     def done(msg: Message | None, exc: BaseException | None) -> None:
         if exc is not None:
-            w.reply_error(ctx, exc)
+            w.reply_error(ctx, explained(w, rec, exc))
             return
         try:
             reply = GetReply.from_wire(msg.body) if msg is not None else GetReply()
@@ -338,7 +304,8 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
         w.store.replace(obj_id, obj, ctx.holder, labelled)
         w.store.tag(obj_id, tags, about or None)
         w.reply(ctx)
-    w.peers.request(rec.address, Op.GET, Get(id=rec.id_at_location), done)
+    checked(w, ctx, rec, lambda: w.peers.request(rec.address, Op.GET,
+                                                  Get(id=rec.id_at_location), done))
 
 
 def flush(w: Services, ctx: Ctx, body: Flush) -> None:
@@ -381,8 +348,11 @@ def give(w: Services, ctx: Ctx, body: Give) -> None:
         else:
             store.owned(obj_id, who, "GIVE")
     if not body.read_only:
-        to = w.leases.session(principal, "")
-        to.gone_since = None  # its lease runs from now: the receiver links to this worker later
+        # the session named: a worker's incarnation (which its links here name), so a restarted
+        # worker's new process does not keep its predecessor's objects alive
+        to = w.leases.session(principal, body.session[:64])
+        if not to.conns:  # its lease runs from now: the receiver links to this worker later
+            to.gone_since = time.monotonic()
         # what is given counts against the receiver's share: giving cannot fill the store
         store.make_room(store.held(body.ids), "GIVE", to, total=False)
         for obj_id in body.ids:

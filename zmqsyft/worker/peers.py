@@ -60,7 +60,7 @@ class PeerLinks:
 
     def __init__(self, worker_id: str, cfg: Config, ctx: zmq.Context, poller: zmq.Poller,
                  traffic: Traffic, keys: KeyPair | None = None,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, session: str = "") -> None:
         self.worker_id = worker_id
         self.cfg = cfg
         self.ctx = ctx
@@ -69,7 +69,9 @@ class PeerLinks:
         self.keys = keys
         self.access = access if access is not None else Access(insecure=True)
         self.keys_at: dict[str, str] = {}  # address -> the public key of the worker there
-        self.session = secrets.token_hex(16)  # this worker's session on its peers
+        # this worker's session on its peers: its incarnation, so that whoever knows which
+        # process of this worker it hands objects to can name the session (GIVE's 'session')
+        self.session = session or secrets.token_hex(16)
         self._last_keepalive = 0.0
         self._lost: dict[str, tuple[float, float]] = {}  # address -> (when lost, its lease)
         self.links: dict[str, PeerLink] = {}

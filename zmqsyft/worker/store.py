@@ -22,14 +22,17 @@ class PointerRecord:
     """A pointer held by a worker: the object ``id_at_location`` on the worker at ``address``.
 
     ``owned`` records whether this worker frees that object when the record is deleted; ``key``
-    is that worker's public key (``""``: insecure), the only key this worker connects to there.
+    is that worker's public key (``""``: insecure), the only key this worker connects to there;
+    ``incarnation`` the process of that worker the object lives in (``""``: unknown): a worker
+    found there with another one was restarted, and the object is gone.
     """
 
     __slots__ = ("location", "address", "id_at_location", "shape", "dtype", "requires_grad", "owned",
-                 "key")
+                 "key", "incarnation")
 
     def __init__(self, location: str, address: str, id_at_location: int, shape: tuple[int, ...],
-                 dtype: str, requires_grad: bool, owned: bool, key: str = "") -> None:
+                 dtype: str, requires_grad: bool, owned: bool, key: str = "",
+                 incarnation: str = "") -> None:
         self.location = location
         self.address = address
         self.id_at_location = id_at_location
@@ -38,17 +41,19 @@ class PointerRecord:
         self.requires_grad = requires_grad
         self.owned = owned
         self.key = key
+        self.incarnation = incarnation
 
     @classmethod
     def from_desc(cls, desc: PointerDesc) -> PointerRecord:
         """The record of a pointer that came over the wire; its address in its one spelling
         (``ProtocolError`` if it is not a worker's endpoint)."""
         return cls(desc.location, canonical_endpoint(desc.address), desc.id_at_location,
-                   desc.shape, desc.dtype, desc.requires_grad, desc.owned, desc.key)
+                   desc.shape, desc.dtype, desc.requires_grad, desc.owned, desc.key,
+                   desc.incarnation)
 
     def desc(self, ptr_id: int, owned: bool) -> PointerDesc:
         return PointerDesc(self.location, self.address, self.id_at_location, ptr_id, self.shape,
-                           self.dtype, self.requires_grad, owned, self.key)
+                           self.dtype, self.requires_grad, owned, self.key, self.incarnation)
 
     def __repr__(self) -> str:
         return f"PointerRecord(-> {self.location}:{self.id_at_location}, owned={self.owned})"
