@@ -10,6 +10,7 @@ and stop the worker (the same requests from a plain socket all succeeded).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -459,9 +460,10 @@ def test_a_worker_links_to_an_unlisted_peer_only_with_any_peer(
                             "--allow", str(allow), "--admin", str(keys / "me.key"), *extra),
                            STARTUP, None)
 
-    with start("alice", keys), start("bob", bob_allows, *(["--any-peer"] if any_peer else [])):
-        bob, alice = (sy.connect(address[n], worker_key=str(keys / f"{n}.key"), keys=me)
-                      for n in ("bob", "alice"))
+    with start("alice", keys), start("bob", bob_allows, *(["--any-peer"] if any_peer else [])), \
+            contextlib.ExitStack() as handles:  # (closed before the workers stop)
+        bob, alice = (handles.enter_context(sy.connect(address[n], worker_key=str(keys / f"{n}.key"),
+                                                       keys=me)) for n in ("bob", "alice"))
         on_alice = torch.arange(3.0).send(alice)
         if any_peer:
             chain = on_alice.send(bob)  # bob holds a pointer to alice's data
