@@ -18,7 +18,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # (each runs the CLI, which imports torch: slow on a busy machine)
 def test_keys_new_writes_a_pair_with_a_private_secret(tmp_path: Path) -> None:
     result = run_cli("keys", "new", "alice", "--dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -31,7 +31,7 @@ def test_keys_new_writes_a_pair_with_a_private_secret(tmp_path: Path) -> None:
     assert load_secret(secret_file) == (public, secret) and load_public(public_file) == public
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # (each runs the CLI, which imports torch: slow on a busy machine)
 def test_keys_are_never_overwritten_nor_written_through_a_link(tmp_path: Path) -> None:
     assert run_cli("keys", "new", "alice", "--dir", str(tmp_path)).returncode == 0
     before = (tmp_path / "alice.key_secret").read_text()
@@ -49,7 +49,7 @@ def test_keys_are_never_overwritten_nor_written_through_a_link(tmp_path: Path) -
     assert not (tmp_path.parent / "escape.key").exists()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # (each runs the CLI, which imports torch: slow on a busy machine)
 def test_a_secret_key_others_can_read_is_refused(tmp_path: Path) -> None:
     assert run_cli("keys", "new", "alice", "--dir", str(tmp_path)).returncode == 0
     secret_file = tmp_path / "alice.key_secret"
@@ -60,7 +60,7 @@ def test_a_secret_key_others_can_read_is_refused(tmp_path: Path) -> None:
         load_secret(secret_file)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # (each runs the CLI, which imports torch: slow on a busy machine)
 def test_the_keys_authenticate_and_encrypt_a_zeromq_connection(tmp_path: Path) -> None:
     for name in ("server", "client"):
         assert run_cli("keys", "new", name, "--dir", str(tmp_path)).returncode == 0

@@ -329,6 +329,7 @@ def test_the_clients_own_link_fails_fast_and_recovers_after_two_drops(linked: Se
     net, alice = linked.net, linked.alice
     x = torch.zeros(4).send(alice)
     x.add_(1)
+    sy.sync()  # (taken effect before the first cut: otherwise the cut may lose it, and say so)
 
     def op(n: float) -> None:
         x.add_(n)
