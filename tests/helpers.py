@@ -77,7 +77,7 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
             if remaining <= 0:
                 pytest.fail(f"no line on stdout within {timeout}s (got {buf!r})")
             if sel.select(remaining):
-                chunk = os.read(fd, 4096)
+                chunk = os.read(fd, 1)  # (one byte at a time: what follows the line stays unread)
                 if not chunk:
                     pytest.fail(f"stdout closed before a full line (exit code {proc.poll()}); got {buf!r}")
                 buf += chunk

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 import zmq
 
-from ..errors import WorkerUnavailable
 from ..wire import transport
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Op
@@ -58,6 +57,8 @@ class Batching:
     def poll_replies(self) -> None: ...
 
     def _fail(self, exc: BaseException) -> BaseException: ...
+
+    def _unsendable(self, what: str, exc: zmq.ZMQError) -> Exception: ...
 
     gathering = False  # (together(): pipelined requests queue until the block ends)
 
@@ -125,9 +126,9 @@ class Batching:
             if threading.get_ident() != self.thread:  # the flusher: leave it to the owner
                 self.outbox = outbox + self.outbox
                 raise
-            raise self._fail(WorkerUnavailable(
-                f"cannot send {len(outbox)} pipelined requests to worker '{self.worker.id}': "
-                f"{exc}")) from exc
+            # (why: the worker died, refused the connection, or the link is lost)
+            raise self._fail(self._unsendable(f"a batch of {len(outbox)} pipelined requests",
+                                              exc)) from exc
 
 
 class Outboxes:
