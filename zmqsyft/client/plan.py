@@ -39,7 +39,7 @@ from .. import allowlist
 from ..errors import LocationMismatch, OpNotAllowed, PointerError
 from ..ids import new_id
 from ..wire.tensors import dtype_name
-from .dispatch import _call_async
+from .dispatch import _call_async, _to_meta
 from .nn import module_get, module_send, module_tensors
 from .pointer import PointerTensor
 
@@ -155,12 +155,7 @@ def _meta(x: Any) -> Any:
     if isinstance(x, _Traced):
         t = torch.empty(x._shape, dtype=x._dtype, device="meta")
         return t.requires_grad_() if x._rg else t
-    if isinstance(x, PointerTensor):
-        return x._meta()
-    if isinstance(x, torch.Tensor):
-        t = torch.empty_like(x, device="meta")
-        return t.requires_grad_() if x.requires_grad else t
-    return x
+    return _to_meta(x, PointerTensor)  # (pointers and tensors: as single ops infer them)
 
 
 class _Traced(torch.Tensor):
