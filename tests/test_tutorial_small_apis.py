@@ -209,6 +209,20 @@ def test_part_9_sharing_between_three_holders_and_matmul_by_name(
     del x, y, a, b
 
 
+def test_comparisons_on_shared_values_say_they_are_not_built(
+        hook: sy.TorchHook, bob: sy.WorkerClient, alice: sy.WorkerClient,
+        carol: sy.WorkerClient) -> None:
+    x = torch.tensor([25]).share(bob, alice, crypto_provider=carol)
+    y = torch.tensor([5.5]).fix_precision().share(bob, alice, crypto_provider=carol)
+    for attempt in (lambda: x > x, lambda: x <= x, lambda: x.max(), lambda: y.relu(),
+                    lambda: y < y, lambda: y.argmax()):
+        with pytest.raises(NotImplementedError, match="secret-shared values is not supported"
+                           ".*secure comparison protocol"):
+            attempt()
+    assert torch.equal(x.get(), torch.tensor([25]))  # nothing was spent by the refusals
+
+
+
 def test_a_virtual_worker_made_with_data_holds_it(hook: sy.TorchHook) -> None:
     x, y = torch.tensor([-1.0, 2.0]), torch.tensor([1.0, -2.0])
     with sy.VirtualWorker(hook, id="device_1", data=(x, y)) as device:

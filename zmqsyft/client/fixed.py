@@ -25,7 +25,7 @@ __all__ = ["FixedPrecisionTensor", "fix_precision", "float_precision"]
 _I64 = torch.int64
 
 
-class FixedPrecisionTensor:
+class FixedPrecisionTensor(smpc._NoComparisons):
     """Real numbers as int64 integers scaled by ``base ** precision_fractional``.
 
     ``child`` is the encoded tensor: a local int64 tensor, a pointer to one, or an

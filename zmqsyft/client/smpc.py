@@ -99,7 +99,41 @@ def _check_parties(holders: Sequence[WorkerHandle], provider: WorkerHandle | Non
                              "provider that holds no share")
 
 
-class AdditiveSharingTensor:
+class _NoComparisons:
+    """Comparisons, ``max``/``argmax`` and ``relu`` of secret-shared values (PySyft 0.2 ran them
+    with SecureNN's private-compare protocol) are not built: each raises ``NotImplementedError``
+    saying so and what to do, instead of Python's bare "'>' not supported"."""
+
+    def _refuse(self, what: str) -> Any:
+        raise NotImplementedError(
+            f"{what} of secret-shared values is not supported by zmqsyft (it needs a secure "
+            "comparison protocol, such as PySyft 0.2's SecureNN, which is not built). Compare "
+            "in plaintext where the data owners' policy allows it (after .get() of an "
+            "aggregate), or keep the computation to +, -, * and @, which are supported")
+
+    def __gt__(self, other: Any) -> Any:
+        return self._refuse("'>'")
+
+    def __ge__(self, other: Any) -> Any:
+        return self._refuse("'>='")
+
+    def __lt__(self, other: Any) -> Any:
+        return self._refuse("'<'")
+
+    def __le__(self, other: Any) -> Any:
+        return self._refuse("'<='")
+
+    def max(self, *args: Any, **kwargs: Any) -> Any:
+        return self._refuse("max()")
+
+    def argmax(self, *args: Any, **kwargs: Any) -> Any:
+        return self._refuse("argmax()")
+
+    def relu(self) -> Any:
+        return self._refuse("relu()")
+
+
+class AdditiveSharingTensor(_NoComparisons):
     """An int64 tensor split into additive shares mod 2**64, one on each holder.
 
     Attributes: ``holders`` (worker handles), ``shares`` (a pointer on each, in the same order),
