@@ -21,7 +21,7 @@ ORDER: dict[str, list[str]] = {
     "wire": ["messages", "tags", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
              "transport",
              "bulk", "channel", "rpc", "__init__"],
-    "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "chains", "labels", "intake", "catalog", "objects",
+    "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "results", "chains", "labels", "intake", "catalog", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer_attrs", "pointer", "session", "api",

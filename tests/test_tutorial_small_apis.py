@@ -222,7 +222,6 @@ def test_comparisons_on_shared_values_say_they_are_not_built(
     assert torch.equal(x.get(), torch.tensor([25]))  # nothing was spent by the refusals
 
 
-
 def test_a_virtual_worker_made_with_data_holds_it(hook: sy.TorchHook) -> None:
     x, y = torch.tensor([-1.0, 2.0]), torch.tensor([1.0, -2.0])
     with sy.VirtualWorker(hook, id="device_1", data=(x, y)) as device:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PointerError
+from ..errors import HandoverRefused, PointerError
 from ..ids import new_id
 from ..wire.bodies import Get, GetReply, Move, MoveReply, Put
 from ..wire.messages import Op
@@ -98,16 +98,40 @@ def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:
 
 
 def module_get(module: nn.Module) -> nn.Module:
-    """Fetch a module's parameters and buffers back (destructively); returns the module."""
+    """Fetch a module's parameters and buffers back (destructively); returns the module.
+
+    All requests are sent before the first answer is awaited. From a worker on this machine a
+    large tensor comes as the worker's own shared memory, uncopied (as ``PointerTensor.get``).
+    """
     pending = []
     for table, name, t, is_param in module_tensors(module):
         if isinstance(t, PointerTensor):
             t._check_usable(".get()")
             conn = t.location.session.conn(t.location)
-            pending.append((table, name, t, is_param, conn, conn.send(
-                Op.GET, Get(id=t.id_at_location), keep=(t,), what=f".get() of {name!r}")))
-    for table, name, t, is_param, conn, req in pending:
-        data = GetReply.from_wire(conn.wait(req).body).obj
+            hold = new_id() if conn.can_take_over() else 0
+            pending.append((table, name, t, is_param, conn, hold, conn.send(
+                Op.GET, Get(id=t.id_at_location, handover=hold), keep=(t,),
+                what=f".get() of {name!r}")))
+    replies = []
+    for i, (_, name, t, _, conn, hold, req) in enumerate(pending):
+        try:
+            try:
+                replies.append(conn.wait(req))
+            except HandoverRefused:  # the worker kept it under `hold`: fetch it again, copied
+                replies.append(conn.request(Op.GET, Get(id=hold), keep=(t,),
+                                            what=f".get() of {name!r}"))
+                hold = 0
+        except BaseException:
+            for _, _, later, _, _, later_hold, _ in pending[i:]:
+                if later_hold:  # (it may yet be kept under `hold` there)
+                    later.location.session.free_later(later.location.address, later_hold)
+            raise
+        if hold:  # the worker may let go of the memory now (its pages go with ours)
+            t.location.session.free_later(t.location.address, hold)
+    if any(entry[5] for entry in pending):
+        pending[0][2].location.session.flush_deletes(wait=False)
+    for (table, name, t, is_param, *_), reply in zip(pending, replies, strict=True):
+        data = GetReply.from_wire(reply.body).obj
         if not isinstance(data, torch.Tensor):
             raise PointerError(f"parameter {name!r} is a pointer to a pointer; .get() it by hand")
         grad = data._grad

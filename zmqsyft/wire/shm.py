@@ -56,7 +56,7 @@ from typing import Any
 from ..errors import HandoverRefused, ProtocolError
 from . import shm_live
 
-__all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "open_segment", "held_segment",
+__all__ = ["DIRECTORY", "host_key", "segment_dir", "write", "fresh", "open_segment", "held_segment",
            "may_take_over", "take_over", "sweep", "sweep_orphans", "outstanding", "make_fd_room",
            "discard", "SWEEP_EVERY"]
 
@@ -171,6 +171,31 @@ def write(buf: Any, max_age: float) -> str:
     finally:
         os.close(fd)
     return name
+
+
+def fresh(nbytes: int) -> mmap.mmap | None:
+    """A new segment of ``nbytes`` bytes, mapped here and already unlinked: memory for a result
+    computed straight into it, which a same-host peer can then take over (:func:`take_over`)
+    instead of receiving a copy. ``None`` when that cannot be had: no ``/dev/shm``, no room in
+    it (its pages are reserved here, so a full ``/dev/shm`` says so now, never with a ``SIGBUS``
+    while the result is being written), or no file descriptor left."""
+    if not _fd_room:
+        make_fd_room()
+    try:
+        name = f"zmqsyft-{os.getpid()}-{_token()}{secrets.token_hex(8)}"
+        path = os.path.join(segment_dir(), name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    try:
+        os.unlink(path)  # (only this process has it from now on, and nothing can be left of it)
+        os.posix_fallocate(fd, 0, nbytes)
+        mapped = _map(fd, name, nbytes)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return mapped if isinstance(mapped, mmap.mmap) else None
 
 
 def make_fd_room() -> None:

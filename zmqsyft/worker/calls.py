@@ -37,7 +37,7 @@ from ..wire.bodies import Call, CallReply
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import Message, ObjRef, Op, PointerDesc
 from ..wire.tensors import dtype_name
-from . import costs, executor, labels
+from . import costs, executor, labels, results
 from .access import Principal
 from .chains import explained, record, restarted
 from .context import Ctx, Services
@@ -84,10 +84,10 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
     if not kwargs:
         local = _local_args(w, args, key)
         if local is not None:  # the common case: the caller's tensors held here, plain values
-            known = _admit(w, ctx, name, func, local, kwargs, body.grad)
+            cost = _admit(w, ctx, name, func, local, kwargs, body.grad)
             labelled = (labels.of_refs(w, [a.id for a in args if type(a) is ObjRef])
                         if w.store._labels else EMPTY)
-            return _labelled(w, ctx, name, func, local, kwargs, body.grad, out, known, labelled)
+            return _labelled(w, ctx, name, func, local, kwargs, body.grad, out, cost, labelled)
         relay = _remote_args(w, args, key)
         if relay is not None:  # the common chain case: pointers to one other worker
             _forward(w, ctx, body, relay[1], kwargs, relay[0])
@@ -106,9 +106,9 @@ def _run(w: Services, ctx: Ctx, body: Call) -> Any:
         _relay(w, ctx, body, resolved, remote)
         return _RELAYED
     args, kwargs = executor.substitute((args, kwargs), lambda ref: resolved[ref.id])
-    known = _admit(w, ctx, name, func, args, kwargs, body.grad)
+    cost = _admit(w, ctx, name, func, args, kwargs, body.grad)
     labelled = labels.of_refs(w, resolved)
-    return _labelled(w, ctx, name, func, args, kwargs, body.grad, out, known, labelled,
+    return _labelled(w, ctx, name, func, args, kwargs, body.grad, out, cost, labelled,
                      [resolved[i] for i in shared])
 
 
@@ -127,12 +127,12 @@ def _read_only(w: Services, obj_id: int, who: Principal) -> bool:
 
 
 def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any, grad: bool,
-              out: Any, known: bool, labelled: Labels, shared: list[Any] | None = None
+              out: Any, cost: costs.Cost, labelled: Labels, shared: list[Any] | None = None
               ) -> tuple[Any, Labels]:
     """Run the op; what it changed gains its inputs' labels; its results carry them."""
     changes = labels.Changes(w, name, [*args, *kwargs.values()]) if labelled else None
     read = [(t, t._version) for t in shared or () if isinstance(t, torch.Tensor)]
-    result = executor.run(name, args, kwargs, grad, func)
+    result = results.run(w, name, func, args, kwargs, grad, cost)
     if changes is not None:
         changes.label(w, labelled)
     if any(t._version != v for t, v in read):  # an op that writes where no list says it does
@@ -144,7 +144,7 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
         result = _unshare(result, shared)
     if name in secret.MAKES_SHARES:  # fresh secret shares
         labels.mark_shares(w, executor.result_tensors(result))
-    return _finish(w, ctx, name, result, out, known, labelled), labelled
+    return _finish(w, ctx, name, result, out, cost.exact, labelled), labelled
 
 
 def _writes(name: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
@@ -208,11 +208,12 @@ def _unshare(result: Any, shared: list[Any]) -> Any:
 
 
 def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
-           grad: bool) -> bool:
+           grad: bool) -> costs.Cost:
     """Refuse an op before it runs when it would cost more than one op may (``max_op_flops``),
     or when its results would not fit in the store: an 80-byte request must not make the worker
-    compute for minutes or allocate gigabytes. Returns whether the results' size was inferred
-    exactly (else what the op made is checked again once it has run)."""
+    compute for minutes or allocate gigabytes. Returns the estimate: whether the results' size
+    was inferred exactly (``.exact``; else what the op made is checked again once it has run)
+    and, if known, its one result's shape and dtype."""
     cost = costs.estimate(name, func, args, kwargs, grad)
     limit = w.cfg.max_op_flops
     if limit and cost.flops > limit:
@@ -224,7 +225,7 @@ def _admit(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: Any,
             "Nothing was run")
     if cost.nbytes:
         w.store.make_room(cost.nbytes, name, ctx.holder)
-    return cost.exact
+    return cost
 
 
 def _gflop(flops: int) -> str:

@@ -43,6 +43,9 @@ class Cost(NamedTuple):
     nbytes: int
     flops: int
     exact: bool
+    result: tuple[tuple[int, ...], torch.dtype] | None = None
+    """The shape and dtype of the op's one result when it is a single new contiguous tensor
+    that needs no autograd (it may then be computed into memory chosen beforehand), else None."""
 
 
 _FREE = Cost(0, 0, True)
@@ -177,7 +180,9 @@ def _on_meta(func: Callable[..., Any], args: Any, kwargs: Any, grad: bool) -> An
         with torch.set_grad_enabled(bool(grad)), counting:
             out = func(*margs, **mkwargs)
         kept = sum(t.numel() * t.element_size() for t in _tensors(out))
-        return Cost(max(kept, counting.made), counting.flops, True)
+        result = ((tuple(out.shape), out.dtype) if type(out) is torch.Tensor and out._base is None
+                  and not out.requires_grad and out.is_contiguous() else None)
+        return Cost(max(kept, counting.made), counting.flops, True, result)
     except Exception:  # noqa: BLE001 - no meta kernel, or a data-dependent shape: rules decide
         return _UNKNOWN
 
@@ -204,7 +209,7 @@ def estimate(name: str, func: Callable[..., Any], args: Any, kwargs: Any, grad: 
             _CACHE[key] = cost
     if cost is _UNKNOWN:
         cost = _from_data(name, args, kwargs)
-    return cost._replace(nbytes=0) if inplace else cost
+    return cost._replace(nbytes=0, result=None) if inplace else cost
 
 
 def warm_up() -> None:

@@ -38,7 +38,7 @@ from ..wire.codec import Frames, decode_message, encode_ack, encode_message
 from ..wire.exc_codec import encode_exception
 from ..wire.messages import NO_REPLY, Op
 from ..wire.values import ShmPolicy
-from . import admin, calls, catalog, intake, objects, owner
+from . import admin, calls, catalog, intake, objects, owner, results
 from .access import Access
 from .context import Ctx, Handler
 from .freeze import FreezeWatch
@@ -150,7 +150,6 @@ class Worker(owner.DataOwner):
         self.freeze = FreezeWatch(2 * config.heartbeat_ivl)
         # routing id -> request ids answered with an empty reply this loop turn (sent as one ACKS)
         self._acks: dict[bytes, list[int]] = {}
-        self._graveyard: list[Any] = []
         self._rcvtimeo = -1
         self._shm = ShmPolicy(_yes, config.shm_threshold, 2 * config.timeout)
 
@@ -196,7 +195,7 @@ class Worker(owner.DataOwner):
                     peers.keepalive(now)  # (what this worker owns on its peers stays)
                 if self._acks:
                     self._flush_acks()
-                self._graveyard.clear()  # objects whose freeing waited for the replies to go
+                results.bury()  # what waited for this turn's replies to go, freed in a thread
                 if self.parent_pid is not None and now >= next_parent_check:
                     next_parent_check = now + 0.5
                     if os.getppid() != self.parent_pid:
@@ -215,6 +214,7 @@ class Worker(owner.DataOwner):
         if self.router.closed:
             return
         self.freeze.close()
+        results.settle()  # (what moves gave away is freed before the interpreter exits)
         self._flush_acks()
         self.peers.close()
         if self.sealed is not None:
@@ -376,7 +376,7 @@ class Worker(owner.DataOwner):
 
     def free_after_replies(self, obj: Any) -> None:
         """Keep ``obj`` alive until this turn's replies are out (freeing it can take a while)."""
-        self._graveyard.append(obj)
+        results.keep(obj)
 
     def _send_reply(self, ctx: Ctx, frames: list[Any]) -> None:
         if ctx.ident in self._acks:  # acknowledgements first: replies never overtake them

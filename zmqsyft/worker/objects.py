@@ -44,7 +44,7 @@ from ..wire.messages import Message, Op, PointerDesc
 from ..wire.tensors import sole_segment
 from ..wire.transport import canonical_endpoint
 from ..wire.values import Handover
-from . import labels
+from . import labels, results
 from .access import Principal
 from .catalog import checked_tags
 from .chains import checked, explained, hand_over, linked, record, settled
@@ -56,6 +56,7 @@ __all__ = ["put", "get", "delete", "move", "remote_get", "flush", "give", "free"
 
 log = logging.getLogger(__name__)
 MAX_DEPTH = 64  # pointers followed on this worker before giving up (a crafted cycle)
+_LARGE = 1 << 20  # bytes: a tensor freed is dropped after the replies, in a thread of its own
 
 
 # ------------------------------------------------------------------------ helpers
@@ -96,7 +97,9 @@ def expire(w: Services, now: float) -> None:
 def _free(w: Services, obj_id: Any, cascade: dict[str, list[int]], depth: int) -> None:
     holder = w.store.owner(obj_id)
     obj = w.store.discard(obj_id)
-    if isinstance(obj, PointerRecord) and obj.owned and depth < MAX_DEPTH:
+    if type(obj) is torch.Tensor and obj.nbytes >= _LARGE:
+        w.free_after_replies(obj)  # (in a thread of its own: unmapping takes milliseconds)
+    elif isinstance(obj, PointerRecord) and obj.owned and depth < MAX_DEPTH:
         if obj.address in w.addresses:
             # a record naming an object here frees it only if the record's owner owns that too
             inner = w.store.owner(obj.id_at_location)
@@ -250,6 +253,7 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
     labelled = w.store.labels(obj_id)
 
     def done(msg: Message | None, exc: BaseException | None) -> None:
+        nonlocal obj, payload
         if isinstance(exc, HandoverRefused) and type(payload) is Handover:
             log.info("worker %s: %s; sending a copy to %s from now on", w.id, exc, dest)
             w.peers.no_handover.add(dest)
@@ -262,8 +266,9 @@ def _push(w: Services, ctx: Ctx, obj_id: int, obj: Any, dest: str, payload: Any)
         current = w.store.discard(obj_id)
         if current is not None and current is not obj:  # the id was reused meanwhile: keep it
             w.store.replace(obj_id, current, holder, kept)
-        else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms)
+        else:  # freed after the reply has gone (unmapping 100 MiB takes ~15 ms), elsewhere
             w.free_after_replies(current)
+        obj = payload = current = None  # (so that the graveyard holds the last reference)
         w.reply(ctx)
     labels.count_move(w, labelled, obj)
     w.peers.request(dest, Op.PUT, Put(id=obj_id, obj=payload, owner=ctx.who.key,
@@ -309,6 +314,7 @@ def remote_get(w: Services, ctx: Ctx, body: RemoteGet) -> None:
 
 
 def flush(w: Services, ctx: Ctx, body: Flush) -> None:
+    results.drain()  # (what was deleted or moved away before this is freed when it is answered)
     dirty = list(w.peers.dirty)
     if not dirty:
         w.reply(ctx)
