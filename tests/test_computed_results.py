@@ -149,3 +149,31 @@ def test_a_full_dev_shm_falls_back_to_ordinary_memory_and_the_worker_lives(tiny_
     result = run_script("-c", script, env={"ZMQSYFT_SHM_DIR": str(tiny_shm)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ALIVE" in result.stdout
+
+
+def test_a_trained_model_moves_and_comes_back_as_the_workers_memory(
+        bob: WorkerClient, alice: WorkerClient, hook: sy.TorchHook) -> None:
+    """Parameters after ``opt.step()`` (updated in place where they arrived), then
+    ``model.move()`` and ``model.get()``: the weight is never copied on this machine."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # a 4 MiB weight
+    reference = torch.nn.Linear(1024, 1024)
+    reference.load_state_dict(model.state_dict())
+    data, target = torch.rand(8, 1024), torch.rand(8, 1024)
+    model.send(bob)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for net, x, y, o in ((model, data.send(bob), target.send(bob), opt),
+                         (reference, data, target, torch.optim.SGD(reference.parameters(), lr=0.1))):
+        o.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        o.step()
+    sy.sync()
+    weights = _segments(bob.pid, 1024 * 1024 * 4)
+    assert weights, "the weight is in shared memory on bob"
+    model.move(alice)
+    sy.sync()
+    assert weights & _segments(alice.pid, 1024 * 1024 * 4), "alice maps bob's weight: no copy"
+    model.get()
+    assert weights & _segments(os.getpid(), 1024 * 1024 * 4), "so does this process, after get()"
+    assert torch.allclose(model.weight, reference.weight, atol=1e-6)
+    assert torch.allclose(model.bias, reference.bias, atol=1e-6)
