@@ -428,8 +428,8 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
         w4({"ipc": bob})
         w4({"ipc_noshm": bob_noshm})
         w4({"tcp": bob_tcp, "tcp.plain": bob_tcp_plain})
-        # the same get of a tensor bob computed itself (not received through shared memory:
-        # bob writes it into a segment, one copy), the computation not timed
+        # the same get of a tensor bob computed itself (bob computes a large result into a
+        # shared-memory segment of its own: the get maps it as well), the computation not timed
         computed = []
         for i in range(1 + P.big_reps):
             p = big.send(bob) + 0
@@ -441,8 +441,8 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
                 computed.append(tg)
         R.add("W4.get.computed", computed)
         R.note("W4 ipc rows: same-host shared memory (the default, shm_threshold=1 MiB): the get "
-               "of the tensor just sent maps bob's memory (no copy); the 'computed on bob' row "
-               "copies it once; the 'shared memory off' rows: the same through the ipc socket "
+               "of the tensor just sent maps bob's memory (no copy); so does the 'computed on bob' "
+               "row (bob computed it into shared memory); the 'shared memory off' rows: the same through the ipc socket "
                "(client and worker with shm_threshold=0)")
 
         # W5: move bob -> alice, started by the client (timed runs, then runs that watch the
@@ -463,6 +463,16 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
             sy.sync()
         R.add("W5.move", moves)
         R.add("W5.client_rss", rss)
+        computed = []  # the same move of a tensor bob computed (``+ 0``), the computation untimed
+        for i in range(1 + P.big_reps):
+            p = big.send(bob) + 0
+            sy.sync()
+            tm, _ = timed(p.move, alice)
+            if i:
+                computed.append(tm)
+            del p
+            sy.sync()
+        R.add("W5.move.computed", computed)
 
         # memory: the worker's peak RSS growth while it receives the payload
         # (the worker then reads every byte once: a shared-memory tensor is mapped lazily, so
@@ -1068,6 +1078,7 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("W4.send.tcp.plain", f"W4 send {size}, tcp (no CURVE)", "xfer"),
         ("W4.get.tcp.plain", f"W4 get {size}, tcp (no CURVE)", "xfer"),
         ("W5.move", f"W5 move {size} bob -> alice (client-initiated)", "xfer"),
+        ("W5.move.computed", f"W5 move {size} computed on bob -> alice", "xfer"),
         ("W5.client_rss", "W5 client peak RSS growth during the move", "mib"),
         ("W6.blocking", "W6 add via chain client->alice->bob, blocking", "us"),
         ("W6.sync", "W6 chain add, pipelined + sync() per op", "us"),
