@@ -43,9 +43,9 @@ class Cost(NamedTuple):
     nbytes: int
     flops: int
     exact: bool
-    result: tuple[tuple[int, ...], torch.dtype] | None = None
-    """The shape and dtype of the op's one result when it is a single new contiguous tensor
-    that needs no autograd (it may then be computed into memory chosen beforehand), else None."""
+    result: tuple[tuple[int, ...], torch.dtype, int] | None = None
+    """The shape, dtype and bytes of the op's one result when it is a single new contiguous
+    tensor that needs no autograd (it may then be computed into memory chosen beforehand)."""
 
 
 _FREE = Cost(0, 0, True)
@@ -180,8 +180,9 @@ def _on_meta(func: Callable[..., Any], args: Any, kwargs: Any, grad: bool) -> An
         with torch.set_grad_enabled(bool(grad)), counting:
             out = func(*margs, **mkwargs)
         kept = sum(t.numel() * t.element_size() for t in _tensors(out))
-        result = ((tuple(out.shape), out.dtype) if type(out) is torch.Tensor and out._base is None
-                  and not out.requires_grad and out.is_contiguous() else None)
+        result = ((tuple(out.shape), out.dtype, out.numel() * out.element_size())
+                  if type(out) is torch.Tensor and out._base is None and not out.requires_grad
+                  and out.is_contiguous() else None)
         return Cost(max(kept, counting.made), counting.flops, True, result)
     except Exception:  # noqa: BLE001 - no meta kernel, or a data-dependent shape: rules decide
         return _UNKNOWN

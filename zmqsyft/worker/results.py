@@ -18,7 +18,6 @@ room (its pages are reserved first; the op then runs as always).
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Callable
@@ -65,12 +64,12 @@ def run(w: Services, name: str, func: Callable[..., Any], args: Any, kwargs: Any
         cost: Cost) -> Any:
     """:func:`zmqsyft.worker.executor.run`, with a large single result computed into shared
     memory where that helps (see the module's docstring); the same result either way."""
-    spec, limit = cost.result, w.cfg.shm_threshold
-    if spec is None or not limit or not w.shm_callers or "out" in kwargs:
+    spec = cost.result
+    if spec is None or spec[2] < (limit := w.cfg.shm_threshold) or not limit \
+            or not w.shm_callers or "out" in kwargs:
         return executor.run(name, args, kwargs, grad, func)
-    shape, dtype = spec
-    nbytes = math.prod(shape) * dtype.itemsize
-    target = _out_form(name) if nbytes >= limit else None
+    shape, dtype, nbytes = spec
+    target = _out_form(name)
     mapped = shm.fresh(nbytes) if target is not None else None
     if mapped is None:
         return executor.run(name, args, kwargs, grad, func)
