@@ -245,6 +245,19 @@ _server_lock = threading.Lock()
 _broken: str | None = None  # why a fork server could not start: not tried again
 
 
+def _after_fork() -> None:
+    """A forked child of ours has no reader thread: it starts a fork server of its own if it
+    spawns, and lets go of ours (whose end of the socket it must not hold open)."""
+    global _server, _server_lock
+    _server_lock = threading.Lock()  # (another thread may have held it at the fork)
+    if _server is not None:
+        _server._sock.close()
+        _server = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def refusal(cfg: Config, env: dict[str, str]) -> str | None:
     """Why a worker with environment ``env`` is to be a new interpreter (``None``: forked)."""
     if not cfg.forkserver:
