@@ -231,3 +231,34 @@ def test_a_killed_client_leaves_no_worker_and_no_fork_server(tmp_path: Path) -> 
     finally:
         reap(client)
         kill_leftovers(pids)
+
+
+
+FORKING_CLIENT = textwrap.dedent("""
+    import os, sys
+    import torch
+    import zmqsyft as sy
+    from zmqsyft.client import forks
+
+    sy.TorchHook(torch)
+    w = sy.spawn_worker("before")
+    w.ping()
+    ours = forks._server.pid
+    pid = os.fork()  # (a multiprocessing fork, say): the child lets go of our fork server
+    if pid == 0:
+        os._exit(0 if forks._server is None else 3)
+    _, status = os.waitpid(pid, 0)
+    after = sy.spawn_worker("after")
+    assert torch.equal(torch.ones(2).send(after).get(), torch.ones(2)) and w.ping() is not None
+    print(os.waitstatus_to_exitcode(status), forks._server.pid == ours, flush=True)
+""")
+
+
+@pytest.mark.timeout(240)
+def test_a_forked_client_lets_go_of_our_fork_server_which_serves_on(tmp_path: Path) -> None:
+    script = tmp_path / "forking.py"
+    script.write_text(FORKING_CLIENT)
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=3 * STARTUP, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"], (result.stdout, result.stderr)
