@@ -109,6 +109,7 @@ def test_a_forked_worker_gets_the_clients_stdout_stderr_and_environment_of_the_m
         assert isinstance(w._proc, forks.ForkedProcess)
         assert w.run(os.getenv, "FORKSERVER_TEST_LATER") == "later"
         assert w.run(os.getcwd) == str(tmp_path)
+        assert w.run(eval, "__import__('sys').path[0]") == str(tmp_path)  # (as `-m` there)
         import tempfile
         assert w.run(tempfile.gettempdir) == str(tmp_path)
         name = w.id

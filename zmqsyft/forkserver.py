@@ -45,7 +45,7 @@ def serve(sock_fd: int, run: Callable[[list[str]], int]) -> int:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # (its C handler wakes the select)
     signal.set_wakeup_fd(wake_w)
-    own = (sock, wake_r, wake_w)
+    own = (sock, wake_r, wake_w, os.getcwd())
     children: set[int] = set()
     try:
         while True:
@@ -144,7 +144,7 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, fds: list[int],
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        sock, wake_r, wake_w = own
+        sock, wake_r, wake_w, started_in = own
         sock.close()
         os.close(wake_r)
         os.close(wake_w)
@@ -153,6 +153,8 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, fds: list[int],
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
+        if sys.path and sys.path[0] == started_in:  # (``-m``: a new interpreter's would be cwd)
+            sys.path[0] = cwd
         code = run(argv)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
