@@ -505,17 +505,23 @@ def gone_within(pid: int, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "new-interpreter"])
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
-def test_worker_exits_when_its_parent_dies(how: str, tmp_path: Path) -> None:
+def test_worker_exits_when_its_parent_dies(how: str, forked: bool, tmp_path: Path) -> None:
     script = tmp_path / "orphan.py"
     script.write_text(ORPHAN_SCRIPT)
+    env = dict(os.environ, ZMQSYFT_FORKSERVER=str(int(forked)))
     parent = subprocess.Popen([sys.executable, str(script), how], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env)
     worker_pid: int | None = None
     try:
         worker_pid = int(read_line(parent, STARTUP))
         worker = psutil.Process(worker_pid)
-        assert worker.ppid() == parent.pid
+        if forked:  # a fork of the fork server, our child, whose command line it has
+            assert worker.ppid() != parent.pid
+            assert psutil.Process(worker.ppid()).ppid() == parent.pid
+        else:
+            assert worker.ppid() == parent.pid
         cmdline = worker.cmdline()
         assert "zmqsyft" in cmdline and "--parent-pid" in cmdline and str(parent.pid) in cmdline
         assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE

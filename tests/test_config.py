@@ -43,6 +43,7 @@ DEFAULTS = {
     "lease": 60.0,
     "insecure": False,
     "any_peer": False,
+    "forkserver": True,
 }
 
 

@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
-    "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy"],
+    "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy", "forkserver"],
     "wire": ["messages", "tags", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
              "transport",
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "results", "chains", "labels", "intake", "catalog", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["local", "interrupts", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
+    "client": ["local", "interrupts", "forks", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "dispatch",
                "pointer_attrs", "pointer", "session", "api",
                "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "grid", "sandbox", "__init__"],
     # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's

@@ -33,6 +33,7 @@ from .client import (
     func2plan,
     get_session,
     spawn_worker,
+    spawn_workers,
 )
 from .config import Config, configure, get_config
 from .errors import (
@@ -81,7 +82,7 @@ local_worker = LOCAL_WORKER
 of every pointer it holds; also ``hook.local_worker``."""
 
 __all__ = [
-    "TorchHook", "VirtualWorker", "spawn_worker", "connect", "WorkerClient", "PointerTensor",
+    "TorchHook", "VirtualWorker", "spawn_worker", "spawn_workers", "connect", "WorkerClient", "PointerTensor",
     "FixedPrecisionTensor", "AdditiveSharingTensor", "local_worker",
     "Plan", "PlanState", "func2plan",
     "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset",

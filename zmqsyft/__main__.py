@@ -47,6 +47,39 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
+# what the fork server imports once for all its workers: the worker, and what estimating an op's
+# cost loads (costs.warm_up: meta kernels, sympy; imported, never run: no torch op before a fork)
+PRELOAD = ("torch", "zmqsyft.worker", "zmqsyft.worker.costs", "torch._meta_registrations",
+           "torch._decomp", "torch._refs", "torch._prims", "torch._dynamo", "sympy")
+
+
+def _forkserver(args: argparse.Namespace) -> int:
+    """``zmqsyft forkserver``: started by a client (``zmqsyft.client.forks``), never by hand."""
+    import importlib
+
+    from . import forkserver
+
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()  # (a collection in a worker then never writes to the pages it shares with us)
+    return forkserver.serve(args.fd, _forked)
+
+
+def _forked(argv: list[str]) -> int:
+    """A forked worker's start: what the fork server cached from its own environment is read
+    again from the worker's (given by then), then the command line is run."""
+    import tempfile
+
+    from . import config
+
+    tempfile.tempdir = None
+    config._current = None
+    return main(argv)
+
+
 def _trust_token(args: argparse.Namespace, spawned: dict[str, object]) -> str:
     """The token whose presenters may send pickled code: from a file only this user can read,
     from the pipe a spawning parent wrote it to, or from ``ZMQSYFT_TRUST_TOKEN`` (then taken out
@@ -361,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                             metavar="N", help=meaning)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    f = sub.add_parser("forkserver", help="(started by spawn_worker: forks workers)")
+    f.add_argument("--parent-pid", type=int, required=True)
+    f.add_argument("--fd", type=int, required=True)
     k = sub.add_parser("keys", help="make and show CURVE key pairs")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     new = ksub.add_parser("new", help="make a key pair NAME.key (public) / NAME.key_secret (mode 600)")
@@ -371,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "forkserver":
+        return _forkserver(args)
     return 2
 
 

@@ -117,6 +117,14 @@ class Config:
         answer). Off by default: a worker links only to keys it knows (``--allow``, ``--admin``,
         ``--trust``, its spawner's), so a forged pointer cannot make it reach out to a stranger.
         Who may connect *to* the worker is not changed by this.
+    forkserver : bool
+        Spawned workers are forks of a fork server, a process that imported torch and the worker
+        once (started by the first spawn; it dies with this process): a worker is ready in tens
+        of milliseconds instead of seconds, and shares most of its memory with the others. Off
+        (``ZMQSYFT_FORKSERVER=0``), each worker is a new interpreter (``python -m zmqsyft
+        worker``), as it also is when ``spawn_worker(env=...)`` changes a variable read only at
+        interpreter start (``PYTHON*``, ``LD_*``, ``OMP_*``, ...: see
+        :data:`zmqsyft.client.forks.START_VARIABLES`) or the fork server cannot start.
     """
 
     timeout: float = 60.0
@@ -140,6 +148,7 @@ class Config:
     lease: float = 60.0
     insecure: bool = False
     any_peer: bool = False
+    forkserver: bool = True
 
     def __post_init__(self) -> None:
         for name in ("timeout", "spawn_timeout", "gc_interval", "heartbeat_ivl", "close_timeout",

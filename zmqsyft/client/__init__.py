@@ -10,7 +10,7 @@ from .data import BaseDataset, FederatedDataset, WorkerNotInDataset
 from .fixed import FixedPrecisionTensor
 from .grid import PrivateGridNetwork
 from .hook import TorchHook
-from .launch import VirtualWorker, connect, get_session, spawn_worker
+from .launch import VirtualWorker, connect, get_session, spawn_worker, spawn_workers
 from .loader import FederatedDataLoader
 from .local import LOCAL_WORKER, LocalWorker
 from .optims import Optims
@@ -20,6 +20,7 @@ from .sandbox import Sandbox, create_sandbox
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
+           "spawn_workers",
            "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
            "LOCAL_WORKER", "Plan", "PlanState", "func2plan",
            "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset", "Optims",

@@ -1,7 +1,9 @@
 """Getting a worker handle: spawning a local worker process, or connecting to a running one.
 
-A spawned worker is ``python -m zmqsyft worker ...`` in a child process, in a process group of
-its own (a Ctrl-C aimed at ours does not reach it). It reports its bound
+A spawned worker is a fork of the fork server (:mod:`~zmqsyft.client.forks`: a process that
+imported torch once), or ``python -m zmqsyft worker ...`` in a child process
+(``Config.forkserver`` off), in a process group of its own (a Ctrl-C aimed at ours does not
+reach it). It reports its bound
 endpoint on a private pipe (the ready handshake), exits when its parent dies, and is shut down
 (then killed, if need be) by ``close()``, by ``with``, and at interpreter exit. Spawning returns
 at once; the first use of the handle waits for the ready signal, so several workers start in
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -24,11 +27,13 @@ from ..errors import LimitExceeded, SpawnError, WorkerUnavailable
 from ..keys import KeyPair, public_key
 from ..privacy import Policy
 from ..wire import transport
-from . import interrupts
+from . import forks, interrupts
 from .api import WorkerClient
 from .session import Session
 
-__all__ = ["spawn_worker", "VirtualWorker", "connect", "get_session"]
+__all__ = ["spawn_worker", "spawn_workers", "VirtualWorker", "connect", "get_session"]
+
+log = logging.getLogger(__name__)
 
 
 _session: Session | None = None
@@ -106,14 +111,11 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
             raise ValueError(f"transport_kind must be 'ipc' or 'tcp', not {transport_kind!r}")
     else:
         check_endpoint(bind, f"spawn_worker({worker_id!r}, bind=...)", bind=True)
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "zmqsyft", "worker", "--id", worker_id, "--bind", bind,
-           "--parent-pid", str(os.getpid()), "--ready-fd", str(write_fd),
-           "--timeout", str(cfg.timeout)]
+    argv = ["worker", "--id", worker_id, "--bind", bind, "--timeout", str(cfg.timeout)]
     for path in [load] if isinstance(load, str) else (load or []):
-        cmd += ["--load", os.fspath(path)]
+        argv += ["--load", os.fspath(path)]
     for tag in tags or []:
-        cmd += ["--tag", tag]
+        argv += ["--tag", tag]
     child_env = dict(os.environ)
     for field in dataclasses.fields(cfg):  # the worker runs with this config (it reads ZMQSYFT_*)
         value = getattr(cfg, field.name)
@@ -131,31 +133,76 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     if worker_keys is not None:
         handover.update(key=session.keys.text, peers=session.spawned_keys(),
                         worker_key=[worker_keys.text, worker_keys.secret.decode("ascii")])
+    read_fd, write_fd = os.pipe()
     token_r, token_w = os.pipe()
     os.write(token_w, json.dumps(handover).encode())  # < 1 KiB: the pipe holds it for the child
     os.close(token_w)
-    cmd += ["--token-fd", str(token_r)]
     try:
-        # its own session (process group): an interrupt aimed at ours (a notebook's Ctrl-C, sent
-        # to the kernel's process group) does not reach it; it still dies with us (pdeathsig,
-        # which follows the thread that started it: the spawner thread lives as long as we do)
-        proc = interrupts.popen(cmd, pass_fds=(write_fd, token_r), env=child_env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    except OSError as exc:
+        proc = _start(worker_id, argv, child_env, cfg, write_fd, token_r)
+    except SpawnError:
         os.close(read_fd)
         if private_dir is not None:
             interrupts.remove_dir(private_dir)
-        raise SpawnError(f"could not start worker '{worker_id}': {exc}") from exc
+        raise
     finally:
         os.close(write_fd)
         os.close(token_r)
-    interrupts.watch_child(proc)  # reaped as soon as it exits, used or not
     handle = WorkerClient(session, worker_id, bind, proc=proc, ready_fd=read_fd)
     handle.key = worker_keys.text if worker_keys is not None else ""
     handle.trust_token = token or None
     handle.private_dir = private_dir
     session.register(handle)
     return handle
+
+
+def _start(worker_id: str, argv: list[str], env: dict[str, str], cfg: Config, ready_fd: int,
+           token_fd: int) -> subprocess.Popen[bytes] | forks.ForkedProcess:
+    """The worker's process: forked by the fork server if it may be, else ``python -m zmqsyft
+    ARGV``; either way in a session (process group) of its own, so that an interrupt aimed at
+    ours (a notebook's Ctrl-C, sent to the kernel's process group) does not reach it, and dying
+    with us (pdeathsig, which follows the thread that started it: the fork server's, or our
+    spawner thread, which lives as long as we do)."""
+    fds = {"--ready-fd": ready_fd, "--token-fd": token_fd}
+    why = forks.refusal(cfg, env)
+    if why is None:
+        try:
+            return forks.spawn(argv, env, fds, cfg.spawn_timeout)
+        except SpawnError as exc:
+            log.warning("worker '%s' is started as a new interpreter: %s", worker_id, exc)
+    else:
+        log.debug("worker '%s' is started as a new interpreter: %s", worker_id, why)
+    cmd = [sys.executable, "-m", "zmqsyft", *argv, "--parent-pid", str(os.getpid())]
+    for flag, fd in fds.items():
+        cmd += [flag, str(fd)]
+    try:
+        proc = interrupts.popen(cmd, pass_fds=tuple(fds.values()), env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise SpawnError(f"could not start worker '{worker_id}': {exc}") from exc
+    interrupts.watch_child(proc)  # reaped as soon as it exits, used or not
+    return proc
+
+
+def spawn_workers(n: int, prefix: str = "owner", **kwargs: Any) -> list[WorkerClient]:
+    """Start ``n`` workers, named ``f"{prefix}{i}"`` for ``i`` in ``range(n)`` (``owner0``,
+    ``owner1``, ...), with :func:`spawn_worker`'s keyword arguments; their handles, in order.
+
+    Like :func:`spawn_worker` it returns at once; each handle's first use waits for its worker.
+    Forked from the fork server (``Config.forkserver``), 32 workers are ready within a few
+    seconds of the first spawn. If one cannot be started, those started already are closed and
+    the ``SpawnError`` is raised.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"spawn_workers(n): n must be a whole number >= 0, not {n!r}")
+    workers: list[WorkerClient] = []
+    try:
+        for i in range(n):
+            workers.append(spawn_worker(f"{prefix}{i}", **kwargs))
+    except BaseException:
+        for worker in workers:
+            worker.close()
+        raise
+    return workers
 
 
 def VirtualWorker(hook: Any = None, id: str = "worker",  # noqa: N802, A002

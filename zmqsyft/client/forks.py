@@ -1,0 +1,312 @@
+"""Workers forked from a fork server: a process that imported torch and the worker once.
+
+A new interpreter that imports torch takes seconds and about 150 MiB of memory of its own. The
+fork server (``python -m zmqsyft forkserver``, :mod:`zmqsyft.forkserver`) pays that once; a
+worker is then a fork of it, ready in tens of milliseconds, sharing the pages it does not write
+to. The first :func:`spawn` starts it, with this interpreter, environment and working directory,
+in a session of its own (a Ctrl-C aimed at ours does not reach it); it dies with this process
+(its parent-death signal, and its end of the socket closing), and its workers die with it
+(theirs). A worker forked from it has everything a spawned worker has: a process and a session
+of its own, this process's environment and working directory as of the spawn, stdout and stderr
+where ours are then, its ready and handover pipes, its keys.
+
+:func:`spawn` returns a :class:`ForkedProcess`, which stands for the worker as its
+``subprocess.Popen`` would: the fork server (its parent) reaps it and reports its status.
+:func:`refusal` says when a worker must be a new interpreter instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from ..config import Config
+from ..errors import SpawnError
+from . import interrupts
+
+__all__ = ["spawn", "refusal", "ForkedProcess", "ForkServer", "START_VARIABLES"]
+
+log = logging.getLogger(__name__)
+
+# environment variables read only when an interpreter starts or torch is imported: a worker whose
+# environment differs from the fork server's in one of them is started as a new interpreter
+# (not TORCHINDUCTOR_*: torch sets those in our own environment as it goes, and reads them late)
+START_VARIABLES = ("PYTHON", "LD_", "LC_", "LANG", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "GOMP_",
+                   "KMP_", "MKL_", "OPENBLAS_", "CUDA", "NVIDIA_", "TORCH_", "PYTORCH_",
+                   "ZMQSYFT_SHM_DIR")
+_STATUS_WAIT = 2.0  # seconds an exited worker's status may take to come from the fork server
+
+
+def _start_time(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(START_VARIABLES)}
+
+
+class ForkedProcess:
+    """A worker forked by the fork server, seen as a ``subprocess.Popen``: ``pid``, ``args``,
+    ``poll()``, ``wait(timeout)`` (``subprocess.TimeoutExpired``), ``send_signal()``,
+    ``terminate()``, ``kill()`` and ``returncode`` (negative: the signal that ended it).
+
+    Signals go through a pidfd, which names this process and no other, even once the fork
+    server has reaped it and its pid is reused. If the fork server dies first, the worker dies
+    of its parent-death signal: it is then reported killed by SIGKILL once it has ended.
+    """
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int, pidfd: int, args: list[str]) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._done = threading.Event()  # its status came, or the fork server is gone
+        self._lock = threading.Lock()
+
+    def _exited(self, code: int) -> None:
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = code
+        self._done.set()
+
+    def _orphaned(self) -> None:
+        self._done.set()
+
+    def _ended(self, timeout: float) -> bool:
+        """Whether the process has ended (exited, reaped or not) within ``timeout`` seconds."""
+        readable, _, _ = select.select([self._pidfd], [], [], max(timeout, 0.0))
+        return bool(readable)
+
+    def _settle(self, timeout: float) -> bool:
+        """No status will come (the fork server died): once the process has ended, it was
+        killed by its parent-death signal."""
+        if not self._ended(timeout):
+            return False
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = -signal.SIGKILL
+        return True
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._ended(0):  # its status is on its way
+            if self._done.wait(_STATUS_WAIT) and self.returncode is None:
+                self._settle(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        if self.returncode is None:  # the fork server died before it reported this one
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is None:
+                select.select([self._pidfd], [], [])
+            if not self._settle(0 if remaining is None else remaining):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:  # (it has ended: its status is on its way)
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self._pidfd)
+        except (OSError, AttributeError):
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
+
+
+class ForkServer:
+    """A running fork server and the reader thread that takes its answers and exit reports."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.env = dict(os.environ)
+        try:
+            self.proc = interrupts.popen(
+                [sys.executable, "-m", "zmqsyft", "forkserver", "--parent-pid", str(os.getpid()),
+                 "--fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=self.env, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        interrupts.watch_child(self.proc)
+        self.pid = self.proc.pid
+        self.served = 0  # workers forked
+        self.gone: str | None = None  # why it no longer serves
+        self._sock = ours
+        self._lock = threading.Lock()
+        self._next = 0
+        self._waiting: dict[int, tuple[Future[ForkedProcess], list[str]]] = {}
+        self._procs: dict[int, ForkedProcess] = {}
+        threading.Thread(target=self._read, name="zmqsyft-forkserver", daemon=True).start()
+
+    def spawn(self, argv: list[str], env: dict[str, str], fds: list[tuple[int | None, int]],
+              timeout: float) -> ForkedProcess:
+        """Fork a worker running ``zmqsyft ARGV`` with environment ``env``; ``fds``: (the number it
+        must have in the worker, or ``None`` for ``{fdI}`` in ``argv``; our descriptor)."""
+        with self._lock:
+            if self.gone:
+                raise SpawnError(self.gone)
+            req_id = self._next = self._next + 1
+            job: Future[ForkedProcess] = Future()
+            self._waiting[req_id] = (job, argv)
+        request = json.dumps({"id": req_id, "argv": argv, "env": env, "cwd": os.getcwd(),
+                              "fds": [target for target, _ in fds]}).encode()
+        with interrupts.held_back(True):  # (a Ctrl-C waits: no worker is forked and lost)
+            try:
+                socket.send_fds(self._sock, [request], [fd for _, fd in fds])
+                return job.result(timeout)
+            except (OSError, TimeoutError) as exc:
+                with self._lock:
+                    self._waiting.pop(req_id, None)
+                if isinstance(exc, TimeoutError):
+                    self.stop(f"the fork server (pid {self.pid}) did not fork a worker within "
+                              f"{timeout:g}s; it was killed")
+                raise SpawnError(self.gone or f"cannot reach the fork server: {exc}") from exc
+
+    def _read(self) -> None:
+        why = f"the fork server (pid {self.pid}) exited"
+        try:
+            while True:
+                data, fds, _, _ = socket.recv_fds(self._sock, 1 << 16, 1)
+                if not data:
+                    break
+                self._take(json.loads(data), fds)
+        except (OSError, ValueError) as exc:
+            why = f"the fork server (pid {self.pid}) broke off: {exc}"
+        with self._lock:
+            self.gone = self.gone or why
+            waiting, self._waiting = self._waiting, {}
+            procs, self._procs = self._procs, {}
+        for job, _ in waiting.values():
+            job.set_exception(SpawnError(self.gone))
+        for proc in procs.values():
+            proc._orphaned()
+        self._sock.close()
+
+    def _take(self, message: dict[str, Any], fds: list[int]) -> None:
+        if "exited" in message:
+            with self._lock:
+                proc = self._procs.pop(message["exited"], None)
+            if proc is not None:
+                proc._exited(int(message["code"]))
+            return
+        with self._lock:
+            job, argv = self._waiting.pop(message.get("id"), (None, []))
+        if "error" in message:
+            if job is not None:
+                job.set_exception(SpawnError(f"the fork server could not fork: {message['error']}"))
+            return
+        os.set_inheritable(fds[0], False)
+        proc = ForkedProcess(int(message["pid"]), fds[0], argv)
+        with self._lock:
+            self._procs[proc.pid] = proc
+            self.served += 1
+        if job is None:  # its requester gave up waiting: nobody will stop it
+            proc.kill()
+        else:
+            job.set_result(proc)
+
+    def stop(self, why: str) -> None:
+        """Kill the fork server (its workers die with it)."""
+        with self._lock:
+            self.gone = self.gone or why
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+_server: ForkServer | None = None
+_server_lock = threading.Lock()
+_broken: str | None = None  # why a fork server could not start: not tried again
+
+
+def _after_fork() -> None:
+    """A forked child of ours has no reader thread: it starts a fork server of its own if it
+    spawns, and lets go of ours (whose end of the socket it must not hold open)."""
+    global _server, _server_lock
+    _server_lock = threading.Lock()  # (another thread may have held it at the fork)
+    if _server is not None:
+        _server._sock.close()
+        _server = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def refusal(cfg: Config, env: dict[str, str]) -> str | None:
+    """Why a worker with environment ``env`` is to be a new interpreter (``None``: forked)."""
+    if not cfg.forkserver:
+        return "the fork server is off (Config.forkserver, ZMQSYFT_FORKSERVER)"
+    if not (sys.platform.startswith("linux") and hasattr(os, "pidfd_open")):
+        return "the fork server needs Linux (pidfds)"
+    if _broken is not None:
+        return _broken
+    server = _server
+    base = server.env if server is not None and not server.gone else dict(os.environ)
+    if _start_time(env) != _start_time(base):
+        changed = sorted(set(_start_time(env).items()) ^ set(_start_time(base).items()))
+        return (f"its environment changes {changed[0][0]}, which is read only when an "
+                "interpreter starts")
+    return None
+
+
+def spawn(argv: list[str], env: dict[str, str], fds: dict[str, int],
+          timeout: float) -> ForkedProcess:
+    """Fork a worker running ``zmqsyft ARGV --parent-pid <the fork server>`` plus, for each
+    ``flag: fd`` of ``fds``, ``flag N`` where ``N`` is that descriptor's number in the worker;
+    it gets our stdout and stderr. Starts the fork server if none runs (then this waits for it
+    to import torch, up to ``timeout`` seconds, as the first use of a worker would).
+
+    Raises ``SpawnError`` if the fork server cannot start or fork (see :func:`refusal` first).
+    """
+    global _server, _broken
+    with _server_lock:
+        if _server is None or _server.gone:
+            try:
+                _server = ForkServer()
+            except OSError as exc:
+                _broken = f"the fork server could not start: {exc}"
+                raise SpawnError(_broken) from exc
+        server = _server
+    passed: list[tuple[int | None, int]] = []
+    for std in (1, 2):
+        try:
+            os.fstat(std)
+            passed.append((std, std))
+        except OSError:  # (closed here: /dev/null there)
+            pass
+    full = [*argv, "--parent-pid", str(server.pid)]
+    for flag, fd in fds.items():
+        full += [flag, f"{{fd{len(passed)}}}"]
+        passed.append((None, fd))
+    try:
+        return server.spawn(full, env, passed, timeout)
+    except SpawnError:
+        if not server.served:  # it never forked a worker: it cannot start here
+            _broken = server.gone or "the fork server did not start"
+        raise
