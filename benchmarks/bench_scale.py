@@ -42,9 +42,10 @@ workers: zmqsyft, ``model.copy().send(owner)`` (the model to one owner) and ``m.
 from an owner to the aggregator; and with the cost of one local training step (the owners'
 compute, which the 2-CPU machine cannot run in parallel for more than 2 owners).
 
-A (system, N) runs only if N+1 processes of the largest USS measured so far for that system
-(320 MiB before the first measurement), plus 20% and 2 GiB, fit in ``MemAvailable``; otherwise
-it is reported as skipped, with the figures, so that the largest N this machine holds shows.
+A (system, N) runs only if N+1 processes of the owners' median USS measured at a smaller N for
+that system (300 MiB before the first measurement) + 10%, 16 MiB per update the aggregator holds
+and 1.5 GiB fit in ``MemAvailable``; otherwise it is reported as skipped, with the figures, so
+that the largest N this machine holds shows.
 
 Each (system, N) runs in a child process of its own (a "suite", leading a new session) with a
 deadline; on overrun its whole process group is killed. Every process a suite starts is its
@@ -74,10 +75,12 @@ SYSTEMS = ("zmqsyft", "rpc")
 SAMPLES, FEATURES, CLASSES, HIDDEN = 64, 784, 10, (1024, 256)
 LR = 0.1
 TOLERANCE = 1e-5  # first round's average against the local computation
-# a (system, N) runs only if N+1 processes of the largest USS measured so far (this, before
-# the first measurement), +20%, + MARGIN_MIB fit in MemAvailable: no OOM killer on a shared box
-DEFAULT_PROCESS_MIB = 320.0
-MARGIN_MIB = 2048.0
+# a (system, N) runs only if N+1 processes of the owners' USS measured at a smaller N (this,
+# before the first measurement) + 10%, the updates the aggregator holds and MARGIN_MIB fit in
+# MemAvailable: no OOM killer on a shared machine
+DEFAULT_PROCESS_MIB = 300.0
+UPDATE_MIB = 16.0
+MARGIN_MIB = 1536.0
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
@@ -615,21 +618,21 @@ def run(args: argparse.Namespace) -> int:
         order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
         results[n] = {}
         for s in order:
-            need = (n + 1) * per_process[s] * 1.2 + MARGIN_MIB
+            need = (n + 1) * per_process[s] * 1.1 + n * UPDATE_MIB + MARGIN_MIB
             have = mem_available_mib()
             if have is not None and need > have:
                 note = (f"skipped: {n + 1} processes need about {need / 1024:.1f} GiB "
-                        f"({per_process[s]:.0f} MiB each, measured at a smaller N, + 20% + "
-                        f"{MARGIN_MIB / 1024:.0f} GiB), {have / 1024:.1f} GiB available")
+                        f"({per_process[s]:.0f} MiB each as measured at a smaller N, + 10%, + "
+                        f"{UPDATE_MIB:.0f} MiB per update held, + {MARGIN_MIB / 1024:.1f} GiB), "
+                        f"{have / 1024:.1f} GiB available")
                 log(f"{s} n={n}: {note}")
                 results[n][s] = {"system": s, "n": n, "ok": False, "skipped": True,
                                  "notes": [note]}
                 continue
             res = results[n][s] = run_suite(s, n, args)
-            measured = [u for u in (res.get("uss_owner_mib") or []) + [res.get("uss_aggregator_mib")]
-                        if u]
-            if measured:
-                per_process[s] = max(per_process[s], max(measured))
+            owner = med([u for u in res.get("uss_owner_mib") or [] if u])
+            if owner:
+                per_process[s] = max(per_process[s], owner)
     total = time.monotonic() - t_start
     cpu1 = cpu_times()
     load1 = os.getloadavg()
