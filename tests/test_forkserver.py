@@ -128,7 +128,10 @@ def test_a_sigkilled_forked_worker_is_reported_killed_by_sigkill() -> None:
 
 
 @pytest.mark.timeout(180)
-def test_when_the_fork_server_dies_its_workers_die_and_the_next_spawn_starts_another() -> None:
+def test_when_the_fork_server_dies_its_workers_die_and_the_next_spawn_starts_another(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fork server of this test's own (the running one forked other tests' pooled workers)
+    monkeypatch.setattr(forks, "_server", None)
     with workers(2) as made:
         for w in made:
             w.ping()
@@ -146,6 +149,8 @@ def test_when_the_fork_server_dies_its_workers_die_and_the_next_spawn_starts_ano
         fresh.ping()
         assert isinstance(fresh._proc, forks.ForkedProcess)
         assert forks._server is not None and forks._server.pid != server.pid
+    forks._server.stop("the test is over")
+    assert forks._server.proc.wait(timeout=30) == -signal.SIGKILL
 
 
 @pytest.mark.timeout(240)
@@ -263,3 +268,26 @@ def test_a_forked_client_lets_go_of_our_fork_server_which_serves_on(tmp_path: Pa
                             text=True, timeout=3 * STARTUP, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "True"], (result.stdout, result.stderr)
+
+
+@pytest.mark.timeout(240)
+def test_a_changed_environment_gets_a_fork_server_of_its_own_and_the_old_one_serves_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment changed a start-time variable after the fork server started
+    (a test, a notebook cell): the next worker is forked from a new fork server started with
+    it, not a new interpreter (seconds each); workers of the old one live on."""
+    threads = "2" if os.environ.get("OMP_NUM_THREADS") == "1" else "1"
+    with workers(1) as (before,):
+        first = forks._server
+        assert first is not None and isinstance(before._proc, forks.ForkedProcess)
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        with workers(1) as (after,):
+            assert isinstance(after._proc, forks.ForkedProcess), after._proc
+            assert forks._server is not None and forks._server.pid != first.pid
+            assert psutil.Process(after.pid).ppid() == forks._server.pid
+            assert after.run(torch.get_num_threads) == int(threads)  # (read at torch's import)
+            assert torch.equal(torch.ones(2).send(before).get(), torch.ones(2))
+            assert not first.gone
+        monkeypatch.undo()  # back to the first environment: back to the first fork server
+        with workers(1) as (again,):
+            assert psutil.Process(again.pid).ppid() == first.pid == forks._server.pid

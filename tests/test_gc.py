@@ -169,3 +169,27 @@ def test_deletes_flushed_in_passing_leave_no_bookkeeping_behind(bob: sy.WorkerCl
     assert conn.inflight == {} and conn._answered == {}
     del a
     assert bob._objects == {}
+
+
+def test_a_worker_spawned_again_where_one_died_frees_what_its_pointers_drop(
+        hook: sy.TorchHook, tmp_path: Path) -> None:
+    """The dead worker's handle, not closed yet, is still at the same address: deletes went to
+    it and were lost, and the new worker kept every object its dropped pointers had."""
+    address = f"ipc://{tmp_path}/bob.sock"
+    first = sy.spawn_worker("bob", bind=address)
+    try:
+        old = torch.tensor([1, 2, 3]).send(first)
+        first._proc.kill()
+        first._proc.wait(timeout=30)
+        second = sy.spawn_worker("bob", bind=address)
+        try:
+            p = torch.tensor([4, 5, 6]).send(second)
+            assert list(second._objects) == [p.id_at_location]
+            del p
+            assert second._objects == {}
+            del old  # (its delete reaches the new worker, which has no such object: nothing)
+            assert second._objects == {}
+        finally:
+            second.close()
+    finally:
+        first.close()

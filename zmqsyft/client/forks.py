@@ -241,7 +241,8 @@ class ForkServer:
 
 
 _server: ForkServer | None = None
-_server_lock = threading.Lock()
+_retired: list[ForkServer] = []  # earlier servers (this process's environment changed since):
+_server_lock = threading.Lock()  # they serve on for the workers they forked
 _broken: str | None = None  # why a fork server could not start: not tried again
 
 
@@ -250,9 +251,11 @@ def _after_fork() -> None:
     spawns, and lets go of ours (whose end of the socket it must not hold open)."""
     global _server, _server_lock
     _server_lock = threading.Lock()  # (another thread may have held it at the fork)
-    if _server is not None:
-        _server._sock.close()
-        _server = None
+    for server in [_server, *_retired]:
+        if server is not None:
+            server._sock.close()
+    _server = None
+    _retired.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -266,10 +269,11 @@ def refusal(cfg: Config, env: dict[str, str]) -> str | None:
         return "the fork server needs Linux (pidfds)"
     if _broken is not None:
         return _broken
-    server = _server
-    base = server.env if server is not None and not server.gone else dict(os.environ)
-    if _start_time(env) != _start_time(base):
-        changed = sorted(set(_start_time(env).items()) ^ set(_start_time(base).items()))
+    wanted, base = _start_time(env), _start_time(dict(os.environ))
+    if any(_start_time(s.env) == wanted for s in [_server, *_retired] if s is not None and not s.gone):
+        return None
+    if wanted != base:  # (equal: a fork server started now, from our environment, will do)
+        changed = sorted(set(wanted.items()) ^ set(base.items()))
         return (f"its environment changes {changed[0][0]}, which is read only when an "
                 "interpreter starts")
     return None
@@ -286,6 +290,13 @@ def spawn(argv: list[str], env: dict[str, str], fds: dict[str, int],
     """
     global _server, _broken
     with _server_lock:
+        if _server is not None and not _server.gone and \
+                _start_time(env) != _start_time(_server.env):  # (our environment changed)
+            _retired.append(_server)
+            _server = next((s for s in _retired if not s.gone
+                            and _start_time(s.env) == _start_time(env)), None)
+            if _server is not None:  # (an earlier one started with this environment)
+                _retired.remove(_server)
         if _server is None or _server.gone:
             try:
                 _server = ForkServer()

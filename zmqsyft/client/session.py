@@ -104,9 +104,11 @@ class Session:
         return worker
 
     def find(self, address: str) -> WorkerHandle | None:
-        """The open handle whose worker is bound at ``address``, if any."""
+        """The open handle whose worker is bound at ``address``, if any: the newest (a worker
+        spawned again at the address of one that died gets the deletes of its own pointers;
+        the dead one's handle, not closed yet, would lose them)."""
         with self._lock:
-            for w in self._workers.values():
+            for w in reversed(self._workers.values()):
                 if w.at(address):
                     return w
         return None
