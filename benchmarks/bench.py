@@ -247,6 +247,27 @@ def latency(P: Params, op: Callable[[Any], Any], pre: Callable[[], Any] | None =
     return runs
 
 
+def suite_result(out: str, fallback: dict[str, Any], code: int | None,
+                 deadline: float) -> dict[str, Any]:
+    """What a suite's child process wrote to ``out`` as JSON (``fallback`` if nothing readable),
+    its files removed, with a note if it was killed at its ``deadline`` (``code`` None) or
+    failed."""
+    try:
+        with open(out) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        res = fallback
+    finally:
+        for path in (out, out + ".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if code is None:
+        res["notes"].append(f"suite killed after its {deadline:g}s deadline")
+    elif code != 0:
+        res["notes"].append(f"suite exited with code {code}")
+    return res
+
+
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     """(seconds, result) of ``fn(*args)``."""
     t0 = time.perf_counter_ns()
@@ -973,19 +994,7 @@ def run_suite(name: str, quick: bool, timeout: float) -> dict[str, Any]:
         # anything the suite left behind in its process group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        with open(out) as f:
-            res = json.load(f)
-    except (OSError, ValueError):
-        res = {"system": name, "data": {}, "notes": []}
-    finally:
-        for path in (out, out + ".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    if code is None:
-        res["notes"].append(f"suite killed after its {timeout:g}s deadline")
-    elif code != 0:
-        res["notes"].append(f"suite exited with code {code}")
+    res = suite_result(out, {"system": name, "data": {}, "notes": []}, code, timeout)
     res["ok"] = code == 0
     res["seconds"] = time.monotonic() - t0
     cpu1 = cpu_times()

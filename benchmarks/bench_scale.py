@@ -90,7 +90,15 @@ MARGIN_MIB = 1536.0
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
 
-from bench import _pdeathsig, close_workers, cpu_times, free_port, machine_info, reap  # noqa: E402
+from bench import (  # noqa: E402
+    _pdeathsig,
+    close_workers,
+    cpu_times,
+    free_port,
+    machine_info,
+    reap,
+    suite_result,
+)
 
 
 def log(msg: str) -> None:
@@ -479,19 +487,7 @@ def run_suite(system: str, n: int, args: argparse.Namespace,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # the suite and anything it left behind
         proc.wait()
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, ValueError):
-        res = {"system": system, "n": n, "notes": []}
-    finally:
-        for p in (path, path + ".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(p)
-    if code is None:
-        res["notes"].append(f"suite killed after its {deadline:g}s deadline")
-    elif code != 0:
-        res["notes"].append(f"suite exited with code {code}")
+    res = suite_result(path, {"system": system, "n": n, "notes": []}, code, deadline)
     res["ok"] = code == 0 and "round_s" in res
     res["seconds"] = time.monotonic() - t0
     cpu1 = cpu_times()
