@@ -14,10 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +41,12 @@ def _marked(token: str) -> list[int]:
 def _left_over(token: str, grace: float = 10.0) -> list[int]:
     """What still carries the marker after ``grace`` seconds (workers exit with their parent,
     asynchronously); each is killed before returning."""
-    deadline = time.monotonic() + grace
-    while True:
-        left = _marked(token)
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # (polling for exits of processes that are not our children)
+    procs = []
+    for pid in _marked(token):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(procs, timeout=grace)  # (not our children: psutil watches them)
+    left = [p.pid for p in alive]
     for pid in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
