@@ -268,6 +268,26 @@ def suite_result(out: str, fallback: dict[str, Any], code: int | None,
     return res
 
 
+def stop_rpc(rpc: Any, initialised: bool, clean: bool, procs: list[Any], timeout: float) -> None:
+    """End an rpc suite: a forced shutdown if the graceful one did not happen, then reap the
+    rank processes (killed if they do not exit in time)."""
+    if initialised and not clean:
+        with contextlib.suppress(Exception):
+            rpc.shutdown(graceful=False)
+    for p in procs:
+        reap(p, timeout=timeout if clean else 2.0)
+
+
+def write_report(path: str, info: dict[str, Any], args: argparse.Namespace, load0: Any,
+                 load1: Any, foreign: float, total: float, **more: Any) -> None:
+    """A benchmark script's ``--json`` file: the machine, the arguments, the load, and ``more``."""
+    with open(path, "w") as f:
+        json.dump({"info": info, "args": {k: v for k, v in vars(args).items()
+                                          if not k.startswith("_")},
+                   "load": {"start": load0, "end": load1, "foreign_cpu_s": foreign,
+                            "seconds": total}, **more}, f, indent=1)
+
+
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     """(seconds, result) of ``fn(*args)``."""
     t0 = time.perf_counter_ns()
@@ -741,11 +761,7 @@ def suite_rpc(P: Params, R: Results) -> None:
         rpc.shutdown(graceful=True, timeout=P.timeout)
         clean = True
     finally:
-        if initialised and not clean:
-            with contextlib.suppress(Exception):
-                rpc.shutdown(graceful=False)
-        for p in procs:
-            reap(p, timeout=P.timeout if clean else 2.0)
+        stop_rpc(rpc, initialised, clean, procs, P.timeout)
 
 
 # ================================================================================ bare pyzmq

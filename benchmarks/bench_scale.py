@@ -96,8 +96,9 @@ from bench import (  # noqa: E402
     cpu_times,
     free_port,
     machine_info,
-    reap,
+    stop_rpc,
     suite_result,
+    write_report,
 )
 
 
@@ -188,6 +189,25 @@ class Out:
         os.replace(self.path + ".tmp", self.path)
 
 
+def run_rounds(label: str, one_round: Any, model: Any, ref: dict[str, Any], out: Out,
+               warmup: int, rounds: int, after: Any = None) -> None:
+    """Time ``one_round(r)`` (it returns the average) ``warmup + rounds`` times, ``after()``
+    untimed after each; the first average is checked against ``ref``, each is loaded into
+    ``model`` for the next round, and the timed ones are recorded as ``round_s``."""
+    times: list[float] = []
+    for r in range(warmup + rounds):
+        dt, avg = timed(one_round, r)
+        if after is not None:
+            after()
+        if r == 0:
+            out.set("check_max_diff", max_diff(avg, ref))
+        model.load_state_dict(avg)
+        if r >= warmup:
+            times.append(dt)
+            out.set("round_s", times)
+    log(f"{label}: rounds {[f'{t * 1e3:.0f}' for t in times]} ms")
+
+
 def local_costs(out: Out, reps: int) -> None:
     """One local SGD step of the model on one owner's batch: the per-owner compute."""
     model = make_model()
@@ -246,17 +266,9 @@ def suite_zmqsyft(n: int, rounds: int, warmup: int, reps: int, timeout: float, o
                 means = [torch.stack([p[j] for p in params]).mean(0) for j in range(len(names))]
             return {k: avg.get() for k, avg in zip(names, means, strict=True)}
 
-        times = []
-        for r in range(warmup + rounds):
-            dt, avg = timed(fedavg_round)
-            sy.sync()  # (untimed: the deletes of the round's pointers are done)
-            if r == 0:
-                out.set("check_max_diff", max_diff(avg, ref))
-            model.load_state_dict(avg)
-            if r >= warmup:
-                times.append(dt)
-                out.set("round_s", times)
-        log(f"zmqsyft n={n}: rounds {[f'{t * 1e3:.0f}' for t in times]} ms")
+        # (untimed after each: the deletes of the round's pointers are done)
+        run_rounds(f"zmqsyft n={n}", lambda r: fedavg_round(), model, ref, out, warmup, rounds,
+                   after=sy.sync)
         out.set("uss_owner_mib", [uss_mib(w.pid) for w in owners])
         out.set("uss_aggregator_mib", uss_mib(aggregator.pid))
 
@@ -410,16 +422,7 @@ def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: 
                                     for name in owners])
             return rpc.rpc_sync("aggregator", agg_average, args=(n,))
 
-        times = []
-        for r in range(warmup + rounds):
-            dt, avg = timed(fedavg_round, r)
-            if r == 0:
-                out.set("check_max_diff", max_diff(avg, ref))
-            model.load_state_dict(avg)
-            if r >= warmup:
-                times.append(dt)
-                out.set("round_s", times)
-        log(f"rpc n={n}: rounds {[f'{t * 1e3:.0f}' for t in times]} ms")
+        run_rounds(f"rpc n={n}", fedavg_round, model, ref, out, warmup, rounds)
         out.set("uss_owner_mib", [uss_mib(p.pid) for p in procs[1:]])
         out.set("uss_aggregator_mib", uss_mib(procs[0].pid))
 
@@ -436,11 +439,7 @@ def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: 
         rpc.shutdown(graceful=True, timeout=timeout)
         clean = True
     finally:
-        if initialised and not clean:
-            with contextlib.suppress(Exception):
-                rpc.shutdown(graceful=False)
-        for p in procs:
-            reap(p, timeout=timeout if clean else 2.0)
+        stop_rpc(rpc, initialised, clean, procs, timeout)
         for p in procs:  # (reap kills only on overrun; a failed shutdown leaves them waiting)
             if p.poll() is None:
                 p.kill()
@@ -688,13 +687,8 @@ def run(args: argparse.Namespace) -> int:
         table,
     ]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "args": {k: v for k, v in vars(args).items()
-                                              if not k.startswith("_")},
-                       "load": {"start": load0, "end": load1, "foreign_cpu_s": foreign,
-                                "seconds": total},
-                       "summary": summary,
-                       "results": {str(n): r for n, r in results.items()}}, f, indent=1)
+        write_report(args.json, info, args, load0, load1, foreign, total, summary=summary,
+                     results={str(n): r for n, r in results.items()})
     failed = any(not r.get("ok") and not r.get("skipped")
                  for row in results.values() for r in row.values())
     bad = summary["check_max_diff"] is None or summary["check_max_diff"] > TOLERANCE

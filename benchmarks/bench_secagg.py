@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -95,7 +94,7 @@ def update_of(owner: int, n: int) -> Any:
 
 # ================================================================================ helpers
 # (the child-process helpers are bench.py's: one copy for both benchmarks)
-from bench import _pdeathsig, free_port, reap  # noqa: E402
+from bench import _pdeathsig, free_port, reap, stop_rpc, write_report  # noqa: E402
 
 
 def cpu_times() -> tuple[float, float]:
@@ -326,11 +325,7 @@ class RpcSystem:
         except Exception as exc:  # noqa: BLE001 - reap the ranks anyway
             log(f"rpc shutdown failed: {exc!r}")
         finally:
-            if self.initialised and not clean:
-                with contextlib.suppress(Exception):
-                    self.rpc.shutdown(graceful=False)
-            for p in self.procs:
-                reap(p, timeout=self.timeout if clean else 2.0)
+            stop_rpc(self.rpc, self.initialised, clean, self.procs, self.timeout)
 
 
 # ================================================================================ bare pyzmq
@@ -622,12 +617,8 @@ def run(args: argparse.Namespace) -> int:
             out.append("")
     print("\n".join(out).rstrip(), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "args": {k: v for k, v in vars(args).items()
-                                              if not k.startswith("_")},
-                       "load": {"start": load0, "end": load1, "foreign_cpu_s": foreign,
-                                "seconds": total},
-                       "results": {str(n): r for n, r in results.items()}}, f, indent=1)
+        write_report(args.json, info, args, load0, load1, foreign, total,
+                     results={str(n): r for n, r in results.items()})
     if failed:
         print(f"\nFAILED: the secure result differs from the plaintext average by more than "
               f"{TOLERANCE:g}", file=sys.stderr)
