@@ -29,6 +29,7 @@ from ..wire.bodies import (
 )
 from ..wire.messages import Message, Op, PointerDesc
 from ..wire.tags import query_tags
+from . import grads
 from .dispatch import wire_args
 from .handle import WorkerHandle
 from .pointer import PointerTensor
@@ -168,6 +169,7 @@ class WorkerClient(WorkerHandle):
         wargs, wkwargs = wire_args(PointerTensor, args, kwargs)
         body = Run(fn=fn, args=wargs, kwargs=wkwargs, grad=torch.is_grad_enabled())
         conn = self.session.conn(self)
+        grads.bump()  # (the function may change any gradient there)
         reply = conn.wait(conn.send(Op.RUN, body, keep=tuple(pointers), allow_pickle=True,
                                     what=f"run({getattr(fn, '__name__', 'fn')})"))
         return self.session.adopt(RunReply.from_wire(reply.body).result)

@@ -33,6 +33,7 @@ from ..ids import new_id
 from ..wire.bodies import Call, CallReply
 from ..wire.messages import ObjRef, Op
 from ..wire.tensors import dtype_name
+from . import grads
 
 __all__ = ["torch_function", "wire_args"]
 
@@ -100,14 +101,18 @@ def torch_function(cls: type, func: Any, args: tuple[Any, ...], kwargs: dict[str
     location = _common_location(name, pointers)
     for p in pointers:
         p._check_usable(name)
+    if name in _GRAD_OPS:
+        done = _grad_op(cls, name, location, args, kwargs, pointers)
+        if done is not _SYNC:
+            return done
     outcome = _outcome(cls, func, args, kwargs, name)
     if outcome is _SYNC:
         return _call_sync(cls, name, location, args, kwargs, pointers)
     if outcome[0] == "inplace":
         _call_async(cls, name, location, args, kwargs, pointers, out=None)
         target = args[0]
-        if isinstance(target, cls) and outcome[1] is not None:
-            target._rg = outcome[1]  # requires_grad_(), requires_grad = ...
+        if isinstance(target, cls):
+            _inplace_done(cls, name, target, outcome[1], args, pointers)
         return None if allowlist.returns_none(name) else target
     _, spec, metas = outcome
     out = [[new_id(), list(shape), dtype_name(dtype), bool(rg)] for shape, dtype, rg in metas]
@@ -185,10 +190,10 @@ def _call_async(cls: type, name: str, location: Any, args: Any, kwargs: Any, poi
     keep = tuple(pointers)
     if not session.cfg.pipeline:
         req_id = conn.send(Op.CALL, body, keep=keep, what=name)
-        made = _pointers(cls, location, out, metas)  # made while the request is on its way
+        made = _pointers(cls, location, out, metas, pointers)  # (made while it is on its way)
         conn.wait(req_id)
         return made
-    made = _pointers(cls, location, out, metas)
+    made = _pointers(cls, location, out, metas, pointers)
     req_id = conn.send(Op.CALL, body, keep=keep, results=tuple(made), what=name, awaited=False)
     for ptr in made:
         ptr._creator = (conn, req_id)
@@ -197,9 +202,19 @@ def _call_async(cls: type, name: str, location: Any, args: Any, kwargs: Any, poi
     return made
 
 
-def _pointers(cls: type, location: Any, out: list[Any] | None, metas: Any) -> list[Any]:
-    return [cls(location, spec[0], shape, dtype, rg)
+def _pointers(cls: type, location: Any, out: list[Any] | None, metas: Any,
+              pointers: list[Any] = ()) -> list[Any]:  # type: ignore[assignment]
+    made = [cls(location, spec[0], shape, dtype, rg)
             for spec, (shape, dtype, rg) in zip(out or (), metas, strict=True)]
+    no_grad = (grads.epoch(), False)  # (a result has no gradient; one requiring grad, a history)
+    anc: Any = False
+    for ptr in made:
+        ptr._gk = no_grad
+        if ptr._rg:
+            if anc is False:
+                anc = grads.inputs_of(pointers)
+            ptr._anc = anc
+    return made
 
 
 def _call_sync(cls: type, name: str, location: Any, args: Any, kwargs: Any,
@@ -209,8 +224,66 @@ def _call_sync(cls: type, name: str, location: Any, args: Any, kwargs: Any,
     session = location.session
     reply = session.conn(location).request(Op.CALL, body, keep=tuple(pointers), what=name)
     if allowlist.is_inplace(name):
+        grads.after_sync(name, pointers, None)
         return None if allowlist.returns_none(name) else args[0]
-    return session.adopt(CallReply.from_wire(reply.body).result)
+    result = session.adopt(CallReply.from_wire(reply.body).result)
+    grads.after_sync(name, pointers, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- gradients
+_GRAD_OPS = frozenset({grads.GRAD_GET, grads.BACKWARD})
+_REQUIRES_GRAD = frozenset({"torch.Tensor.requires_grad_", "torch.Tensor.requires_grad.__set__"})
+
+
+def _grad_op(cls: type, name: str, location: Any, args: Any, kwargs: Any,
+             pointers: list[Any]) -> Any:
+    """``p.grad`` and ``loss.backward()`` without a round trip where this process knows what
+    they do (:mod:`zmqsyft.client.grads`); ``_SYNC`` where it does not."""
+    p = args[0] if args else None
+    if not isinstance(p, cls):
+        return _SYNC
+    if name == grads.GRAD_GET:
+        has = grads.known(p) if len(args) == 1 and not kwargs else None
+        if not has:
+            return None if has is False else _SYNC
+        g = p._gptr
+        if g is None or g._error is not None or g._released is not None:
+            meta = (p._shape, p._dtype, False)
+            out = [[new_id(), list(p._shape), dtype_name(p._dtype), False]]
+            g = _call_async(cls, name, location, args, kwargs, pointers, out=out, metas=[meta])[0]
+            p._gptr = g
+        return g
+    # backward(gradient=None, retain_graph=None, create_graph=False, inputs=None)
+    named = dict(zip(("gradient", "retain_graph", "create_graph", "inputs"), args[1:], strict=False))
+    if len(named) + 1 < len(args) or set(named) & set(kwargs):
+        return _SYNC
+    named.update(kwargs)
+    gradient = named.pop("gradient", None)
+    if (p._anc is None or not p._rg or named.pop("create_graph", False) or
+            named.pop("inputs", None) is not None or set(named) - {"retain_graph"} or
+            (gradient is None and p._shape.numel() != 1) or
+            not (gradient is None or isinstance(gradient, cls))):
+        return _SYNC  # (the worker says what is wrong, or does what this cannot follow)
+    _call_async(cls, name, location, args, kwargs, pointers, out=None)
+    grads.reached(p)
+    return None
+
+
+def _inplace_done(cls: type, name: str, target: Any, rg: bool | None, args: Any,
+                  pointers: list[Any]) -> None:
+    """What a pipelined in-place op changed in ``target``'s metadata."""
+    if name == grads.GRAD_SET:
+        value = args[1] if len(args) > 1 else None
+        grads.set_known(target, value is not None, value if isinstance(value, cls) else None)
+        return
+    if rg is None:
+        return
+    if rg and not target._rg and name in _REQUIRES_GRAD:
+        grads.leaf(target)  # (a tensor that did not require grad is a leaf)
+    elif rg and torch.is_grad_enabled():  # now computed from its inputs (and what it was)
+        target._anc = grads.inputs_of(pointers)
+    target._rg = rg  # requires_grad_(), requires_grad = ...
 
 
 # ----------------------------------------------------------------------------- fast path

@@ -116,7 +116,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         argv += ["--load", os.fspath(path)]
     for tag in tags or []:
         argv += ["--tag", tag]
-    child_env = dict(os.environ)
+    child_env = forks.worker_environ()
     for field in dataclasses.fields(cfg):  # the worker runs with this config (it reads ZMQSYFT_*)
         value = getattr(cfg, field.name)
         child_env[f"ZMQSYFT_{field.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)

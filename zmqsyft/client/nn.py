@@ -10,6 +10,7 @@ runs there, and an optimizer, even one made before ``send``, steps the remote pa
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 from typing import Any
 
@@ -83,18 +84,29 @@ def module_send(module: nn.Module, worker: Any, *more: Any) -> nn.Module:
         names = ", ".join(sorted(f"'{w.id}'" for w in remote))
         raise PointerError(f"this module is already on {names}; use .move(worker), or .get() it first")
     conn = worker.session.conn(worker)
-    sent = []
-    for _, name, t, _ in entries:
-        obj_id = new_id()
-        req = conn.send(Op.PUT, Put(id=obj_id, obj=t.detach().requires_grad_(t.requires_grad)),
-                        keep=(t,), what=f".send() of parameter {name!r} to '{worker.id}'")
-        sent.append((t, obj_id, req))
-    for _, _, req in sent:  # every tensor is there before any local copy is let go
-        conn.wait(req)
-    for t, obj_id, _ in sent:
+    for _, name, t, _ in entries:  # pipelined: the model is on its way while we go on
+        obj_id, local = new_id(), t.detach()
+        req = conn.send(Op.PUT, Put(id=obj_id, obj=local.requires_grad_(t.requires_grad)),
+                        keep=(local,), results=(t, _KeptIfRefused(t, local)), awaited=False,
+                        what=f".send() of parameter {name!r} to '{worker.id}'")
         t.grad = None
         PointerTensor._become(t, worker, obj_id)
+        t._creator = (conn, req)
     return module
+
+
+class _KeptIfRefused:
+    """A parameter's local values while its ``PUT`` is on its way: should the worker refuse
+    it, the parameter (a pointer by then, whose use raises the worker's error) keeps them, and
+    ``model.get()`` gives them back; once the worker has it, they are let go."""
+
+    __slots__ = ("ptr", "local", "_gen")
+
+    def __init__(self, ptr: torch.Tensor, local: torch.Tensor) -> None:
+        self.ptr, self.local = ptr, local
+
+    def _mark_failed(self, exc: BaseException) -> None:
+        self.ptr._unsent = self.local  # type: ignore[attr-defined]
 
 
 def module_get(module: nn.Module) -> nn.Module:
@@ -103,9 +115,14 @@ def module_get(module: nn.Module) -> nn.Module:
     All requests are sent before the first answer is awaited. From a worker on this machine a
     large tensor comes as the worker's own shared memory, uncopied (as ``PointerTensor.get``).
     """
-    pending = []
+    pending, refused = [], []
     for table, name, t, is_param in module_tensors(module):
         if isinstance(t, PointerTensor):
+            if t._restore is not None:
+                _arrived(t)
+            if t._unsent is not None:  # its .send() was refused: its values never left
+                refused.append(t)
+                continue
             t._check_usable(".get()")
             conn = t.location.session.conn(t.location)
             hold = new_id() if conn.can_take_over() else 0
@@ -143,7 +160,18 @@ def module_get(module: nn.Module) -> nn.Module:
             table[name] = local
         if grad is not None:  # the gradient the worker computed comes back with it
             local.grad = grad
+    for t in refused:
+        t._unbecome(t._unsent)
     return module
+
+
+def _arrived(t: PointerTensor) -> None:
+    """Wait for the request that sent ``t`` if it is on its way (its error, if any, is
+    ``t``'s)."""
+    creator, t._creator = t._creator, None
+    if creator is not None and creator[1] in creator[0].inflight:
+        with contextlib.suppress(Exception):
+            creator[0].wait(creator[1])
 
 
 def module_move(module: nn.Module, worker: Any) -> nn.Module:

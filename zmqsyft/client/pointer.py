@@ -38,6 +38,7 @@ from ..wire.bodies import Get, GetReply, Give, Move, MoveReply, Put, RemoteGet
 from ..wire.messages import Op, PointerDesc
 from ..wire.tags import check_description, check_tags
 from ..wire.tensors import dtype_name
+from . import grads
 from .dispatch import torch_function
 from .handle import WorkerHandle
 from .local import LOCAL_WORKER, LocalWorker
@@ -65,6 +66,11 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
     _gen = 0  # the worker's generation (restarts met) when this was made
     _tags: frozenset[str] = frozenset()
     _description: str | None = None
+    # gradients (:mod:`.grads`): the leaves it was computed from, whether it has a gradient
+    _anc: frozenset[Any] | None = None  # (None: not known)
+    _gk: tuple[int, bool] | None = None  # (epoch, has a gradient); None: not known
+    _gptr: PointerTensor | None = None  # its gradient, once asked for
+    _unsent: torch.Tensor | None = None  # a module's parameter whose .send() was refused: its values
 
     @staticmethod
     def __new__(cls, location: WorkerHandle, id_at_location: int, shape: Any, dtype: torch.dtype,
@@ -150,6 +156,9 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
         tensor.__class__ = cls
         cls.__init__(tensor, location, id_at_location, shape, dtype, rg)  # type: ignore[arg-type]
         tensor._restore = original  # type: ignore[attr-defined]
+        grads.set_known(tensor, False)  # (sent without its gradient)
+        if tensor._rg:  # type: ignore[attr-defined]
+            grads.leaf(tensor)
 
     def _unbecome(self, data: torch.Tensor) -> torch.Tensor:
         """Turn a pointer made by :meth:`_become` back into a local tensor holding ``data``."""
@@ -161,7 +170,7 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
             self.data = data
         for attr in ("location", "id_at_location", "id", "owner", "_owned", "_released", "_error",
                      "_creator", "_gen", "_fin", "_shape", "_dtype", "_rg", "_restore", "_tags",
-                     "_description"):
+                     "_description", "_anc", "_gk", "_gptr", "_unsent"):
             self.__dict__.pop(attr, None)
         return self
 
@@ -187,7 +196,9 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
             raise (ResultLost if lost else PointerError)(
                 f"cannot use {self!r} for {what}: the operation that was to create object "
                 f"{self.id_at_location} on worker '{self.location.id}' failed: "
-                f"{type(self._error).__name__}: {self._error}") from self._error
+                f"{type(self._error).__name__}: {self._error}" + (
+                    "; its module's local values are kept: .get() the module to have them back"
+                    if self._unsent is not None else "")) from self._error
         if self._gen != self.location.generation:
             raise self.location.restarted(self.id_at_location, what)
         self.location._check_open()
@@ -218,6 +229,7 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
         self._gen = location.generation
         self._fin = (location.session.track(self, location.address, id_at_location)
                      if self._owned else None)
+        self._gk = self._gptr = None  # (its gradient, if any, is the new place's business)
 
     def _settle(self) -> None:
         """Wait until the pipelined request that creates this object has been acknowledged."""
@@ -365,6 +377,7 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
         self._check_usable(".remote_get()")
         self.location.session.conn(self.location).request(
             Op.REMOTE_GET, RemoteGet(id=self.id_at_location), keep=(self,), what=".remote_get()")
+        self._gk = self._gptr = None
         return self
 
     def copy(self) -> PointerTensor:

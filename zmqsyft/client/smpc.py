@@ -34,7 +34,7 @@ from ..secret import MAX_PARTIES, reconstruct, split_shares
 from ..wire.bodies import Put
 from ..wire.messages import Op
 from ..wire.tags import check_description, check_tags
-from . import interrupts
+from . import grads, interrupts
 from .dispatch import _call_async
 from .handle import WorkerHandle
 from .pointer import PointerTensor
@@ -56,6 +56,10 @@ def send_tensor(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     ptr = PointerTensor(worker, obj_id, tensor.shape, tensor.dtype, tensor.requires_grad)
     if tags or about:
         ptr._tags, ptr._description = frozenset(tags), about or None
+    if tensor._grad is None:  # (a gradient travels with its tensor)
+        grads.set_known(ptr, False)
+    if ptr._rg:
+        grads.leaf(ptr)  # (it arrives as a leaf)
     session, conn = worker.session, worker.session.conn(worker)
     since = conn._next
     try:

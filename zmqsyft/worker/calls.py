@@ -281,6 +281,11 @@ def _remote_args(w: Services, args: list[Any],
 def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool = False,
             labelled: Labels = EMPTY) -> Any:
     if out is not None:
+        if result is None and name == "torch.Tensor.grad.__get__":  # (the client expected one)
+            raise RuntimeError(
+                f"the tensor has no gradient on worker '{w.id}' (its .grad is None): no "
+                "backward() reached it, or the backward() that was to reach it failed (sync() "
+                "raises that error); the client had predicted one from the ops it sent")
         tensors = executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
