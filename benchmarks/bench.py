@@ -40,16 +40,20 @@ secure aggregation   one round of PySyft Part 10 against a plaintext trusted-agg
            average within 1e-3 (the fixed-point precision) of the plaintext one, and that one
            equal to the local average.
 training step        one SGD step of an MLP (32-64-10, ReLU, MSE, a batch of 64, lr 0.05) whose
-           parameters and batch are on bob, three ways, taking turns (pipelined, each step
-           followed by ``sy.sync()``): a ``sy.func2plan`` plan sent to bob (its parameters are its
-           state) and called on the batch's pointers, one message per step; the same function,
-           the same ops, called op by op on pointers; and the step as one writes it for a
-           module: ``model.send(bob)``, ``opt.zero_grad()``, ``F.mse_loss(model(x), y)``,
-           ``loss.backward()``, ``opt.step()``. The plan's step writes its gradient out (a plan
-           cannot hold ``backward()``: it gives no tensor) and updates the parameters in place.
-           Check, after all the timed steps (every way took the same number): the plan's
-           parameters equal those of the same ops run one by one (<= 1e-6) and match the
-           autograd step's (<= 1e-4).
+           parameters and batch are on bob, four ways, taking turns (one run of each in turn;
+           each step followed by ``sy.sync()``): a ``sy.func2plan`` plan sent to bob (its
+           parameters are its state) and called on the batch's pointers: its 23 ops in one
+           message per step; the same function, the same ops, called op by op on pointers,
+           pipelined (the default) and blocking (``pipeline=False``: a round trip per op); and
+           the step as one writes it for a module (pipelined): ``model.send(bob)``,
+           ``opt.zero_grad()``, ``F.mse_loss(model(x), y)``, ``loss.backward()``,
+           ``opt.step()``. The plan's step writes its gradient out (a plan cannot hold
+           ``backward()``: it gives no tensor) and updates the parameters in place. Check, after
+           all the timed steps (every way took the same number): the plan's parameters equal
+           those of the same ops run one by one (<= 1e-6) and match the autograd step's
+           (<= 1e-4).
+
+A check that fails ends the suite (it is reported as failed, exit status 2).
 
 Figures are medians over repeated runs; the [lo-hi] range is the spread of the per-run figures.
 """
