@@ -26,6 +26,35 @@ pyzmq      the floor for a Python request: a DEALER/ROUTER request/reply with a 
            and tensor bytes as separate frames (``copy=False``) to a small put/add/get server
            in a subprocess.
 
+Rows of zmqsyft alone, reported beside the others (their ratios in a table of their own, without
+targets), each checked for the right result before it counts:
+
+secure aggregation   one round of PySyft Part 10 against a plaintext trusted-aggregator round
+           (Part 4), for 100k float32 values per update (10k in ``--quick``), the two taking
+           turns: bench_secagg.py's workers and rounds (bob and alice with keys and policies
+           that trust each other and secure_worker, their updates loaded from their own files;
+           james the crypto provider). Secure: ``u.fix_precision().share(bob, alice,
+           crypto_provider=james).get()`` for both updates, the sharings added, ``.get()
+           .float_precision() / 2``; plaintext: ``u.copy().move(secure_worker)`` for both,
+           ``((a + b) / 2).get()``; each followed, untimed, by ``sy.sync()``. Check: the secure
+           average within 1e-3 (the fixed-point precision) of the plaintext one, and that one
+           equal to the local average.
+training step        one SGD step of an MLP (32-64-10, ReLU, MSE, a batch of 64, lr 0.05) whose
+           parameters and batch are on bob, four ways, taking turns (one run of each in turn;
+           each step followed by ``sy.sync()``): a ``sy.func2plan`` plan sent to bob (its
+           parameters are its state) and called on the batch's pointers: its 23 ops in one
+           message per step; the same function, the same ops, called op by op on pointers,
+           pipelined (the default) and blocking (``pipeline=False``: a round trip per op); and
+           the step as one writes it for a module (pipelined): ``model.send(bob)``,
+           ``opt.zero_grad()``, ``F.mse_loss(model(x), y)``, ``loss.backward()``,
+           ``opt.step()``. The plan's step writes its gradient out (a plan cannot hold
+           ``backward()``: it gives no tensor) and updates the parameters in place. Check, after
+           all the timed steps (every way took the same number): the plan's parameters equal
+           those of the same ops run one by one (<= 1e-6) and match the autograd step's
+           (<= 1e-4).
+
+A check that fails ends the suite (it is reported as failed, exit status 2).
+
 Figures are medians over repeated runs; the [lo-hi] range is the spread of the per-run figures.
 """
 
@@ -77,12 +106,20 @@ class Params:
     w7_reps: int       # W7 batches
     startup_reps: int  # start-up measurements
     timeout: float     # per request / handshake deadline inside a suite (s)
+    secagg_n: int = 100_000  # secure aggregation rows: float32 values per update
+    secagg_rounds: int = 10  # timed rounds of each (after ``secagg_warmup`` untimed ones)
+    secagg_warmup: int = 2
+    train_runs: int = 7      # training-step rows: runs of ...
+    train_steps: int = 40    # ... this many timed steps of each way (the median per run)
+    train_warmup: int = 5    # untimed steps before each run
 
 
 def make_params(quick: bool) -> Params:
     if quick:
         return Params(True, lat_runs=1, lat_n=5, lat_warmup=2, big_bytes=1 * MiB, big_reps=1,
-                      mem_reps=1, w7_ops=50, w7_reps=1, startup_reps=1, timeout=90.0)
+                      mem_reps=1, w7_ops=50, w7_reps=1, startup_reps=1, timeout=90.0,
+                      secagg_n=10_000, secagg_rounds=2, secagg_warmup=1, train_runs=1,
+                      train_steps=5, train_warmup=2)
     return Params(False, lat_runs=7, lat_n=200, lat_warmup=30, big_bytes=100 * MiB, big_reps=9,
                   mem_reps=3, w7_ops=2000, w7_reps=7, startup_reps=5, timeout=60.0)
 
@@ -301,6 +338,7 @@ class Results:
         self.out = out  # rewritten after every figure, so a killed suite still reports some
         self.data: dict[str, list[float]] = {}
         self.notes: list[str] = []
+        self.checks: dict[str, dict[str, Any]] = {}
 
     def add(self, key: str, samples: Sequence[float] | float) -> None:
         values = list(samples) if isinstance(samples, Sequence) else [samples]
@@ -320,8 +358,20 @@ class Results:
         if text not in self.notes:
             self.notes.append(text)
 
+    def check(self, name: str, value: float, limit: float) -> None:
+        """A correctness check of a measured path (a max |difference| that must not exceed
+        ``limit``): recorded, and a failure ends the suite, so that a broken path is not timed
+        and reported as if it worked."""
+        ok = value <= limit
+        self.checks[name] = {"value": float(value), "limit": limit, "ok": ok}
+        log(f"{self.system:8s} check {name}: {value:.3g} (<= {limit:g}: {'OK' if ok else 'FAIL'})")
+        self.save()
+        if not ok:
+            raise RuntimeError(f"check failed: {name}: {value:.3g} > {limit:g}")
+
     def dump(self) -> dict[str, Any]:
-        return {"system": self.system, "data": self.data, "notes": self.notes}
+        return {"system": self.system, "data": self.data, "notes": self.notes,
+                "checks": self.checks}
 
 
 # ================================================================================ zmqsyft
@@ -376,13 +426,17 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
             keep.clear()
             sy.sync()  # queued deletes are sent and acknowledged
 
-        def in_turn(ops: dict[str, Callable[[Any], Any]]) -> None:
-            """Latency of each op (row key -> op), one run of each in turn, ``P.lat_runs`` times,
-            so that a drift in the machine's speed touches every row of the group alike."""
-            one_run = replace(P, lat_runs=1)
+        def in_turn(ops: dict[str, Callable[[Any], Any]], params: Params = P,
+                    pipeline: dict[str, bool] | None = None) -> None:
+            """Latency of each op (row key -> op), one run of each in turn, ``params.lat_runs``
+            times, so that a drift in the machine's speed touches every row of the group alike.
+            ``pipeline``: the setting of some rows' runs (set before each run, untimed)."""
+            one_run = replace(params, lat_runs=1)
             samples: dict[str, list[float]] = {key: [] for key in ops}
-            for _ in range(P.lat_runs):
+            for _ in range(params.lat_runs):
                 for key, op in ops.items():
+                    if pipeline is not None and key in pipeline:
+                        set_pipeline(pipeline[key])
                     samples[key] += latency(one_run, op, between=clear)
             for key, values in samples.items():
                 R.add(key, values)
@@ -539,8 +593,29 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
             del p, t
         R.add("mem.client_get", growth)
         R.note(f"peak RSS method: {mon.method}")
+
+        # one training step on bob: a plan, the same ops one by one (pipelined, the default,
+        # and blocking), a module with autograd; the client pipelined except for the blocking row
+        set_pipeline(True)
+        train = TrainStep(sy, bob)
+        in_turn({"train.plan": train.plan_step, "train.ops": train.ops_step,
+                 "train.ops.blocking": train.ops_blocking_step,
+                 "train.autograd": train.autograd_step},
+                replace(P, lat_runs=P.train_runs, lat_n=P.train_steps,
+                        lat_warmup=P.train_warmup),
+                pipeline={"train.plan": True, "train.ops": True, "train.ops.blocking": False,
+                          "train.autograd": True})
+        set_pipeline(False)
+        for way, diff in train.differences().items():
+            R.check(f"train step: plan vs {way}, max |parameter diff|", diff,
+                    TRAIN_AUTOGRAD_TOL if way == "autograd" else TRAIN_SAME_OPS_TOL)
+        del train
     finally:
         close_workers(handles)
+
+    # secure aggregation against plaintext aggregation (bench_secagg.py's workers and rounds;
+    # after the workers above are closed: its data owners are called bob and alice too)
+    secagg_rows(P, R)
 
     # start-up: two workers until both answer, interleaved with a bare `import torch`
     starts, imports, imported = [], [], []
@@ -561,6 +636,132 @@ def suite_zmqsyft(P: Params, R: Results) -> None:
     R.add("startup", starts)
     R.add("startup.import_torch", imports)
     R.add("startup.import_torch_ready", imported)
+
+
+TRAIN_BATCH, TRAIN_IN, TRAIN_HIDDEN, TRAIN_OUT = 64, 32, 64, 10
+TRAIN_LR = 0.05
+TRAIN_SAME_OPS_TOL = 1e-6  # the same ops on the same worker: equal, bar a rounding
+TRAIN_AUTOGRAD_TOL = 1e-4  # the gradient written out against autograd's, after every step
+
+
+def train_step(x: Any, y: Any, state: Any) -> Any:
+    """One SGD step of the MLP ``relu(x W1^T + b1) W2^T + b2`` on the mean squared error, its
+    gradient written out (a plan cannot hold ``backward()``), the parameters (``state``: W1, b1,
+    W2, b2) updated in place; returns the loss. The function of the plan, and run op by op on
+    pointers as it is. Every op involves the batch or a result made from it: in a plan, an op on
+    the state alone (``w.t()``) would be computed once, when the plan is built, and go into it
+    as a constant."""
+    import torch.nn.functional as F  # noqa: N812
+
+    w1, b1, w2, b2 = state.read()
+    h = F.relu(F.linear(x, w1, b1))
+    out = F.linear(h, w2, b2)
+    d = (out - y) * (2.0 / out.numel())  # d loss / d out
+    gw2, gb2 = d.t() @ h, d.sum(0)
+    dh = (d @ w2) * (h > 0)
+    gw1, gb1 = dh.t() @ x, dh.sum(0)
+    for p, g in ((w1, gw1), (b1, gb1), (w2, gw2), (b2, gb2)):
+        p.sub_(g * TRAIN_LR)
+    return F.mse_loss(out, y)
+
+
+class TrainStep:
+    """The training-step rows: one MLP, one batch, on ``worker``, three ways (each starts from
+    the same parameters and takes the same steps, so that they can be compared at the end)."""
+
+    def __init__(self, sy: Any, worker: Any) -> None:
+        import torch
+        from torch import nn
+
+        self.sy = sy
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(TRAIN_BATCH, TRAIN_IN, generator=g), torch.randn(TRAIN_BATCH, TRAIN_OUT, generator=g)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(TRAIN_IN, TRAIN_HIDDEN), nn.ReLU(),
+                              nn.Linear(TRAIN_HIDDEN, TRAIN_OUT))
+        self.initial = [p.detach().clone() for p in model.parameters()]
+        plan = sy.func2plan(args_shape=[(TRAIN_BATCH, TRAIN_IN), (TRAIN_BATCH, TRAIN_OUT)],
+                            state=[t.clone() for t in self.initial])(train_step)
+        self.plan = plan.send(worker)  # its parameters (the state) are on the worker now
+        self.state = sy.PlanState([t.clone().send(worker) for t in self.initial])
+        self.state_blocking = sy.PlanState([t.clone().send(worker) for t in self.initial])
+        self.model = model.send(worker)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=TRAIN_LR)
+        self.x, self.y = x.send(worker), y.send(worker)
+
+    def plan_step(self, _: Any) -> None:
+        self.plan(self.x, self.y)
+        self.sy.sync()
+
+    def ops_step(self, _: Any) -> None:
+        train_step(self.x, self.y, self.state)
+        self.sy.sync()
+
+    def ops_blocking_step(self, _: Any) -> None:  # (run with pipeline=False)
+        train_step(self.x, self.y, self.state_blocking)
+        self.sy.sync()
+
+    def autograd_step(self, _: Any) -> None:
+        import torch.nn.functional as F  # noqa: N812
+
+        self.opt.zero_grad()
+        loss = F.mse_loss(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.sy.sync()
+
+    def differences(self) -> dict[str, float]:
+        """Fetch every way's parameters: the max |difference| of each from the plan's. Raises
+        if the steps did not move the parameters at all."""
+        planned = self.plan.get().state.read()  # (.get() brings its state back)
+        others = {
+            "the same ops one by one (pipelined)": [t.get() for t in self.state.read()],
+            "the same ops one by one (blocking)": [t.get() for t in self.state_blocking.read()],
+            "autograd": [p.detach() for p in self.model.get().parameters()],
+        }
+
+        def diff(a: list[Any], b: list[Any]) -> float:
+            return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
+        if diff(planned, self.initial) == 0.0:
+            raise RuntimeError("the training steps did not change the parameters")
+        return {way: diff(planned, params) for way, params in others.items()}
+
+
+def secagg_rows(P: Params, R: Results) -> None:
+    """A secure-aggregation round against a plaintext one, taking turns (bench_secagg.py's)."""
+    import shutil
+
+    from bench_secagg import TOLERANCE, ZmqsyftSystems, one_repetition, update_of
+
+    n = P.secagg_n
+    tmp = tempfile.mkdtemp(prefix="bench-secagg-")
+    zs = None
+    try:
+        zs = ZmqsyftSystems([n], tmp, P.timeout)
+        zs.ready()
+        rounds = {"secure": zs.secure_round, "plaintext": zs.plaintext_round}
+        settle = lambda _system: zs.settle()  # noqa: E731
+        samples: dict[str, list[float]] = {s: [] for s in rounds}
+        reference = (update_of(0, n) + update_of(1, n)) / 2
+        secure_vs_plain = plain_vs_ref = 0.0
+        for rep in range(P.secagg_warmup + P.secagg_rounds):
+            times, outputs = one_repetition(rounds, n, rep, settle)
+            if rep >= P.secagg_warmup:
+                for s, dt in times.items():
+                    samples[s].append(dt)
+            secure_vs_plain = max(secure_vs_plain, float(
+                (outputs["secure"] - outputs["plaintext"]).abs().max()))
+            plain_vs_ref = max(plain_vs_ref, float((outputs["plaintext"] - reference).abs().max()))
+        R.add("secagg.secure", samples["secure"])
+        R.add("secagg.plain", samples["plaintext"])
+        R.check("secure aggregation: secure vs plaintext average, max |diff|", secure_vs_plain,
+                TOLERANCE)
+        R.check("secure aggregation: plaintext vs the local average, max |diff|", plain_vs_ref,
+                1e-6)
+    finally:
+        if zs is not None:
+            zs.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_torch_time(timeout: float) -> tuple[float, float]:
@@ -1010,7 +1211,8 @@ def run_suite(name: str, quick: bool, timeout: float) -> dict[str, Any]:
         # anything the suite left behind in its process group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-    res = suite_result(out, {"system": name, "data": {}, "notes": []}, code, timeout)
+    res = suite_result(out, {"system": name, "data": {}, "notes": [], "checks": {}}, code,
+                       timeout)
     res["ok"] = code == 0
     res["seconds"] = time.monotonic() - t0
     cpu1 = cpu_times()
@@ -1032,6 +1234,10 @@ def merge(results: dict[str, Any], system: str, res: dict[str, Any]) -> None:
     for key, vals in res["data"].items():
         into["data"].setdefault(key, []).extend(vals)
     into["notes"] += [n for n in res["notes"] if n not in into["notes"]]
+    for name, c in res.get("checks", {}).items():  # the worst of the rounds
+        old = into.setdefault("checks", {}).get(name)
+        if old is None or c["value"] > old["value"] or not c["ok"]:
+            into["checks"][name] = c
     into["ok"] = into["ok"] and res["ok"]
     into["rounds"] += 1
     for key in ("seconds", "foreign_cpu", "steal_cpu", "cpu_capacity"):
@@ -1115,6 +1321,12 @@ def rows(P: Params) -> list[tuple[str, str, str]]:
         ("first_op", "first remote add after start-up (one-time, cold)", "ms"),
         ("mem.worker", f"worker peak RSS growth receiving {size}", "mib"),
         ("mem.client_get", f"client peak RSS growth getting {size}", "mib"),
+        ("secagg.secure", f"secure aggregation round, 2 x {P.secagg_n // 1000}k f32 (share, add, get)", "msr"),
+        ("secagg.plain", "  plaintext round, trusted aggregator (move x2, avg, get)", "msr"),
+        ("train.plan", f"train step on bob, plan (MLP {TRAIN_IN}-{TRAIN_HIDDEN}-{TRAIN_OUT}, batch {TRAIN_BATCH})", "msr"),
+        ("train.ops", "  the same ops one by one on pointers, pipelined", "msr"),
+        ("train.ops.blocking", "  the same ops one by one, blocking (pipeline=False)", "msr"),
+        ("train.autograd", "  model.send, forward, backward, SGD step", "msr"),
     ]
 
 
@@ -1131,6 +1343,8 @@ def _fmt(v: float, kind: str, size: int) -> str:
         return f"{v:.2f} s"
     if kind == "ms":
         return f"{v * 1e3:.1f} ms"
+    if kind == "msr":
+        return f"{v * 1e3:.{2 if v < 0.01 else 1}f} ms"
     return f"{v:.4g}"
 
 
@@ -1149,6 +1363,9 @@ def _spread(vals: list[float], kind: str) -> str:
         return f" [{lo / MiB:.1f}-{hi / MiB:.1f}]"
     if kind == "s":
         return f" [{lo:.2f}-{hi:.2f}]"
+    if kind == "msr":
+        digits = 2 if hi < 0.01 else 1
+        return f" [{lo * 1e3:.{digits}f}-{hi * 1e3:.{digits}f}]"
     return ""
 
 
@@ -1244,8 +1461,33 @@ def curve_ratios(P: Params, results: dict[str, Any]) -> list[Ratio]:
     ])
 
 
+def beside_ratios(P: Params, results: dict[str, Any]) -> list[Ratio]:
+    """zmqsyft's rows of its own, reported beside the others: no targets."""
+    m, _ = _medians(P, results)
+    return [(name, value, "", None) for name, value in (
+        (f"secure / plaintext aggregation round ({P.secagg_n // 1000}k f32)", _div(m("zmqsyft", "secagg.secure"), m("zmqsyft", "secagg.plain"))),
+        ("train step: plan / the same ops one by one, pipelined", _div(m("zmqsyft", "train.plan"), m("zmqsyft", "train.ops"))),
+        ("train step: plan / the same ops one by one, blocking", _div(m("zmqsyft", "train.plan"), m("zmqsyft", "train.ops.blocking"))),
+        ("train step: plan / autograd step (pipelined)", _div(m("zmqsyft", "train.plan"), m("zmqsyft", "train.autograd"))),
+    )]
+
+
+def render_checks(results: dict[str, Any], systems: list[str]) -> str:
+    lines = ["checks (the measured paths gave the right result)"]
+    for s in systems:
+        for name, c in results.get(s, {}).get("checks", {}).items():
+            lines.append(f"  [{s}] {name}: {c['value']:.2g} (<= {c['limit']:g}: "
+                         f"{'OK' if c['ok'] else 'FAIL'})")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def render_ratios(rs: list[Ratio], title: str = "ratio") -> str:
     width = max([len(title)] + [len(r[0]) for r in rs])
+    if not any(target for _, _, target, _ in rs):  # values only
+        lines = [f"{title.ljust(width)}  {'value':>8}", f"{'-' * width}  {'-' * 8}"]
+        lines += [f"{name.ljust(width)}  " + (f"{value:8.2f}" if value is not None else f"{'n/a':>8}")
+                  for name, value, _, _ in rs]
+        return "\n".join(lines)
     lines = [f"{title.ljust(width)}  {'value':>8}  {'target':8}  result",
              f"{'-' * width}  {'-' * 8}  {'-' * 8}  ------"]
     for name, value, target, ok in rs:
@@ -1327,7 +1569,9 @@ def main(argv: list[str] | None = None) -> int:
     out.append(f"command  {' '.join([os.path.basename(sys.executable), os.path.relpath(HERE)] + (argv if argv is not None else sys.argv[1:]))}")
     out.append(f"reps     {rounds} round(s) of every suite, each with latency: {P.lat_runs} runs x {P.lat_n} ops (+{P.lat_warmup} warm-up), "
                f"median of run medians; {_fmt_size(P.big_bytes)} transfers: {P.big_reps} (+1 warm-up); "
-               f"W7: {P.w7_reps} x {P.w7_ops} ops; start-up: {P.startup_reps}; memory: {P.mem_reps}")
+               f"W7: {P.w7_reps} x {P.w7_ops} ops; start-up: {P.startup_reps}; memory: {P.mem_reps}; "
+               f"secure aggregation: {P.secagg_rounds} rounds of each (+{P.secagg_warmup}); "
+               f"train step: {P.train_runs} runs x {P.train_steps} steps of each (+{P.train_warmup})")
     out.append(f"total    {total:.0f} s")
     for s in systems:
         r = results[s]
@@ -1349,6 +1593,14 @@ def main(argv: list[str] | None = None) -> int:
     if cs:
         out.append("")
         out.append(render_ratios(cs, "CURVE / no CURVE (zmqsyft, same run)"))
+    bs = beside_ratios(P, results) if "zmqsyft" in systems else []
+    if bs:
+        out.append("")
+        out.append(render_ratios(bs, "zmqsyft alone, same run (no targets)"))
+    checks = render_checks(results, systems)
+    if checks:
+        out.append("")
+        out.append(checks)
     notes = [(s, n) for s in systems for n in results[s].get("notes", [])]
     if notes:
         out.append("")
@@ -1359,7 +1611,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "params": asdict(P), "results": results,
-                       "ratios": ratios_json(rs), "curve_ratios": ratios_json(cs)}, f, indent=1)
+                       "ratios": ratios_json(rs), "curve_ratios": ratios_json(cs),
+                       "beside_ratios": ratios_json(bs),
+                       "checks": {s: results[s].get("checks", {}) for s in systems}},
+                      f, indent=1)
     failed = [s for s in systems if not results[s].get("ok")]
     if failed:
         print(f"\nFAILED suites: {', '.join(failed)}", file=sys.stderr)

@@ -94,7 +94,7 @@ def update_of(owner: int, n: int) -> Any:
 
 # ================================================================================ helpers
 # (the child-process helpers are bench.py's: one copy for both benchmarks)
-from bench import _pdeathsig, free_port, reap, stop_rpc, write_report  # noqa: E402
+from bench import _pdeathsig, close_workers, free_port, reap, stop_rpc, write_report  # noqa: E402
 
 
 def cpu_times() -> tuple[float, float]:
@@ -156,6 +156,16 @@ class ZmqsyftSystems:
         sy.configure(timeout=timeout, spawn_timeout=timeout)
         self.handles: list[Any] = []
         self.updates: dict[int, list[Any]] = {}
+        try:
+            self._start(sizes, tmp)
+        except BaseException:  # the workers already started are closed and reaped
+            self.close()
+            raise
+
+    def _start(self, sizes: list[int], tmp: str) -> None:
+        import torch
+
+        sy = self.sy
         files = []
         for i, name in enumerate(OWNERS):  # what each data owner has on its own disk
             path = os.path.join(tmp, f"{name}.pt")
@@ -246,11 +256,7 @@ class ZmqsyftSystems:
 
     def close(self) -> None:
         self.updates.clear()
-        for w in self.handles:
-            with contextlib.suppress(Exception):
-                w.close()
-        for w in self.handles:  # close() reaps; this is the safety net
-            reap(getattr(w, "_proc", None), timeout=5)
+        close_workers(self.handles)  # (closed, reaped, their ipc directories removed)
 
 
 # ================================================================================ torch rpc
@@ -439,6 +445,24 @@ class PyzmqSystem:
 
 
 # ================================================================================ the run
+def one_repetition(rounds: dict[str, Callable[[int], Any]], n: int, rep: int,
+                   settle: Callable[[str], None]) -> tuple[dict[str, float], dict[str, Any]]:
+    """One round of every system (name -> round function) for ``n`` values, in an order rotated
+    by ``rep`` so that no system always goes first: the seconds each round took and what it
+    gave. ``settle(system)`` runs after each round, untimed. (bench.py's secure-aggregation rows
+    take their turns through this too.)"""
+    names = list(rounds)
+    k = rep % len(names)
+    times: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    for s in names[k:] + names[:k]:
+        t0 = time.perf_counter_ns()
+        outputs[s] = rounds[s](n)
+        times[s] = (time.perf_counter_ns() - t0) / 1e9
+        settle(s)
+    return times, outputs
+
+
 def parse_sizes(text: str) -> list[int]:
     sizes = []
     for part in text.split(","):
@@ -532,23 +556,20 @@ def run(args: argparse.Namespace) -> int:
             "secure": zs.secure_round, "plaintext": zs.plaintext_round,
             "rpc": rpcs.round, "pyzmq": zq.round,
         }
+
+        def settle(system: str) -> None:
+            if system in ("secure", "plaintext"):
+                zs.settle()
         for n in sizes:
             reference = (update_of(0, n) + update_of(1, n)) / 2
             samples: dict[str, list[float]] = {s: [] for s in SYSTEMS}
             worst = {s: 0.0 for s in SYSTEMS}
             secure_vs_plain = 0.0
             for rep in range(args.warmup + args.rounds):
-                k = rep % len(SYSTEMS)  # rotate the order, so that no system always goes first
-                outputs: dict[str, Any] = {}
-                for s in SYSTEMS[k:] + SYSTEMS[:k]:
-                    t0 = time.perf_counter_ns()
-                    out = rounds[s](n)
-                    dt = (time.perf_counter_ns() - t0) / 1e9
-                    if s in ("secure", "plaintext"):
-                        zs.settle()
-                    if rep >= args.warmup:
+                times, outputs = one_repetition(rounds, n, rep, settle)
+                if rep >= args.warmup:
+                    for s, dt in times.items():
                         samples[s].append(dt)
-                    outputs[s] = out
                 for s, out in outputs.items():
                     assert out.shape == reference.shape and out.dtype == torch.float32, (s, out)
                     worst[s] = max(worst[s], (out - reference).abs().max().item())
