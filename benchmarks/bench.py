@@ -648,9 +648,7 @@ def train_step(x: Any, y: Any, state: Any) -> Any:
     """One SGD step of the MLP ``relu(x W1^T + b1) W2^T + b2`` on the mean squared error, its
     gradient written out (a plan cannot hold ``backward()``), the parameters (``state``: W1, b1,
     W2, b2) updated in place; returns the loss. The function of the plan, and run op by op on
-    pointers as it is. Every op involves the batch or a result made from it: in a plan, an op on
-    the state alone (``w.t()``) would be computed once, when the plan is built, and go into it
-    as a constant."""
+    pointers as it is."""
     import torch.nn.functional as F  # noqa: N812
 
     w1, b1, w2, b2 = state.read()
