@@ -311,14 +311,87 @@ def test_ops_on_constants_made_in_the_plan_stay_constants(hook: sy.TorchHook,
 def test_a_constant_its_ops_change_in_place_starts_afresh_at_each_run(
         hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
     @sy.func2plan(args_shape=[(3,)])
-    def summed(x: torch.Tensor) -> torch.Tensor:
+    def summed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros(3)  # a constant...
         total.add_(x)  # ...changed by an op of the plan: each run changes a copy of it
-        return total * 2
+        return total, total * 2
 
     x = torch.tensor([1.0, 2.0, 3.0]).send(bob)
-    assert torch.equal(summed(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([2.0, 4.0, 6.0]))
+    want = torch.tensor([1.0, 2.0, 3.0])
+    assert all(map(torch.equal, summed(want), (want, want * 2)))
     summed = summed.send(bob)
     for _ in range(2):
-        assert torch.equal(summed(x).get(), torch.tensor([2.0, 4.0, 6.0]))
+        total, doubled = summed(x)
+        assert torch.equal(total.get(), want) and torch.equal(doubled.get(), want * 2)
     del x, summed
+
+
+def _autograd_step(x: torch.Tensor, y: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+    (w,) = state.read()
+    loss = ((x @ w.t() - y) ** 2).sum()
+    loss.backward()
+    with torch.no_grad():  # (recorded: the plan's ops run with the grad mode they had here)
+        w.sub_(0.25 * w.grad)
+    w.grad = None
+    return loss
+
+
+def test_a_plan_holds_backward_and_reads_the_gradients_it_leaves(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    w0, x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
+    plan = sy.func2plan(args_shape=[(1, 2), (1, 1)],
+                        state=(w0.clone().requires_grad_(),))(_autograd_step)
+    (trace,) = plan._traces.values()
+    assert [op.name.rsplit(".", 1)[-1] for op in trace.ops][-5:] == [
+        "backward", "__get__", "mul", "sub_", "__set__"]
+    local_state = sy.PlanState([w0.clone().requires_grad_()])
+    ops_state = sy.PlanState([w0.clone().requires_grad_().send(bob)])
+    sent = plan.send(bob)
+    xp, yp = x.send(bob), y.send(bob)
+    for run in range(3):
+        want = _autograd_step(x, y, local_state).detach()
+        one_by_one = _autograd_step(xp, yp, ops_state).get()
+        got = sent(xp, yp).get()
+        assert torch.equal(one_by_one, want), (run, one_by_one, want)
+        assert torch.equal(got, want), (run, got, want)
+    (w,) = sent.state.read()
+    assert w.grad is None  # (set to None by the plan: asked of bob, since the plan ran there)
+    sent.get()
+    assert torch.equal(sent.state.read()[0], local_state.read()[0])
+    assert torch.equal(ops_state.read()[0].get(), local_state.read()[0])
+    del xp, yp, w, sent
+
+
+class _LossWithBackward(sy.Plan):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = ((self.fc(x) - y) ** 2).sum()
+        loss.backward()
+        return loss
+
+
+def test_an_optimiser_steps_on_the_gradients_a_plans_backward_left(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """The client's knowledge of gradients (``zero_grad()`` set them to None) does not outlive
+    a plan that ran ``backward()``: the optimiser reads the new ones."""
+    torch.manual_seed(3)
+    net, here = _LossWithBackward(), _LossWithBackward()
+    here.load_state_dict(net.state_dict())
+    data, target = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[1.0], [0.0]])
+    net = net.send(bob)
+    opt, opt_here = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, here))
+    x, y = data.send(bob), target.send(bob)
+    for run in range(3):
+        opt.zero_grad()
+        opt_here.zero_grad()
+        got, want = net(x, y).get(), here(data, target).detach()
+        opt.step()
+        opt_here.step()
+        assert torch.allclose(got, want), (run, got, want)
+    net.get()
+    assert torch.allclose(net.fc.weight, here.fc.weight) and torch.allclose(net.fc.bias,
+                                                                              here.fc.bias)
+    del x, y

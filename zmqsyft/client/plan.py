@@ -10,8 +10,11 @@ when it runs), its results' shapes and dtypes are inferred on ``meta`` tensors, 
 recorded with its arguments as slots: the plan's inputs, the results of earlier ops, and the
 tensors it uses from outside (parameters, state, constants made inside). None of these ops runs
 while the plan is built: ``w.t()`` of a state ``w`` the plan updates in place is worked out again
-at every run. Only ops on constants alone (``torch.ones(3) * 2``) run here, once. Nothing is
-pickled: no code leaves this program.
+at every run. Only ops on constants alone (``torch.ones(3) * 2``) run here, once. Each op runs
+with the grad mode it had when built (``with torch.no_grad():`` in the plan's code holds).
+``loss.backward()`` may be part of a plan, and ``w.grad`` read after it (a gradient of ``w``'s
+shape; the worker refuses the read if none was left). Nothing is pickled: no code leaves this
+program.
 
 Calling a built plan on pointers (``plan(x_ptr)``) sends its ops, each an ordinary ``CALL`` in
 the wire's safe format with fresh result ids, in one ``BATCH`` message to the worker holding the
@@ -41,9 +44,10 @@ from torch.utils import _pytree as pytree
 from ..errors import LocationMismatch, PointerError
 from ..ids import new_id
 from ..wire.tensors import dtype_name
+from . import grads
 from .dispatch import _call_async
 from .nn import module_get, module_send, module_tensors
-from .plantrace import _Slot, _Trace, _Traced
+from .plantrace import GIVE_NONE, _Slot, _Trace, _Traced
 from .pointer import PointerTensor
 
 __all__ = ["Plan", "PlanState", "func2plan"]
@@ -133,12 +137,12 @@ class Plan(nn.Module):
             for t in m.state.tensors]
         with trace.recording(held):
             result = nn.Module.__call__(self, *pytree.tree_unflatten(standins, spec))
-        out_leaves, trace.out_spec = pytree.tree_flatten(result)
-        for x in out_leaves:
-            if not isinstance(x, torch.Tensor):
-                raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
-                                   "returns tensors only")
-            trace.out.append(trace.ref(x).n)
+            out_leaves, trace.out_spec = pytree.tree_flatten(result)
+            for x in out_leaves:
+                if not isinstance(x, torch.Tensor):
+                    raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
+                                       "returns tensors only")
+                trace.out.append(trace.ref(x).n)
         self._traces[key] = trace
         return trace
 
@@ -173,10 +177,13 @@ class Plan(nn.Module):
                             if isinstance(x, PointerTensor)]
                 out = None if op.out is None else [
                     [new_id(), list(shape), dtype_name(dtype), rg] for shape, dtype, rg in op.metas]
-                made = _call_async(PointerTensor, op.name, where, args, kwargs, pointers, out=out,
-                                   metas=op.metas)
+                with torch.set_grad_enabled(op.grad):  # (no_grad() in the plan's code)
+                    made = _call_async(PointerTensor, op.name, where, args, kwargs, pointers,
+                                       out=out, metas=op.metas)
                 for slot, ptr in zip(op.out or (), made, strict=True):
                     values[slot] = ptr
+        if any(op.name in _GRADS_CHANGED for op in trace.ops):
+            grads.bump()  # (what this process knew of gradients there may not hold any more)
         return pytree.tree_unflatten([values[s] for s in trace.out], trace.out_spec)
 
     def _check_here(self, x: Any, where: Any, what: str) -> None:
@@ -261,6 +268,9 @@ class Plan(nn.Module):
         where = self.location
         return (f"<Plan {self.name} {'built' if self.is_built else 'not built'}"
                 f"{f' on {where.id!r}' if where is not None else ''}>")
+
+
+_GRADS_CHANGED = GIVE_NONE | {grads.GRAD_SET, "torch.Tensor.retain_grad", "torch.autograd.grad"}
 
 
 def _is_parameter_of(module: nn.Module, x: Any) -> bool:

@@ -8,7 +8,8 @@ op of the plan changed in place. Such an op is never run while the plan is built
 is worked out again at every run, on the values the state has then (``w.t()`` of a state ``w``
 that the plan updates in place, ``self.fc.weight.t()``). Only ops on constants alone (tensors the
 plan makes from literals, ``torch.ones(3) * 2``) run here, once, and their results are
-constants of the plan.
+constants of the plan. ``backward()`` is recorded for what it leaves (gradients, read with
+``.grad``, which is a tensor of its tensor's shape in the plan).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .pointer import PointerTensor
 __all__: list[str] = []
 
 _PLAIN = (torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__hash__)
+# ops run for what they do to gradients on the worker, giving nothing
+GIVE_NONE = frozenset({"torch.Tensor.backward", "torch.autograd.backward"})
+GRAD_GET = "torch.Tensor.grad.__get__"
 
 
 class _Slot:
@@ -41,11 +45,14 @@ class _Slot:
 
 
 class _Op:
-    __slots__ = ("name", "args", "kwargs", "out", "metas")
+    """An op of a plan; ``grad``: whether grad mode was on where the plan's code ran it."""
+
+    __slots__ = ("name", "args", "kwargs", "out", "metas", "grad")
 
     def __init__(self, name: str, args: Any, kwargs: Any, out: list[int] | None,
                  metas: list[tuple[torch.Size, torch.dtype, bool]]) -> None:
         self.name, self.args, self.kwargs, self.out, self.metas = name, args, kwargs, out, metas
+        self.grad = torch.is_grad_enabled()
 
 
 class _Trace:
@@ -119,6 +126,11 @@ class _Trace:
                 "values): do that outside the plan, on its results") from exc
         if name in allowlist.LOCAL_META:  # shapes, dtypes: known while tracing
             return result
+        if name in GIVE_NONE:  # loss.backward(): the gradients it leaves are read with .grad
+            self.ops.append(_Op(name, *pytree.tree_map(self.ref, (args, kwargs)), None, []))
+            return result
+        if name == GRAD_GET and result is None and isinstance(margs[0], torch.Tensor):
+            result = torch.empty_like(margs[0], requires_grad=False)  # (a stand-in has none)
         if allowlist.is_inplace(name):
             target = args[0]
             if isinstance(target, torch.Tensor) and not isinstance(target, _Traced) and (
@@ -156,6 +168,10 @@ class _Recording(TorchFunctionMode):
         if func in _PLAIN or not self.trace.touches(args, kwargs):
             return func(*args, **kwargs)
         return self.trace.record(func, args, kwargs)
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.trace.held, self.trace.alias = {}, {}  # (no reference kept to what it held)
 
 
 def _meta(x: Any) -> Any:
