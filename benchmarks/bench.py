@@ -47,8 +47,8 @@ training step        one SGD step of an MLP (32-64-10, ReLU, MSE, a batch of 64,
            pipelined (the default) and blocking (``pipeline=False``: a round trip per op); and
            the step as one writes it for a module (pipelined): ``model.send(bob)``,
            ``opt.zero_grad()``, ``F.mse_loss(model(x), y)``, ``loss.backward()``,
-           ``opt.step()``. The plan's step writes its gradient out (a plan cannot hold
-           ``backward()``: it gives no tensor) and updates the parameters in place. Check, after
+           ``opt.step()``. The plan's step writes its gradient out (the same ops as the
+           op-by-op rows) and updates the parameters in place. Check, after
            all the timed steps (every way took the same number): the plan's parameters equal
            those of the same ops run one by one (<= 1e-6) and match the autograd step's
            (<= 1e-4).
@@ -646,11 +646,9 @@ TRAIN_AUTOGRAD_TOL = 1e-4  # the gradient written out against autograd's, after 
 
 def train_step(x: Any, y: Any, state: Any) -> Any:
     """One SGD step of the MLP ``relu(x W1^T + b1) W2^T + b2`` on the mean squared error, its
-    gradient written out (a plan cannot hold ``backward()``), the parameters (``state``: W1, b1,
+    gradient written out, the parameters (``state``: W1, b1,
     W2, b2) updated in place; returns the loss. The function of the plan, and run op by op on
-    pointers as it is. Every op involves the batch or a result made from it: in a plan, an op on
-    the state alone (``w.t()``) would be computed once, when the plan is built, and go into it
-    as a constant."""
+    pointers as it is."""
     import torch.nn.functional as F  # noqa: N812
 
     w1, b1, w2, b2 = state.read()

@@ -25,7 +25,7 @@ ORDER: dict[str, list[str]] = {
                "calls", "admin", "owner", "loop", "__init__"],
     "client": ["local", "interrupts", "forks", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "grads", "dispatch",
                "pointer_attrs", "pointer", "session", "api",
-               "launch", "nn", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "grid", "sandbox", "__init__"],
+               "launch", "nn", "plantrace", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "grid", "sandbox", "__init__"],
     # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's
     "federated": ["floptimizer", "__init__"],
 }

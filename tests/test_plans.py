@@ -193,3 +193,205 @@ def test_a_plan_sent_keeps_its_state_and_constants_there(hook: sy.TorchHook, bob
     assert torch.equal(on_alice(torch.zeros(2).send(alice)).get(), torch.tensor([11.0, 12.0]))
     del on_alice
     assert torch.equal(shifted(torch.zeros(2)), torch.tensor([11.0, 12.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops on a plan's state or parameters alone (no input involved) are ops of the plan, run at each
+# call on the values the state has then: never worked out once, when the plan was built, and kept
+# as a constant (a plan updating its state in place read a stale ``w.t()`` at every later call).
+
+
+def _sgd_step(x: torch.Tensor, y: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+    (w,) = state.read()
+    pred = x @ w.t()  # w.t(): the state alone
+    grad = 2 * (pred - y).t() @ x
+    w.sub_(0.5 * grad)  # an SGD step inside the plan
+    w.mul_(1.5)  # the state alone, in place
+    return pred
+
+
+def test_a_plan_updating_its_state_in_place_reads_the_new_state_at_each_run(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    w0, x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
+    plan = sy.func2plan(args_shape=[(1, 2), (1, 1)], state=(w0.clone(),))(_sgd_step)
+    assert torch.equal(plan.state.read()[0], w0), "building the plan changed its state"
+    local_state = sy.PlanState([w0.clone()])  # plain torch, here
+    ops_state = sy.PlanState([w0.clone().send(bob)])  # the same ops one by one on pointers
+    sent = plan.send(bob)
+    xp, yp = x.send(bob), y.send(bob)
+    for run in range(3):
+        want = _sgd_step(x, y, local_state)
+        one_by_one = _sgd_step(xp, yp, ops_state).get()
+        got = sent(xp, yp).get()
+        assert torch.equal(one_by_one, want), (run, one_by_one, want)
+        assert torch.equal(got, want), (run, got, want)
+    sent.get()
+    assert torch.equal(sent.state.read()[0], local_state.read()[0])
+    assert torch.equal(ops_state.read()[0].get(), local_state.read()[0])
+    del xp, yp, sent
+
+
+def test_a_plan_built_after_it_was_sent_runs_nothing_while_built(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """Built at its first call on pointers, the ops on its (remote) state are recorded, not run
+    there while it is built (and frozen as a pointer to their first result)."""
+    w0, x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
+    sent = sy.Plan(fn=_sgd_step, state=(w0.clone(),)).send(bob)
+    assert not sent.is_built
+    local_state = sy.PlanState([w0.clone()])
+    xp, yp = x.send(bob), y.send(bob)
+    for run in range(3):
+        want = _sgd_step(x, y, local_state)
+        got = sent(xp, yp).get()
+        assert torch.equal(got, want), (run, got, want)
+    sent.get()
+    assert torch.equal(sent.state.read()[0], local_state.read()[0])
+    del xp, yp, sent
+
+
+class _TransposedLinear(sy.Plan):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.fc.weight.t() + self.fc.bias * 2  # parameters alone: weight.t(), bias * 2
+
+
+@pytest.mark.parametrize("built_before_sent", [True, False])
+def test_a_module_plan_reads_its_parameters_as_they_are_at_each_run(
+        hook: sy.TorchHook, bob: sy.WorkerClient, built_before_sent: bool) -> None:
+    torch.manual_seed(2)
+    net, here = _TransposedLinear(), _TransposedLinear()
+    here.load_state_dict(net.state_dict())
+    data, target = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[1.0], [0.0]])
+    if built_before_sent:
+        net.build(data)
+    net = net.send(bob)
+    opt, opt_here = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, here))
+    x, y = data.send(bob), target.send(bob)
+    for run in range(3):
+        for model, optim, a, b in ((net, opt, x, y), (here, opt_here, data, target)):
+            optim.zero_grad()
+            pred = model(a)
+            loss = ((pred - b) ** 2).sum()
+            loss.backward()
+            optim.step()
+            if model is net:
+                got = pred.get()
+            else:
+                want = pred.detach()
+        assert torch.allclose(got, want), (run, got, want)
+    net.get()
+    assert torch.allclose(net.fc.weight, here.fc.weight) and torch.allclose(net.fc.bias,
+                                                                              here.fc.bias)
+    del x, y
+
+
+def test_ops_on_constants_made_in_the_plan_stay_constants(hook: sy.TorchHook,
+                                                          bob: sy.WorkerClient) -> None:
+    @sy.func2plan(args_shape=[(3,)], state=(torch.ones(3),))
+    def scaled(x: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+        (s,) = state.read()
+        two = torch.tensor(2.0) * torch.ones(3)  # constants alone: worked out once, here
+        s.add_(1.0)
+        return x * two + s
+
+    (trace,) = scaled._traces.values()
+    assert [op.name.rsplit(".", 1)[-1] for op in trace.ops] == ["add_", "mul", "add"]
+    sent = scaled.send(bob)
+    x = torch.zeros(3).send(bob)
+    assert torch.equal(sent(x).get(), torch.full((3,), 2.0))
+    assert torch.equal(sent(x).get(), torch.full((3,), 3.0))
+    sent.get()
+    assert torch.equal(sent.state.read()[0], torch.full((3,), 3.0))
+    del x, sent
+
+
+def test_a_constant_its_ops_change_in_place_starts_afresh_at_each_run(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    @sy.func2plan(args_shape=[(3,)])
+    def summed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros(3)  # a constant...
+        total.add_(x)  # ...changed by an op of the plan: each run changes a copy of it
+        return total, total * 2
+
+    x = torch.tensor([1.0, 2.0, 3.0]).send(bob)
+    want = torch.tensor([1.0, 2.0, 3.0])
+    assert all(map(torch.equal, summed(want), (want, want * 2)))
+    summed = summed.send(bob)
+    for _ in range(2):
+        total, doubled = summed(x)
+        assert torch.equal(total.get(), want) and torch.equal(doubled.get(), want * 2)
+    del x, summed
+
+
+def _autograd_step(x: torch.Tensor, y: torch.Tensor, state: sy.PlanState) -> torch.Tensor:
+    (w,) = state.read()
+    loss = ((x @ w.t() - y) ** 2).sum()
+    loss.backward()
+    with torch.no_grad():  # (recorded: the plan's ops run with the grad mode they had here)
+        w.sub_(0.25 * w.grad)
+    w.grad = None
+    return loss
+
+
+def test_a_plan_holds_backward_and_reads_the_gradients_it_leaves(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    w0, x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
+    plan = sy.func2plan(args_shape=[(1, 2), (1, 1)],
+                        state=(w0.clone().requires_grad_(),))(_autograd_step)
+    (trace,) = plan._traces.values()
+    assert [op.name.rsplit(".", 1)[-1] for op in trace.ops][-5:] == [
+        "backward", "__get__", "mul", "sub_", "__set__"]
+    local_state = sy.PlanState([w0.clone().requires_grad_()])
+    ops_state = sy.PlanState([w0.clone().requires_grad_().send(bob)])
+    sent = plan.send(bob)
+    xp, yp = x.send(bob), y.send(bob)
+    for run in range(3):
+        want = _autograd_step(x, y, local_state).detach()
+        one_by_one = _autograd_step(xp, yp, ops_state).get()
+        got = sent(xp, yp).get()
+        assert torch.equal(one_by_one, want), (run, one_by_one, want)
+        assert torch.equal(got, want), (run, got, want)
+    (w,) = sent.state.read()
+    assert w.grad is None  # (set to None by the plan: asked of bob, since the plan ran there)
+    sent.get()
+    assert torch.equal(sent.state.read()[0], local_state.read()[0])
+    assert torch.equal(ops_state.read()[0].get(), local_state.read()[0])
+    del xp, yp, w, sent
+
+
+class _LossWithBackward(sy.Plan):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = ((self.fc(x) - y) ** 2).sum()
+        loss.backward()
+        return loss
+
+
+def test_an_optimiser_steps_on_the_gradients_a_plans_backward_left(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """The client's knowledge of gradients (``zero_grad()`` set them to None) does not outlive
+    a plan that ran ``backward()``: the optimiser reads the new ones."""
+    torch.manual_seed(3)
+    net, here = _LossWithBackward(), _LossWithBackward()
+    here.load_state_dict(net.state_dict())
+    data, target = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[1.0], [0.0]])
+    net = net.send(bob)
+    opt, opt_here = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, here))
+    x, y = data.send(bob), target.send(bob)
+    for run in range(3):
+        opt.zero_grad()
+        opt_here.zero_grad()
+        got, want = net(x, y).get(), here(data, target).detach()
+        opt.step()
+        opt_here.step()
+        assert torch.allclose(got, want), (run, got, want)
+    net.get()
+    assert torch.allclose(net.fc.weight, here.fc.weight) and torch.allclose(net.fc.bias,
+                                                                              here.fc.bias)
+    del x, y

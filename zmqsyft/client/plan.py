@@ -3,12 +3,18 @@ ops, then run on a worker's pointers as one message.
 
 ``@sy.func2plan(args_shape=[(1,)])`` over a function, or a subclass of :class:`Plan` (an
 ``nn.Module`` with a ``forward``) built with ``plan.build(example)``. Building runs the code once
-on storage-less *traced* tensors: every torch function, method and operator they meet is looked
-up in the allow-list (anything else is refused when the plan is built, not when it runs),
-its results' shapes and dtypes are inferred on ``meta`` tensors, and the op is recorded with its
-arguments as slots: the plan's inputs, the results of earlier ops, and the tensors it uses from
-outside (a module's parameters, ``state=``, constants made inside). Nothing is pickled: no code
-leaves this program.
+on storage-less *traced* tensors (:mod:`zmqsyft.client.plantrace`): every torch function, method
+and operator that meets them or the tensors the plan holds (its parameters, buffers and
+``state=``) is looked up in the allow-list (anything else is refused when the plan is built, not
+when it runs), its results' shapes and dtypes are inferred on ``meta`` tensors, and the op is
+recorded with its arguments as slots: the plan's inputs, the results of earlier ops, and the
+tensors it uses from outside (parameters, state, constants made inside). None of these ops runs
+while the plan is built: ``w.t()`` of a state ``w`` the plan updates in place is worked out again
+at every run. Only ops on constants alone (``torch.ones(3) * 2``) run here, once. Each op runs
+with the grad mode it had when built (``with torch.no_grad():`` in the plan's code holds).
+``loss.backward()`` may be part of a plan, and ``w.grad`` read after it (a gradient of ``w``'s
+shape; the worker refuses the read if none was left). Nothing is pickled: no code leaves this
+program.
 
 Calling a built plan on pointers (``plan(x_ptr)``) sends its ops, each an ordinary ``CALL`` in
 the wire's safe format with fresh result ids, in one ``BATCH`` message to the worker holding the
@@ -35,12 +41,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .. import allowlist
-from ..errors import LocationMismatch, OpNotAllowed, PointerError
+from ..errors import LocationMismatch, PointerError
 from ..ids import new_id
 from ..wire.tensors import dtype_name
-from .dispatch import _call_async, _to_meta
+from . import grads
+from .dispatch import _call_async
 from .nn import module_get, module_send, module_tensors
+from .plantrace import GIVE_NONE, _Slot, _Trace, _Traced
 from .pointer import PointerTensor
 
 __all__ = ["Plan", "PlanState", "func2plan"]
@@ -59,142 +66,6 @@ class PlanState:
 
     def __repr__(self) -> str:
         return f"<PlanState {len(self.tensors)} tensor(s)>"
-
-
-class _Slot:
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __repr__(self) -> str:
-        return f"${self.n}"
-
-
-class _Op:
-    __slots__ = ("name", "args", "kwargs", "out", "metas")
-
-    def __init__(self, name: str, args: Any, kwargs: Any, out: list[int] | None,
-                 metas: list[tuple[torch.Size, torch.dtype, bool]]) -> None:
-        self.name, self.args, self.kwargs, self.out, self.metas = name, args, kwargs, out, metas
-
-
-class _Trace:
-    """One recording: the ops, the slots of the inputs and outputs, and the outside tensors."""
-
-    def __init__(self) -> None:
-        self.ops: list[_Op] = []
-        self.slots = 0
-        self.inputs: list[int] = []
-        self.outside: dict[int, tuple[int, Any]] = {}  # id(tensor) -> (slot, the tensor)
-        self.out: list[int] = []
-        self.out_spec: Any = None
-
-    def rebound(self, copies: dict[int, Any]) -> _Trace:
-        """The same trace for a copy of its plan: the outside tensors it names are the copies
-        ``copies`` (a ``deepcopy`` memo) made of them (constants stay the same objects)."""
-        new = _Trace()
-        new.ops, new.slots, new.inputs, new.out, new.out_spec = (
-            self.ops, self.slots, self.inputs, self.out, self.out_spec)
-        for slot, x in self.outside.values():
-            y = copies.get(id(x), x)
-            new.outside[id(y)] = (slot, y)
-        return new
-
-    def slot(self) -> int:
-        self.slots += 1
-        return self.slots - 1
-
-    def ref(self, x: Any) -> Any:
-        """An argument as the op list keeps it: traced tensors and outside tensors as slots."""
-        if isinstance(x, _Traced):
-            return _Slot(x._slot)
-        if isinstance(x, torch.Tensor):
-            entry = self.outside.get(id(x))
-            if entry is None:
-                entry = self.outside[id(x)] = (self.slot(), x)
-            return _Slot(entry[0])
-        return x
-
-    def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        name = allowlist.name_of(func)
-        if name is None:
-            shown = torch.overrides.resolve_name(func) or getattr(func, "__name__", repr(func))
-            raise OpNotAllowed(
-                f"{shown} cannot be part of a plan: it is not in zmqsyft's allow-list of remotely "
-                "executable operations (a plan may hold only ops a worker would run one by one)")
-        margs, mkwargs = pytree.tree_map(_meta, (args, kwargs))
-        try:
-            result = func(*margs, **mkwargs)
-        except Exception as exc:  # noqa: BLE001 - said with the op's name
-            raise PointerError(
-                f"{name} cannot be part of a plan: what it gives is not known before it runs "
-                f"({type(exc).__name__}: {exc}). Plans hold ops whose results are tensors of "
-                "shapes known in advance (not .item(), .tolist(), bool(), nonzero(), a branch on "
-                "values): do that outside the plan, on its results") from exc
-        if name in allowlist.LOCAL_META:  # shapes, dtypes: known while tracing
-            return result
-        wargs, wkwargs = pytree.tree_map(self.ref, (args, kwargs))
-        if allowlist.is_inplace(name):
-            self.ops.append(_Op(name, wargs, wkwargs, None, []))
-            return None if allowlist.returns_none(name) else args[0]
-        leaves, spec = pytree.tree_flatten(result)
-        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
-            raise PointerError(
-                f"{name} gives {type(result).__name__}, not tensors: a plan holds only ops whose "
-                "results are tensors (no .item(), .tolist(), bool(), data-dependent branches); "
-                "do that outside the plan, on its results")
-        out = [self.slot() for _ in leaves]
-        metas = [(x.shape, x.dtype, x.requires_grad) for x in leaves]
-        self.ops.append(_Op(name, wargs, wkwargs, out, metas))
-        made = [_Traced(self, s, *m) for s, m in zip(out, metas, strict=True)]
-        return pytree.tree_unflatten(made, spec)
-
-
-def _meta(x: Any) -> Any:
-    if isinstance(x, _Traced):
-        t = torch.empty(x._shape, dtype=x._dtype, device="meta")
-        return t.requires_grad_() if x._rg else t
-    return _to_meta(x, PointerTensor)  # (pointers and tensors: as single ops infer them)
-
-
-class _Traced(torch.Tensor):
-    """A storage-less stand-in for a tensor while a plan is built: what it meets is recorded."""
-
-    _trace: _Trace
-    _slot: int
-    _shape: torch.Size
-    _dtype: torch.dtype
-    _rg: bool
-    _is_plan_trace = True  # (a pointer's __torch_function__ leaves ops with these to us)
-
-    @staticmethod
-    def __new__(cls, trace: _Trace, slot: int, shape: Any, dtype: torch.dtype,
-                requires_grad: bool = False) -> _Traced:
-        rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
-        return torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device="meta",
-                                                   requires_grad=rg)
-
-    def __init__(self, trace: _Trace, slot: int, shape: Any, dtype: torch.dtype,
-                 requires_grad: bool = False) -> None:
-        self._trace, self._slot = trace, slot
-        self._shape, self._dtype = torch.Size(shape), dtype  # (read without tracing)
-        self._rg = bool(requires_grad and (dtype.is_floating_point or dtype.is_complex))
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func in (torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__hash__):
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        traced = next(x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, _Traced))
-        return traced._trace.record(func, args, kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
-                           kwargs: Any = None) -> Any:
-        raise PointerError(f"{func} reached torch's dispatcher while a plan was being built; it "
-                           "cannot be part of a plan")
 
 
 def _signature(leaves: list[Any]) -> tuple[Any, ...]:
@@ -261,13 +132,17 @@ class Plan(nn.Module):
                 standins.append(_Traced(trace, slot, x.shape, x.dtype, x.requires_grad))
             else:
                 standins.append(x)
-        result = nn.Module.__call__(self, *pytree.tree_unflatten(standins, spec))
-        out_leaves, trace.out_spec = pytree.tree_flatten(result)
-        for x in out_leaves:
-            if not isinstance(x, torch.Tensor):
-                raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
-                                   "returns tensors only")
-            trace.out.append(trace.ref(x).n)
+        held = [t for _, _, t, _ in module_tensors(self)] + [  # parameters, buffers, state
+            t for m in self.modules() if isinstance(m, Plan) and m.state is not None
+            for t in m.state.tensors]
+        with trace.recording(held):
+            result = nn.Module.__call__(self, *pytree.tree_unflatten(standins, spec))
+            out_leaves, trace.out_spec = pytree.tree_flatten(result)
+            for x in out_leaves:
+                if not isinstance(x, torch.Tensor):
+                    raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
+                                       "returns tensors only")
+                trace.out.append(trace.ref(x).n)
         self._traces[key] = trace
         return trace
 
@@ -302,10 +177,13 @@ class Plan(nn.Module):
                             if isinstance(x, PointerTensor)]
                 out = None if op.out is None else [
                     [new_id(), list(shape), dtype_name(dtype), rg] for shape, dtype, rg in op.metas]
-                made = _call_async(PointerTensor, op.name, where, args, kwargs, pointers, out=out,
-                                   metas=op.metas)
+                with torch.set_grad_enabled(op.grad):  # (no_grad() in the plan's code)
+                    made = _call_async(PointerTensor, op.name, where, args, kwargs, pointers,
+                                       out=out, metas=op.metas)
                 for slot, ptr in zip(op.out or (), made, strict=True):
                     values[slot] = ptr
+        if any(op.name in _GRADS_CHANGED for op in trace.ops):
+            grads.bump()  # (what this process knew of gradients there may not hold any more)
         return pytree.tree_unflatten([values[s] for s in trace.out], trace.out_spec)
 
     def _check_here(self, x: Any, where: Any, what: str) -> None:
@@ -390,6 +268,9 @@ class Plan(nn.Module):
         where = self.location
         return (f"<Plan {self.name} {'built' if self.is_built else 'not built'}"
                 f"{f' on {where.id!r}' if where is not None else ''}>")
+
+
+_GRADS_CHANGED = GIVE_NONE | {grads.GRAD_SET, "torch.Tensor.retain_grad", "torch.autograd.grad"}
 
 
 def _is_parameter_of(module: nn.Module, x: Any) -> bool:
