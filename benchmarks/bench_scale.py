@@ -648,7 +648,7 @@ def ms(v: float | None, width: int = 0) -> str:
     if v is None:
         return "—".rjust(width)
     x = v * 1e3
-    text = f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+    text = f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
     return text.rjust(width)
 
 
