@@ -4,10 +4,11 @@
     python benchmarks/bench_scale.py                        # N = 2, 8, 32, 64; 7 timed rounds
     python benchmarks/bench_scale.py --quick                # smoke mode: N = 2, 2 rounds
     python benchmarks/bench_scale.py --n 2,8 --rounds 5 --json out.json
+    python benchmarks/bench_scale.py --systems zmqsyft,rpc-passive   # leave one system out
 
-The model is an MLP 784-1024-256-10 (1,068,810 float32 parameters, 4.1 MiB), the same for both
-systems. Each data owner holds one batch of 64 samples (784 features, 10 classes), drawn from a
-generator seeded by the owner's index, the same in both systems, and put on the owner once,
+The model is an MLP 784-1024-256-10 (1,068,810 float32 parameters, 4.1 MiB), the same for every
+system. Each data owner holds one batch of 64 samples (784 features, 10 classes), drawn from a
+generator seeded by the owner's index, the same in every system, and put on the owner once,
 before anything is timed. One round, timed from the driver's first call to the average in hand:
 
 zmqsyft  N owners and an aggregator are worker processes (``sy.spawn_workers`` when the
@@ -30,22 +31,54 @@ rpc      torch.distributed.rpc with the TensorPipe backend: the driver is rank 0
          made. If ``init_rpc`` fails with TensorPipe's default transports (at N = 48 on this
          2-CPU machine: every rank connects to the all-gather leader at once and the shared-
          memory transport's connect fails with EAGAIN), the suite is run once more with
-         ``_transports=["uv"]`` (tcp), and the output says so.
+         ``_transports=["uv"]`` (tcp), and the output says so. The suite and its ranks run with
+         the environment as given: torch's OpenMP threads spin for a while after each parallel
+         region (OMP_WAIT_POLICY unset) unless the environment says otherwise.
+rpc-passive
+         the rpc suite with ``OMP_WAIT_POLICY=PASSIVE`` in the environment of the suite's
+         process (the driver) and of every rank from its start (before torch is imported): idle
+         OpenMP threads sleep. zmqsyft starts its spawned workers and its fork server so unless
+         the environment sets OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME (its driver, the
+         suite's process, runs with the environment as given); with more busy processes than
+         CPUs spinning threads take the CPU from busy ones, so rpc is measured both ways. The
+         policy each process of each system started with is read from ``/proc/PID/environ`` and
+         printed.
 
-In both the average is loaded into the driver's model after each round (the next round trains
-from it), and the first round's average is checked against the same round computed locally.
+In every system the average is loaded into the driver's model after each round (the next round
+trains from it), and the first round's average is checked against the same round computed
+locally.
 
-Per N and system the script reports the median time per round (after warm-up rounds), the
-start-up time (from the first spawn until all N+1 processes answered: zmqsyft, every worker
-answered a ping; rpc, ``init_rpc`` returned on the driver and every rank answered an
-``rpc_sync``) and the memory of each worker process: its USS (``Private_Clean + Private_Dirty``
-from ``/proc/PID/smaps_rollup``) after the rounds, the median over the owners and the
-aggregator's. It then fits time per round = intercept + slope x N (least squares, each system),
-and compares the slope with the per-owner transfer cost, measured separately with the same
-workers: zmqsyft, ``model.copy().send(owner)`` (the model to one owner) and ``m.move(aggregator)``
-(one update to the aggregator); rpc, one ``rpc_sync`` of the ``state_dict`` to an owner and one
-from an owner to the aggregator; and with the cost of one local training step (the owners'
-compute, which the 2-CPU machine cannot run in parallel for more than 2 owners).
+Per N the script prints two tables. Time per round: each system's median of the timed rounds
+(after warm-up rounds) [min-max]; zmqsyft / each rpc variant (``zs/rpc``, ``zs/rpc-p``) and
+``zs/best``, zmqsyft / the faster of the two rpc variants at that N, on which the goal (<= 0.50:
+PASS, else MISS) is judged. CPU and resources, per system:
+
+- CPU ms/round: the CPU time of all the system's processes (utime + stime from
+  ``/proc/PID/stat``, all threads: the driver, the aggregator, every owner, and any other
+  process below the driver, i.e. zmqsyft's fork server), read before the first timed round and
+  after the last (the untimed work between rounds included), / the number of timed rounds
+  (resolution 1/CLK_TCK = 10 ms per process per reading). With more busy processes than CPUs a
+  round's wall time follows it, and other load on the machine disturbs it less than wall time.
+- CPU zs/rpc: zmqsyft's CPU time / the smaller of the rpc variants'.
+- start-up s: from the first spawn until all N+1 processes answered (zmqsyft, every worker
+  answered a ping; rpc, ``init_rpc`` returned on the driver and every rank answered an
+  ``rpc_sync``).
+- USS/owner MiB, USS aggr MiB: the memory of each worker process, its USS (``Private_Clean +
+  Private_Dirty`` from ``/proc/PID/smaps_rollup``) after the rounds, the median over the owners,
+  and the aggregator's.
+
+Then the CPU time per round by process, per system: driver / aggregator / all owners / other
+(ms). It then fits time per round = intercept + slope x N (least squares, each system), and
+compares the slope with the per-owner transfer cost, measured separately with the same workers:
+zmqsyft, ``model.copy().send(owner)`` (the model to one owner) and ``m.move(aggregator)`` (one
+update to the aggregator); rpc, one ``rpc_sync`` of the ``state_dict`` to an owner and one from
+an owner to the aggregator; and with the cost of one local training step (the owners' compute,
+which the 2-CPU machine cannot run in parallel for more than 2 owners). ``--json FILE`` writes
+every raw sample (each suite's round times, CPU time by process, policies, ...) and the summary.
+
+``--systems`` runs some of zmqsyft, rpc, rpc-passive (default all three); a system left out has
+no column and no ratio; with one rpc variant there is no ``zs/best`` and the goal is judged
+against that one.
 
 A (system, N) runs only if N+1 processes of the owners' median USS measured at a smaller N for
 that system (300 MiB before the first measurement) + 10%, 16 MiB per update the aggregator holds
@@ -76,7 +109,10 @@ import warnings
 from typing import Any
 
 HERE = os.path.abspath(__file__)
-SYSTEMS = ("zmqsyft", "rpc")
+SYSTEMS = ("zmqsyft", "rpc", "rpc-passive")
+RPC_SYSTEMS = ("rpc", "rpc-passive")
+# a system's environment, added to ours in its suite child (and so in every process it starts)
+SYSTEM_ENV = {"rpc-passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 SAMPLES, FEATURES, CLASSES, HIDDEN = 64, 784, 10, (1024, 256)
 LR = 0.1
 TOLERANCE = 1e-5  # first round's average against the local computation
@@ -164,6 +200,70 @@ def uss_mib(pid: int | None) -> float | None:
     return total / 1024
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all its threads) ``pid`` has used: /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # (after the name, which may hold ")")
+        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14, 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, theirs, ...), from /proc/PID/stat's ppid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_policy(pid: int) -> str:
+    """OMP_WAIT_POLICY in the environment ``pid`` started with ("unset" if absent)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"OMP_WAIT_POLICY="):
+                    return item.split(b"=", 1)[1].decode(errors="replace")
+    except OSError:
+        return "?"
+    return "unset"
+
+
+class CpuMeter:
+    """CPU time of every process of a system: the driver (this process), its named workers or
+    ranks, and any other process below this one (zmqsyft's fork server), by role."""
+
+    def __init__(self, aggregator: int | None, owners: list[int | None]) -> None:
+        me = os.getpid()
+        self.roles: dict[str, list[int]] = {"driver": [me],
+                                            "aggregator": [aggregator] if aggregator else [],
+                                            "owners": [p for p in owners if p]}
+        named = {q for pids in self.roles.values() for q in pids}
+        self.roles["other"] = [q for q in descendants(me) if q not in named]
+        self.missing = len(owners) + 1 - len(self.roles["owners"]) - len(self.roles["aggregator"])
+
+    def snapshot(self) -> dict[str, float]:
+        return {role: sum(c for c in (cpu_s(q) for q in pids) if c is not None)
+                for role, pids in self.roles.items()}
+
+    def policies(self) -> dict[str, list[str]]:
+        return {role: sorted({wait_policy(q) for q in pids}) for role, pids in self.roles.items()
+                if pids}
+
+
 def max_diff(avg: dict[str, Any], ref: dict[str, Any]) -> float:
     return max((avg[k] - ref[k]).abs().max().item() for k in ref)
 
@@ -190,12 +290,21 @@ class Out:
 
 
 def run_rounds(label: str, one_round: Any, model: Any, ref: dict[str, Any], out: Out,
-               warmup: int, rounds: int, after: Any = None) -> None:
+               warmup: int, rounds: int, meter: CpuMeter, after: Any = None) -> None:
     """Time ``one_round(r)`` (it returns the average) ``warmup + rounds`` times, ``after()``
     untimed after each; the first average is checked against ``ref``, each is loaded into
-    ``model`` for the next round, and the timed ones are recorded as ``round_s``."""
+    ``model`` for the next round, and the timed ones are recorded as ``round_s``. ``meter``
+    reads the CPU time of the system's processes before the first timed round and after the
+    last (with its ``after()`` and loading): ``cpu_round_s`` is the difference / ``rounds``."""
+    out.set("omp_wait_policy", meter.policies())
+    out.set("cpu_processes", {role: len(pids) for role, pids in meter.roles.items()})
+    if meter.missing:
+        out.data["notes"].append(f"CPU time: {meter.missing} worker pid(s) unknown, not counted")
     times: list[float] = []
+    cpu0: dict[str, float] = {}
     for r in range(warmup + rounds):
+        if r == warmup:
+            cpu0 = meter.snapshot()
         dt, avg = timed(one_round, r)
         if after is not None:
             after()
@@ -205,7 +314,12 @@ def run_rounds(label: str, one_round: Any, model: Any, ref: dict[str, Any], out:
         if r >= warmup:
             times.append(dt)
             out.set("round_s", times)
-    log(f"{label}: rounds {[f'{t * 1e3:.0f}' for t in times]} ms")
+    cpu1 = meter.snapshot()
+    split = {role: (cpu1[role] - cpu0[role]) / rounds for role in cpu1}
+    out.set("cpu_split_s", split)
+    out.set("cpu_round_s", sum(split.values()))
+    log(f"{label}: rounds {[f'{t * 1e3:.0f}' for t in times]} ms, CPU "
+        f"{out.data['cpu_round_s'] * 1e3:.0f} ms per round")
 
 
 def local_costs(out: Out, reps: int) -> None:
@@ -267,8 +381,9 @@ def suite_zmqsyft(n: int, rounds: int, warmup: int, reps: int, timeout: float, o
             return {k: avg.get() for k, avg in zip(names, means, strict=True)}
 
         # (untimed after each: the deletes of the round's pointers are done)
+        meter = CpuMeter(aggregator.pid, [w.pid for w in owners])
         run_rounds(f"zmqsyft n={n}", lambda r: fedavg_round(), model, ref, out, warmup, rounds,
-                   after=sy.sync)
+                   meter, after=sy.sync)
         out.set("uss_owner_mib", [uss_mib(w.pid) for w in owners])
         out.set("uss_aggregator_mib", uss_mib(aggregator.pid))
 
@@ -386,7 +501,8 @@ def rpc_rank_main(rank: int, world: int, timeout: float) -> int:
     return 0
 
 
-def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: Out) -> None:
+def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: Out,
+              label: str = "rpc") -> None:
     import torch
     import torch.distributed.rpc as rpc
 
@@ -406,7 +522,7 @@ def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: 
         names = [rpc_name(r) for r in range(1, world)]
         torch.futures.wait_all([rpc.rpc_async(name, rpc_pid) for name in names])
         out.set("startup_s", (time.perf_counter_ns() - t0) / 1e9)
-        log(f"rpc n={n}: {n + 1} ranks up in {out.data['startup_s']:.1f}s")
+        log(f"{label} n={n}: {n + 1} ranks up in {out.data['startup_s']:.1f}s")
 
         owners = names[1:]
         torch.futures.wait_all([rpc.rpc_async(name, owner_load, args=(i, *owner_data(i)))
@@ -422,7 +538,8 @@ def suite_rpc(n: int, rounds: int, warmup: int, reps: int, timeout: float, out: 
                                     for name in owners])
             return rpc.rpc_sync("aggregator", agg_average, args=(n,))
 
-        run_rounds(f"rpc n={n}", fedavg_round, model, ref, out, warmup, rounds)
+        meter = CpuMeter(procs[0].pid, [p.pid for p in procs[1:]])
+        run_rounds(f"{label} n={n}", fedavg_round, model, ref, out, warmup, rounds, meter)
         out.set("uss_owner_mib", [uss_mib(p.pid) for p in procs[1:]])
         out.set("uss_aggregator_mib", uss_mib(procs[0].pid))
 
@@ -451,9 +568,15 @@ def run_suite_child(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Out(args._out, args._suite, args._n)
     try:
+        for var, value in SYSTEM_ENV.get(args._suite, {}).items():
+            if os.environ.get(var) != value:  # (run_suite sets it, before torch is imported)
+                raise RuntimeError(f"{args._suite} needs {var}={value} in its environment")
         local_costs(out, args.reps)
-        fn = suite_zmqsyft if args._suite == "zmqsyft" else suite_rpc
-        fn(args._n, args.rounds, args.warmup, args.reps, args._timeout, out)
+        if args._suite == "zmqsyft":
+            suite_zmqsyft(args._n, args.rounds, args.warmup, args.reps, args._timeout, out)
+        else:
+            suite_rpc(args._n, args.rounds, args.warmup, args.reps, args._timeout, out,
+                      label=args._suite)
     except BaseException as exc:
         out.data["notes"].append(f"failed: {type(exc).__name__}: {exc}"[:500])
         out.set("failed", True)
@@ -476,7 +599,7 @@ def run_suite(system: str, n: int, args: argparse.Namespace,
     cpu0 = cpu_times()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                            env=dict(os.environ, **(env or {})))
+                            env=dict(os.environ, **SYSTEM_ENV.get(system, {}), **(env or {})))
     code: int | None = None
     try:
         code = proc.wait(timeout=deadline)
@@ -525,7 +648,7 @@ def ms(v: float | None, width: int = 0) -> str:
     if v is None:
         return "—".rjust(width)
     x = v * 1e3
-    text = f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+    text = f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
     return text.rjust(width)
 
 
@@ -533,44 +656,98 @@ def mib(v: Any) -> str:
     return "—" if v is None else f"{v:.0f}"
 
 
-def render(results: dict[int, dict[str, dict[str, Any]]], ns: list[int]) -> tuple[str, dict[str, Any]]:
+SHORT = {"zmqsyft": "zs", "rpc": "rpc", "rpc-passive": "rpc-p"}
+
+
+def split_text(split: dict[str, float] | None) -> str:
+    if not split:
+        return "—"
+    return "/".join(ms(split.get(role)) for role in ("driver", "aggregator", "owners", "other"))
+
+
+def render(results: dict[int, dict[str, dict[str, Any]]], ns: list[int],
+           systems: list[str]) -> tuple[str, dict[str, Any]]:
     out: list[str] = []
-    summary: dict[str, Any] = {"per_n": {}, "fit": {}, "transfer": {}}
-    head = (f"{'N':>4}  {'zmqsyft ms/round':>24}  {'rpc ms/round':>24}  {'ratio':>6}  {'goal':>5}  "
-            f"{'start-up s zs/rpc':>17}  {'USS/owner MiB zs/rpc':>20}  {'USS aggr MiB zs/rpc':>19}")
-    out += ["time per round: median of the timed rounds [min-max]; ratio = zmqsyft / rpc "
-            "(goal <= 0.50); USS: median over the owners", head]
+    summary: dict[str, Any] = {"systems": systems, "per_n": {}, "fit": {}, "transfer": {},
+                               "omp_wait_policy": {}}
+    rpcs = [s for s in RPC_SYSTEMS if s in systems]
+    both = "/".join(SHORT[s] for s in systems)
+
+    def cell(r: dict[str, Any]) -> str:
+        t = r.get("round_s") or []
+        if t:
+            return f"{ms(med(t))} [{ms(min(t))}-{ms(max(t))}]"
+        return "not run" if not r else "skipped (memory)" if r.get("skipped") else "failed"
+
+    def per(row: dict[str, Any], fmt: Any) -> str:
+        return "/".join(fmt(row.get(s, {})) for s in systems)
+
+    def dash(v: float | None, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    ratio_heads = [f"zs/{SHORT[s]}" for s in rpcs] + (["zs/best"] if len(rpcs) > 1 else [])
+    head = (f"{'N':>4}  " + "  ".join(f"{s + ' ms/round':>24}" for s in systems) + "  "
+            + "  ".join(f"{h:>7}" for h in ratio_heads) + f"  {'goal':>5}")
+    out += ["time per round: median of the timed rounds [min-max]; zs/X = zmqsyft / X; goal: "
+            "zmqsyft / the faster rpc at that N <= 0.50", head]
+    cpu_heads = [f"CPU ms/round {both}", "CPU zs/rpc", f"start-up s {both}",
+                 f"USS/owner MiB {both}", f"USS aggr MiB {both}"]
+    cpu_head = f"{'N':>4}  " + "  ".join(cpu_heads)
+    cpu_rows = ["", "CPU per round: CPU time of all the system's processes (driver, workers or "
+                "ranks) over the timed rounds / rounds; CPU zs/rpc: against the rpc using less; "
+                "USS: median over the owners", cpu_head]
+    split_rows = ["", "CPU per round by process, ms: driver / aggregator / all owners / other "
+                  "(zmqsyft's fork server)"]
     for n in ns:
         row = results.get(n, {})
-        cells = {}
-        for s in SYSTEMS:
-            r = row.get(s, {})
-            t = r.get("round_s") or []
-            spread = f"[{ms(min(t))}-{ms(max(t))}]" if t else ""
-            cells[s] = (med(t), f"{ms(med(t))} {spread}".strip() if t
-                        else "skipped (memory)" if r.get("skipped") else "failed")
-        z, rp = cells["zmqsyft"][0], cells["rpc"][0]
-        ratio = z / rp if z and rp else None
+        t = {s: med(row.get(s, {}).get("round_s")) for s in systems}
+        cpu = {s: row.get(s, {}).get("cpu_round_s") for s in systems}
+        z = t.get("zmqsyft")
+        vs = {s: z / t[s] if z and t[s] else None for s in rpcs}
+        timed_rpcs = [s for s in rpcs if t[s]]
+        best = min(timed_rpcs, key=lambda s: t[s] or 0.0) if timed_rpcs else None
+        ratio = vs[best] if best else None
         verdict = "—" if ratio is None else "PASS" if ratio <= 0.5 else "MISS"
-        zs, rs = row.get("zmqsyft", {}), row.get("rpc", {})
-        su = "/".join("—" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
-                      for r in (zs, rs))
-        uo = f"{mib(med([u for u in zs.get('uss_owner_mib') or [] if u]))}/" \
-             f"{mib(med([u for u in rs.get('uss_owner_mib') or [] if u]))}"
-        ua = f"{mib(zs.get('uss_aggregator_mib'))}/{mib(rs.get('uss_aggregator_mib'))}"
-        out.append(f"{n:>4}  {cells['zmqsyft'][1]:>24}  {cells['rpc'][1]:>24}  "
-                   f"{'—' if ratio is None else f'{ratio:.2f}':>6}  {verdict:>5}  {su:>17}  "
-                   f"{uo:>20}  {ua:>19}")
-        summary["per_n"][n] = {"zmqsyft_s": z, "rpc_s": rp, "ratio": ratio, "goal": verdict,
-                               "startup_s": {s: row.get(s, {}).get("startup_s") for s in SYSTEMS},
-                               "uss_owner_mib": {s: med([u for u in row.get(s, {}).get(
-                                   "uss_owner_mib") or [] if u]) for s in SYSTEMS},
-                               "uss_aggregator_mib": {s: row.get(s, {}).get("uss_aggregator_mib")
-                                                      for s in SYSTEMS}}
+        ratios = [vs[s] for s in rpcs] + ([ratio] if len(rpcs) > 1 else [])
+        out.append(f"{n:>4}  " + "  ".join(f"{cell(row.get(s, {})):>24}" for s in systems) + "  "
+                   + "  ".join(f"{dash(r, '.2f'):>7}" for r in ratios) + f"  {verdict:>5}")
+        cpu_rpcs = [cpu[s] for s in rpcs if cpu[s]]
+        cpu_z = cpu.get("zmqsyft")
+        cpu_ratio = cpu_z / min(cpu_rpcs) if cpu_z and cpu_rpcs else None
+        uss_owner = {s: med([u for u in row.get(s, {}).get("uss_owner_mib") or [] if u])
+                     for s in systems}
+        cells = [per(row, lambda r: ms(r.get("cpu_round_s"))), dash(cpu_ratio, ".2f"),
+                 per(row, lambda r: dash(r.get("startup_s"), ".1f")),
+                 "/".join(mib(uss_owner[s]) for s in systems),
+                 per(row, lambda r: mib(r.get("uss_aggregator_mib")))]
+        cpu_rows.append(f"{n:>4}  " + "  ".join(
+            c.rjust(len(h)) for c, h in zip(cells, cpu_heads, strict=True)))
+        split_rows.append(f"{n:>4}  " + "   ".join(
+            f"{s} {split_text(row.get(s, {}).get('cpu_split_s'))}" for s in systems))
+        summary["per_n"][n] = {
+            "round_s": t, "zmqsyft_s": z, "rpc_s": t.get("rpc"),
+            "rpc_passive_s": t.get("rpc-passive"), "best_rpc": best, "ratio": ratio,
+            "ratio_vs": vs, "goal": verdict, "cpu_round_s": cpu, "cpu_ratio": cpu_ratio,
+            "cpu_split_s": {s: row.get(s, {}).get("cpu_split_s") for s in systems},
+            "startup_s": {s: row.get(s, {}).get("startup_s") for s in systems},
+            "uss_owner_mib": uss_owner,
+            "uss_aggregator_mib": {s: row.get(s, {}).get("uss_aggregator_mib") for s in systems}}
+    out += cpu_rows + split_rows
+    policies: dict[str, dict[str, set[str]]] = {}
+    for n in ns:
+        for s in systems:
+            seen = results.get(n, {}).get(s, {}).get("omp_wait_policy") or {}
+            for role, values in seen.items():
+                policies.setdefault(s, {}).setdefault(role, set()).update(values)
+    summary["omp_wait_policy"] = {s: {role: sorted(v) for role, v in roles.items()}
+                                  for s, roles in policies.items()}
+    out.append("OMP_WAIT_POLICY each process started with (/proc/PID/environ): " + "; ".join(
+        f"{s}: " + ", ".join(f"{role} {'|'.join(sorted(v))}" for role, v in roles.items())
+        for s, roles in policies.items()))
     out.append("")
     out.append("time per round against N: least-squares line, and the per-owner costs measured "
                "alone (medians)")
-    for s in SYSTEMS:
+    for s in systems:
         pts = [(n, med(results[n][s]["round_s"])) for n in ns
                if results.get(n, {}).get(s, {}).get("round_s")]
         line = fit(pts)  # type: ignore[arg-type]
@@ -584,10 +761,10 @@ def render(results: dict[int, dict[str, dict[str, Any]]], ns: list[int]) -> tupl
             growth = f"; t({n1})/t({n0}) = {t1 / t0:.1f} for N x{n1 / n0:.0f}"
         if line:
             slope, icpt = line
-            out.append(f"  {s:8} slope {ms(slope)} ms per owner, intercept {ms(icpt)} ms{growth}")
+            out.append(f"  {s:11} slope {ms(slope)} ms per owner, intercept {ms(icpt)} ms{growth}")
         else:
-            out.append(f"  {s:8} (fewer than 2 N measured: no line)")
-        out.append(f"  {'':8} per-owner transfer: model to an owner {ms(med(sends))} ms + update "
+            out.append(f"  {s:11} (fewer than 2 N measured: no line)")
+        out.append(f"  {'':11} per-owner transfer: model to an owner {ms(med(sends))} ms + update "
                    f"to the aggregator {ms(med(moves))} ms = {ms(per_owner)} ms; one local "
                    f"training step {ms(med(steps))} ms"
                    + (f"; slope / transfer = {line[0] / per_owner:.2f}" if line and per_owner
@@ -598,7 +775,7 @@ def render(results: dict[int, dict[str, dict[str, Any]]], ns: list[int]) -> tupl
                                   "per_owner_s": per_owner, "local_step_s": med(steps)}
     checks = []
     for n in ns:
-        for s in SYSTEMS:
+        for s in systems:
             d = results.get(n, {}).get(s, {}).get("check_max_diff")
             if d is not None:
                 checks.append((n, s, d))
@@ -609,7 +786,7 @@ def render(results: dict[int, dict[str, dict[str, Any]]], ns: list[int]) -> tupl
                f"{len(checks)} runs (<= {TOLERANCE:g}: "
                f"{'OK' if worst is not None and worst <= TOLERANCE else 'FAIL'})")
     summary["check_max_diff"] = worst
-    notes = [f"{s} n={n}: {note}" for n in ns for s in SYSTEMS
+    notes = [f"{s} n={n}: {note}" for n in ns for s in systems
              for note in results.get(n, {}).get(s, {}).get("notes", [])]
     if notes:
         out.append("notes:")
@@ -630,10 +807,11 @@ def run(args: argparse.Namespace) -> int:
     cpu0 = cpu_times()
     t_start = time.monotonic()
     results: dict[int, dict[str, dict[str, Any]]] = {}
-    per_process = {s: DEFAULT_PROCESS_MIB for s in SYSTEMS}  # MiB, updated as measured
+    systems = args.systems
+    per_process = {s: DEFAULT_PROCESS_MIB for s in systems}  # MiB, updated as measured
     measured: dict[str, float] = {}
     for k, n in enumerate(args.n):
-        order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
+        order = systems if k % 2 == 0 else systems[::-1]
         results[n] = {}
         for s in order:
             need = (n + 1) * per_process[s] * 1.1 + n * UPDATE_MIB + MARGIN_MIB
@@ -648,12 +826,12 @@ def run(args: argparse.Namespace) -> int:
                                  "notes": [note]}
                 continue
             res = results[n][s] = run_suite(s, n, args)
-            if s == "rpc" and not res["ok"] and "startup_s" not in res:
+            if s in RPC_SYSTEMS and not res["ok"] and "startup_s" not in res:
                 # TensorPipe's default transport for local peers (shm) can refuse a burst of
                 # connections (init_rpc's all-gather: every rank connects to one leader at
                 # once: "connect: Resource temporarily unavailable"); try once more over tcp
                 why = "; ".join(res.get("notes", []))[:300]
-                log(f"rpc n={n}: start-up failed ({why}); once more with TensorPipe over tcp (uv)")
+                log(f"{s} n={n}: start-up failed ({why}); once more with TensorPipe over tcp (uv)")
                 res = results[n][s] = run_suite(s, n, args, env={RPC_TRANSPORTS_ENV: "uv"})
                 res["notes"].insert(0, f"TensorPipe over tcp (_transports=['uv']): with its "
                                        f"default transports the start-up failed: {why}")
@@ -667,7 +845,7 @@ def run(args: argparse.Namespace) -> int:
     load1 = os.getloadavg()
     foreign = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[2] - cpu0[2]))
     ncpu = os.cpu_count() or 1
-    table, summary = render(results, args.n)
+    table, summary = render(results, args.n, systems)
     print("\n".join([
         f"zmqsyft scale benchmark: one FedAvg round, N owners + an aggregator"
         f"{' (QUICK smoke mode)' if args.quick else ''}",
@@ -679,7 +857,8 @@ def run(args: argparse.Namespace) -> int:
         f"model    MLP {FEATURES}-{HIDDEN[0]}-{HIDDEN[1]}-{CLASSES}, 1,068,810 float32 parameters "
         f"(4.1 MiB); each owner one batch of {SAMPLES}; SGD lr {LR}",
         f"reps     {args.rounds} timed rounds per system and N (+{args.warmup} warm-up); transfers "
-        f"alone {args.reps} times; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}",
+        f"alone {args.reps} times; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')} here",
         f"load     loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start, {load1[0]:.2f} "
         f"{load1[1]:.2f} {load1[2]:.2f} at end; other processes used {foreign:.1f} CPU-s "
         f"({100 * foreign / (total * ncpu):.0f}% of the machine) during the {total:.0f} s run",
@@ -705,6 +884,15 @@ def parse_ns(text: str) -> list[int]:
     return ns
 
 
+def parse_systems(text: str) -> list[str]:
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = chosen - set(SYSTEMS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"--systems takes some of {','.join(SYSTEMS)}, not "
+                                         f"{text!r}")
+    return [s for s in SYSTEMS if s in chosen]  # (always in this order, alternated per N)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -727,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="OMP_NUM_THREADS/MKL_NUM_THREADS=N in every process (default: torch's "
                          "own choice)")
     ap.add_argument("--json", metavar="FILE", help="also write every raw sample as JSON")
+    ap.add_argument("--systems", type=parse_systems, default=list(SYSTEMS),
+                    help=f"comma-separated systems to run, of {','.join(SYSTEMS)} (default all)")
     ap.add_argument("--_suite", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
