@@ -38,8 +38,9 @@ rpc-passive
          the rpc suite with ``OMP_WAIT_POLICY=PASSIVE`` in the environment of the suite's
          process (the driver) and of every rank from its start (before torch is imported): idle
          OpenMP threads sleep. zmqsyft starts its spawned workers and its fork server so unless
-         the environment sets OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME (its driver, the
-         suite's process, runs with the environment as given); with more busy processes than
+         the environment sets OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME, and its driver,
+         the suite's process, is given OMP_WAIT_POLICY=PASSIVE as rpc-passive's is (a user's
+         choice: a library cannot set it once torch is imported); with more busy processes than
          CPUs spinning threads take the CPU from busy ones, so rpc is measured both ways. The
          policy each process of each system started with is read from ``/proc/PID/environ`` and
          printed.
@@ -112,7 +113,10 @@ HERE = os.path.abspath(__file__)
 SYSTEMS = ("zmqsyft", "rpc", "rpc-passive")
 RPC_SYSTEMS = ("rpc", "rpc-passive")
 # a system's environment, added to ours in its suite child (and so in every process it starts)
-SYSTEM_ENV = {"rpc-passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# the driver's threads sleep when idle too, in zmqsyft's suite as in rpc-passive's (the library
+# sets it for the workers it spawns; the driver's environment is its user's to choose)
+SYSTEM_ENV = {"rpc-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+              "zmqsyft": {"OMP_WAIT_POLICY": "PASSIVE"}}
 SAMPLES, FEATURES, CLASSES, HIDDEN = 64, 784, 10, (1024, 256)
 LR = 0.1
 TOLERANCE = 1e-5  # first round's average against the local computation

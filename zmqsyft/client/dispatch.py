@@ -13,7 +13,9 @@ For every torch function, tensor method or operator that reaches a pointer's
    pointer they modified.
 4. if inference fails (a data-dependent shape, a value result such as ``.item()``, an op with no
    meta kernel, or an error), the op runs synchronously: the worker returns values as values and
-   tensors as new pointers, and raises its error, with its traceback, at this line.
+   tensors as new pointers, and raises its error, with its traceback, at this line. Two ops with
+   no tensor result are pipelined all the same where this process knows what they do:
+   ``loss.backward()`` and ``p.grad`` (:mod:`zmqsyft.client.grads`).
 
 The pointer class is handed in by its ``__torch_function__`` (``torch_function(cls, ...)``); this
 module imports none, and reaches the connection through the pointers' worker handle
