@@ -64,12 +64,13 @@ def _pid(worker: WorkerClient) -> int:
     return worker._proc.pid
 
 
-def kill_once_written(creator: int, victim: int) -> threading.Thread:
-    """A thread that SIGKILLs process ``victim`` as soon as ``creator`` has written a segment."""
+def kill_once_written(creator: int, victim: int) -> Call:
+    """A thread that SIGKILLs process ``victim`` as soon as ``creator`` has written a segment
+    (its ``error``: none was written within 30 s)."""
     def run() -> None:
         until(lambda: segments(creator), 30, "no segment was written")
         os.kill(victim, signal.SIGKILL)
-    thread = threading.Thread(target=run, daemon=True)
+    thread = Call(run)
     thread.start()
     return thread
 
@@ -84,6 +85,7 @@ def test_a_receiver_killed_mid_send_leaves_no_segment(spawn: Callable[..., Worke
     with pytest.raises(sy.WorkerUnavailable):
         torch.ones(BIG).send(bob)
     killer.join(30)
+    assert killer.error is None, killer.error
     took = until(lambda: not segments(os.getpid()), 5, "the failed send's segment is still there")
     assert took < 0.5, "unlinked when the request failed, not by a later sweep"
 
@@ -107,13 +109,14 @@ def test_a_move_to_a_peer_killed_mid_move_leaves_no_segment(spawn: Callable[...,
                                                             hook: sy.TorchHook) -> None:
     alice, bob = spawn("alice"), spawn("bob")
     x = torch.ones(BIG).send(alice)
-    y = x + 1  # made on alice: no segment of its own, a move writes one
+    y = x.clone()  # made on alice in its own memory (no out= form): a move writes a segment
     torch.ones(4).send(alice).move(bob)  # (alice's link to bob is made)
     os.kill(_pid(bob), signal.SIGSTOP)
     killer = kill_once_written(_pid(alice), _pid(bob))
     with pytest.raises(sy.ZmqSyftError):
         y.move(bob)
     killer.join(30)
+    assert killer.error is None, killer.error
     until(lambda: not segments(_pid(alice)), 10, "the failed move's segment is still there")
     assert alice.ping() >= 0
 
