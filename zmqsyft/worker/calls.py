@@ -131,11 +131,11 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
               ) -> tuple[Any, Labels]:
     """Run the op; what it changed gains its inputs' labels; its results carry them."""
     changes = labels.Changes(w, name, [*args, *kwargs.values()]) if labelled else None
-    read = [(t, t._version) for t in shared or () if isinstance(t, torch.Tensor)]
+    read = [(t, t._version) for t in shared if isinstance(t, torch.Tensor)] if shared else ()
     result = results.run(w, name, func, args, kwargs, grad, cost)
     if changes is not None:
         changes.label(w, labelled)
-    if any(t._version != v for t, v in read):  # an op that writes where no list says it does
+    if read and any(t._version != v for t, v in read):  # an op that writes where no list says
         log.error("worker %s: %s changed an argument shared read-only with its caller", w.id, name)
         raise AccessDenied(f"{name} changed an object on worker '{w.id}' that was shared with you "
                            "read-only (the worker did not know this op writes there: a zmqsyft "
@@ -281,7 +281,7 @@ def _remote_args(w: Services, args: list[Any],
 def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool = False,
             labelled: Labels = EMPTY) -> Any:
     if out is not None:
-        tensors = executor.result_tensors(result)
+        tensors = [result] if type(result) is torch.Tensor else executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
             w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.holder)
