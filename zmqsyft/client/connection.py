@@ -185,8 +185,17 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                 marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
-            self.track(req_id, InFlight(keep, results, what or op.name, awaited),
-                       segments=(frames if sealed is None else sealed[0]).segments)
+            pending = InFlight(keep, results, what or op.name, awaited)
+            if (len(frames) == 1 and sealed is None and not pipelined and not self.outbox
+                    and not self.outboxes.queued):  # the common request, alone: out at once,
+                try:  # and its bookkeeping done while it travels (no reply can be read before:
+                    transport.send(sock, frames)  # only this thread reads, under this lock)
+                except zmq.ZMQError as exc:
+                    shm.discard(frames.segments)  # (as a failure of the tracked request would)
+                    raise self._fail(self._unsendable(op.name, exc)) from exc
+                self.track(req_id, pending, segments=frames.segments)
+                return req_id
+            self.track(req_id, pending, segments=(frames if sealed is None else sealed[0]).segments)
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -210,16 +219,6 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc
         return req_id
-
-    def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
-        """Why nothing can be sent on this connection: the worker refused it during the
-        handshake, or it is lost (libzmq has no peer to queue the message for)."""
-        if self.watch is not None:  # (the event that explains it may be on its way)
-            self.watch.monitor.poll(200)
-        why = self.watch.down() if self.watch is not None else None
-        if self.watch is not None and self.watch.refused is not None:
-            return refused(self.worker, self.watch.refused, f"{what} was not sent")
-        return gone(self.worker, why or f"the connection was lost ({exc})", what)
 
     def unseal(self, marker: Message) -> list[Any]:
         """The frames of a reply that came sealed (within this connection's deadline; the
