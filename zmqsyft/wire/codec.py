@@ -17,7 +17,7 @@ from ..errors import LimitExceeded, ProtocolError, UntrustedPayload
 from . import shm as _shm
 from .bodies import Acks
 from .messages import PROTOCOL_VERSION, Message, ObjRef, Op
-from .values import Decoder, Encoder, ShmPolicy, ref_ext
+from .values import Decoder, Encoder, Ext, ShmPolicy
 
 __all__ = ["Frames", "encode_message", "decode_message", "check_size", "encode_ack", "ack_id",
            "unpack_acks"]
@@ -25,7 +25,7 @@ __all__ = ["Frames", "encode_message", "decode_message", "check_size", "encode_a
 _OPS = {int(op): op for op in Op}
 _REPLY = int(Op.REPLY)
 _unpackb = msgpack.unpackb
-_ref_ext = ref_ext
+_new_ext, _ExtType, _REF_CODE = tuple.__new__, msgpack.ExtType, int(Ext.REF)
 _local = threading.local()  # each thread's packer for the fast path of encode_message
 # an acknowledgement's header up to its request id: fixarray(4), the version, REPLY
 _ACK_HEAD = b"\x94" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(_REPLY)
@@ -75,8 +75,8 @@ class _Other(Exception):
 
 
 def _refs_only(obj: Any) -> Any:
-    if type(obj) is ObjRef:
-        return _ref_ext(obj)
+    if type(obj) is ObjRef:  # (values.ref_ext, inline)
+        return _new_ext(_ExtType, (_REF_CODE, obj.id.to_bytes(8, "big", signed=False)))
     raise _Other
 
 

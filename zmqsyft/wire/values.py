@@ -63,7 +63,7 @@ from .tensors import (
     tensor_over_segment,
 )
 
-__all__ = ["Ext", "Encoder", "Decoder", "ShmPolicy", "Handover", "MAX_DEPTH", "ref_ext"]
+__all__ = ["Ext", "Encoder", "Decoder", "ShmPolicy", "Handover", "MAX_DEPTH"]
 
 
 class Ext(IntEnum):
@@ -132,11 +132,6 @@ _new_ref = object.__new__
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
-def ref_ext(ref: ObjRef) -> msgpack.ExtType:
-    """An object reference's extension value (``Ext.REF``: its id, 8 bytes big-endian)."""
-    return _new_ext(_ExtType, (_REF, ref.id.to_bytes(8, "big", signed=False)))
-
-
 class Encoder:
     """Encodes one message's values; collects tensor buffers to send as their own frames.
 
@@ -168,7 +163,7 @@ class Encoder:
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is ObjRef:  # the most frequent extension: a fixed 8 bytes, no nesting
-            return ref_ext(obj)
+            return _new_ext(_ExtType, (_REF, obj.id.to_bytes(8, "big", signed=False)))
         if type(obj) is Handover:
             return self._handover(obj.tensor) or self._default(obj.tensor)
         # exact builtin subclasses (IntEnum, str subclasses) degrade to their base type
