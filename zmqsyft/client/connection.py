@@ -41,6 +41,7 @@ _POLL_SLICE, _SMALL = 0.1, 1 << 20  # liveness checks while waiting (s); unmeasu
 _CHECK_EVERY = 0.002  # the link's liveness, looked at on the sending path at most this often (s)
 # requests a worker may pass on to other workers (chains, cascading deletes, move, remote_get)
 _MAY_RELAY = frozenset({Op.CALL, Op.DEL, Op.MOVE, Op.REMOTE_GET})
+_monotonic = time.monotonic
 
 
 class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
@@ -147,9 +148,10 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
         if flush_deletes and self._deletes_queued:
             ride = self.host.flush_deletes(wait=False, rider=self)
         with self.lock:
-            self._check_link(what or op.name)
+            if self.watch is not None and _monotonic() - self._checked >= _CHECK_EVERY:
+                self._check_link(what or op.name)
             gen = self.worker.generation
-            sock = self._socket()
+            sock = self.sock if self.sock is not None else self._socket()
             if gen != self.worker.generation:  # a reconnect met a restarted worker
                 restarted(self.worker, keep, results, what or op.name)
             if op in _MAY_RELAY:
@@ -165,9 +167,11 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                 self.outbox.append(ride)
                 self.worker.dirty = True
             req_id = self.next_id()
+            policy = self._policy
             try:
                 frames = encode_message(op, req_id, body, allow_pickle=allow_pickle,
-                                        shm=self._shm_policy())
+                                        shm=policy[1] if policy is not None and policy[0] is cfg
+                                        else self._shm_policy())
                 if len(frames) > 1 or len(frames[0]) > _SMALL:  # refused, or it closes the link
                     self._shm_out()  # (its HELLO reply tells the worker's limit)
                     told = self.peer.max_message_size if self.peer is not None else 0
@@ -181,8 +185,17 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                 marker = self._bulk.marker(req_id, frames, cfg.sealed_threshold)
                 if marker is not None:
                     sealed, frames = (frames, marker[1]), marker[0]
-            self.track(req_id, InFlight(keep, results, what or op.name, awaited),
-                       segments=(frames if sealed is None else sealed[0]).segments)
+            pending = InFlight(keep, results, what or op.name, awaited)
+            if (len(frames) == 1 and sealed is None and not pipelined and not self.outbox
+                    and not self.outboxes.queued):  # the common request, alone: out at once,
+                try:  # and its bookkeeping done while it travels (no reply can be read before:
+                    transport.send(sock, frames)  # only this thread reads, under this lock)
+                except zmq.ZMQError as exc:
+                    shm.discard(frames.segments)  # (as a failure of the tracked request would)
+                    raise self._fail(self._unsendable(op.name, exc)) from exc
+                self.track(req_id, pending, segments=frames.segments)
+                return req_id
+            self.track(req_id, pending, segments=(frames if sealed is None else sealed[0]).segments)
             if len(frames) == 1 and sealed is None:
                 if pipelined:
                     self._queue(frames[0], cfg.pipeline_batch)
@@ -193,26 +206,19 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
                     return req_id
             if self.outboxes.queued or self.outbox:
                 self._flush_all()  # what this thread queued before goes first
-            try:  # (a Ctrl-C while parts of a message are sent comes after: it is sent whole)
-                with interrupts.held_back(len(frames) > 1 or sealed is not None):
+            try:
+                if len(frames) == 1 and sealed is None:  # (one frame: nothing to cut in two)
                     transport.send(sock, frames)
-                    if sealed is not None and self._bulk is not None:  # (opened as they come)
-                        self._bulk.send(sealed[1], sealed[0])
-                self.probe.start(self, frames)
+                else:  # (a Ctrl-C while parts of a message are sent comes after: sent whole)
+                    with interrupts.held_back(True):
+                        transport.send(sock, frames)
+                        if sealed is not None and self._bulk is not None:  # (opened as they come)
+                            self._bulk.send(sealed[1], sealed[0])
+                    self.probe.start(self, frames)
             except zmq.ZMQError as exc:
                 self.inflight.pop(req_id, None)
                 raise self._fail(self._unsendable(op.name, exc)) from exc
         return req_id
-
-    def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
-        """Why nothing can be sent on this connection: the worker refused it during the
-        handshake, or it is lost (libzmq has no peer to queue the message for)."""
-        if self.watch is not None:  # (the event that explains it may be on its way)
-            self.watch.monitor.poll(200)
-        why = self.watch.down() if self.watch is not None else None
-        if self.watch is not None and self.watch.refused is not None:
-            return refused(self.worker, self.watch.refused, f"{what} was not sent")
-        return gone(self.worker, why or f"the connection was lost ({exc})", what)
 
     def unseal(self, marker: Message) -> list[Any]:
         """The frames of a reply that came sealed (within this connection's deadline; the
@@ -272,7 +278,7 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
         if pending is None:
             raise ZmqSyftError(f"no request {req_id} in flight to worker '{self.worker.id}'")
         self._deadline_s = self.host.cfg.timeout if timeout is None else timeout
-        deadline = time.monotonic() + self._deadline_s
+        deadline = _monotonic() + self._deadline_s
         try:
             while not pending.done:
                 self._pump(deadline, pending.what)
@@ -321,27 +327,28 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
             if self.outboxes.queued or self.outbox:
                 self._check_link(what, sending=False)  # (not queued on to a dead worker)
                 self._flush_all()  # nothing may wait for a request still queued
-            self._pump_locked(deadline, what)
+            sock = self.sock if self.sock is not None else self._socket()
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise self._fail(RequestTimeout(
+                    f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} "
+                    f"within the deadline ({self._deadline_s:g}s); if the operation legitimately "
+                    "takes longer, raise it with zmqsyft.configure(timeout=...)"))
+            # poll() with a timeout, then a receive that does not block (see interrupts.recv)
+            rcvtimeo = max(1, int(min(remaining, _POLL_SLICE) * 1000))
+            if rcvtimeo != self._rcvtimeo:
+                sock.rcvtimeo = self._rcvtimeo = rcvtimeo
+            try:
+                frames = interrupts.recv(sock, rcvtimeo)  # (a Ctrl-C loses no reply)
+            except zmq.Again:
+                pass
+            else:
+                self.receive(frames)
+                return
+            self._no_reply(what)
 
-    def _pump_locked(self, deadline: float, what: str) -> None:
-        sock = self._socket()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._fail(RequestTimeout(
-                f"worker '{self.worker.id}' at {self.worker.address} did not answer {what} within "
-                f"the deadline ({self._deadline_s:g}s); if the operation legitimately takes longer, "
-                "raise it with zmqsyft.configure(timeout=...)"))
-        # poll() with a timeout, then a receive that does not block (see interrupts.recv)
-        rcvtimeo = max(1, int(min(remaining, _POLL_SLICE) * 1000))
-        if rcvtimeo != self._rcvtimeo:
-            sock.rcvtimeo = self._rcvtimeo = rcvtimeo
-        try:
-            frames = interrupts.recv(sock, rcvtimeo)  # (a Ctrl-C loses no reply)
-        except zmq.Again:
-            pass
-        else:
-            self.receive(frames)
-            return
+    def _no_reply(self, what: str) -> None:
+        """Nothing came within a poll slice: fail everything if the worker or the link is gone."""
         dead = self.worker._exit_status()
         exited = dead is not None
         if dead is None and self.watch is not None:
@@ -357,7 +364,8 @@ class Connection(interrupts.Interruptible, Batching, Deferred, RequestCore):
         """A reply (or the loss of the connection) answered ``pending``."""
         pending.done = True
         pending.keep = ()
-        self.probe.settle(busy=bool(self.inflight))  # (closed once nothing is on its way)
+        if self.probe.sock is not None:  # (closed once nothing is on its way)
+            self.probe.settle(busy=bool(self.inflight))
         if pending.awaited:  # someone will wait() for it: keep the answer until then
             self._answered[pending.req_id] = pending
         if error is not None:

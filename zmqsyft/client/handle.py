@@ -277,11 +277,10 @@ class WorkerHandle:
         pid = f" pid={self._pid}" if self._pid else ""
         return f"<WorkerClient {self.id} {where}{pid}{state}>"
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
+    # identity, as object's own (C-level: a handle is hashed for every op, finding its
+    # connection): one handle, one worker
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
 
 
 def _signal_name(number: int) -> str:

@@ -307,6 +307,7 @@ def free_when_answered(conn: Any, since: int, what: str, track: Callable[[Any, s
 
 
 _NOTHING = contextlib.nullcontext()
+_poll, _POLLIN = zmq.zmq_poll, int(zmq.POLLIN)
 
 
 def held_back(hold: bool) -> contextlib.AbstractContextManager[Any]:
@@ -362,6 +363,6 @@ def recv(sock: zmq.Socket, timeout_ms: int) -> list[Any]:
     message it has just taken off the socket. So the wait is a ``poll()`` (which takes
     nothing), and the receive does not block.
     """
-    if not zmq.zmq_poll([(sock, zmq.POLLIN)], timeout_ms):  # (half the cost of sock.poll)
+    if not _poll(((sock, _POLLIN),), timeout_ms):  # (half the cost of sock.poll)
         raise zmq.Again()
     return transport.recv(sock, zmq.NOBLOCK)

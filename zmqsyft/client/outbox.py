@@ -18,9 +18,11 @@ from typing import Any, Protocol
 
 import zmq
 
+from ..errors import ZmqSyftError
 from ..wire import transport
 from ..wire.codec import encode_message
 from ..wire.messages import NO_REPLY, Op
+from .lost import gone, refused
 
 __all__ = ["Outboxes", "Batching", "BATCH_DELAY"]
 
@@ -51,6 +53,7 @@ class Batching:
     thread: int
     lock: Any
     sock: zmq.Socket | None
+    watch: Any  # (its transport.PeerWatch)
     inflight: dict[int, Any]
     worker: Any
 
@@ -58,7 +61,6 @@ class Batching:
 
     def _fail(self, exc: BaseException) -> BaseException: ...
 
-    def _unsendable(self, what: str, exc: zmq.ZMQError) -> Exception: ...
 
     gathering = False  # (together(): pipelined requests queue until the block ends)
 
@@ -129,6 +131,16 @@ class Batching:
             # (why: the worker died, refused the connection, or the link is lost)
             raise self._fail(self._unsendable(f"a batch of {len(outbox)} pipelined requests",
                                               exc)) from exc
+
+    def _unsendable(self, what: str, exc: zmq.ZMQError) -> ZmqSyftError:
+        """Why nothing can be sent on this connection: the worker refused it during the
+        handshake, or it is lost (libzmq has no peer to queue the message for)."""
+        if self.watch is not None:  # (the event that explains it may be on its way)
+            self.watch.monitor.poll(200)
+        why = self.watch.down() if self.watch is not None else None
+        if self.watch is not None and self.watch.refused is not None:
+            return refused(self.worker, self.watch.refused, f"{what} was not sent")
+        return gone(self.worker, why or f"the connection was lost ({exc})", what)
 
 
 class Outboxes:

@@ -155,6 +155,10 @@ class Session:
     # ---------------------------------------------------------- connections
     def conn(self, worker: WorkerHandle) -> Connection:
         """This thread's connection to ``worker`` (made on first use)."""
+        try:  # (every op comes here: the common case first)
+            return self._local.conns[worker]
+        except (AttributeError, KeyError):
+            pass
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}

@@ -7,6 +7,7 @@ frame of its own (or in shared memory). Bare acknowledgements have a fast path b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,14 +16,19 @@ import msgpack
 from ..errors import LimitExceeded, ProtocolError, UntrustedPayload
 from . import shm as _shm
 from .bodies import Acks
-from .messages import PROTOCOL_VERSION, Message, Op
-from .values import Decoder, Encoder, ShmPolicy
+from .messages import PROTOCOL_VERSION, Message, ObjRef, Op
+from .values import Decoder, Encoder, Ext, ShmPolicy
 
 __all__ = ["Frames", "encode_message", "decode_message", "check_size", "encode_ack", "ack_id",
            "unpack_acks"]
 
 _OPS = {int(op): op for op in Op}
 _REPLY = int(Op.REPLY)
+_unpackb = msgpack.unpackb
+_new_ext, _ExtType, _REF_CODE = tuple.__new__, msgpack.ExtType, int(Ext.REF)
+_local = threading.local()  # each thread's packer for the fast path of encode_message
+# an acknowledgement's header up to its request id: fixarray(4), the version, REPLY
+_ACK_HEAD = b"\x94" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(_REPLY)
 
 
 class Frames(list):
@@ -43,6 +49,14 @@ def encode_message(op: Op, req_id: int, body: Any, allow_pickle: bool = False,
     """
     if type(body) is not dict:
         body = body.to_wire()
+    packer = _local.__dict__.get("packer")
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(default=_refs_only, strict_types=True,
+                                                use_bin_type=True)
+    try:  # the common message: plain values and object references (no tensor, no nesting)
+        return Frames([packer.pack([PROTOCOL_VERSION, int(op), req_id, body])])
+    except (_Other, TypeError, ValueError, OverflowError):  # (the packer starts afresh)
+        pass  # the full encoder encodes it, or says why it cannot
     enc = Encoder(allow_pickle=allow_pickle, shm=shm)
     try:
         header = enc.pack([PROTOCOL_VERSION, int(op), req_id, body])
@@ -54,6 +68,16 @@ def encode_message(op: Op, req_id: int, body: Any, allow_pickle: bool = False,
         frames.shm_bytes = enc.shm_bytes
         frames.segments = tuple(enc.segments)
     return frames
+
+
+class _Other(Exception):
+    """A value the one-level fast path of :func:`encode_message` leaves to the full encoder."""
+
+
+def _refs_only(obj: Any) -> Any:
+    if type(obj) is ObjRef:  # (values.ref_ext, inline)
+        return _new_ext(_ExtType, (_REF_CODE, obj.id.to_bytes(8, "big", signed=False)))
+    raise _Other
 
 
 def check_size(frames: list[Any], limit: int, what: str, worker: str) -> None:
@@ -73,6 +97,8 @@ def check_size(frames: list[Any], limit: int, what: str, worker: str) -> None:
 
 def encode_ack(req_id: int) -> Frames:
     """``encode_message(Op.REPLY, req_id, {})``, without the extension machinery."""
+    if 0 < req_id < 128:  # (msgpack: a positive fixint is the byte itself)
+        return Frames([_ACK_HEAD + bytes((req_id, 0x80))])
     return Frames([msgpack.packb([PROTOCOL_VERSION, _REPLY, req_id, {}])])
 
 
@@ -81,6 +107,8 @@ def ack_id(frame: Any) -> int:
     else 0: the common answer read without the extension machinery."""
     if type(frame) is not bytes or len(frame) > 16:
         return 0
+    if len(frame) == 5 and frame[4] == 0x80 and frame[3] < 0x80 and frame.startswith(_ACK_HEAD):
+        return frame[3]  # (the common form, read without msgpack: a positive fixint id, or 0)
     try:
         raw = msgpack.unpackb(frame)
     except Exception:  # noqa: BLE001 - not ours to judge: the full decoder will say what is wrong
@@ -109,7 +137,8 @@ def decode_message(frames: Sequence[Any], trusted: bool = False, shm: bool = Fal
     dec = Decoder(frames[1:], trusted=trusted, shm=shm)
     try:
         first = frames[0]
-        header = dec.unpack(first if type(first) is bytes else bytes(memoryview(first)))
+        header = _unpackb(first if type(first) is bytes else bytes(memoryview(first)),
+                          ext_hook=dec._ext_hook, strict_map_key=False, raw=False, use_list=True)
     except (ProtocolError, UntrustedPayload):
         raise
     except Exception as exc:  # malformed input of any kind

@@ -58,10 +58,18 @@ TAG_LISTS = Kind("[[str]]", "type(v) is list and all(type(t) is list and all(typ
 
 
 def _out_ok(out: Any) -> bool:
-    return out is None or (type(out) is list and all(
-        type(spec) is list and len(spec) == 4 and type(spec[0]) is int and spec[0] > 0
-        and type(spec[1]) is list and all(type(d) is int for d in spec[1])
-        and type(spec[2]) is str and type(spec[3]) is bool for spec in out))
+    if out is None:
+        return True
+    if type(out) is not list:
+        return False
+    for spec in out:  # (loops, not generators: every pipelined op's CALL is checked so)
+        if not (type(spec) is list and len(spec) == 4 and type(spec[0]) is int and spec[0] > 0
+                and type(spec[1]) is list and type(spec[2]) is str and type(spec[3]) is bool):
+            return False
+        for d in spec[1]:
+            if type(d) is not int:
+                return False
+    return True
 
 
 OUT = Kind("[[id, shape, dtype, requires_grad]] or nil", "_out_ok(v)")

@@ -184,6 +184,14 @@ _COPY_BELOW = 65536  # smaller frames are copied: cheaper than a zero-copy zmq.F
 # plain ints: pyzmq's enum constants cost an enum construction per use on the hot path
 _SNDMORE, _RCVMORE, _EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = (
     int(c) for c in (zmq.SNDMORE, zmq.RCVMORE, zmq.EVENTS, zmq.POLLIN, zmq.POLLOUT, zmq.NOBLOCK))
+# The hot path avoids what costs Python frames per call in pyzmq: ``Socket.get(option)``
+# builds a ``SocketOption`` enum each time (so "more frames?" is read from the received
+# frame's ``more``, and "readable?" from ``zmq_poll``, which does not), and the pure-Python
+# ``send`` wrapper of pyzmq's socket class (for routing ids and groups, which we never use) is
+# skipped for plain sockets.
+_PLAIN_SOCKET = zmq.Socket
+_backend_send = zmq.Socket.__mro__[1].send  # (zmq.backend's Socket.send)
+_poll = zmq.zmq_poll
 
 
 def send(sock: zmq.Socket, frames: list[Any]) -> None:
@@ -193,21 +201,22 @@ def send(sock: zmq.Socket, frames: list[Any]) -> None:
     peer to queue it for (a DEALER whose connection was refused during its handshake, which
     libzmq does not retry), and then ``zmq.Again`` says so at once instead of waiting for ever.
     """
+    put = _backend_send if type(sock) is _PLAIN_SOCKET else type(sock).send
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         small = type(frame) is bytes and len(frame) < _COPY_BELOW
-        sock.send(frame, (_SNDMORE | _NOBLOCK) if i < last else _NOBLOCK, copy=small)
+        put(sock, frame, (_SNDMORE | _NOBLOCK) if i < last else _NOBLOCK, copy=small)
 
 
 def writable(sock: zmq.Socket) -> bool:
     """Whether ``sock`` has a connection to queue a message on (a DEALER that never reconnects
-    has none once its connection was lost; reading the option handles libzmq's pending news)."""
-    return bool(int(sock.get(_EVENTS)) & _POLLOUT)
+    has none once its connection was lost; polling handles libzmq's pending news)."""
+    return bool(_poll(((sock, _POLLOUT),), 0))
 
 
 def readable(sock: zmq.Socket) -> bool:
     """Whether a message is waiting on ``sock`` (cheaper than a ``zmq.Again`` from a receive)."""
-    return bool(int(sock.get(_EVENTS)) & _POLLIN)
+    return bool(_poll(((sock, _POLLIN),), 0))
 
 
 def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0) -> list[Any]:
@@ -219,19 +228,26 @@ def recv(sock: zmq.Socket, flags: int = 0, copied: int = 1, max_frames: int = 0)
     message; :class:`Dropped` says why, and keeps the message's first ``copied`` frames (to
     answer its sender). ``zmq.Again`` passes through.
     """
-    return _read_rest(sock, [sock.recv(flags)], copied, max_frames)
+    first = sock.recv(flags, copy=False)
+    frames = [first.bytes if copied else first]
+    if not first.more:
+        return frames
+    return _read_rest(sock, frames, copied, max_frames)
 
 
 def _read_rest(sock: zmq.Socket, frames: list[Any], copied: int, max_frames: int) -> list[Any]:
-    """The rest of a message whose first ``frames`` were received (see :func:`recv`)."""
-    more = sock.get
+    """The rest of a message whose first ``frames`` were received, the last of them with more
+    to come (see :func:`recv`)."""
+    more = True
     try:
-        while more(_RCVMORE):
+        while more:
             if max_frames and len(frames) >= max_frames:
                 raise Dropped(f"a message of more than {max_frames} frames was dropped (the "
                               "limit is Config.max_frames: start the worker with a larger "
                               "--max-frames / ZMQSYFT_MAX_FRAMES to accept it)")
-            frames.append(sock.recv(copy=len(frames) < copied))
+            frame = sock.recv(copy=False)
+            more = frame.more
+            frames.append(frame.bytes if len(frames) < copied else frame)
     except (Dropped, MemoryError) as exc:
         head = frames[:copied]
         frames.clear()
@@ -250,15 +266,19 @@ def recv_request(sock: zmq.Socket, flags: int = 0,
     copied, plus the ``User-Id`` libzmq attached to it (what the ZAP handler named the
     connection's principal: for CURVE, the client's public key; it cannot be forged; ``""`` if
     none) and the header frame itself (whose ``get(zmq.SRCFD)`` names the connection)."""
-    ident = sock.recv(flags)
-    if not sock.get(_RCVMORE):
+    first = sock.recv(flags, copy=False)
+    ident = first.bytes
+    if not first.more:
         return [ident], "", None
     header = sock.recv(copy=False)
     try:
         user = header.get("User-Id")
     except zmq.ZMQError:  # no such property: no ZAP handler named one
         user = ""
-    return _read_rest(sock, [ident, header.bytes], 2, max_frames), user, header
+    frames = [ident, header.bytes]
+    if not header.more:
+        return frames, user, header
+    return _read_rest(sock, frames, 2, max_frames), user, header
 
 
 class Dropped(ProtocolError):

@@ -122,6 +122,13 @@ _MEMFMTS = {
 }
 _MEMFMT_NAMES = {v: k for k, v in _MEMFMTS.items()}
 _REF = int(Ext.REF)
+# hot-path constructors that skip a Python-level __init__/__new__ frame each: msgpack's ExtType
+# is a namedtuple whose __new__ re-checks its fields (ours are right by construction), and an
+# ObjRef is one slot
+_Packer, _unpackb = msgpack.Packer, msgpack.unpackb
+_ExtType = msgpack.ExtType
+_new_ext = tuple.__new__
+_new_ref = object.__new__
 MAX_DEPTH = 64  # nesting of extension values (tuples in tuples ...) a decoder accepts
 
 
@@ -145,7 +152,7 @@ class Encoder:
 
     def pack(self, value: Any) -> bytes:
         try:
-            return msgpack.packb(value, default=self._default, strict_types=True, use_bin_type=True)
+            return _Packer(default=self._default, strict_types=True, use_bin_type=True).pack(value)
         except (SerializationError, ProtocolError):
             raise
         except (TypeError, ValueError, OverflowError) as exc:
@@ -156,7 +163,7 @@ class Encoder:
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is ObjRef:  # the most frequent extension: a fixed 8 bytes, no nesting
-            return msgpack.ExtType(_REF, obj.id.to_bytes(8, "big", signed=False))
+            return _new_ext(_ExtType, (_REF, obj.id.to_bytes(8, "big", signed=False)))
         if type(obj) is Handover:
             return self._handover(obj.tensor) or self._default(obj.tensor)
         # exact builtin subclasses (IntEnum, str subclasses) degrade to their base type
@@ -257,12 +264,14 @@ class Decoder:
         self._depth = 0
 
     def unpack(self, data: bytes) -> Any:
-        return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False,
-                               use_list=True)
+        return _unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False,
+                        use_list=True)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         if code == _REF and len(data) == 8:  # the most frequent extension, never nested
-            return ObjRef(int.from_bytes(data, "big", signed=False))
+            ref = _new_ref(ObjRef)
+            ref.id = int.from_bytes(data, "big", signed=False)
+            return ref
         # every nesting level is a C-level msgpack call: bound it before the C stack overflows
         if self._depth >= MAX_DEPTH:
             raise ProtocolError(f"values nested deeper than {MAX_DEPTH} levels are refused")

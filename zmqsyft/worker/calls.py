@@ -131,11 +131,11 @@ def _labelled(w: Services, ctx: Ctx, name: str, func: Any, args: Any, kwargs: An
               ) -> tuple[Any, Labels]:
     """Run the op; what it changed gains its inputs' labels; its results carry them."""
     changes = labels.Changes(w, name, [*args, *kwargs.values()]) if labelled else None
-    read = [(t, t._version) for t in shared or () if isinstance(t, torch.Tensor)]
+    read = [(t, t._version) for t in shared if isinstance(t, torch.Tensor)] if shared else ()
     result = results.run(w, name, func, args, kwargs, grad, cost)
     if changes is not None:
         changes.label(w, labelled)
-    if any(t._version != v for t, v in read):  # an op that writes where no list says it does
+    if read and any(t._version != v for t, v in read):  # an op that writes where no list says
         log.error("worker %s: %s changed an argument shared read-only with its caller", w.id, name)
         raise AccessDenied(f"{name} changed an object on worker '{w.id}' that was shared with you "
                            "read-only (the worker did not know this op writes there: a zmqsyft "
@@ -286,7 +286,7 @@ def _finish(w: Services, ctx: Ctx, name: str, result: Any, out: Any, known: bool
                 f"the tensor has no gradient on worker '{w.id}' (its .grad is None): no "
                 "backward() reached it, or the backward() that was to reach it failed (sync() "
                 "raises that error); the client had predicted one from the ops it sent")
-        tensors = executor.result_tensors(result)
+        tensors = [result] if type(result) is torch.Tensor else executor.result_tensors(result)
         executor.check_outputs(name, tensors, out)
         if not known:  # (room for a known size was made before the op ran)
             w.store.make_room(sum(t.nbytes for t in tensors), name, ctx.holder)

@@ -195,7 +195,11 @@ def estimate(name: str, func: Callable[..., Any], args: Any, kwargs: Any, grad: 
     if inplace and name.rsplit(".", 1)[-1] not in _INPLACE_WORK:
         return _FREE
     try:
-        key: Any = (name, grad, tuple([_sig(a) for a in args]),
+        sigs = []  # (a loop, not a comprehension: this runs for every op)
+        for a in args:
+            sigs.append((a.shape, a.dtype, a.requires_grad) if type(a) is torch.Tensor
+                        else _sig(a))
+        key: Any = (name, grad, tuple(sigs),
                     tuple([(k, _sig(v)) for k, v in kwargs.items()]) if kwargs else ())
     except _NoSig:
         key = None

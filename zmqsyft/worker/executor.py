@@ -84,7 +84,7 @@ def check_keepable(name: str, tensors: list[torch.Tensor]) -> None:
     CPU tensors of the dtypes the wire carries, so that whatever one caller stores can be sent,
     fetched and listed by every caller."""
     for t in tensors:
-        if type(t) in _PLAIN_TENSORS and t.layout is _STRIDED and t.device.type == "cpu" \
+        if type(t) in _PLAIN_TENSORS and t.layout is _STRIDED and t.is_cpu \
                 and t.dtype in _WIRE_DTYPES and not t.is_quantized:
             continue
         what = (t.layout if t.layout is not _STRIDED else "quantized" if t.is_quantized
@@ -104,7 +104,7 @@ def check_outputs(name: str, tensors: list[torch.Tensor], out: list[Any]) -> Non
     check_keepable(name, tensors)
     for t, spec in zip(tensors, out, strict=True):
         shape = tuple(spec[1])
-        if tuple(t.shape) != shape:
+        if t.shape != shape:  # (a torch.Size is a tuple)
             raise RuntimeError(
                 f"{name} produced a tensor of shape {tuple(t.shape)} where {shape} was inferred"
             )

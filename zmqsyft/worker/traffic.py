@@ -12,7 +12,8 @@ from typing import Any
 
 __all__ = ["Traffic"]
 
-_KEYS = {d: (f"messages_{d}", f"bytes_{d}", f"largest_{d}") for d in ("in", "out")}
+_AT = {"in": 0, "out": 3}  # where a direction's three counts start in a peer's list
+_NAMES = ("messages_in", "bytes_in", "largest_in", "messages_out", "bytes_out", "largest_out")
 
 
 class Traffic:
@@ -30,7 +31,8 @@ class Traffic:
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = defaultdict(int)
-        self.per_peer: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # peer -> [messages, bytes, largest] in, then the same out (a list: counted per message)
+        self.per_peer: dict[str, list[int]] = {}
         self.labels: dict[str, str] = {}
 
     def count(self, key: str, direction: str, frames: list[Any], shm_bytes: int = 0) -> None:
@@ -38,23 +40,27 @@ class Traffic:
         size = shm_bytes
         for f in frames:
             size += len(f) if type(f) is bytes else memoryview(f).nbytes
-        messages, nbytes, largest = _KEYS[direction]
+        at = _AT[direction]
         if shm_bytes:
             self.counters[f"shm_bytes_{direction}"] += shm_bytes
-        peer = self.per_peer[key]
-        peer[messages] += 1
-        peer[nbytes] += size
-        if size > peer[largest]:
-            peer[largest] = size
+        peer = self.per_peer.get(key)
+        if peer is None:
+            peer = self.per_peer[key] = [0, 0, 0, 0, 0, 0]
+        peer[at] += 1
+        peer[at + 1] += size
+        if size > peer[at + 2]:
+            peer[at + 2] = size
 
     def by_name(self) -> dict[str, dict[str, int]]:
-        """The per-peer counts merged by the name each peer gave."""
+        """The per-peer counts merged by the name each peer gave (a direction appears once a
+        message went that way)."""
         peers: dict[str, dict[str, int]] = {}
         for key, counts in self.per_peer.items():
             merged = peers.setdefault(self.labels.get(key, key), {})
-            for name, value in counts.items():
-                if name.startswith("largest_"):
-                    merged[name] = max(merged.get(name, 0), value)
-                else:
-                    merged[name] = merged.get(name, 0) + value
+            for at in (0, 3):
+                if not counts[at]:
+                    continue
+                for i in (at, at + 1):
+                    merged[_NAMES[i]] = merged.get(_NAMES[i], 0) + counts[i]
+                merged[_NAMES[at + 2]] = max(merged.get(_NAMES[at + 2], 0), counts[at + 2])
         return peers
