@@ -178,7 +178,7 @@ class PointerTensor(PySyftAttributes, torch.Tensor):
         self._error = exc
 
     def _check_usable(self, what: str) -> None:
-        if self.owner != "me":
+        if self.owner is not LOCAL_WORKER:  # (a snapshot held by a worker)
             raise PointerError(
                 f"{self!r} is a snapshot of a pointer held by worker '{self.owner}'; it is for "
                 f"display only and cannot be used for {what}")
