@@ -116,10 +116,10 @@ def torch_function(cls: type, func: Any, args: tuple[Any, ...], kwargs: dict[str
         if isinstance(target, cls):
             _inplace_done(cls, name, target, outcome[1], args, pointers)
         return None if allowlist.returns_none(name) else target
-    _, spec, metas = outcome
+    _, spec, metas, one = outcome
     out = [[new_id(), list(shape), dtype_name(dtype), bool(rg)] for shape, dtype, rg in metas]
     made = _call_async(cls, name, location, args, kwargs, pointers, out=out, metas=metas)
-    return made[0] if spec.is_leaf() else pytree.tree_unflatten(made, spec)
+    return made[0] if one else pytree.tree_unflatten(made, spec)
 
 
 def _flat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -324,7 +324,7 @@ def _sig(x: Any, cls: type) -> Any:
 def _outcome(cls: type, func: Any, args: Any, kwargs: Any, name: str) -> Any:
     """What shape inference says about this call, from the cache when it can."""
     try:
-        key = (func, torch.is_grad_enabled(), tuple(_sig(a, cls) for a in args),
+        key = (func, torch.is_grad_enabled(), tuple([_sig(a, cls) for a in args]),
                tuple((k, _sig(v, cls)) for k, v in kwargs.items()))
     except _Uncacheable:
         key = None
@@ -345,7 +345,8 @@ def _outcome(cls: type, func: Any, args: Any, kwargs: Any, name: str) -> Any:
             if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
                 outcome = _SYNC
             else:
-                outcome = ("out", spec, [(x.shape, x.dtype, x.requires_grad) for x in leaves])
+                outcome = ("out", spec, [(x.shape, x.dtype, x.requires_grad) for x in leaves],
+                           spec.is_leaf())  # (one tensor: no pytree pass per call)
     if key is not None:
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
