@@ -291,3 +291,48 @@ def test_a_changed_environment_gets_a_fork_server_of_its_own_and_the_old_one_ser
         monkeypatch.undo()  # back to the first environment: back to the first fork server
         with workers(1) as (again,):
             assert psutil.Process(again.pid).ppid() == first.pid == forks._server.pid
+
+
+def _cpu_s(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_ends_the_fork_server_which_reaps_its_workers_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    monkeypatch.setattr(forks, "_server", None)  # (one of this test's own)
+    monkeypatch.setattr(forks, "_retired", [])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    closed, running = sy.spawn_workers(2, prefix=f"fsdown{time.monotonic_ns() % 10**6}-")
+    try:
+        x = torch.ones(256, 256)
+        for w in (closed, running):  # some CPU time in each: it must be counted as ours
+            p = x.send(w)
+            for _ in range(30):
+                p = p @ p / 256
+            p.get()
+        server = forks._server
+        assert server is not None and server.proc.poll() is None
+        used = _cpu_s(closed.pid) + _cpu_s(running.pid)
+        closed.close()
+        forks.shutdown(timeout=30)
+        # the server ended by itself (a kill would be -SIGKILL), after killing what still ran
+        assert server.proc.returncode == 0
+        assert running._proc.wait(timeout=30) == -signal.SIGKILL
+        assert gone_within(running.pid, 10)
+        with pytest.raises(sy.WorkerUnavailable):
+            running.ping()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        counted = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        assert counted >= used, f"the workers used {used:.2f} s of CPU, {counted:.2f} s counted"
+        assert forks._server is None
+        with workers(1) as (fresh,):  # the next spawn starts another
+            fresh.ping()
+            assert forks._server is not None and forks._server.pid != server.pid
+    finally:
+        running.close()
+        forks.shutdown(timeout=30)

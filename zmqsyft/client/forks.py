@@ -17,6 +17,7 @@ where ours are then, its ready and handover pipes, its keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from ..config import Config
 from ..errors import SpawnError
 from . import interrupts
 
-__all__ = ["spawn", "refusal", "worker_environ", "ForkedProcess", "ForkServer", "START_VARIABLES"]
+__all__ = ["spawn", "shutdown", "refusal", "worker_environ", "ForkedProcess", "ForkServer",
+           "START_VARIABLES"]
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +258,39 @@ class ForkServer:
         if self.proc.poll() is None:
             self.proc.kill()
 
+    def close(self, timeout: float) -> bool:
+        """Let the fork server end by itself: it kills and reaps the workers it still has, then
+        exits, and is reaped here (so the CPU time of all of them counts as this process's
+        children's). Killed if it has not ended within ``timeout`` s. Whether it ended alone."""
+        with self._lock:
+            self.gone = self.gone or "the fork server was closed"
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # (its select() sees the end of the socket)
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return False
+
 
 _server: ForkServer | None = None
 _retired: list[ForkServer] = []  # earlier servers (this process's environment changed since):
 _server_lock = threading.Lock()  # they serve on for the workers they forked
 _broken: str | None = None  # why a fork server could not start: not tried again
+
+
+def shutdown(timeout: float = 10.0) -> None:
+    """Close this process's fork servers and reap them; workers they forked that are still
+    running are killed (close those first). The next spawn starts a new fork server."""
+    global _server
+    with _server_lock:
+        servers = [s for s in [_server, *_retired] if s is not None]
+        _server = None
+        _retired.clear()
+    for server in servers:
+        server.close(timeout)
 
 
 def _after_fork() -> None:
