@@ -177,3 +177,43 @@ def test_a_trained_model_moves_and_comes_back_as_the_workers_memory(
     assert weights & _segments(os.getpid(), 1024 * 1024 * 4), "so does this process, after get()"
     assert torch.allclose(model.weight, reference.weight, atol=1e-6)
     assert torch.allclose(model.bias, reference.bias, atol=1e-6)
+
+
+def test_a_result_freed_where_it_was_made_stops_taking_a_segment_until_one_leaves(
+        spawn: Callable[..., WorkerClient], hook: sy.TorchHook) -> None:
+    """An aggregator's ``torch.stack`` of the updates, freed right after its ``mean``, gains
+    nothing from shared memory and pays for its fresh pages: after ``STAYED_LIMIT`` such
+    results of the same op and shape in a row, the next one is made in ordinary memory, while
+    the mean, fetched each round, stays in a segment. A stacked result that leaves again puts
+    the stack back into shared memory. Every value is the same either way."""
+    from zmqsyft.worker.results import STAYED_LIMIT
+
+    agg = spawn("aggregator")
+    a, b = torch.rand(N), torch.rand(N)
+    pa, pb = a.send(agg), b.send(agg)
+
+    def round_() -> tuple[set[int], set[int], torch.Tensor]:
+        before = _segments(agg.pid, N * 4)
+        stacked = torch.stack([pa, pb])
+        sy.sync()
+        stack_made = _segments(agg.pid, 2 * N * 4) - before
+        mean = stacked.mean(0)
+        del stacked  # (freed on the aggregator: it never left)
+        sy.sync()
+        mean_made = _segments(agg.pid, N * 4) - before - stack_made
+        return stack_made, mean_made, mean.get()
+
+    for r in range(STAYED_LIMIT):
+        stack_made, mean_made, mean = round_()
+        assert len(stack_made) == 1, f"round {r}: the stack is still made in a segment"
+        assert len(mean_made) == 1 and torch.equal(mean, (a + b) / 2)
+    for _ in range(2):
+        stack_made, mean_made, mean = round_()
+        assert stack_made == set(), "a stack freed every time is made in ordinary memory now"
+        assert len(mean_made) == 1, "the mean, fetched every time, is still made in a segment"
+        assert torch.equal(mean, (a + b) / 2)
+    kept = torch.stack([pa, pb])  # this one leaves: the next ones are shared again
+    assert torch.equal(kept.get(), torch.stack([a, b]))
+    stack_made, _, mean = round_()
+    assert len(stack_made) == 1, "once a stack left, stacks are made in segments again"
+    assert torch.equal(mean, (a + b) / 2)

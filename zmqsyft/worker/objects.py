@@ -98,6 +98,7 @@ def _free(w: Services, obj_id: Any, cascade: dict[str, list[int]], depth: int) -
     holder = w.store.owner(obj_id)
     obj = w.store.discard(obj_id)
     if type(obj) is torch.Tensor and obj.nbytes >= _LARGE:
+        results.freed(obj)
         w.free_after_replies(obj)  # (in a thread of its own: unmapping takes milliseconds)
     elif isinstance(obj, PointerRecord) and obj.owned and depth < MAX_DEPTH:
         if obj.address in w.addresses:
@@ -158,6 +159,7 @@ def get(w: Services, ctx: Ctx, body: Get) -> None:
             w, ctx, obj, ctx.who.key, _session(ctx), handed)))
         return
     tagged = _leaving(w, ctx, obj_id, obj)
+    results.leaving(obj)
     tags, about = w.store.tags(obj_id), w.store.description(obj_id)
     hold = body.handover
     # nothing else here uses it (the store, `obj` and the getrefcount argument are the
@@ -241,6 +243,7 @@ def move(w: Services, ctx: Ctx, body: Move) -> None:
                 lambda: _push(w, ctx, obj_id, obj, dest, desc)))))
         return
     labels.check_move(w, w.store.labels(obj_id), body.dest_key, dest, f"object {obj_id}")
+    results.leaving(obj)
     # referenced by the store and by `obj` only (and getrefcount's argument): nobody else here
     # will see the tensor again, so a same-host dest may take over its memory instead of a copy
     sole = sys.getrefcount(obj) == 3 and dest not in w.peers.no_handover
