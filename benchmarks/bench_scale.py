@@ -16,8 +16,10 @@ zmqsyft  N owners and an aggregator are worker processes (``sy.spawn_workers`` w
          ``m = model.copy().send(owner)``, ``opt = SGD(m.parameters())``, ``opt.zero_grad()``,
          ``F.cross_entropy(m(x), y).backward()``, ``opt.step()``: every op runs on the owner and
          is pipelined (the driver does not wait for owner i's step before sending the model to
-         owner i+1, so the owners train concurrently); then ``m.move(aggregator)`` for each
-         owner (the owner pushes its parameters straight to the aggregator), then on the
+         owner i+1, so the owners train concurrently); then ``sy.move_all(models, aggregator)``
+         (each owner pushes its parameters straight to the aggregator, all the moves in flight
+         together; ``m.move(aggregator)`` for each owner in turn where the library has no
+         ``move_all``), then on the
          aggregator ``torch.stack([...]).mean(0)`` per parameter and ``.get()`` of each average.
 rpc      torch.distributed.rpc with the TensorPipe backend: the driver is rank 0, the aggregator
          rank 1, the owners ranks 2..N+1 (subprocesses of this script). The driver
@@ -366,6 +368,10 @@ def suite_zmqsyft(n: int, rounds: int, warmup: int, reps: int, timeout: float, o
         model = make_model()
         ref = reference_average(model, n)
 
+        move_all = getattr(sy, "move_all", None)
+        if move_all is not None:
+            out.data["notes"].append("updates moved with sy.move_all (all in flight together)")
+
         def fedavg_round() -> dict[str, Any]:
             trained = []
             for w, (x, y) in zip(owners, data, strict=True):
@@ -376,8 +382,11 @@ def suite_zmqsyft(n: int, rounds: int, warmup: int, reps: int, timeout: float, o
                 loss.backward()
                 opt.step()
                 trained.append(m)
-            for m in trained:
-                m.move(aggregator)
+            if move_all is not None:
+                move_all(trained, aggregator)
+            else:
+                for m in trained:
+                    m.move(aggregator)
             names = [k for k, _ in trained[0].named_parameters()]
             params = [list(m.parameters()) for m in trained]
             with torch.no_grad():

@@ -32,6 +32,7 @@ from .client import (
     create_sandbox,
     func2plan,
     get_session,
+    move_all,
     spawn_worker,
     spawn_workers,
 )
@@ -87,7 +88,7 @@ __all__ = [
     "Plan", "PlanState", "func2plan",
     "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset",
     "PrivateGridNetwork", "create_sandbox", "Sandbox",
-    "Config", "configure", "get_config", "sync", "get_session",
+    "Config", "configure", "get_config", "sync", "move_all", "get_session",
     "ZmqSyftError", "CommunicationError", "WorkerUnavailable", "RequestTimeout", "SpawnError",
     "OutcomeUnknown", "RequestDropped", "ResultLost", "WorkerRestarted",
     "ProtocolError", "SerializationError", "SecurityError", "OpNotAllowed", "UntrustedPayload", "LimitExceeded",

@@ -13,6 +13,7 @@ from .hook import TorchHook
 from .launch import VirtualWorker, connect, get_session, spawn_worker, spawn_workers
 from .loader import FederatedDataLoader
 from .local import LOCAL_WORKER, LocalWorker
+from .nn import move_all
 from .optims import Optims
 from .plan import Plan, PlanState, func2plan
 from .pointer import PointerTensor
@@ -20,7 +21,7 @@ from .sandbox import Sandbox, create_sandbox
 from .smpc import AdditiveSharingTensor
 
 __all__ = ["WorkerClient", "TorchHook", "VirtualWorker", "connect", "get_session", "spawn_worker",
-           "spawn_workers",
+           "spawn_workers", "move_all",
            "PointerTensor", "FixedPrecisionTensor", "AdditiveSharingTensor", "LocalWorker",
            "LOCAL_WORKER", "Plan", "PlanState", "func2plan",
            "BaseDataset", "FederatedDataset", "FederatedDataLoader", "WorkerNotInDataset", "Optims",

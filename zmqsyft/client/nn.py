@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as _copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from ..wire.bodies import Get, GetReply, Move, MoveReply, Put
 from ..wire.messages import Op
 from .pointer import PointerTensor, check_worker
 
-__all__ = ["module_send", "module_get", "module_move", "module_copy", "module_tensors",
+__all__ = ["module_send", "module_get", "module_move", "move_all", "module_copy", "module_tensors",
            "module_location", "module_location_property"]
 
 
@@ -177,6 +178,49 @@ def _arrived(t: PointerTensor) -> None:
 def module_move(module: nn.Module, worker: Any) -> nn.Module:
     """Move a remote module's tensors to ``worker``, each directly from where it is."""
     check_worker(worker, (), "move")
+    _finish_moves(_start_moves(_module_moving(module, worker), worker), worker)
+    return module
+
+
+def move_all(items: Iterable[Any], worker: Any) -> list[Any]:
+    """Move several remote modules and tensor pointers to ``worker`` at once.
+
+    Every tensor goes directly from the worker holding it to ``worker`` (as ``.move()``), and
+    all the moves are in flight together: the updates of N data owners reach an aggregator in
+    about the time of the slowest, not of their sum. Returns ``items`` as a list, every pointer
+    in them pointing at ``worker`` once this returns.
+
+    A move that fails (the object is gone, ``worker`` has no room for it, ...) leaves its tensor
+    where it was; the others are still waited for and take effect, and the first failure is
+    raised once they all have. Items already on ``worker`` are left alone.
+
+    Parameters
+    ----------
+    items : iterable of nn.Module or PointerTensor
+        Modules that were sent (``model.send(w)``) and pointers to tensors.
+    worker : WorkerClient
+        Where they all go.
+    """
+    check_worker(worker, (), "move_all")
+    items = list(items)
+    tensors: list[tuple[PointerTensor, str]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, nn.Module):
+            tensors += _module_moving(item, worker)
+        elif isinstance(item, PointerTensor):
+            item._check_usable(".move()")
+            item._check_owner(".move()")
+            if item.location is not worker and item.location.address != worker.address:
+                tensors.append((item, f"item {i}"))
+        else:
+            raise TypeError(f"move_all(items, worker): item {i} is a {type(item).__name__}, not "
+                            "a module that was sent or a pointer; .send(worker) local data instead")
+    _finish_moves(_start_moves(tensors, worker), worker)
+    return items
+
+
+def _module_moving(module: nn.Module, worker: Any) -> list[tuple[PointerTensor, str]]:
+    """The module's tensors that a move to ``worker`` moves (checked: all remote, usable)."""
     moving = []
     for _, name, t, _ in module_tensors(module):
         if not isinstance(t, PointerTensor):
@@ -184,19 +228,46 @@ def module_move(module: nn.Module, worker: Any) -> nn.Module:
         if t.location is worker:
             continue
         t._check_usable(".move()")
-        conn = t.location.session.conn(t.location)
-        moving.append((t, conn, conn.send(
-            Op.MOVE, Move(id=t.id_at_location, dest_address=worker.address, dest_key=worker.key),
-            keep=(t,), what=f".move() of parameter {name!r} to '{worker.id}'")))
+        moving.append((t, f"parameter {name!r}"))
+    return moving
+
+
+def _start_moves(tensors: list[tuple[PointerTensor, str]], worker: Any) -> list[tuple[Any, ...]]:
+    """Send a MOVE for each tensor, none awaited yet. If sending one fails, those already sent
+    are waited for (and take effect) before the failure is raised."""
+    moving: list[tuple[Any, ...]] = []
+    for t, what in tensors:
+        try:
+            conn = t.location.session.conn(t.location)
+            moving.append((t, conn, conn.send(
+                Op.MOVE, Move(id=t.id_at_location, dest_address=worker.address,
+                              dest_key=worker.key),
+                keep=(t,), what=f".move() of {what} to '{worker.id}'")))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _finish_moves(moving, worker)
+            raise
+    return moving
+
+
+def _finish_moves(moving: list[tuple[Any, ...]], worker: Any) -> None:
+    """Wait for every move sent; point each tensor that moved at where it is now; then raise
+    the first failure, if any (so that no moved tensor is left pointing at its old place)."""
+    failure: BaseException | None = None
     for t, conn, req in moving:
-        collapsed = MoveReply.from_wire(conn.wait(req).body).collapsed
+        try:
+            collapsed = MoveReply.from_wire(conn.wait(req).body).collapsed
+        except Exception as exc:  # noqa: BLE001 - raised below, once every move is settled
+            failure = failure or exc
+            continue
         if collapsed is not None:
             t._retarget(worker.session.worker_at(collapsed.address, collapsed.location,
                                                  collapsed.key),
                         collapsed.id_at_location)
         else:
             t._retarget(worker, t.id_at_location)
-    return module
+    if failure is not None:
+        raise failure
 
 
 def module_copy(module: nn.Module) -> nn.Module:
