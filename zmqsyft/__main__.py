@@ -48,21 +48,23 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 # what the fork server imports once for all its workers: the worker, and what estimating an op's
-# cost loads (costs.warm_up: meta kernels, sympy; imported, never run: no torch op before a fork)
+# cost loads (meta kernels, sympy; imported, never run: no torch op before a fork; no _dynamo)
 PRELOAD = ("torch", "zmqsyft.worker", "zmqsyft.worker.costs", "torch._meta_registrations",
-           "torch._decomp", "torch._refs", "torch._prims", "torch._dynamo", "sympy")
+           "torch._decomp", "torch._refs", "torch._prims", "torch.fx.experimental.symbolic_shapes",
+           "sympy")
 
 
 def _forkserver(args: argparse.Namespace) -> int:
     """``zmqsyft forkserver``: started by a client (``zmqsyft.client.forks``), never by hand."""
     import importlib
 
-    from . import forkserver
+    from . import forkserver, metakernels
 
     _die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
+    metakernels.spare_dynamo()  # (before the freeze: a worker must not rescan what it shares)
     gc.collect()
     gc.freeze()  # (a collection in a worker then never writes to the pages it shares with us)
     return forkserver.serve(args.fd, _forked)
@@ -180,6 +182,7 @@ def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from . import metakernels
     from .config import check_endpoint, from_environ
     from .keys import KeyPair
     from .wire import shm, transport
@@ -268,7 +271,8 @@ def _worker(args: argparse.Namespace) -> int:
     log.info("worker %s: started, pid %d, listening on %s, key %s", args.id, os.getpid(),
              worker.address, f"{worker.key[:8]}..." if worker.key else "none (INSECURE)")
     # torch and the loaded data are here for good: keep them out of the garbage collector's
-    # full passes, which would otherwise rescan them every few thousand requests
+    # full passes, which would otherwise rescan them every few thousand requests (after the scan)
+    metakernels.spare_dynamo()
     gc.freeze()
     shm.sweep_orphans()  # segments of killed processes that no message will ever name again
     if args.ready_fd is not None:
