@@ -167,6 +167,39 @@ def test_32_workers_are_ready_soon_and_all_reaped() -> None:
     assert all(gone_within(pid, 10) for pid in pids)
 
 
+def _client_messages(w: sy.WorkerClient) -> int:
+    """How many messages ``w`` has had from this process (its ``stats()``)."""
+    peers = w.stats()["peers"]
+    return sum(p["messages_in"] for name, p in peers.items() if name.startswith("client:"))
+
+
+@pytest.mark.timeout(180)
+def test_workers_spawned_together_know_each_other_without_introductions() -> None:
+    """``spawn_workers`` tells each worker the others' keys at its start: the first one gets
+    no ALLOW for its three siblings (it did: one request, and one round trip, per pair), where
+    workers spawned one by one are introduced, all at once; either way every one reaches every
+    other (a tensor moved around the ring)."""
+    counts = {}
+    for how in ("together", "one by one"):
+        tag = f"fsk{time.monotonic_ns() % 10**6}-"
+        if how == "together":
+            made = sy.spawn_workers(4, prefix=tag)
+        else:
+            made = [sy.spawn_worker(f"{tag}{i}") for i in range(4)]
+        try:
+            for w in made:
+                w.ping()
+            counts[how] = _client_messages(made[0])
+            x = torch.arange(3.0).send(made[0])
+            for w in [*made[1:], made[0]]:
+                x = x.move(w)
+            assert x.location is made[0] and x.get().tolist() == [0.0, 1.0, 2.0]
+        finally:
+            for w in made:
+                w.close()
+    assert counts["one by one"] - counts["together"] == 3, counts
+
+
 def test_spawn_workers_refuses_a_negative_count() -> None:
     with pytest.raises(ValueError, match="n must be a whole number"):
         sy.spawn_workers(-1)

@@ -79,6 +79,7 @@ class WorkerHandle:
         self.trust_token: str | None = None  # presented in HELLO: lets us send pickled code
         self.private_dir: str | None = None  # the ipc socket's directory, made by spawn_worker
         self.key = ""  # the worker's public key (Z85 text; "": insecure)
+        self.told: set[str] = set()  # other workers' public keys it knows (at start, by ALLOW)
         self.client_keys: Any = None  # the KeyPair we present to it (None: the session's)
         self.spawned = proc is not None  # by this process: we are its admin
         self.lease = 0.0  # how long it keeps our objects once we are disconnected (its HELLO)

@@ -13,6 +13,7 @@ parallel. Every handle belongs to the process-wide session, :func:`get_session`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import Config, check_endpoint
@@ -95,6 +97,16 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         Usable at once; its first use waits for the worker's ready signal. The worker exits when
         the handle is closed, when this process exits, or when this process dies.
     """
+    return _spawn(worker_id, (), transport_kind, bind, config, env, load, tags, policy, keys)
+
+
+def _spawn(worker_id: str, siblings: Sequence[tuple[str, str]], transport_kind: str,
+           bind: str | None, config: Config | None, env: dict[str, str] | None,
+           load: str | list[str] | None, tags: list[str] | None, policy: Policy | None,
+           keys: KeyPair | None) -> WorkerClient:
+    """:func:`spawn_worker`, telling the worker at its start the names and public keys of
+    ``siblings`` (workers spawned with it, by :func:`spawn_workers`) besides those of the
+    workers spawned before it: none of them then needs introducing to another."""
     session = get_session()
     cfg = config or session.cfg
     private_dir = None
@@ -130,8 +142,12 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
     handover: dict[str, Any] = {"token": token, "name": session.name}
     if policy is not None:
         handover["policy"] = policy.to_wire()
+    peers: dict[str, str] = {}  # public key -> name
     if worker_keys is not None:
-        handover.update(key=session.keys.text, peers=session.spawned_keys(),
+        for name, key in [*session.spawned_keys(), *siblings]:
+            if key != worker_keys.text:
+                peers.setdefault(key, name)
+        handover.update(key=session.keys.text, peers=[(n, k) for k, n in peers.items()],
                         worker_key=[worker_keys.text, worker_keys.secret.decode("ascii")])
     read_fd, write_fd = os.pipe()
     token_r, token_w = os.pipe()
@@ -149,6 +165,7 @@ def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | Non
         os.close(token_r)
     handle = WorkerClient(session, worker_id, bind, proc=proc, ready_fd=read_fd)
     handle.key = worker_keys.text if worker_keys is not None else ""
+    handle.told.update(peers)
     handle.trust_token = token or None
     handle.private_dir = private_dir
     session.register(handle)
@@ -189,15 +206,27 @@ def spawn_workers(n: int, prefix: str = "owner", **kwargs: Any) -> list[WorkerCl
 
     Like :func:`spawn_worker` it returns at once; each handle's first use waits for its worker.
     Forked from the fork server (``Config.forkserver``), 32 workers are ready within a few
-    seconds of the first spawn. If one cannot be started, those started already are closed and
-    the ``SpawnError`` is raised.
+    seconds of the first spawn. Each is told the others' public keys at its start, so that
+    they can connect to each other with no introduction from this process. If one cannot be
+    started, those started already are closed and the ``SpawnError`` is raised.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"spawn_workers(n): n must be a whole number >= 0, not {n!r}")
+    names = [f"{prefix}{i}" for i in range(n)]
+    calls = []
+    for name in names:  # (a wrong keyword fails here, before any worker is started)
+        bound = inspect.signature(spawn_worker).bind(name, **kwargs)
+        bound.apply_defaults()
+        calls.append(bound.arguments)
+    cfg = kwargs.get("config") or get_session().cfg
+    pairs = [KeyPair.fresh() for _ in names] if not cfg.insecure and "keys" not in kwargs else []
+    siblings = [(name, pair.text) for name, pair in zip(names, pairs, strict=False)]
     workers: list[WorkerClient] = []
     try:
-        for i in range(n):
-            workers.append(spawn_worker(f"{prefix}{i}", **kwargs))
+        for i, call in enumerate(calls):
+            if pairs:
+                call["keys"] = pairs[i]
+            workers.append(_spawn(call.pop("worker_id"), siblings, **call))
     except BaseException:
         for worker in workers:
             worker.close()
