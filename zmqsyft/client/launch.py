@@ -213,9 +213,9 @@ def spawn_workers(n: int, prefix: str = "owner", **kwargs: Any) -> list[WorkerCl
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"spawn_workers(n): n must be a whole number >= 0, not {n!r}")
     names = [f"{prefix}{i}" for i in range(n)]
-    calls = []
+    calls, signature = [], inspect.signature(spawn_worker)
     for name in names:  # (a wrong keyword fails here, before any worker is started)
-        bound = inspect.signature(spawn_worker).bind(name, **kwargs)
+        bound = signature.bind(name, **kwargs)
         bound.apply_defaults()
         calls.append(bound.arguments)
     cfg = kwargs.get("config") or get_session().cfg

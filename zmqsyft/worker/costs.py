@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import allowlist, metakernels
+from .. import allowlist
 
 __all__ = ["Cost", "estimate", "warm_up"]
 
@@ -221,9 +221,8 @@ def warm_up() -> None:
     """Load what the first estimate needs: torch's meta kernels, and sympy behind them (about
     1 s and 70 MiB, once per process). A worker does it in a thread of its own once it is ready,
     so that neither its start nor, usually, its first op pays for it (an op that comes sooner
-    waits for the import to finish, as it would have without this). Not ``torch._dynamo``,
-    which torch's elementwise meta kernels would import for nothing (see ``metakernels``)."""
-    metakernels.spare_dynamo()
+    waits for the import to finish, as it would have without this). Not ``torch._dynamo``:
+    the worker's start told the meta kernels they need none (``metakernels``)."""
     meta = torch.ones(1, 1, device="meta")
     torch.mm(meta, meta)
     torch.add(meta, meta)
