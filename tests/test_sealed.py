@@ -406,6 +406,9 @@ def test_a_move_between_workers_goes_sealed_on_the_peer_link(hook: sy.TorchHook)
     bob = sy.spawn_worker("bob", transport_kind="tcp", config=cfg)
     alice = sy.spawn_worker("alice", transport_kind="tcp", config=cfg)
     try:
+        # (our connection to alice first: a large reply to a connection's very first request
+        # goes inside it when its bulk socket's attach has not reached the worker yet)
+        alice.ping()
         with _no_shm():
             x = torch.randn(2 * MiB)
             p = x.send(bob)
