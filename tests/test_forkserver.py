@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from tests.helpers import ROOT, STARTUP, configured, read_line, reap
+from tests.helpers import ROOT, STARTUP, configured, read_line, reap, run_script
 from zmqsyft.client import forks
 
 pytestmark = pytest.mark.usefixtures("hook")
@@ -369,3 +369,29 @@ def test_shutdown_ends_the_fork_server_which_reaps_its_workers_first(
     finally:
         running.close()
         forks.shutdown(timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_workers_and_the_fork_server_never_load_the_client_half() -> None:
+    """A worker imports ``zmqsyft`` for ``zmqsyft.worker``; the package's client names (the
+    hook, pointers, spawning) are imported on first use, so that neither a fork server (whose
+    modules its forks inherit) nor a worker started as a new interpreter loads them."""
+    script = textwrap.dedent("""
+        import sys, torch, zmqsyft as sy
+        sy.TorchHook(torch)
+
+        def client_modules():
+            return sorted(m for m in sys.modules if m.startswith("zmqsyft.client"))
+
+        forked = sy.spawn_worker("lazyforked")
+        sy.configure(forkserver=False)
+        fresh = sy.spawn_worker("lazyfresh")
+        for w in (forked, fresh):
+            x = torch.ones(3).send(w)
+            print(w.id, (x + x).get().tolist(), len(w.run(client_modules)), flush=True)
+            w.close()
+    """)
+    result = run_script("-c", script, timeout=150)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["lazyforked [2.0, 2.0, 2.0] 0",
+                                             "lazyfresh [2.0, 2.0, 2.0] 0"], result.stdout

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zmqsyft"
 
 # each layer's modules, lowest first; a module may import those before it in its own layer
 ORDER: dict[str, list[str]] = {
-    "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy", "forkserver", "metakernels"],
+    "top": ["errors", "config", "ids", "secret", "allowlist", "keys", "privacy", "forkserver", "metakernels", "heap"],
     "wire": ["messages", "tags", "schema", "bodies", "shm_live", "shm", "tensors", "values", "codec", "exc_codec", "watch",
              "transport",
              "bulk", "channel", "rpc", "__init__"],

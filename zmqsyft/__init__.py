@@ -11,31 +11,8 @@ tensor([2, 4, 6, 8])
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .client import (
-    LOCAL_WORKER,
-    AdditiveSharingTensor,
-    BaseDataset,
-    FederatedDataLoader,
-    FederatedDataset,
-    FixedPrecisionTensor,
-    Plan,
-    PlanState,
-    PointerTensor,
-    PrivateGridNetwork,
-    Sandbox,
-    TorchHook,
-    VirtualWorker,
-    WorkerClient,
-    WorkerNotInDataset,
-    connect,
-    create_sandbox,
-    func2plan,
-    get_session,
-    move_all,
-    spawn_worker,
-    spawn_workers,
-)
 from .config import Config, configure, get_config
 from .errors import (
     AccessDenied,
@@ -65,6 +42,34 @@ from .errors import (
 from .keys import KeyPair
 from .privacy import Policy
 
+if TYPE_CHECKING:  # (imported when first used: see __getattr__)
+    from .client import (
+        LOCAL_WORKER,
+        AdditiveSharingTensor,
+        BaseDataset,
+        FederatedDataLoader,
+        FederatedDataset,
+        FixedPrecisionTensor,
+        Plan,
+        PlanState,
+        PointerTensor,
+        PrivateGridNetwork,
+        Sandbox,
+        TorchHook,
+        VirtualWorker,
+        WorkerClient,
+        WorkerNotInDataset,
+        connect,
+        create_sandbox,
+        func2plan,
+        get_session,
+        move_all,
+        spawn_worker,
+        spawn_workers,
+    )
+
+    local_worker = LOCAL_WORKER
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
@@ -75,12 +80,54 @@ def sync() -> None:
 
     Raises the first error of a pipelined operation that was not reported yet.
     """
+    from .client import get_session
+
     get_session().sync()
 
 
-local_worker = LOCAL_WORKER
-"""This program as PySyft's local worker (``id == "me"``, ``is_client_worker``): the ``owner``
-of every pointer it holds; also ``hook.local_worker``."""
+# The caller's half (zmqsyft.client: pointers, the hook, spawning) is imported on first use of
+# one of its names, so that a worker or the fork server, which import this package for
+# zmqsyft.worker, never load it (a tenth of their start, and memory in every worker).
+_CLIENT_NAMES = frozenset({
+    "LOCAL_WORKER",
+    "AdditiveSharingTensor",
+    "BaseDataset",
+    "FederatedDataLoader",
+    "FederatedDataset",
+    "FixedPrecisionTensor",
+    "Plan",
+    "PlanState",
+    "PointerTensor",
+    "PrivateGridNetwork",
+    "Sandbox",
+    "TorchHook",
+    "VirtualWorker",
+    "WorkerClient",
+    "WorkerNotInDataset",
+    "connect",
+    "create_sandbox",
+    "func2plan",
+    "get_session",
+    "move_all",
+    "spawn_worker",
+    "spawn_workers",
+})
+
+
+def __getattr__(name: str) -> Any:
+    """The client's names, imported on first use (``local_worker``: PySyft's name of this
+    program as a worker, the owner of every pointer it holds; also ``hook.local_worker``)."""
+    if name in _CLIENT_NAMES or name == "local_worker":
+        from . import client
+
+        value = client.LOCAL_WORKER if name == "local_worker" else getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'zmqsyft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _CLIENT_NAMES)
 
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "spawn_workers", "connect", "WorkerClient", "PointerTensor",

@@ -182,7 +182,7 @@ def _access(args: argparse.Namespace, spawned: dict[str, object], insecure: bool
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from . import metakernels
+    from . import heap, metakernels
     from .config import check_endpoint, from_environ
     from .keys import KeyPair
     from .wire import shm, transport
@@ -196,15 +196,11 @@ def _worker(args: argparse.Namespace) -> int:
     shm.make_fd_room()
     try:
         cfg = from_environ()
-        if args.timeout is not None:
-            cfg = replace(cfg, timeout=args.timeout)
-        if args.lease is not None:
-            cfg = replace(cfg, lease=args.lease)
         if args.insecure:
             cfg = replace(cfg, insecure=True)
         if args.any_peer:
             cfg = replace(cfg, any_peer=True)
-        cfg = replace(cfg, **{name: value for name in LIMITS
+        cfg = replace(cfg, **{name: value for name in ("timeout", "lease", *LIMITS)
                               if (value := getattr(args, name)) is not None})
         check_endpoint(args.bind, "--bind", bind=True)
         if args.bulk_bind is not None:
@@ -212,6 +208,7 @@ def _worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"zmqsyft worker '{args.id}': {exc}", file=sys.stderr)
         return 2
+    heap.keep_freed(cfg.malloc_keep)  # (freed tensors' pages are used again, up to a bound)
     if cfg.insecure and not transport.is_loopback(args.bind) and not args.insecure_network:
         print(f"zmqsyft worker '{args.id}': refusing to bind {args.bind} without authentication "
               "(--insecure): anyone who can reach it could read, change and take every object "

@@ -93,6 +93,11 @@ class Config:
         Tensors of at least this many bytes bound for a process on the same machine (same
         ``/dev/shm``, same user) travel through shared memory: written once, mapped by the
         receiver, no socket copies. ``0`` turns this off (every tensor goes through the socket).
+    malloc_keep : int
+        Bytes of freed memory a worker's C heap keeps for its next tensors instead of giving
+        them back to the system at once (``zmqsyft.heap``; glibc only): tensors of the same
+        sizes come and go every round, and new pages cost a page fault each. ``0`` leaves the
+        C library's defaults.
     sealed_threshold : int
         Messages of at least this many bytes on a CURVE connection (tensors that do not go
         through shared memory) travel sealed with AES-256-GCM on the receiver's bulk socket
@@ -144,6 +149,7 @@ class Config:
     snapshot_max_elements: int = 1000
     close_timeout: float = 5.0
     shm_threshold: int = 1 << 20
+    malloc_keep: int = 64 << 20
     sealed_threshold: int = 1 << 20
     lease: float = 60.0
     insecure: bool = False
@@ -172,6 +178,7 @@ _LEAST: dict[str, tuple[int, str]] = {
     "max_peer_links": (1, ""),
     "max_frames": (0, " (0: no limit)"),
     "shm_threshold": (0, " (0 turns shared memory off)"),
+    "malloc_keep": (0, " (0 leaves the C library's defaults)"),
     "sealed_threshold": (0, " (0 sends everything inside the CURVE connection)"),
 }
 
