@@ -5,6 +5,7 @@ freed large buffer back at once (and the next one costs a page fault per page)."
 from __future__ import annotations
 
 import platform
+import textwrap
 import time
 
 import psutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import zmqsyft as sy
-from tests.helpers import configured
+from tests.helpers import configured, run_script
 
 pytestmark = [pytest.mark.usefixtures("hook"),
               pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")]
@@ -59,3 +60,29 @@ def test_malloc_keep_0_gives_a_freed_tensors_memory_back_at_once() -> None:
     grown, fell = _rss_given_back(0)
     assert grown >= 20, grown
     assert fell >= 20, f"the worker gave only {fell:.1f} MiB back"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("keep", ["default", "0"])
+def test_the_torch_hook_lets_the_client_keep_freed_memory(keep: str) -> None:
+    """``sy.TorchHook(torch)`` does for the client what a worker does at its start (a model's
+    deep copy per data owner and round reuses pages); ``ZMQSYFT_MALLOC_KEEP=0`` opts out."""
+    script = textwrap.dedent("""
+        import psutil, torch, zmqsyft as sy
+        sy.TorchHook(torch)
+        me = psutil.Process()
+        before = me.memory_info().rss
+        x = torch.ones(6 << 20)  # 24 MiB
+        grown = me.memory_info().rss
+        del x
+        print((grown - before) >> 20, (grown - me.memory_info().rss) >> 20, flush=True)
+    """)
+    env = {} if keep == "default" else {"ZMQSYFT_MALLOC_KEEP": keep}
+    result = run_script("-c", script, env=env)
+    assert result.returncode == 0, result.stderr
+    grown, fell = map(int, result.stdout.split())
+    assert grown >= 20, result.stdout
+    if keep == "default":
+        assert fell < 8, f"the client gave {fell} MiB back at once"
+    else:
+        assert fell >= 20, f"the client gave only {fell} MiB back"

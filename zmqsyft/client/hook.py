@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .. import metakernels
+from .. import heap, metakernels
+from ..config import get_config
 from ..errors import PointerError
 from ..wire.tags import check_description, check_tags
 from .data import dataset_federate
@@ -142,6 +143,10 @@ class TorchHook:
         op of a pipelined loop. Frozen objects are still freed when their reference count drops; only a
         reference cycle among them is no longer collected. Pass ``False`` to leave the collector
         as it is, or call :func:`gc.unfreeze` later.
+
+    The first call also lets this process's C heap keep up to ``Config.malloc_keep`` bytes of
+    freed memory for the next tensors (:mod:`zmqsyft.heap`; ``0``, configured before, leaves
+    the C library's defaults).
     """
 
     def __init__(self, torch_module: ModuleType = torch, *, freeze_gc: bool = True) -> None:
@@ -182,6 +187,9 @@ class TorchHook:
                 # torch's elementwise meta kernels need no torch._dynamo (0.75 s, 70 MiB): told
                 # here, before the freeze hides the objects the scan looks for (about 30 ms)
                 metakernels.spare_dynamo()
+                # freed tensors' pages are used again (Config.malloc_keep): a model's deep copy
+                # per data owner and round, a fetched average, cost new pages otherwise
+                heap.keep_freed(get_config().malloc_keep)
                 if freeze_gc:
                     gc.freeze()
                 # the first shape inference on meta tensors imports a large part of torch (about
