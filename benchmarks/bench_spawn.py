@@ -72,6 +72,9 @@ def run_mode(mode: str, n: int) -> None:
     from zmqsyft.client import forks
 
     sy.TorchHook(torch)
+    # (32 new interpreters importing torch at once on 2 vCPUs can take longer than the default
+    # spawn timeout of 60 s: this run's own deadline applies instead)
+    sy.configure(spawn_timeout=float(os.environ.get("BENCH_SPAWN_TIMEOUT", "600")))
     result = _batch(sy, torch, n, "cold")
     server = forks._server
     if mode == "forked" and server is not None:
@@ -92,7 +95,7 @@ def main() -> int:
         return 0
     rows = []
     for mode, forkserver in (("forked", "1"), ("new interp", "0")):
-        env = dict(os.environ, ZMQSYFT_FORKSERVER=forkserver)
+        env = dict(os.environ, ZMQSYFT_FORKSERVER=forkserver, BENCH_SPAWN_TIMEOUT=str(args.timeout))
         proc = subprocess.Popen([sys.executable, __file__, "--_mode", mode, "--n", str(args.n)],
                                 stdout=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
