@@ -87,37 +87,14 @@ def sync() -> None:
 
 # The caller's half (zmqsyft.client: pointers, the hook, spawning) is imported on first use of
 # one of its names, so that a worker or the fork server, which import this package for
-# zmqsyft.worker, never load it (a tenth of their start, and memory in every worker).
-_CLIENT_NAMES = frozenset({
-    "LOCAL_WORKER",
-    "AdditiveSharingTensor",
-    "BaseDataset",
-    "FederatedDataLoader",
-    "FederatedDataset",
-    "FixedPrecisionTensor",
-    "Plan",
-    "PlanState",
-    "PointerTensor",
-    "PrivateGridNetwork",
-    "Sandbox",
-    "TorchHook",
-    "VirtualWorker",
-    "WorkerClient",
-    "WorkerNotInDataset",
-    "connect",
-    "create_sandbox",
-    "func2plan",
-    "get_session",
-    "move_all",
-    "spawn_worker",
-    "spawn_workers",
-})
+# zmqsyft.worker, never load it (a tenth of their start, and memory in every worker). Its names
+# are those of __all__ not defined here.
 
 
 def __getattr__(name: str) -> Any:
     """The client's names, imported on first use (``local_worker``: PySyft's name of this
     program as a worker, the owner of every pointer it holds; also ``hook.local_worker``)."""
-    if name in _CLIENT_NAMES or name == "local_worker":
+    if name in _CLIENT_NAMES:
         from . import client
 
         value = client.LOCAL_WORKER if name == "local_worker" else getattr(client, name)
@@ -128,6 +105,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | _CLIENT_NAMES)
+
 
 __all__ = [
     "TorchHook", "VirtualWorker", "spawn_worker", "spawn_workers", "connect", "WorkerClient", "PointerTensor",
@@ -142,3 +120,4 @@ __all__ = [
     "AccessDenied", "AddressError", "PrivacyError", "Policy", "KeyPair",
     "PointerError", "ObjectNotFound", "PointerReleased", "LocationMismatch", "RemoteError",
 ]
+_CLIENT_NAMES = frozenset(__all__).difference(globals()) | {"LOCAL_WORKER"}

@@ -4,10 +4,9 @@ A worker allocates and frees tensors of the same few sizes over and over (a mode
 round, its gradients, an average). With glibc's defaults, a freed tensor of more than 128 KiB
 goes back to the system at once (its own mapping, or the top of the heap trimmed), and the next
 one gets new pages, each a page fault; on a virtual machine a page the guest takes anew can
-cost a fault on the host too. Measured on this project's 2-vCPU KVM guest
-(``/tmp/p/malloc.py`` in ``benchmarks/RESULTS.md``): allocating and filling a 1 M-parameter
-model's tensors and gradients, as one federated round does, took 9.9 ms with the defaults and
-1.5 ms with freed memory kept. :func:`keep_freed` tells glibc to serve allocations of up to 32 MiB
+cost a fault on the host too. Measured on this project's 2-vCPU KVM guest (``benchmarks/
+RESULTS.md``, 2026-12-03): allocating and filling a 1 M-parameter model's tensors and gradients,
+as one federated round does, took 9.9 ms with the defaults and 1.5 ms with freed memory kept. :func:`keep_freed` tells glibc to serve allocations of up to 32 MiB
 from the heap and to keep up to ``nbytes`` of free memory at its top: freed pages are used
 again, and a worker holds at most that much more than it uses. Larger tensors still get their
 own mapping, given back when freed.
