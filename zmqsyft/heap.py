@@ -6,10 +6,10 @@ goes back to the system at once (its own mapping, or the top of the heap trimmed
 one gets new pages, each a page fault; on a virtual machine a page the guest takes anew can
 cost a fault on the host too. Measured on this project's 2-vCPU KVM guest (``benchmarks/
 RESULTS.md``, 2026-12-03): allocating and filling a 1 M-parameter model's tensors and gradients,
-as one federated round does, took 9.9 ms with the defaults and 1.5 ms with freed memory kept. :func:`keep_freed` tells glibc to serve allocations of up to 32 MiB
-from the heap and to keep up to ``nbytes`` of free memory at its top: freed pages are used
-again, and a worker holds at most that much more than it uses. Larger tensors still get their
-own mapping, given back when freed.
+as one federated round does, took 9.9 ms with the defaults and 1.5 ms with freed memory kept.
+:func:`keep_freed` tells glibc to serve allocations of up to 32 MiB from the heap and to keep up
+to ``nbytes`` of free memory at its top: freed pages are used again, and a worker holds at most
+that much more than it uses. Larger tensors still get their own mapping, given back when freed.
 """
 
 from __future__ import annotations
