@@ -38,6 +38,8 @@ class SessionLike(Protocol):
     @property
     def cfg(self) -> Config: ...
 
+    foreign: str | None  # why it may not be used here (the child of a fork), else None
+
     def conn(self, worker: Any) -> Any: ...
 
     def forget(self, worker: Any) -> None: ...
@@ -121,6 +123,8 @@ class WorkerHandle:
         fd = self._ready_fd
         if fd is None:
             self._check_open()
+            if self.session.foreign is not None:  # (a fork's child: see left_behind)
+                raise WorkerUnavailable(f"worker '{self.id}' {self.session.foreign}")
             raise SpawnError(f"worker '{self.id}' never reported ready")
         # what was read is kept, and the pipe stays open, if a Ctrl-C interrupts the wait: the
         # next use of the handle waits on
@@ -201,6 +205,14 @@ class WorkerHandle:
     def _check_open(self) -> None:
         if self.closed:
             raise WorkerUnavailable(f"worker '{self.id}' was closed")
+
+    def left_behind(self) -> None:
+        """In the child of a fork: the worker process, its ready pipe and its private directory
+        are the parent's; closing this handle here only forgets it."""
+        self._proc = None
+        self._ready_fd = None
+        self.private_dir = None
+        self.spawned = False
 
     # ------------------------------------------------------------ teardown
     def shutdown(self) -> None:

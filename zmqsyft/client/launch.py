@@ -58,6 +58,16 @@ def get_session() -> Session:
     return _session
 
 
+def _after_fork() -> None:
+    """A forked child gets a session of its own on first use: the parent's is left behind."""
+    global _session, _session_lock
+    _session = None
+    _session_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def spawn_worker(worker_id: str, *, transport_kind: str = "ipc", bind: str | None = None,
                  config: Config | None = None, env: dict[str, str] | None = None,
                  load: str | list[str] | None = None, tags: list[str] | None = None,

@@ -102,6 +102,11 @@ class Reaper:
         self._ensure_thread()
         self._wakeup.set()
 
+    def forget_all(self) -> None:
+        """In the child of a fork: what the pointers own is the parent's to free; nothing is."""
+        self._tracked.clear()
+        self.queue.clear()
+
     def release_all(self) -> None:
         """At exit: every pointer still alive lets go of what it owns."""
         while self._tracked:

@@ -44,6 +44,8 @@ __all__ = ["Session"]
 
 log = logging.getLogger(__name__)
 
+_sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # (for a fork's child: see _left_behind)
+
 
 class Session:
     """The process-wide caller: worker handles, per-thread connections, the delete queue.
@@ -69,7 +71,10 @@ class Session:
         if config is None:  # follow sy.configure()
             on_change(self._reconfigure)
         self._make_handle = make_handle
-        self.name = f"client:{socket.gethostname()}:{os.getpid()}"
+        self.pid = os.getpid()
+        self.name = f"client:{socket.gethostname()}:{self.pid}"
+        # why this session may not be used: set in the child of a fork (see _left_behind)
+        self.foreign: str | None = None
         self.keys = KeyPair.fresh()  # who this process is to the workers it spawns
         self.session_id = secrets.token_hex(16)  # what our objects are kept for (leases)
         self.ctx = transport.context()
@@ -84,6 +89,26 @@ class Session:
         self.track: Callable[[Any, str, int], weakref.ref[Any]] = self.reaper.track
         self.untrack: Callable[[weakref.ref[Any] | None], None] = self.reaper.untrack
         atexit.register(self._at_exit)
+        _sessions.add(self)
+
+    def _left_behind(self) -> None:
+        """In the child of a fork: every worker, pointer and socket of this session is the
+        parent's. The sockets' I/O threads stayed in the parent, and answers would go there,
+        so any use of them is refused with an error that says so (never a wait on a socket that
+        nothing serves). Dropped pointers free nothing on the parent's workers, and this
+        process's exit neither stops nor waits for them. The child gets a session of its own
+        for the workers it spawns or connects to (:func:`~zmqsyft.client.launch.get_session`)."""
+        self.foreign = (f"belongs to process {self.pid}, of which this process ({os.getpid()}) "
+                        "is a fork: a forked process cannot use its parent's workers, pointers "
+                        "or connections (their sockets and answers stay with the parent). Spawn "
+                        "or connect to workers in this process instead (sy.spawn_worker, "
+                        "sy.connect), or do this work in the parent")
+        self._local = threading.local()  # (the parent's sockets: left, never closed here)
+        self._lock = threading.RLock()  # (another thread may have held it at the fork)
+        self._stopping.set()
+        self.reaper.forget_all()
+        for worker in self._workers.values():
+            worker.left_behind()
 
     def _reconfigure(self, config: Config) -> None:
         self.cfg = config
@@ -175,6 +200,8 @@ class Session:
             conns = self._local.conns = {}
         conn = conns.get(worker)
         if conn is None:
+            if self.foreign is not None:
+                raise WorkerUnavailable(f"worker '{worker.id}' {self.foreign}")
             conn = conns[worker] = Connection(self, worker)
         return conn
 
@@ -287,6 +314,8 @@ class Session:
             raise exc
 
     def _at_exit(self) -> None:
+        if self.foreign is not None:  # (a fork's child: the parent's workers are not ours)
+            return
         self._stopping.set()
         self.reaper.wake()
         self.outboxes.wake()
@@ -316,3 +345,11 @@ class Session:
                 worker.close_at_exit()
             except Exception:  # noqa: BLE001
                 log.debug("closing %s at exit failed", worker, exc_info=True)
+
+
+def _after_fork() -> None:
+    for session in list(_sessions):
+        session._left_behind()
+
+
+os.register_at_fork(after_in_child=_after_fork)
