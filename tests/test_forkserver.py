@@ -326,6 +326,32 @@ def test_a_changed_environment_gets_a_fork_server_of_its_own_and_the_old_one_ser
             assert psutil.Process(again.pid).ppid() == first.pid == forks._server.pid
 
 
+@pytest.mark.timeout(300)
+def test_a_retired_fork_server_ends_with_its_last_worker_but_one_spare(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each environment a worker was forked for had a fork server (~180 MiB) until exit. Now one
+    that serves an environment left behind ends once its last worker has, but the newest such
+    one (kept for an environment that switches back, as a test's monkeypatch does)."""
+    monkeypatch.setenv("PYTHONZMQSYFTTEST", "a")  # (read at start-up: a fork server each)
+    with workers(1):
+        a = forks._server
+    monkeypatch.setenv("PYTHONZMQSYFTTEST", "b")
+    with workers(1):
+        b = forks._server
+        monkeypatch.setenv("PYTHONZMQSYFTTEST", "c")
+        with workers(1):
+            c = forks._server
+            assert a is not None and b is not None and c is not None
+            assert len({a.pid, b.pid, c.pid}) == 3 and a.proc.poll() is None
+    # b's last worker has ended: a and b are both idle and retired; the older one ends
+    assert a.proc.wait(timeout=60) == 0
+    assert forks._retired == [b] and b.proc.poll() is None and c.proc.poll() is None
+    monkeypatch.setenv("PYTHONZMQSYFTTEST", "b")  # back: b forks again, c is the spare now
+    with workers(1) as (again,):
+        assert psutil.Process(again.pid).ppid() == b.pid == forks._server.pid
+    assert forks._retired == [c] and c.proc.poll() is None
+
+
 def _cpu_s(pid: int) -> float:
     """The CPU time (user + system) process ``pid`` has used so far."""
     t = psutil.Process(pid).cpu_times()

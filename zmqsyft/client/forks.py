@@ -8,7 +8,9 @@ in a session of its own (a Ctrl-C aimed at ours does not reach it); it dies with
 (its parent-death signal, and its end of the socket closing), and its workers die with it
 (theirs). A worker forked from it has everything a spawned worker has: a process and a session
 of its own, this process's environment and working directory as of the spawn, stdout and stderr
-where ours are then, its ready and handover pipes, its keys.
+where ours are then, its ready and handover pipes, its keys. A change of our environment in a
+variable read only at start-up (:data:`START_VARIABLES`) gets a fork server of its own; the
+earlier one forks no more and ends with its last worker, but for one spare (:func:`_tidy_retired`).
 
 :func:`spawn` returns a :class:`ForkedProcess`, which stands for the worker as its
 ``subprocess.Popen`` would: the fork server (its parent) reaps it and reports its status.
@@ -176,6 +178,7 @@ class ForkServer:
         interrupts.watch_child(self.proc)
         self.pid = self.proc.pid
         self.served = 0  # workers forked
+        self.users = 0  # spawn() calls that chose it and have not returned yet
         self.gone: str | None = None  # why it no longer serves
         self._sock = ours
         self._lock = threading.Lock()
@@ -234,6 +237,7 @@ class ForkServer:
                 proc = self._procs.pop(message["exited"], None)
             if proc is not None:
                 proc._exited(int(message["code"]))
+                _tidy_retired()
             return
         with self._lock:
             job, argv = self._waiting.pop(message.get("id"), (None, []))
@@ -250,6 +254,20 @@ class ForkServer:
             proc.kill()
         else:
             job.set_result(proc)
+
+    @property
+    def idle(self) -> bool:
+        """Whether it has no worker running and no fork under way."""
+        with self._lock:
+            return not (self._procs or self._waiting or self.users)
+
+    def end(self) -> None:
+        """Let it end by itself (it exits once it sees its socket closed; the process is
+        reaped by :func:`~zmqsyft.client.interrupts.watch_child`). Never waits."""
+        with self._lock:
+            self.gone = self.gone or "the fork server was closed"
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self, why: str) -> None:
         """Kill the fork server (its workers die with it)."""
@@ -279,6 +297,21 @@ _server: ForkServer | None = None
 _retired: list[ForkServer] = []  # earlier servers (this process's environment changed since):
 _server_lock = threading.Lock()  # they serve on for the workers they forked
 _broken: str | None = None  # why a fork server could not start: not tried again
+# retired servers kept once their last worker has ended (for an environment that switches back,
+# as a test's monkeypatch does); the older idle ones are closed, each one ~180 MiB
+SPARE_SERVERS = 1
+
+
+def _tidy_retired() -> None:
+    """Close the retired fork servers that have no worker left, but the newest
+    :data:`SPARE_SERVERS` of them."""
+    with _server_lock:
+        idle = [s for s in _retired if s.gone or s.idle]
+        ending = idle[:max(0, len(idle) - SPARE_SERVERS)]
+        for server in ending:
+            _retired.remove(server)
+    for server in ending:
+        server.end()
 
 
 def shutdown(timeout: float = 10.0) -> None:
@@ -351,6 +384,18 @@ def spawn(argv: list[str], env: dict[str, str], fds: dict[str, int],
                 _broken = f"the fork server could not start: {exc}"
                 raise SpawnError(_broken) from exc
         server = _server
+        server.users += 1
+    try:
+        return _spawn(server, argv, env, fds, timeout)
+    finally:
+        with _server_lock:
+            server.users -= 1
+        _tidy_retired()
+
+
+def _spawn(server: ForkServer, argv: list[str], env: dict[str, str], fds: dict[str, int],
+           timeout: float) -> ForkedProcess:
+    global _broken
     passed: list[tuple[int | None, int]] = []
     for std in (1, 2):
         try:
