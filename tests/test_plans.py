@@ -176,6 +176,27 @@ def test_a_trained_step_through_a_plan(hook: sy.TorchHook, bob: sy.WorkerClient)
     del x, y
 
 
+def test_a_plan_returning_its_state_as_is_gives_a_reference_of_its_own(
+        hook: sy.TorchHook, bob: sy.WorkerClient) -> None:
+    """A plan whose result is a tensor it holds (its state, unchanged) gave the caller the plan's
+    own pointer: ``.get()`` on the result took the state away, and the plan's next run failed.
+    The result is a reference of its own to the same tensor (PySyft: a result has its own id)."""
+    @sy.func2plan(args_shape=[(2,)], state=(torch.tensor([1.0, 2.0]),))
+    def scaled_and_state(x: torch.Tensor, state: sy.PlanState) -> tuple[torch.Tensor, ...]:
+        (w,) = state.read()
+        return x * w, w
+
+    on_bob = scaled_and_state.send(bob)
+    for _ in range(2):  # the state is still there for the second run
+        y, w = on_bob(torch.ones(2).send(bob))
+        assert torch.equal(w.get(), torch.tensor([1.0, 2.0]))
+        assert torch.equal(y.get(), torch.tensor([1.0, 2.0]))
+    (state,) = on_bob.state.read()
+    assert isinstance(state, sy.PointerTensor) and state._released is None
+    on_bob.get()
+    assert bob._objects == {}
+
+
 def test_a_plan_sent_keeps_its_state_and_constants_there(hook: sy.TorchHook, bob: sy.WorkerClient,
                                                   alice: sy.WorkerClient) -> None:
     @sy.func2plan(args_shape=[(2,)], state=(torch.tensor([1.0, 2.0]),))

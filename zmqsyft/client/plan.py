@@ -142,7 +142,12 @@ class Plan(nn.Module):
                 if not isinstance(x, torch.Tensor):
                     raise PointerError(f"plan {self.name!r} returns {type(x).__name__}: a plan "
                                        "returns tensors only")
-                trace.out.append(trace.ref(x).n)
+            slots = [trace.ref(x).n for x in out_leaves]
+            as_is = [not isinstance(x, _Traced) and id(x) not in trace.alias for x in out_leaves]
+        for x, slot, held_as_is in zip(out_leaves, slots, as_is, strict=True):
+            if held_as_is:  # its state or a constant, unchanged: the result is a reference of
+                slot = trace.record(torch.Tensor.view_as, (x, x), {})._slot  # its own (PySyft:
+            trace.out.append(slot)  # a result has an id of its own; .get() of it takes only it)
         self._traces[key] = trace
         return trace
 
