@@ -153,6 +153,43 @@ def test_when_the_fork_server_dies_its_workers_die_and_the_next_spawn_starts_ano
     assert forks._server.proc.wait(timeout=30) == -signal.SIGKILL
 
 
+@pytest.mark.timeout(180)
+def test_a_spawn_returns_before_its_fork_and_a_fork_that_never_comes_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the fork server has forked, a spawn returns without waiting for the fork (the
+    server forks one request after the other meanwhile). A fork that never comes, because the
+    server died (first) or hung (second: killed at the spawn deadline), fails the handle's
+    first use with a SpawnError that says so, never a hang."""
+    monkeypatch.setattr(forks, "_server", None)  # (one of this test's own)
+    with workers(1) as (first,):
+        first.ping()
+        server = forks._server
+        assert server is not None
+        os.kill(server.pid, signal.SIGSTOP)  # it answers nothing from now on
+        try:
+            with workers(1) as (pending,):  # returned at once: the fork is not answered
+                assert isinstance(pending._proc, forks.ForkedProcess)
+                assert pending._proc.poll() is None and pending._pid is None
+                os.kill(server.pid, signal.SIGKILL)
+                with pytest.raises(sy.SpawnError, match="could not start: the fork server"):
+                    pending.ping()
+                assert pending._proc.returncode == 1
+        finally:
+            os.kill(server.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+    monkeypatch.setattr(forks, "_server", None)
+    with configured(spawn_timeout=8.0), workers(1) as (first,):
+        first.ping()
+        server = forks._server
+        assert server is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        with workers(1) as (stuck,):
+            with pytest.raises(sy.SpawnError, match="did not report ready within 8s"):
+                stuck.ping()
+            assert server.proc.wait(timeout=30) == -signal.SIGKILL  # taken for stuck: killed
+            assert "did not fork a worker within 8s" in (server.gone or "")
+
+
 @pytest.mark.timeout(240)
 def test_32_workers_are_ready_soon_and_all_reaped() -> None:
     start = time.monotonic()

@@ -23,7 +23,7 @@ ORDER: dict[str, list[str]] = {
              "bulk", "channel", "rpc", "__init__"],
     "worker": ["freeze", "access", "leases", "store", "executor", "costs", "traffic", "gate", "peerlink", "peers", "sealed", "context", "results", "chains", "labels", "intake", "catalog", "objects",
                "calls", "admin", "owner", "loop", "__init__"],
-    "client": ["local", "interrupts", "forks", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "grads", "dispatch",
+    "client": ["local", "interrupts", "forked", "forks", "handle", "lost", "outbox", "link", "linkprobe", "connection", "reaper", "grads", "dispatch",
                "pointer_attrs", "pointer", "session", "api",
                "launch", "nn", "plantrace", "plan", "smpc", "fixed", "data", "loader", "optims", "hook", "grid", "sandbox", "__init__"],
     # PySyft's import paths (``zmqsyft.federated.floptimizer``), re-exporting the client's

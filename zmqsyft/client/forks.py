@@ -23,19 +23,18 @@ import contextlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any
 
 from ..config import Config
 from ..errors import SpawnError
 from . import interrupts
+from .forked import ForkedProcess
 
 __all__ = ["spawn", "shutdown", "refusal", "worker_environ", "ForkedProcess", "ForkServer",
            "START_VARIABLES"]
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 START_VARIABLES = ("PYTHON", "LD_", "LC_", "LANG", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "GOMP_",
                    "KMP_", "MKL_", "OPENBLAS_", "CUDA", "NVIDIA_", "TORCH_", "PYTORCH_",
                    "ZMQSYFT_SHM_DIR")
-_STATUS_WAIT = 2.0  # seconds an exited worker's status may take to come from the fork server
 
 
 # Torch's OpenMP threads spin for a while after each parallel region, waiting for the next. A
@@ -70,92 +68,6 @@ def worker_environ() -> dict[str, str]:
 
 def _start_time(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(START_VARIABLES)}
-
-
-class ForkedProcess:
-    """A worker forked by the fork server, seen as a ``subprocess.Popen``: ``pid``, ``args``,
-    ``poll()``, ``wait(timeout)`` (``subprocess.TimeoutExpired``), ``send_signal()``,
-    ``terminate()``, ``kill()`` and ``returncode`` (negative: the signal that ended it).
-
-    Signals go through a pidfd, which names this process and no other, even once the fork
-    server has reaped it and its pid is reused. If the fork server dies first, the worker dies
-    of its parent-death signal: it is then reported killed by SIGKILL once it has ended.
-    """
-
-    stdin = stdout = stderr = None
-
-    def __init__(self, pid: int, pidfd: int, args: list[str]) -> None:
-        self.pid = pid
-        self.args = args
-        self.returncode: int | None = None
-        self._pidfd = pidfd
-        self._done = threading.Event()  # its status came, or the fork server is gone
-        self._lock = threading.Lock()
-
-    def _exited(self, code: int) -> None:
-        with self._lock:
-            if self.returncode is None:
-                self.returncode = code
-        self._done.set()
-
-    def _orphaned(self) -> None:
-        self._done.set()
-
-    def _ended(self, timeout: float) -> bool:
-        """Whether the process has ended (exited, reaped or not) within ``timeout`` seconds."""
-        readable, _, _ = select.select([self._pidfd], [], [], max(timeout, 0.0))
-        return bool(readable)
-
-    def _settle(self, timeout: float) -> bool:
-        """No status will come (the fork server died): once the process has ended, it was
-        killed by its parent-death signal."""
-        if not self._ended(timeout):
-            return False
-        with self._lock:
-            if self.returncode is None:
-                self.returncode = -signal.SIGKILL
-        return True
-
-    def poll(self) -> int | None:
-        if self.returncode is None and self._ended(0):  # its status is on its way
-            if self._done.wait(_STATUS_WAIT) and self.returncode is None:
-                self._settle(0)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._done.wait(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
-        if self.returncode is None:  # the fork server died before it reported this one
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is None:
-                select.select([self._pidfd], [], [])
-            if not self._settle(0 if remaining is None else remaining):
-                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        if self.returncode is None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, signum)
-            except ProcessLookupError:  # (it has ended: its status is on its way)
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def __del__(self) -> None:
-        try:
-            os.close(self._pidfd)
-        except (OSError, AttributeError):
-            pass
-
-    def __repr__(self) -> str:
-        return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
 
 
 class ForkServer:
@@ -183,33 +95,39 @@ class ForkServer:
         self._sock = ours
         self._lock = threading.Lock()
         self._next = 0
-        self._waiting: dict[int, tuple[Future[ForkedProcess], list[str]]] = {}
+        self._waiting: dict[int, tuple[ForkedProcess, list[str]]] = {}  # asked, not answered
         self._procs: dict[int, ForkedProcess] = {}
         threading.Thread(target=self._read, name="zmqsyft-forkserver", daemon=True).start()
 
     def spawn(self, argv: list[str], env: dict[str, str], fds: list[tuple[int | None, int]],
               timeout: float) -> ForkedProcess:
         """Fork a worker running ``zmqsyft ARGV`` with environment ``env``; ``fds``: (the number it
-        must have in the worker, or ``None`` for ``{fdI}`` in ``argv``; our descriptor)."""
+        must have in the worker, or ``None`` for ``{fdI}`` in ``argv``; our descriptor). The
+        first fork is waited for (up to ``timeout`` s: the server imports torch first, and a
+        server that cannot fork is known then); later ones return at once, forked meanwhile."""
+        why = (f"the fork server (pid {self.pid}) did not fork a worker within {timeout:g}s; "
+               "it was killed")
+        proc = ForkedProcess(argv, lambda: self.stop(why), time.monotonic() + timeout)
         with self._lock:
             if self.gone:
                 raise SpawnError(self.gone)
+            first = not self.served
             req_id = self._next = self._next + 1
-            job: Future[ForkedProcess] = Future()
-            self._waiting[req_id] = (job, argv)
+            self._waiting[req_id] = (proc, argv)
         request = json.dumps({"id": req_id, "argv": argv, "env": env, "cwd": os.getcwd(),
                               "fds": [target for target, _ in fds]}).encode()
         with interrupts.held_back(True):  # (a Ctrl-C waits: no worker is forked and lost)
             try:
                 socket.send_fds(self._sock, [request], [fd for _, fd in fds])
-                return job.result(timeout)
-            except (OSError, TimeoutError) as exc:
+            except OSError as exc:
                 with self._lock:
                     self._waiting.pop(req_id, None)
-                if isinstance(exc, TimeoutError):
-                    self.stop(f"the fork server (pid {self.pid}) did not fork a worker within "
-                              f"{timeout:g}s; it was killed")
                 raise SpawnError(self.gone or f"cannot reach the fork server: {exc}") from exc
+            if first:
+                proc._await_fork(None)
+                if proc.error is not None:
+                    raise SpawnError(proc.error)
+        return proc
 
     def _read(self) -> None:
         why = f"the fork server (pid {self.pid}) exited"
@@ -225,8 +143,8 @@ class ForkServer:
             self.gone = self.gone or why
             waiting, self._waiting = self._waiting, {}
             procs, self._procs = self._procs, {}
-        for job, _ in waiting.values():
-            job.set_exception(SpawnError(self.gone))
+        for proc, _ in waiting.values():
+            proc._failed(self.gone)
         for proc in procs.values():
             proc._orphaned()
         self._sock.close()
@@ -240,20 +158,21 @@ class ForkServer:
                 _tidy_retired()
             return
         with self._lock:
-            job, argv = self._waiting.pop(message.get("id"), (None, []))
+            proc, _ = self._waiting.pop(message.get("id"), (None, []))
         if "error" in message:
-            if job is not None:
-                job.set_exception(SpawnError(f"the fork server could not fork: {message['error']}"))
+            if proc is not None:
+                proc._failed(f"the fork server could not fork: {message['error']}")
             return
         os.set_inheritable(fds[0], False)
-        proc = ForkedProcess(int(message["pid"]), fds[0], argv)
+        pid = int(message["pid"])
+        if proc is None:  # (not asked for: nobody would stop it)
+            signal.pidfd_send_signal(fds[0], signal.SIGKILL)
+            os.close(fds[0])
+            return
         with self._lock:
-            self._procs[proc.pid] = proc
+            self._procs[pid] = proc
             self.served += 1
-        if job is None:  # its requester gave up waiting: nobody will stop it
-            proc.kill()
-        else:
-            job.set_result(proc)
+        proc._forked(pid, fds[0])
 
     @property
     def idle(self) -> bool:

@@ -74,7 +74,8 @@ class WorkerHandle:
         self._ready_lock = threading.Lock()
         self._ready_buf = b""  # what the worker wrote on the ready pipe so far
         self._ready_address: str | None = None if ready_fd is not None else address_hint
-        self._pid: int | None = proc.pid if proc is not None else None
+        # (a forked one's pid may still be on its way: the ready line says it too)
+        self._pid: int | None = proc.pid if isinstance(proc, subprocess.Popen) else None
         self._spawn_deadline = time.monotonic() + session.cfg.spawn_timeout
         self.closed = False
         self.dirty = False  # it may have relayed requests on: sync() must FLUSH it
@@ -149,6 +150,8 @@ class WorkerHandle:
         if not line.startswith("READY "):
             code = self._proc.wait(timeout=5) if self._proc is not None else None
             self.closed = True
+            if getattr(self._proc, "error", None):  # (never forked)
+                raise SpawnError(f"worker '{self.id}' could not start: {self._proc.error}")
             raise SpawnError(
                 f"worker '{self.id}' exited (code {code}) before it was ready; its error output "
                 "is above")
@@ -159,6 +162,8 @@ class WorkerHandle:
             raise SpawnError(f"worker '{self.id}' reported ready with another key than the one it "
                              "was given; it was killed")
         self._ready_address = parts[1]
+        if self._pid is None and parts[2].isdigit():
+            self._pid = int(parts[2])
         self.session.introduce(self)
 
     # ------------------------------------------------------------- liveness
