@@ -285,7 +285,9 @@ def spawn(argv: list[str], env: dict[str, str], fds: dict[str, int],
     it gets our stdout and stderr. Starts the fork server if none runs (then this waits for it
     to import torch, up to ``timeout`` seconds, as the first use of a worker would).
 
-    Raises ``SpawnError`` if the fork server cannot start or fork (see :func:`refusal` first).
+    Raises ``SpawnError`` if the fork server cannot start, or fork its first worker (see
+    :func:`refusal` first); a later fork that fails fails the returned process (its
+    ``error``), and so the worker's first use.
     """
     global _server, _broken
     with _server_lock:

@@ -218,7 +218,8 @@ def spawn_workers(n: int, prefix: str = "owner", **kwargs: Any) -> list[WorkerCl
     Forked from the fork server (``Config.forkserver``), 32 workers are ready within a few
     seconds of the first spawn. Each is told the others' public keys at its start, so that
     they can connect to each other with no introduction from this process. If one cannot be
-    started, those started already are closed and the ``SpawnError`` is raised.
+    started, those started already are closed and the ``SpawnError`` is raised; a fork that
+    fails after this returned (the fork server died meanwhile) fails that worker's first use.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"spawn_workers(n): n must be a whole number >= 0, not {n!r}")
