@@ -125,8 +125,8 @@ class ForkServer:
                 raise SpawnError(self.gone or f"cannot reach the fork server: {exc}") from exc
             if first:
                 proc._await_fork(None)
-                if proc.error is not None:
-                    raise SpawnError(proc.error)
+                if proc.error is not None or not proc._known.is_set():
+                    raise SpawnError(proc.error or self.gone or why)
         return proc
 
     def _read(self) -> None:

@@ -105,8 +105,7 @@ class Session:
                         "sy.connect), or do this work in the parent")
         self._local = threading.local()  # (the parent's sockets: left, never closed here)
         self._lock = threading.RLock()  # (another thread may have held it at the fork)
-        self._stopping.set()
-        self.reaper.forget_all()
+        self.reaper.forget_all()  # (no lock taken: one held by a thread at the fork stays held)
         for worker in self._workers.values():
             worker.left_behind()
 
