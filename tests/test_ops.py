@@ -140,3 +140,42 @@ def test_pointer_is_a_tensor_with_remote_metadata(bob: sy.WorkerClient) -> None:
     assert p.shape == (3, 2) and p.dtype == torch.float32 and p.requires_grad and p.is_leaf
     assert p.device == torch.device("cpu")
     assert torch.allclose(p.get(), w.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.int16, torch.bool])
+def test_metadata_reads_match_the_remote_tensor(bob: sy.WorkerClient, dtype: torch.dtype) -> None:
+    """What optimisers ask of every parameter (``is_sparse``, ``torch.is_complex``, ...) is
+    answered from the pointer's metadata, and agrees with the tensor itself."""
+    t = torch.zeros(2, 3, dtype=dtype)
+    p = t.send(bob)
+    for read in (lambda x: x.is_sparse, lambda x: x.layout, lambda x: x.is_floating_point(),
+                 lambda x: x.is_complex(), lambda x: torch.is_complex(x),
+                 lambda x: torch.is_floating_point(x), lambda x: x.element_size(),
+                 lambda x: x.itemsize, lambda x: x.nelement(), lambda x: x.ndimension()):
+        assert read(p) == read(t)
+
+
+def test_stack_of_pointers_is_inferred_once_per_shape(bob: sy.WorkerClient,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of pointers is part of the inference cache's key: the same stack in a loop is
+    inferred once, and other shapes, counts or dtypes still get their own, right answers."""
+    from zmqsyft.client import dispatch
+
+    inferred = []
+    real = dispatch._infer_with_args
+    monkeypatch.setattr(dispatch, "_infer_with_args",
+                        lambda *a: inferred.append(a[1]) or real(*a))
+    dispatch._CACHE.clear()
+    a, b, c = (torch.full((3,), float(i)).send(bob) for i in range(3))
+    for _ in range(3):
+        s = torch.stack([a, b])
+        assert s.shape == (2, 3)
+    assert len(inferred) == 1
+    assert torch.stack([a, b, c]).shape == (3, 3)
+    d = torch.ones(4, dtype=torch.float64).send(bob)
+    e = torch.ones(4, dtype=torch.float64).send(bob)
+    s2 = torch.stack((d, e), dim=1)
+    assert s2.shape == (4, 2) and s2.dtype == torch.float64
+    assert len(inferred) == 3
+    assert torch.equal(torch.stack([a, b, c]).mean(0).get(), torch.ones(3))
+    assert torch.equal(s2.get(), torch.ones(4, 2, dtype=torch.float64))

@@ -77,6 +77,16 @@ _META_FAST: dict[str, Any] = {
     "torch.Tensor.ndim.__get__": lambda p: len(p._shape),
     "torch.Tensor.dim": lambda p: len(p._shape),
     "torch.Tensor.numel": lambda p: p._shape.numel(),
+    "torch.Tensor.nelement": lambda p: p._shape.numel(),
+    "torch.Tensor.ndimension": lambda p: len(p._shape),
+    "torch.Tensor.is_sparse.__get__": lambda p: False,  # (a pointer's object is dense, strided)
+    "torch.Tensor.layout.__get__": lambda p: torch.strided,
+    "torch.Tensor.is_floating_point": lambda p: p._dtype.is_floating_point,
+    "torch.Tensor.is_complex": lambda p: p._dtype.is_complex,
+    "torch.is_floating_point": lambda p: p._dtype.is_floating_point,
+    "torch.is_complex": lambda p: p._dtype.is_complex,
+    "torch.Tensor.element_size": lambda p: p._dtype.itemsize,
+    "torch.Tensor.itemsize.__get__": lambda p: p._dtype.itemsize,
 }
 
 
@@ -292,10 +302,12 @@ def _inplace_done(cls: type, name: str, target: Any, rg: bool | None, args: Any,
 # Shape inference on meta tensors costs tens of microseconds; in a loop the same op meets the same
 # argument shapes again and again. So the outcome of inference is cached, keyed by the op, the
 # grad mode and a signature of every argument (a pointer's shape, dtype and requires_grad; a
-# scalar's type and value). Only flat calls are cached: tensors, pointers, scalars, dtypes, slices
-# and tuples of scalars as arguments (most ops); anything else takes the general path.
+# scalar's type and value). Calls are cached whose arguments are tensors, pointers, scalars, dtypes,
+# slices, or short tuples and lists of these (``torch.stack([p, q])``); others take the general
+# path.
 _CACHE: dict[Any, Any] = {}
 _CACHE_MAX = 4096
+_SEQ_MAX = 64  # a longer list argument is inferred each time (its key would cost as much)
 _SYNC = "sync"  # inference failed or gave values: run synchronously
 _SCALARS = (bool, int, float, complex, str, type(None), torch.dtype, torch.device,
             torch.memory_format, torch.layout)
@@ -316,8 +328,8 @@ def _sig(x: Any, cls: type) -> Any:
         return (3, _sig(x.start, cls), _sig(x.stop, cls), _sig(x.step, cls))
     if x is Ellipsis:
         return 4
-    if isinstance(x, (tuple, list)) and not any(isinstance(e, torch.Tensor) for e in x):
-        return (type(x), tuple(_sig(e, cls) for e in x))
+    if isinstance(x, (tuple, list)) and len(x) <= _SEQ_MAX:  # (torch.stack([p, q]) too)
+        return (type(x), tuple([_sig(e, cls) for e in x]))
     raise _Uncacheable
 
 
