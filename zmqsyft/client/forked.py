@@ -62,7 +62,7 @@ class ForkedProcess:
                 self._known.set()
         self._done.set()
 
-    def _await_fork(self, timeout: float | None) -> bool:
+    def await_fork(self, timeout: float | None) -> bool:
         """Whether its fork was answered within ``timeout`` s; past its deadline the fork server
         is taken for stuck and killed (which fails it)."""
         if self._known.is_set():
@@ -75,13 +75,19 @@ class ForkedProcess:
                 return self._known.wait(_STATUS_WAIT)
             if end is not None and now >= end:
                 return False
-            self._known.wait(min(self._deadline, end if end is not None else self._deadline) - now)
+            until = self._deadline if end is None else min(self._deadline, end)
+            self._known.wait(until - now)
         return True
+
+    @property
+    def settled(self) -> bool:
+        """Whether the fork server has answered: forked, or failed (``error``)."""
+        return self._known.is_set()
 
     @property
     def pid(self) -> int:
         """Its process id (waits for the fork server's answer; ``SpawnError`` if it failed)."""
-        self._await_fork(None)
+        self.await_fork(None)
         if self._pid is None:
             raise SpawnError(self.error or "the worker was never forked")
         return self._pid
@@ -120,7 +126,7 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._await_fork(timeout):
+        if not self.await_fork(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._done.wait(remaining):

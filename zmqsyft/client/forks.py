@@ -124,8 +124,8 @@ class ForkServer:
                     self._waiting.pop(req_id, None)
                 raise SpawnError(self.gone or f"cannot reach the fork server: {exc}") from exc
             if first:
-                proc._await_fork(None)
-                if proc.error is not None or not proc._known.is_set():
+                proc.await_fork(None)
+                if proc.error is not None or not proc.settled:
                     raise SpawnError(proc.error or self.gone or why)
         return proc
 
