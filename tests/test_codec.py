@@ -320,6 +320,27 @@ def test_decoded_tensor_is_writable_and_equal(kind: str) -> None:
     assert torch.equal(got[1:], t[1:] + 1)
 
 
+def test_decoding_frames_never_warns_in_a_fresh_process() -> None:
+    """torch warns once per process about a read-only buffer; the codec's first frame in a new
+    process (and every frame, with ``torch.set_warn_always(True)``) must not show it."""
+    code = textwrap.dedent("""
+        import torch
+        from zmqsyft.wire.codec import decode_message, encode_message
+        from zmqsyft.wire.messages import Op
+        # read-only, as received frames are
+        frames = [memoryview(bytes(f)) for f in encode_message(Op.PUT, 1, {"t": torch.ones(3, 5)})]
+        assert frames[1:] and frames[1].readonly, "the tensor travelled in a frame of its own"
+        for always in (False, True):
+            torch.set_warn_always(always)
+            got = decode_message(frames).body["t"]
+            assert torch.equal(got, torch.ones(3, 5))
+        print("QUIET")
+    """)
+    proc = run_script("-W", "error", "-c", code, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "QUIET"
+
+
 def test_tensors_in_containers_get_their_own_frames() -> None:
     a, b, c = sample(torch.float32), sample(torch.int16), sample(torch.bool)
     frames = encode_message(Op.CALL, 3, {"args": [a, (b, {"k": c})], "kwargs": {"x": a}})

@@ -29,6 +29,18 @@ DTYPES: dict[str, torch.dtype] = {
     )
 }
 _DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+
+
+def _spend_frombuffer_warning() -> None:
+    """Have ``torch.frombuffer`` give its once-per-process warning about a read-only buffer
+    now, hidden, instead of at the first received frame (catching warnings around every frame
+    cost more than turning the frame into a tensor)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(b"\0" * 8, dtype=torch.uint8)
+
+
+_spend_frombuffer_warning()
 _ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 
 
@@ -68,7 +80,7 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
     if any((not isinstance(s, int)) or s < 0 for s in shape):
         raise ProtocolError(f"invalid tensor shape {list(shape)!r}")
     view = memoryview(buf)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     expected = math.prod(shape) * itemsize
     if view.nbytes != expected:
         raise ProtocolError(
@@ -76,9 +88,14 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
         )
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    with warnings.catch_warnings():
-        # frames are exclusively ours once received; pyzmq only exposes them read-only
-        warnings.simplefilter("ignore", UserWarning)
+    # frames are exclusively ours once received; pyzmq only exposes them read-only, for which
+    # torch warns once per process: spent at import (_spend_frombuffer_warning), it is silent
+    # from then on, but where torch.set_warn_always(True) made it warn every time
+    if torch.is_warn_always_enabled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+    else:
         raw = torch.frombuffer(view, dtype=torch.uint8)
     if raw.data_ptr() % min(itemsize, _ALIGN):  # misaligned for its dtype: copy (small frames)
         raw = raw.clone()

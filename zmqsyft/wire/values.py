@@ -346,7 +346,7 @@ class Decoder:
         dtype = _lookup(DTYPES, dname, "dtype")
         if not isinstance(shape, list) or any(type(s) is not int or s < 0 for s in shape):
             raise ProtocolError(f"invalid tensor shape {shape!r}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes <= 0:
             raise ProtocolError("a shared-memory tensor cannot be empty")
         buf = (_shm.open_segment(ref[0], nbytes) if cut == 1
