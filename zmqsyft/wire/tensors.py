@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as _np
 import torch
 
 from ..errors import ProtocolError, SerializationError
@@ -29,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     )
 }
 _DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+_NUMPY_DTYPES = frozenset(DTYPES.values()) - {torch.bfloat16}  # (numpy has no bfloat16)
 
 
 def _spend_frombuffer_warning() -> None:
@@ -72,7 +74,9 @@ def tensor_buffer(t: torch.Tensor) -> Any:
         t = t.clone(memory_format=torch.contiguous_format)       # "contiguous", stride 5)
     if t.numel() == 0:
         return b""
-    return t.reshape(-1).view(torch.uint8).numpy()
+    if t.dtype in _NUMPY_DTYPES:  # (numpy's reshape and view cost half torch's)
+        return t.numpy().reshape(-1).view(_np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()  # (bfloat16; dtypes the wire refuses later)
 
 
 def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
@@ -113,7 +117,8 @@ def tensor_over_segment(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> t
 def sole_segment(t: torch.Tensor) -> tuple[int, str] | None:
     """The descriptor and name of the received shared-memory segment that ``t`` spans exactly and
     alone (no view of it, no other tensor on its storage, not saved by autograd), else None."""
-    if (t._base is not None or t.device.type != "cpu" or t.storage_offset()
+    held = _shm.held_segment(t.data_ptr(), t.nbytes)  # (most tensors: one dict lookup, None)
+    if (held is None or t._base is not None or t.device.type != "cpu" or t.storage_offset()
             or not t.is_contiguous() or t.is_conj() or t.is_neg()):
         return None
     if t._use_count() != 1:  # type: ignore[attr-defined]  # also held from C++ (autograd)
@@ -122,4 +127,4 @@ def sole_segment(t: torch.Tensor) -> tuple[int, str] | None:
     # two references: t's and the Python object `storage`; more means another tensor shares it
     if torch._C._storage_Use_Count(storage._cdata) != 2 or storage.nbytes() != t.nbytes:
         return None
-    return _shm.held_segment(storage.data_ptr(), t.nbytes)
+    return held

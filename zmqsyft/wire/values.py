@@ -159,7 +159,8 @@ class Encoder:
             raise SerializationError(f"cannot encode value: {exc}") from exc
 
     def _ext(self, code: Ext, payload: Any) -> msgpack.ExtType:
-        return msgpack.ExtType(int(code), self.pack(payload))
+        # (ExtType's own __new__ checks its arguments in Python: these are right by construction)
+        return _new_ext(_ExtType, (int(code), self.pack(payload)))
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is ObjRef:  # the most frequent extension: a fixed 8 bytes, no nesting
