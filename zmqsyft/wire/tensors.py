@@ -31,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
 _NUMPY_DTYPES = frozenset(DTYPES.values()) - {torch.bfloat16}  # (numpy has no bfloat16)
+_ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 
 
 def _spend_frombuffer_warning() -> None:
@@ -43,7 +44,6 @@ def _spend_frombuffer_warning() -> None:
 
 
 _spend_frombuffer_warning()
-_ALIGN = 8  # alignment kernels need at most (libzmq hands large frames over 8-aligned)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
